@@ -1,0 +1,3 @@
+"""Docket: a Docker registry that deploys images through BitTorrent."""
+
+__version__ = "0.1.0"

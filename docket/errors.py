@@ -1,0 +1,73 @@
+"""One error hierarchy for the whole project.
+
+Library code raises these; only the edges translate them: the registry's HTTP layer into JSON error
+bodies with a status code, the CLI into a message plus a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class DocketError(Exception):
+    """Base class. ``message`` says what failed, ``hint`` says what to do about it."""
+
+    status = 500  # HTTP status when this reaches the registry's edge
+    code = "INTERNAL"  # stable machine-readable code in JSON error bodies
+    exit_code = 1  # CLI exit status
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class InvalidReference(DocketError):
+    status, code, exit_code = 400, "INVALID_REFERENCE", 2
+
+
+class InvalidRequest(DocketError):
+    status, code, exit_code = 400, "INVALID_REQUEST", 2
+
+
+class InvalidImage(DocketError):
+    """An uploaded or downloaded tarball is not a usable ``docker save`` archive."""
+
+    status, code, exit_code = 400, "INVALID_IMAGE", 3
+
+
+class TooLarge(DocketError):
+    status, code, exit_code = 413, "TOO_LARGE", 3
+
+
+class NotFound(DocketError):
+    status, code, exit_code = 404, "NOT_FOUND", 4
+
+
+class Unauthorized(DocketError):
+    status, code, exit_code = 401, "UNAUTHORIZED", 5
+
+
+class IntegrityError(DocketError):
+    """Bytes did not match the digest or info hash they were promised to have."""
+
+    status, code, exit_code = 400, "DIGEST_MISMATCH", 6
+
+
+class ToolMissing(DocketError):
+    """An external program (ctorrent, opentracker, dockerd) is not installed."""
+
+    status, code, exit_code = 503, "TOOL_MISSING", 7
+
+
+class ServiceUnavailable(DocketError):
+    """Something we depend on (registry, tracker, docker daemon, seeder) is down."""
+
+    status, code, exit_code = 503, "UNAVAILABLE", 8
+
+
+class TransferError(DocketError):
+    """A BitTorrent or HTTP transfer failed or made no progress."""
+
+    status, code, exit_code = 502, "TRANSFER_FAILED", 9

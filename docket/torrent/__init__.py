@@ -1,0 +1,23 @@
+"""BitTorrent plumbing: torf metainfo, the ctorrent process wrapper, opentracker and tracker queries.
+
+Never imports Flask, click or docker: registry and client both build on this small public surface.
+"""
+
+from docket.torrent.ctorrent import CtorrentProcess, CtorrentStatus, find_ctorrent, parse_status_line
+from docket.torrent.metainfo import TorrentMeta, build_torrent, read_torrent
+from docket.torrent.opentracker import Opentracker, find_opentracker
+from docket.torrent.tracker import ScrapeResult, scrape
+
+__all__ = [
+    "CtorrentProcess",
+    "CtorrentStatus",
+    "Opentracker",
+    "ScrapeResult",
+    "TorrentMeta",
+    "build_torrent",
+    "find_ctorrent",
+    "find_opentracker",
+    "parse_status_line",
+    "read_torrent",
+    "scrape",
+]
