@@ -1,0 +1,168 @@
+"""``docket-registry``: serve the registry with cheroot (one process, threaded) plus tracker and seeders.
+
+One process on purpose: it owns the single seeder supervisor and the managed tracker. cheroot streams request
+bodies to the app unbuffered, so uploads of any size use bounded memory. SIGTERM/SIGINT stop, in order, the
+HTTP server, GC, every seeder and the tracker; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from docket.errors import DocketError
+from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
+
+log = logging.getLogger("docket.registry")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+
+
+class ByteSize(click.ParamType):
+    """``20GiB``, ``512M``, ``1000000`` -> bytes (K/M/G/T are binary multiples)."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = _SIZE.match(str(value))
+        if not m:
+            self.fail(f"{value!r} is not a size such as 20GiB, 512MiB or 1000000", param, ctx)
+        number, unit = float(m.group(1)), m.group(2).upper()
+        return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def _ipv4(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an IPv4 address (ctorrent and opentracker are IPv4 only)")
+
+
+def _tracker(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        host, port = parse_host_port(value)
+    except DocketError as exc:
+        raise click.BadParameter(exc.message)
+    return f"{host}:{port}"
+
+
+def _fail(exc: DocketError) -> None:
+    click.echo(f"docket-registry: error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"  hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.command(context_settings={"help_option_names": ["--help"], "show_default": True})
+@click.option("-t", "--tracker", envvar="DOCKET_TRACKER", show_envvar=True, callback=_tracker,
+              help="External opentracker HOST:PORT. Without it the registry runs and manages opentracker itself.")
+@click.option("-p", "--port", envvar="DOCKET_REGISTRY_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+              default=8000, help="HTTP port.")
+@click.option("-l", "--location", envvar="DOCKET_LOCATION", show_envvar=True,
+              type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_LOCATION,
+              help="Directory for blobs, torrents, the SQLite database and seeder state.")
+@click.option("--db", "db_url", envvar="DOCKET_DB", show_envvar=True, default=None,
+              help="SQLAlchemy database URL [default: sqlite:///<location>/docket.db].")
+@click.option("--bind", envvar="DOCKET_BIND", show_envvar=True, default="0.0.0.0", help="HTTP bind address.")
+@click.option("--advertise-address", envvar="DOCKET_ADVERTISE_ADDRESS", show_envvar=True, default="127.0.0.1",
+              callback=_ipv4, help="IPv4 address peers use to reach this host (seeders and managed tracker).")
+@click.option("--seed-address", envvar="DOCKET_SEED_ADDRESS", show_envvar=True, default=None,
+              callback=lambda c, p, v: None if v is None else _ipv4(c, p, v),
+              help="IPv4 address the seeders listen on [default: the advertise address; 127.0.0.2 when that is "
+                   "a loopback address, since a same-host ctorrent on 127.0.0.1 drops local peers]")
+@click.option("--tracker-port", envvar="DOCKET_TRACKER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+              default=6969, help="Port of the managed opentracker.")
+@click.option("--log-level", envvar="DOCKET_LOG_LEVEL", show_envvar=True, default="info",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--max-upload-size", envvar="DOCKET_MAX_UPLOAD_SIZE", show_envvar=True, type=ByteSize(),
+              default="20GiB", help="Largest accepted image tarball.")
+@click.option("--threads", envvar="DOCKET_THREADS", show_envvar=True, type=click.IntRange(1, 1024), default=16,
+              help="HTTP worker threads.")
+@click.option("--gc-interval", envvar="DOCKET_GC_INTERVAL", show_envvar=True, type=click.FloatRange(0),
+              default=30.0, help="Seconds between garbage collection passes (0 disables GC).")
+@click.option("--gc-grace", envvar="DOCKET_GC_GRACE", show_envvar=True, type=click.FloatRange(0), default=600.0,
+              help="Seconds an unreferenced blob is kept before GC may delete it.")
+@click.option("--seeding/--no-seeding", envvar="DOCKET_SEEDING", show_envvar=True, default=True,
+              help="Seed blobs over BitTorrent (--no-seeding: plain HTTP only, no tracker or ctorrent).")
+def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
+         seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
+         gc_interval: float, gc_grace: float, seeding: bool) -> None:
+    """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
+    BitTorrent."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() != "debug":
+        for noisy in ("alembic", "torf", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if ipaddress.IPv4Address(advertise_address).is_loopback:
+        log.warning("advertise address %s is a loopback address: other hosts cannot reach this registry's "
+                    "seeders or tracker; set --advertise-address to this host's LAN address", advertise_address)
+    config = RegistryConfig(location=location.absolute(), db_url=db_url, tracker=tracker,
+                            advertise_address=advertise_address, seed_address=seed_address,
+                            tracker_port=tracker_port, bind=bind, port=port,
+                            threads=threads, max_upload_size=max_upload_size, seeding=seeding,
+                            gc_interval=gc_interval, gc_grace=gc_grace)
+    try:
+        serve(config)
+    except DocketError as exc:
+        _fail(exc)
+
+
+def serve(config: RegistryConfig) -> None:
+    """Bind, start tracker + seeders + GC, serve until SIGTERM/SIGINT, then stop everything."""
+    from cheroot import wsgi
+
+    from docket.registry import create_app
+
+    app = create_app(config)
+    services = app.extensions["docket"]
+    services.preflight()
+    server = wsgi.Server((config.bind, config.port), app, numthreads=config.threads,
+                         server_name="docket-registry", timeout=60, shutdown_timeout=10)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread: threading.Thread | None = None
+    try:
+        try:
+            server.prepare()  # bind now: a busy port fails before any child process starts
+        except OSError as exc:
+            raise DocketError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror or exc}",
+                              "choose another --port or stop what is using it") from exc
+        services.start()
+        thread = threading.Thread(target=server.serve, name="http", daemon=True)
+        thread.start()
+        log.info("docket-registry serving on http://%s:%d (location %s, tracker %s%s)", config.bind, config.port,
+                 config.location, services.announce_url, "" if services.tracker.managed else " external")
+        while not stop.wait(0.5):
+            if not thread.is_alive():
+                log.error("HTTP server stopped unexpectedly")
+                break
+    finally:
+        server.stop()
+        if thread is not None:
+            thread.join(timeout=15)
+        services.stop()
+        services.db.dispose()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("docket-registry stopped")
+
+
+if __name__ == "__main__":
+    main()

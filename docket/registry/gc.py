@@ -1,0 +1,119 @@
+"""Garbage collection of blobs no tag references any more.
+
+A blob is deleted only when all of these hold: it has been unreferenced for longer than the grace period
+(``--gc-grace``), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it
+(someone still downloading over BitTorrent needs our seeder). Then, under the blob's lock: stop its seeder,
+remove it from the whitelist, delete the DB row (committed), then the files. A crash between the row and the
+files leaves orphan files, which start-up removes; the reverse order could leave rows pointing at nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from docket.errors import DocketError
+from docket.registry.models import Blob, Image, utcnow
+
+if TYPE_CHECKING:
+    from docket.registry.services import RegistryServices
+
+log = logging.getLogger(__name__)
+
+
+class GarbageCollector:
+    def __init__(self, services: RegistryServices, *, interval: float = 30.0, grace: float = 600.0) -> None:
+        self.services = services
+        self.interval = interval
+        self.grace = grace
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None or self.interval <= 0:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="blob-gc", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - try again next round
+                log.exception("garbage collection failed")
+
+    def run_once(self, now: datetime | None = None) -> list[str]:
+        """One pass; returns the digests deleted."""
+        sv = self.services
+        cutoff = (now or utcnow()) - timedelta(seconds=self.grace)
+        with sv.db.session() as s:
+            candidates = list(s.scalars(select(Blob.digest).where(Blob.unreferenced_at.is_not(None),
+                                                                  Blob.unreferenced_at <= cutoff)))
+        deleted: list[str] = []
+        for digest in candidates:
+            if self._stop.is_set():
+                break
+            with sv.blob_locks.hold(digest):
+                if self._collect(digest, cutoff):
+                    deleted.append(digest)
+        return deleted
+
+    def _collect(self, digest: str, cutoff: datetime) -> bool:
+        sv = self.services
+        if sv.downloads.count(digest):
+            log.debug("gc: %s has HTTP downloads in flight; later", digest)
+            return False
+        with sv.db.session() as s:
+            blob = s.get(Blob, digest)
+            if blob is None or blob.unreferenced_at is None or blob.unreferenced_at > cutoff:
+                return False
+            info_hash = blob.info_hash
+        if not self._swarm_idle(digest, info_hash):
+            return False
+        if sv.seeders is not None:
+            sv.seeders.remove(digest)
+        sv.tracker.discard(info_hash)
+        with sv.tag_lock, sv.db.session() as s:
+            blob = s.get(Blob, digest)
+            refs = s.scalar(select(func.count()).select_from(Image).where(Image.blob_digest == digest))
+            if blob is None or refs or blob.unreferenced_at is None:  # re-referenced meanwhile
+                if blob is not None and refs:
+                    self._reseed(digest, info_hash)
+                return False
+            s.delete(blob)
+            s.commit()
+        sv.store.delete(digest)
+        log.info("gc: deleted blob %s (info hash %s)", digest, info_hash)
+        return True
+
+    def _swarm_idle(self, digest: str, info_hash: str) -> bool:
+        """True when no BitTorrent peer is still downloading; unknown (tracker down) counts as busy."""
+        sv = self.services
+        if not sv.config.seeding:
+            return True  # no swarm: P2P is disabled in this registry
+        try:
+            result = sv.tracker.scrape(info_hash)
+        except DocketError as exc:
+            log.info("gc: cannot scrape tracker for %s (%s); keeping it for now", digest, exc.message)
+            return False
+        if result.incomplete:
+            log.info("gc: %s still has %d downloading peer(s); later", digest, result.incomplete)
+            return False
+        return True
+
+    def _reseed(self, digest: str, info_hash: str) -> None:
+        sv = self.services
+        sv.tracker.add(info_hash)
+        if sv.seeders is not None:
+            sv.seeders.ensure(sv.seed_spec(digest), wait_listening=0)

@@ -1,0 +1,109 @@
+"""``/healthz`` (cheap checks an orchestrator can poll) and ``/openapi.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
+from sqlalchemy import select
+
+from docket.registry.models import Blob
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("meta", __name__)
+MAX_LISTED = 20
+
+
+def _database(sv: Any) -> dict[str, Any]:
+    try:
+        sv.db.ping()
+        return {"ok": True}
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+        return {"ok": False, "error": f"database query failed: {exc}"}
+
+
+def _blobs(sv: Any) -> list[tuple[str, int]] | None:
+    try:
+        with sv.db.session() as s:
+            return [(d, n) for d, n in s.execute(select(Blob.digest, Blob.size))]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _blob_store(sv: Any, blobs: list[tuple[str, int]] | None) -> dict[str, Any]:
+    """Writable, and every recorded blob present with its recorded size (stat only: no rehashing)."""
+    result: dict[str, Any] = {"writable": sv.store.writable()}
+    if blobs is None:
+        result.update(ok=False, error="cannot list blobs: database unavailable")
+        return result
+    missing, wrong = [], []
+    for digest, size in blobs:
+        try:
+            if sv.store.blob_path(digest).stat().st_size != size:
+                wrong.append(digest)
+        except OSError:
+            missing.append(digest)
+    result.update(blobs=len(blobs), missing=missing[:MAX_LISTED], wrong_size=wrong[:MAX_LISTED])
+    result["ok"] = result["writable"] and not missing and not wrong
+    if not result["writable"]:
+        result["error"] = f"{sv.store.location} is not writable"
+    elif missing or wrong:
+        result["error"] = f"{len(missing)} blob(s) missing, {len(wrong)} with a wrong size"
+    return result
+
+
+def _seeders(sv: Any, blobs: list[tuple[str, int]] | None) -> dict[str, Any]:
+    if sv.seeders is None:
+        return {"ok": True, "enabled": False}
+    snap = sv.seeders.snapshot()
+    expected = sorted(d for d, _ in (blobs or []) if sv.store.has_blob(d))
+    not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
+    result: dict[str, Any] = {
+        "ok": blobs is not None and not not_running and sv.started,
+        "enabled": True,
+        "expected": len(expected),
+        "alive": sum(1 for d in expected if snap.get(d, {}).get("alive")),
+        "not_running": not_running[:MAX_LISTED],
+        "seeders": {d: snap[d] for d in sorted(snap)},
+    }
+    if not sv.started:
+        result["error"] = "seeding has not been started (serve command not running)"
+    elif not_running:
+        result["error"] = f"{len(not_running)} blob(s) without a running seeder"
+    return result
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    sv = current_app.extensions["docket"]
+    blobs = _blobs(sv)
+    try:
+        tracker = sv.tracker.check()
+    except Exception as exc:  # noqa: BLE001
+        tracker = {"ok": False, "error": str(exc)}
+    checks = {
+        "database": _database(sv),
+        "blob_store": _blob_store(sv, blobs),
+        "tracker": tracker,
+        "seeders": _seeders(sv, blobs),
+    }
+    ok = all(c["ok"] for c in checks.values())
+    return jsonify({"status": "ok" if ok else "degraded", "checks": checks}), 200 if ok else 503
+
+
+def openapi_document() -> str:
+    """The checked-in document (read per request: small, and no module-level cache)."""
+    return resources.files("docket.registry").joinpath("openapi.json").read_text(encoding="utf-8")
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return Response(openapi_document(), mimetype="application/json")
+
+
+def openapi_dict() -> dict[str, Any]:
+    return json.loads(openapi_document())

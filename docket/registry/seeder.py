@@ -1,0 +1,279 @@
+"""Seeder supervisor: one ``ctorrent`` seeding process per stored blob, kept alive.
+
+A plain class (no Flask): its own thread wakes about once a second, restarts dead seeders with backoff (the first
+restart is immediate, so a killed seeder is back within ~1-2 s), and restarts a managed tracker that died followed
+by every seeder (a fresh tracker has an empty peer table). ``stop()`` stops the thread, then every ctorrent
+(SIGTERM, wait, SIGKILL, by pid). Each seeder has its own working directory (bitfield file, pid file) under
+``<location>/seeders/<hex>/``; pid files let a registry that was killed with SIGKILL stop its previous seeders at
+the next start instead of leaving them running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from docket.torrent import CtorrentProcess
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "ctorrent.pid"
+STABLE_AFTER = 30.0  # a seeder that ran this long resets its failure count
+MAX_BACKOFF = 30.0
+
+
+class SupervisedTracker(Protocol):
+    def needs_restart(self) -> bool: ...
+    def restart(self) -> None: ...
+
+
+@dataclass
+class SeedSpec:
+    digest: str
+    torrent: Path
+    blob: Path
+    workdir: Path
+
+
+@dataclass
+class _Seeder:
+    spec: SeedSpec
+    proc: Any = None  # CtorrentProcess
+    started_at: float = 0.0
+    failures: int = 0
+    restarts: int = 0
+    next_start: float = 0.0
+    last_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SeederSupervisor:
+    """Owns every seeding ctorrent of this registry process."""
+
+    def __init__(
+        self,
+        *,
+        listen_ip: str,
+        tracker: SupervisedTracker | None = None,
+        interval: float = 1.0,
+        process_factory: Callable[..., Any] = CtorrentProcess,
+    ) -> None:
+        self.listen_ip = listen_ip
+        self.tracker = tracker
+        self.interval = interval
+        self._factory = process_factory
+        self._table: dict[str, _Seeder] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="seeder-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching, then stop every seeder (in parallel: each may take a few seconds)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._lock:
+            seeders = list(self._table.values())
+            self._table.clear()
+        stoppers = [threading.Thread(target=self._stop_one, args=(s,), daemon=True) for s in seeders]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.exception("seeder supervisor tick failed")
+
+    def tick(self) -> None:
+        """One round: tracker first (seeders announce to it), then every seeder."""
+        if self.tracker is not None and self.tracker.needs_restart():
+            self.tracker.restart()
+            self.restart_all()
+            return
+        now = time.monotonic()
+        with self._lock:
+            seeders = list(self._table.values())
+        for s in seeders:
+            if self._stop.is_set():
+                return
+            proc = s.proc
+            if proc is not None and proc.alive():
+                continue
+            if proc is not None:  # it died: note it once, schedule the restart
+                ran = now - s.started_at
+                s.failures = s.failures + 1 if ran < STABLE_AFTER else 1
+                s.next_start = now + _backoff(s.failures)
+                s.restarts += 1
+                s.last_error = f"exited after {ran:.0f}s"
+                log.warning("seeder for %s (pid %s) exited after %.0fs; restarting in %.0fs. last output: %s",
+                            s.spec.digest, proc.pid, ran, s.next_start - now,
+                            "; ".join(_safe_tail(proc)) or "(none)")
+                with s.lock:
+                    if s.proc is proc:
+                        s.proc = None
+            if now >= s.next_start:
+                self._start_one(s)
+
+    # -- table ----------------------------------------------------------------------------------------------
+    def ensure(self, spec: SeedSpec, wait_listening: float = 5.0) -> bool:
+        """Seed ``spec.digest`` if not already seeded. With ``wait_listening``, wait until ctorrent listens and
+        return whether it does; without, return whether it was started (the watcher retries failures)."""
+        with self._lock:
+            s = self._table.get(spec.digest)
+            if s is None:
+                s = _Seeder(spec)
+                self._table[spec.digest] = s
+        if s.proc is None or not s.proc.alive():
+            self._start_one(s)
+        proc = s.proc
+        if proc is None:
+            return False
+        if wait_listening:
+            try:
+                proc.wait_listening(wait_listening)
+            except Exception as exc:  # noqa: BLE001 - reported through the return value
+                s.last_error = str(exc)
+                return False
+        return bool(proc.alive())
+
+    def remove(self, digest: str) -> None:
+        with self._lock:
+            s = self._table.pop(digest, None)
+        if s is not None:
+            self._stop_one(s)
+
+    def restart_all(self) -> None:
+        with self._lock:
+            seeders = list(self._table.values())
+        log.info("restarting all %d seeder(s)", len(seeders))
+        for s in seeders:
+            self._stop_one(s, forget=False)
+            s.restarts += 1
+            self._start_one(s)
+
+    def digests(self) -> list[str]:
+        with self._lock:
+            return sorted(self._table)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per-digest state for healthz and admin listings."""
+        with self._lock:
+            seeders = list(self._table.values())
+        out: dict[str, dict[str, Any]] = {}
+        for s in seeders:
+            proc = s.proc
+            alive = bool(proc is not None and proc.alive())
+            status = getattr(proc, "status", None) if proc is not None else None
+            out[s.spec.digest] = {
+                "pid": getattr(proc, "pid", None) if alive else None,
+                "alive": alive,
+                "listen_port": getattr(proc, "listen_port", None) if alive else None,
+                "restarts": s.restarts,
+                "uploaded_mb": getattr(status, "uploaded_mb", None),
+                "peers": getattr(status, "leechers", None),
+                "error": s.last_error,
+            }
+        return out
+
+    # -- processes ------------------------------------------------------------------------------------------
+    def _start_one(self, s: _Seeder) -> None:
+        with s.lock:
+            if s.proc is not None and s.proc.alive():
+                return
+            spec = s.spec
+            try:
+                spec.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+                proc = self._factory(spec.torrent, spec.blob, workdir=spec.workdir, listen_ip=self.listen_ip,
+                                     seed_only=True)
+                proc.start()
+            except Exception as exc:  # noqa: BLE001 - retried with backoff by the watcher
+                s.failures += 1
+                s.last_error = str(exc)
+                s.next_start = time.monotonic() + _backoff(s.failures)
+                log.error("cannot start seeder for %s: %s", spec.digest, exc)
+                return
+            s.proc = proc
+            s.started_at = time.monotonic()
+            s.last_error = None
+            with contextlib.suppress(OSError):
+                (spec.workdir / PID_FILE).write_text(f"{proc.pid}\n")
+            log.info("seeding %s (ctorrent pid %s on %s)", spec.digest, proc.pid, self.listen_ip)
+
+    def _stop_one(self, s: _Seeder, forget: bool = True) -> None:
+        with s.lock:
+            proc = s.proc
+            if proc is not None:
+                try:
+                    proc.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping seeder for %s", s.spec.digest)
+            if forget:
+                s.proc = None
+                with contextlib.suppress(OSError):
+                    (s.spec.workdir / PID_FILE).unlink()
+
+
+def _backoff(failures: int) -> float:
+    """0 s for the first failure, then 1, 2, 4 ... up to 30 s."""
+    return 0.0 if failures <= 1 else min(2.0 ** (failures - 2), MAX_BACKOFF)
+
+
+def _safe_tail(proc: Any) -> list[str]:
+    try:
+        return list(proc.tail(5))
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def reap_orphans(seeders_dir: Path) -> int:
+    """Stop ctorrent processes a previous registry run started and could not stop (it was SIGKILLed).
+
+    Only pids recorded in our own pid files whose command line is ctorrent seeding a torrent of this
+    location are signalled.
+    """
+    stopped = 0
+    if not seeders_dir.is_dir():
+        return 0
+    for pid_file in seeders_dir.glob(f"*/{PID_FILE}"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
+            continue
+        hexname = pid_file.parent.name.encode()
+        if cmdline and os.path.basename(cmdline[0]) == b"ctorrent" and any(hexname in arg for arg in cmdline):
+            log.warning("stopping seeder pid %d left by a previous registry run", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                    time.sleep(0.1)
+                if Path(f"/proc/{pid}").exists():
+                    os.kill(pid, signal.SIGKILL)
+            stopped += 1
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+    return stopped

@@ -1,0 +1,188 @@
+"""The blob store: the one owner of every on-disk path under ``<location>``.
+
+Layout: ``blobs/sha256/<hex>`` (immutable content), ``torrents/<hex>.torrent``, ``uploads/`` (temp files while
+receiving), ``seeders/<hex>/`` (a seeder's working directory), ``tracker/`` (managed opentracker's chroot).
+Uploads go to a temp file, hashed while written, fsynced, then ``os.replace``d into place: a blob path either
+does not exist or holds complete, verified bytes. Names from users never become paths; only digests do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from docket.errors import DocketError, InvalidRequest
+from docket.reference import DIGEST_RE
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = "upload-"
+
+
+def validate_digest(digest: str) -> str:
+    """``sha256:<64 lowercase hex>`` or InvalidRequest (digests do become paths, so this is strict)."""
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise InvalidRequest(f"invalid digest {digest!r}", "a digest is sha256: followed by 64 lowercase hex digits")
+    return digest
+
+
+def digest_hex(digest: str) -> str:
+    return validate_digest(digest).split(":", 1)[1]
+
+
+class LocationError(DocketError):
+    status, code, exit_code = 500, "LOCATION_UNUSABLE", 10
+
+
+class Upload:
+    """A temp file being received: write chunks, read ``digest``/``size``; removed unless committed."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._file = os.fdopen(fd, "wb")
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.committed = False
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._sha.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> str:
+        """Flush and fsync; the bytes are on disk when this returns. Returns the digest."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self.digest
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        if not self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+class BlobStore:
+    """Paths and atomic placement of blobs and torrents under one location directory."""
+
+    def __init__(self, location: Path) -> None:
+        self.location = Path(location).absolute()
+        self.blobs_dir = self.location / "blobs" / "sha256"
+        self.torrents_dir = self.location / "torrents"
+        self.uploads_dir = self.location / "uploads"
+        self.seeders_dir = self.location / "seeders"
+        self.tracker_dir = self.location / "tracker"
+        self._lock = threading.Lock()
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def ensure_layout(self) -> None:
+        """Create the directories (0755) and prove the location is writable, with a clear error if not."""
+        try:
+            for d in (self.location, self.blobs_dir, self.torrents_dir, self.uploads_dir, self.seeders_dir):
+                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.uploads_dir, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise LocationError(
+                f"registry location {self.location} is not writable: {exc.strerror or exc}",
+                "choose a writable directory with --location (or DOCKET_LOCATION), or create it and give this "
+                "user write access",
+            ) from exc
+
+    def clean_stale_uploads(self) -> int:
+        """Remove temp files left by a previous run that died mid-upload."""
+        removed = 0
+        if not self.uploads_dir.is_dir():
+            return 0
+        for entry in self.uploads_dir.iterdir():
+            if entry.is_file() or entry.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed += 1
+        if removed:
+            log.info("removed %d stale upload file(s) from %s", removed, self.uploads_dir)
+        return removed
+
+    def writable(self) -> bool:
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.uploads_dir, prefix=".probe-"):
+                return True
+        except OSError:
+            return False
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / digest_hex(digest)
+
+    def torrent_path(self, digest: str) -> Path:
+        return self.torrents_dir / f"{digest_hex(digest)}.torrent"
+
+    def seeder_dir(self, digest: str) -> Path:
+        return self.seeders_dir / digest_hex(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def list_blob_digests(self) -> list[str]:
+        if not self.blobs_dir.is_dir():
+            return []
+        return sorted(f"sha256:{p.name}" for p in self.blobs_dir.iterdir() if DIGEST_RE.match(f"sha256:{p.name}"))
+
+    def list_upload_files(self) -> list[Path]:
+        return sorted(self.uploads_dir.iterdir()) if self.uploads_dir.is_dir() else []
+
+    # -- writing --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def upload(self) -> Iterator[Upload]:
+        """A temp file in uploads/; removed on any failure or when the caller did not commit it."""
+        fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=self.uploads_dir)
+        up = Upload(Path(name), fd)
+        try:
+            yield up
+        finally:
+            up.discard()
+
+    def commit(self, upload: Upload, digest: str) -> Path:
+        """Move a finished upload into place as blob ``digest``; if the blob already exists, drop the temp.
+
+        The caller computed ``digest`` while receiving; blobs are immutable, so an existing file wins.
+        """
+        dest = self.blob_path(digest)
+        with self._lock:
+            if dest.is_file() and dest.stat().st_size == upload.size:
+                upload.discard()
+                return dest
+            os.chmod(upload.path, 0o644)
+            os.replace(upload.path, dest)
+            upload.committed = True
+            _fsync_dir(dest.parent)
+        return dest
+
+    def delete(self, digest: str) -> None:
+        """Remove a blob's file, torrent and seeder directory (GC; the DB row is the caller's)."""
+        for path in (self.blob_path(digest), self.torrent_path(digest)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        shutil.rmtree(self.seeder_dir(digest), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,219 @@
+"""The registry's view of its BitTorrent tracker: a managed opentracker child, or an external one.
+
+Managed (no ``--tracker``): the registry runs opentracker bound to the advertise address and owns its whitelist.
+A new info hash is added and opentracker reloaded (SIGHUP) *before* that blob's seeder starts, so the seeder's
+first announce is accepted. If opentracker dies, the seeder supervisor restarts it and then every seeder, since a
+fresh tracker has an empty peer table and leechers re-announce only every ~30 minutes.
+
+External (``--tracker HOST:PORT``): you run opentracker (built with a whitelist, as Debian's is) and keep its
+whitelist in sync with ``GET /api/v1/tracker/whitelist``, for example every 10 seconds::
+
+    while sleep 10; do
+      curl -fsS http://REGISTRY:8000/api/v1/tracker/whitelist -o /etc/opentracker/whitelist.new &&
+      if ! cmp -s /etc/opentracker/whitelist.new /etc/opentracker/whitelist; then
+        mv /etc/opentracker/whitelist.new /etc/opentracker/whitelist && kill -HUP "$(pidof opentracker)"
+      fi
+    done
+
+Until a new hash is in the external whitelist the tracker refuses announces for it; seeders and leechers retry,
+so a push becomes downloadable over BitTorrent within one sync period (plain HTTP blob download works at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from docket.errors import ServiceUnavailable
+from docket.registry.config import parse_host_port
+from docket.torrent import Opentracker, ScrapeResult, find_opentracker, scrape
+
+log = logging.getLogger(__name__)
+
+
+def tcp_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+class ExternalTracker:
+    """An opentracker someone else runs: we only announce to it, scrape it and check it answers TCP."""
+
+    managed = False
+
+    def __init__(self, address: str) -> None:
+        self.host, self.port = parse_host_port(address)
+        self.announce_url = f"http://{self.host}:{self.port}/announce"
+
+    def start(self, info_hashes: Iterable[str] = ()) -> None:
+        log.info("using external tracker %s; keep its whitelist in sync with GET /api/v1/tracker/whitelist",
+                 self.announce_url)
+
+    def stop(self) -> None:
+        pass
+
+    def add(self, info_hash: str) -> None:
+        pass  # the operator's sync job reads the whitelist endpoint
+
+    def discard(self, info_hash: str) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return tcp_accepts(self.host, self.port)
+
+    def needs_restart(self) -> bool:
+        return False
+
+    def restart(self) -> None:
+        pass
+
+    def scrape(self, info_hash: str) -> ScrapeResult:
+        return scrape(self.announce_url, info_hash)
+
+    def check(self) -> dict[str, Any]:
+        ok = self.alive()
+        result: dict[str, Any] = {"ok": ok, "managed": False, "announce_url": self.announce_url}
+        if not ok:
+            result["error"] = f"cannot connect to {self.host}:{self.port}"
+        return result
+
+
+class ManagedTracker:
+    """An opentracker child bound to the advertise address, with a whitelist we keep current."""
+
+    managed = True
+
+    def __init__(self, bind_ip: str, port: int, workdir: Path, *, enabled: bool = True) -> None:
+        self.bind_ip = bind_ip
+        self.port = port
+        self.workdir = Path(workdir)
+        self.enabled = enabled  # False in unit tests: the whitelist is kept but no process is run
+        self.announce_url = f"http://{bind_ip}:{port}/announce"
+        self._hashes: set[str] = set()
+        self._lock = threading.RLock()
+        self._proc: Opentracker | None = None
+        self.restarts = 0
+
+    def preflight(self) -> None:
+        """Raise ToolMissing (with the install hint) before anything else is started."""
+        if self.enabled:
+            find_opentracker()
+
+    def start(self, info_hashes: Iterable[str] = ()) -> None:
+        with self._lock:
+            self._hashes = set(info_hashes)
+            if not self.enabled:
+                return
+            self._spawn()
+
+    def _spawn(self) -> None:
+        # opentracker sets SO_REUSEPORT: started on a port another tracker holds, it "succeeds" and the kernel
+        # splits connections between the two, so half the announces hit a tracker without our whitelist.
+        if tcp_accepts(self.bind_ip, self.port, 0.5):
+            raise ServiceUnavailable(
+                f"tracker port {self.bind_ip}:{self.port} is already in use",
+                "stop the other tracker, choose another --tracker-port, or use it as external with --tracker",
+            )
+        self.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)  # opentracker drops to nobody inside this chroot
+        proc = Opentracker(self.bind_ip, self.port, self.workdir, admin_ip=self.bind_ip,
+                           log_path=self.workdir.parent / "tracker.log")
+        proc.start(sorted(self._hashes))
+        self._proc = proc
+        deadline = time.monotonic() + 10
+        while not tcp_accepts(self.bind_ip, self.port, 0.5):
+            if not proc.alive() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        log.info("opentracker pid %s listening on %s (%d whitelisted)", proc.pid, self.announce_url,
+                 len(self._hashes))
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stop()
+                self._proc = None
+
+    def add(self, info_hash: str) -> None:
+        """Whitelist ``info_hash`` and make sure opentracker has reloaded before returning."""
+        with self._lock:
+            if info_hash in self._hashes:
+                return
+            self._hashes.add(info_hash)
+            if self._proc is not None and self._proc.alive():
+                self._proc.set_whitelist(sorted(self._hashes))
+                self._wait_loaded(info_hash)
+
+    def discard(self, info_hash: str) -> None:
+        with self._lock:
+            if info_hash not in self._hashes:
+                return
+            self._hashes.discard(info_hash)
+            if self._proc is not None and self._proc.alive():
+                self._proc.set_whitelist(sorted(self._hashes))
+
+    def _wait_loaded(self, info_hash: str, timeout: float = 3.0) -> None:
+        """SIGHUP is asynchronous: poll until opentracker accepts announces for the hash (best effort)."""
+        try:
+            from docket.torrent.tracker import announce_ok
+        except ImportError:  # optional helper of the torrent library
+            time.sleep(0.1)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if announce_ok(self.announce_url, info_hash, 1.0):
+                    return
+            time.sleep(0.05)
+        log.warning("opentracker did not confirm whitelisting %s within %.0fs", info_hash, timeout)
+
+    def alive(self) -> bool:
+        with self._lock:
+            return self._proc is not None and self._proc.alive()
+
+    def needs_restart(self) -> bool:
+        with self._lock:
+            return self.enabled and self._proc is not None and not self._proc.alive()
+
+    def restart(self) -> None:
+        with self._lock:
+            old = self._proc
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.stop()
+            self.restarts += 1
+            log.warning("opentracker (pid %s) died; restarting it (restart #%d)", old.pid if old else None,
+                        self.restarts)
+            self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        with self._lock:
+            return self._proc.pid if self._proc is not None else None
+
+    def scrape(self, info_hash: str) -> ScrapeResult:
+        return scrape(self.announce_url, info_hash)
+
+    def check(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"managed": True, "announce_url": self.announce_url, "enabled": self.enabled}
+        if not self.enabled:
+            result["ok"] = True
+            return result
+        alive = self.alive()
+        accepts = alive and tcp_accepts(self.bind_ip, self.port)
+        result.update(ok=alive and accepts, pid=self.pid, restarts=self.restarts)
+        if not alive:
+            result["error"] = "opentracker is not running"
+        elif not accepts:
+            result["error"] = f"opentracker does not accept connections on {self.bind_ip}:{self.port}"
+        return result
+
+
+Tracker = ManagedTracker | ExternalTracker
