@@ -205,42 +205,66 @@ def test_push_does_not_block_other_requests(registry_server, image_factory):
     assert outcome == [201]
 
 
+# ru_maxrss of a direct child keeps the forking parent's high-water mark (pytest's, with the image data in
+# it); a tiny launcher process measures the client alone.
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, r = os.wait4(p.pid, 0); "
+    "print(r.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))"
+)
+
+
 def test_memory_stays_bounded_while_pushing(registry_server, image_factory, tmp_path: Path):
     """Defect: the client read the whole tarball into RAM; the server buffered the upload."""
-    ref, _ = image_factory.build(data_mib=96)
-    args = [sys.executable, "-m", "docket.client.cli", "--port", str(registry_server.port), "--location",
-            str(tmp_path / "c"), "push", ref]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = proc.stderr.read().decode()
-    _, wait_status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 0, stderr
-    client_peak_mib = usage.ru_maxrss / 1024
+    ref, _ = image_factory.build(data_mib=128)
+    args = [sys.executable, "-c", _LAUNCHER, sys.executable, "-m", "docket.client.cli", "--quiet", "--port",
+            str(registry_server.port), "--location", str(tmp_path / "c"), "push", ref]
+    result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    client_peak_mib = int(result.stdout.strip().splitlines()[-1]) / 1024
     status = Path(f"/proc/{registry_server.proc.pid}/status").read_text()
     registry_peak_mib = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
     images = requests.get(f"{registry_server.url}/api/v1/images", timeout=10).json()["images"]
     assert any(r["ref"] == ref for r in images)
-    assert client_peak_mib < 90, f"client peak RSS {client_peak_mib:.0f} MiB for a 96 MiB image"
-    assert registry_peak_mib < 100, f"registry peak RSS {registry_peak_mib:.0f} MiB for a 96 MiB image"
+    assert client_peak_mib < 100, f"client peak RSS {client_peak_mib:.0f} MiB for a 128 MiB image"
+    assert registry_peak_mib < 120, f"registry peak RSS {registry_peak_mib:.0f} MiB for a 128 MiB image"
 
 
 def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, docket_cli, tmp_path: Path):
-    """Defect: pullers exited as soon as they finished (`-e 0`), never seeding for slower peers."""
-    from docket.torrent import scrape
+    """Defect: pullers exited as soon as they finished (`-e 0`), never seeding for slower peers.
 
-    ref, _ = image_factory.build(data_mib=2)
+    A slow peer (a plain ctorrent limited to 256 KB/s) downloads beside a `docket pull`. The pull finishes
+    first and must stay in the swarm as a seeder while the slow peer is incomplete, then exit on its own
+    (well before --seed-time) once nobody is downloading.
+    """
+    from docket.torrent import CtorrentProcess, scrape
+
+    ref, _ = image_factory.build(data_mib=3)
     docket_cli("push", ref, registry=registry_server)
     record = next(r for r in requests.get(f"{registry_server.url}/api/v1/images", timeout=10).json()["images"]
                   if r["ref"] == ref)
     announce = requests.get(f"{registry_server.url}/api/v1/tracker", timeout=10).json()["announce_url"]
+    torrent = tmp_path / "slow" / "image.torrent"
+    torrent.parent.mkdir()
+    torrent.write_bytes(requests.get(f"{registry_server.url}{record['torrent_url']}", timeout=10).content)
+
+    slow = CtorrentProcess(torrent, tmp_path / "slow" / "image.tar", workdir=tmp_path / "slow",
+                           listen_ip="127.0.0.24", extra_args=["-D", "256"])
     args = [sys.executable, "-m", "docket.client.cli", "--port", str(registry_server.port), "--location",
-            str(tmp_path / "seeder"), "pull", "--no-load", "--seed-time", "30", ref]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "DOCKET_PEER_IP": "127.0.0.23"})
-    try:
-        # the registry's seeder plus the finished puller: two complete peers in the swarm
-        wait_until(lambda: scrape(announce, record["info_hash"]).complete >= 2, timeout=60,
-                   what="the puller to seed after completing")
-        assert proc.poll() is None
-    finally:
-        proc.terminate()
-        proc.wait(30)
+            str(tmp_path / "fast"), "pull", "--no-load", "--seed-time", "120", ref]
+    with slow:
+        pull = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "DOCKET_PEER_IP": "127.0.0.23"})
+        try:
+            # the registry's seeder plus the finished puller: two complete peers while the slow one downloads
+            wait_until(lambda: scrape(announce, record["info_hash"]).complete >= 2, timeout=60,
+                       what="the finished puller to seed")
+            assert not slow.completed.is_set()
+            assert pull.poll() is None, "the puller left while a peer was still downloading"
+            assert slow.wait_complete(timeout=120)
+            started = time.monotonic()
+            assert pull.wait(timeout=60) == 0, pull.stderr.read().decode()
+            assert time.monotonic() - started < 60  # it left on its own, not at --seed-time
+        finally:
+            if pull.poll() is None:
+                pull.terminate()
+                pull.wait(30)

@@ -93,7 +93,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def start_registry(location: Path, port: int, tracker_port: int, log: Path) -> Registry:
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "DOCKET_LOCATION": str(location), "DOCKET_REGISTRY_PORT": str(port)}  # flags via env vars, too
+           "DOCKET_REGISTRY_LOCATION": str(location), "DOCKET_REGISTRY_PORT": str(port)}  # flags via env vars, too
     args = [*registry_command(), "--bind", "127.0.0.1", "--advertise-address", "127.0.0.1",
             "--tracker-port", str(tracker_port), "--log-level", "debug", "--gc-interval", "0"]
     with open(log, "ab") as out:
@@ -271,7 +271,7 @@ def test_help_lists_env_vars() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     r = subprocess.run([*registry_command(), "--help"], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0
-    for var in ("DOCKET_TRACKER", "DOCKET_REGISTRY_PORT", "DOCKET_LOCATION", "DOCKET_DB", "DOCKET_ADVERTISE_ADDRESS"):
+    for var in ("DOCKET_TRACKER", "DOCKET_REGISTRY_PORT", "DOCKET_REGISTRY_LOCATION", "DOCKET_REGISTRY_DB", "DOCKET_ADVERTISE_ADDRESS"):
         assert var in r.stdout
 
 

@@ -70,10 +70,10 @@ def _fail(exc: DocketError) -> None:
               help="External opentracker HOST:PORT. Without it the registry runs and manages opentracker itself.")
 @click.option("-p", "--port", envvar="DOCKET_REGISTRY_PORT", show_envvar=True, type=click.IntRange(1, 65535),
               default=8000, help="HTTP port.")
-@click.option("-l", "--location", envvar="DOCKET_LOCATION", show_envvar=True,
+@click.option("-l", "--location", envvar="DOCKET_REGISTRY_LOCATION", show_envvar=True,
               type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_LOCATION,
               help="Directory for blobs, torrents, the SQLite database and seeder state.")
-@click.option("--db", "db_url", envvar="DOCKET_DB", show_envvar=True, default=None,
+@click.option("--db", "db_url", envvar="DOCKET_REGISTRY_DB", show_envvar=True, default=None,
               help="SQLAlchemy database URL [default: sqlite:///<location>/docket.db].")
 @click.option("--bind", envvar="DOCKET_BIND", show_envvar=True, default="0.0.0.0", help="HTTP bind address.")
 @click.option("--advertise-address", envvar="DOCKET_ADVERTISE_ADDRESS", show_envvar=True, default="127.0.0.1",

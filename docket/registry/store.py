@@ -98,7 +98,7 @@ class BlobStore:
         except OSError as exc:
             raise LocationError(
                 f"registry location {self.location} is not writable: {exc.strerror or exc}",
-                "choose a writable directory with --location (or DOCKET_LOCATION), or create it and give this "
+                "choose a writable directory with --location (or DOCKET_REGISTRY_LOCATION), or create it and give this "
                 "user write access",
             ) from exc
 

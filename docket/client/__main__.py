@@ -1,0 +1,5 @@
+"""``python -m docket.client`` = ``docket``."""
+
+from docket.client.cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""The registry's HTTP API (docs/http-api.md) as Python calls; server errors become ``docket.errors``.
+
+One ``requests.Session`` per client, a (connect, read) timeout on every call, uploads streamed from an
+iterable of chunks (chunked transfer encoding: no temporary copy, never the whole tarball in memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+
+from docket import __version__
+from docket import errors
+from docket.reference import DIGEST_RE, Reference
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "http://127.0.0.1"
+DEFAULT_PORT = 8000
+CONNECT_TIMEOUT = 5.0
+MAX_TORRENT_BYTES = 4 * 1024 * 1024
+API = "/api/v1"
+
+_BY_CODE: dict[str, type[errors.DocketError]] = {}
+
+
+def _collect(cls: type[errors.DocketError]) -> None:
+    for sub in cls.__subclasses__():
+        _BY_CODE.setdefault(sub.code, sub)
+        _collect(sub)
+
+
+_collect(errors.DocketError)
+_BY_STATUS: dict[int, type[errors.DocketError]] = {
+    400: errors.InvalidRequest, 401: errors.Unauthorized, 403: errors.Unauthorized, 404: errors.NotFound,
+    411: errors.InvalidRequest, 413: errors.TooLarge, 415: errors.InvalidRequest, 502: errors.TransferError,
+    503: errors.ServiceUnavailable, 504: errors.ServiceUnavailable,
+}
+
+
+def base_url(host: str | None, port: int | None) -> str:
+    """``http://127.0.0.1`` + 8000 -> ``http://127.0.0.1:8000``; a scheme or port already in ``host`` wins."""
+    host = (host or DEFAULT_HOST).strip()
+    if "://" not in host:
+        host = "http://" + host
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.InvalidRequest(f"invalid registry host {host!r}",
+                                    "give it as http://HOST or https://HOST[:PORT]")
+    try:
+        has_port = parts.port is not None
+    except ValueError as exc:
+        raise errors.InvalidRequest(f"invalid port in registry host {host!r}") from exc
+    netloc = parts.netloc
+    if not has_port:
+        p = DEFAULT_PORT if port is None else port
+        if not 0 < int(p) < 65536:
+            raise errors.InvalidRequest(f"invalid registry port {p}", "give a port between 1 and 65535")
+        netloc = f"{netloc}:{int(p)}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _error_from_response(resp: requests.Response, what: str) -> errors.DocketError:
+    """Turn a 4xx/5xx answer into the matching DocketError, keeping the server's message and hint."""
+    body: Any = None
+    try:
+        body = resp.json()
+    except ValueError:
+        pass
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        cls = _BY_CODE.get(str(err.get("code")), _BY_STATUS.get(resp.status_code, errors.DocketError))
+        hint = err.get("hint") if isinstance(err.get("hint"), str) else None
+        return cls(err["message"], hint)
+    cls = _BY_STATUS.get(resp.status_code, errors.DocketError)
+    text = (resp.text or "").strip().replace("\n", " ")[:200]
+    msg = f"{what}: the registry answered HTTP {resp.status_code} {resp.reason or ''}".rstrip()
+    if text:
+        msg += f" ({text})"
+    return cls(msg, "is --host/--port pointing at a docket-registry? check the registry's log")
+
+
+class RegistryClient:
+    """Calls to one registry. Thread-safe enough for one command at a time (one Session)."""
+
+    def __init__(self, host: str | None = None, port: int | None = None, *, read_timeout: float = 60.0,
+                 push_timeout: float = 600.0, connect_timeout: float = CONNECT_TIMEOUT,
+                 session: requests.Session | None = None) -> None:
+        self.url = base_url(host, port)
+        self.read_timeout = read_timeout
+        self.push_timeout = max(push_timeout, read_timeout)
+        self.connect_timeout = connect_timeout
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = f"docket/{__version__}"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, what: str, *, read_timeout: float | None = None,
+                 ok: tuple[int, ...] = (200,), **kw: Any) -> requests.Response:
+        url = self.url + path
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        try:
+            resp = self.session.request(method, url, timeout=timeout, **kw)
+        except requests.exceptions.SSLError as exc:
+            raise errors.ServiceUnavailable(f"{what}: TLS error talking to {self.url}: {exc}",
+                                            "check the certificate or use the right scheme in --host") from exc
+        except requests.exceptions.ConnectTimeout as exc:
+            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url} (connect timed out)",
+                                            "is docket-registry running? check --host/--port") from exc
+        except requests.exceptions.ReadTimeout as exc:
+            raise errors.ServiceUnavailable(
+                f"{what}: the registry at {self.url} did not answer within {timeout[1]:g} s",
+                "the registry may be overloaded; retry, or raise --timeout") from exc
+        except requests.exceptions.ConnectionError as exc:
+            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url}",
+                                            "is docket-registry running? check --host/--port") from exc
+        except requests.exceptions.RequestException as exc:
+            raise errors.ServiceUnavailable(f"{what}: request to {url} failed: {exc}") from exc
+        if resp.status_code not in ok:
+            try:
+                raise _error_from_response(resp, what)
+            finally:
+                resp.close()
+        return resp
+
+    def _json(self, resp: requests.Response, what: str) -> Any:
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise errors.ServiceUnavailable(f"{what}: the registry at {self.url} sent a reply that is not JSON",
+                                            "is --host/--port pointing at a docket-registry?") from exc
+
+    @staticmethod
+    def _tag_path(ref: Reference) -> str:
+        return f"{API}/repositories/{quote(ref.repository, safe='/')}/tags/{quote(ref.tag, safe='')}"
+
+    # -- API ---------------------------------------------------------------------------------------------
+
+    def get_image(self, ref: Reference) -> dict[str, Any]:
+        what = f"looking up {ref}"
+        try:
+            resp = self._request("GET", self._tag_path(ref), what)
+        except errors.NotFound as exc:
+            raise errors.NotFound(f"{ref} is not in the registry at {self.url}",
+                                  "`docket images` lists what it has; `docket push` adds it") from exc
+        record = self._json(resp, what)
+        if not isinstance(record, dict):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
+        return record
+
+    def list_images(self) -> list[dict[str, Any]]:
+        what = "listing images"
+        body = self._json(self._request("GET", f"{API}/images", what), what)
+        images = body.get("images") if isinstance(body, dict) else None
+        if not isinstance(images, list):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}",
+                                            "is --host/--port pointing at a docket-registry?")
+        return [i for i in images if isinstance(i, dict)]
+
+    def get_torrent(self, digest: str) -> bytes:
+        """The .torrent of a blob, capped at 4 MiB (ctorrent's limit) while reading."""
+        if not DIGEST_RE.match(digest):
+            raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
+        what = f"fetching the torrent of {digest}"
+        resp = self._request("GET", f"{API}/blobs/{digest}/torrent", what, stream=True)
+        with resp:
+            buf = bytearray()
+            try:
+                for chunk in resp.iter_content(64 * 1024):
+                    buf += chunk
+                    if len(buf) > MAX_TORRENT_BYTES:
+                        raise errors.IntegrityError(f"{what}: the torrent is larger than 4 MiB",
+                                                    "the registry sent something that is not a torrent")
+            except requests.exceptions.RequestException as exc:
+                raise errors.TransferError(f"{what}: {exc}") from exc
+        return bytes(buf)
+
+    def tracker(self) -> dict[str, Any]:
+        what = "asking for the tracker"
+        return self._json(self._request("GET", f"{API}/tracker", what), what)
+
+    def push_tarball(self, ref: Reference, chunks: Iterable[bytes], size_hint: int | None = None,
+                     progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Stream ``chunks`` as the body of the push (chunked encoding); return the image record.
+
+        ``progress_cb(bytes_sent_so_far)`` is called after each chunk. An exception raised by ``chunks``
+        (the docker export failing) is re-raised as itself, not as a network error; the server then sees a
+        truncated chunked body and stores nothing.
+        """
+        failure: list[BaseException] = []
+        sent = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            try:
+                for chunk in chunks:
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    yield chunk
+                    if progress_cb:
+                        progress_cb(sent)
+            except BaseException as exc:  # noqa: BLE001 - remembered and re-raised below
+                failure.append(exc)
+                raise
+
+        what = f"pushing {ref}"
+        headers = {"Content-Type": "application/x-tar"}
+        try:
+            resp = self._request("PUT", self._tag_path(ref), what, ok=(200, 201), data=body(),
+                                 headers=headers, read_timeout=self.push_timeout)
+        except BaseException as exc:
+            if failure:
+                raise failure[0] from None
+            if isinstance(exc, errors.ServiceUnavailable) and sent:
+                raise errors.TransferError(
+                    f"{what}: the connection to {self.url} broke after {sent} bytes",
+                    "the registry may have refused the upload (size limit?) or stopped; check its log") from exc
+            raise
+        record = self._json(resp, what)
+        if not isinstance(record, dict):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
+        return record

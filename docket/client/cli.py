@@ -1,0 +1,355 @@
+"""``docket``: push images to a Docket registry, pull them through BitTorrent, list what it holds.
+
+The click edge: options and environment, one context object, output, and the single place where
+``DocketError``s become "Error: ..." plus their ``exit_code`` (Ctrl-C: 130).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from docket import __version__, errors
+from docket.reference import Reference, parse_reference
+
+EXIT_INTERRUPTED = 130
+EXIT_UNEXPECTED = 1
+
+
+def default_location() -> Path:
+    """$XDG_CACHE_HOME/docket, else ~/.cache/docket; always absolute (a relative path broke the original's pull)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "docket").absolute()
+
+
+@dataclass
+class Config:
+    host: str
+    port: int
+    location: Path
+    quiet: bool = False
+    traceback: bool = False
+    timeout: float = 60.0
+    verbose: int = 0
+
+
+@dataclass
+class AppContext:
+    """Everything a subcommand needs (httpie's Environment): config, terminals, lazily built clients."""
+
+    config: Config
+    stdout_isatty: bool = False
+    stderr_isatty: bool = False
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    _registry: Any = None
+    _docker: Any = None
+
+    @property
+    def registry(self):  # -> RegistryClient
+        if self._registry is None:
+            from docket.client.api import RegistryClient
+
+            self._registry = RegistryClient(self.config.host, self.config.port, read_timeout=self.config.timeout)
+        return self._registry
+
+    @property
+    def docker(self):  # -> DockerOps
+        if self._docker is None:
+            from docket.client.dockerops import DockerOps
+
+            self._docker = DockerOps()
+        return self._docker
+
+    def reporter(self):
+        from docket.client.progress import choose_reporter
+
+        return choose_reporter(self.config.quiet, self.stderr_isatty, self.console)
+
+    def out(self, text: str = "") -> None:
+        """Results: stdout."""
+        click.echo(text)
+
+    def info(self, text: str) -> None:
+        """Narrative for humans: stderr, silenced by --quiet."""
+        if not self.config.quiet:
+            click.echo(text, err=True)
+
+    def close(self) -> None:
+        for c in (self._registry, self._docker):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - best effort at exit
+                    pass
+
+
+class DocketGroup(click.Group):
+    """Runs the subcommand and maps failures to messages and exit codes, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except errors.DocketError as exc:
+            if _wants_traceback(ctx):
+                raise
+            err = click.ClickException(str(exc))
+            err.exit_code = exc.exit_code or 1
+            raise err from exc
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if _wants_traceback(ctx):
+                raise
+            err = click.ClickException(
+                f"unexpected {type(exc).__name__}: {exc}\n  hint: rerun with --traceback and report it")
+            err.exit_code = EXIT_UNEXPECTED
+            raise err from exc
+        finally:
+            obj = ctx.obj
+            if isinstance(obj, AppContext):
+                obj.close()
+
+
+def _wants_traceback(ctx: click.Context) -> bool:
+    return bool(ctx.params.get("traceback")) or (isinstance(ctx.obj, AppContext) and ctx.obj.config.traceback)
+
+
+def _ref(text: str) -> Reference:
+    """Parse before anything touches the network: a bad reference fails fast with exit code 2."""
+    return parse_reference(text)
+
+
+def _app(ctx: click.Context) -> AppContext:
+    return ctx.find_object(AppContext)  # type: ignore[return-value]
+
+
+@click.group(cls=DocketGroup, context_settings=dict(help_option_names=["--help"], max_content_width=100))
+@click.option("-h", "--host", envvar="DOCKET_HOST", default="http://127.0.0.1", show_default=True,
+              show_envvar=True, help="Registry host, with scheme (a :PORT here wins over --port).")
+@click.option("-p", "--port", envvar="DOCKET_PORT", type=click.IntRange(1, 65535), default=8000,
+              show_default=True, show_envvar=True, help="Registry port.")
+@click.option("-l", "--location", envvar="DOCKET_LOCATION", type=click.Path(file_okay=False, path_type=Path),
+              default=None, show_envvar=True,
+              help="Work directory for downloads  [default: $XDG_CACHE_HOME/docket or ~/.cache/docket]")
+@click.option("--timeout", envvar="DOCKET_TIMEOUT", type=click.FloatRange(min=1), default=60.0,
+              show_default=True, show_envvar=True, help="Seconds to wait for a registry answer (connect: 5 s).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no narrative; only results and errors.")
+@click.option("-v", "--verbose", count=True, help="Log what happens (repeat for debug logs) on stderr.")
+@click.option("--traceback", is_flag=True, envvar="DOCKET_TRACEBACK", help="Show the Python traceback of a failure.")
+@click.version_option(__version__, "--version", prog_name="docket")
+@click.pass_context
+def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout: float, quiet: bool,
+        verbose: int, traceback: bool) -> None:
+    """Push Docker images to a Docket registry, pull them through BitTorrent, list them.
+
+    \b
+      docket push myapp:v1
+      docket pull myapp:v1
+      docket images
+    """
+    loc = (location.expanduser() if location else default_location()).absolute()
+    config = Config(host=host, port=port, location=loc, quiet=quiet, traceback=traceback, timeout=timeout,
+                    verbose=verbose)
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:  # library warnings (e.g. a slow ctorrent stop) are noise for a user; failures arrive as errors
+        logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="docket: %(levelname)s: %(message)s")
+    ctx.obj = AppContext(config=config, stdout_isatty=sys.stdout.isatty(), stderr_isatty=sys.stderr.isatty())
+
+
+# -- push ------------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("reference", metavar="REPOSITORY[:TAG]")
+@click.pass_context
+def push(ctx: click.Context, reference: str) -> None:
+    """Upload a local Docker image to the registry (streamed; no temporary copy).
+
+    A reference without a tag means :latest.
+    """
+    push_image(_app(ctx), _ref(reference))
+
+
+def push_image(app: AppContext, ref: Reference) -> None:
+    from docket.client.progress import human_bytes
+
+    image = app.docker.find_image(ref)
+    for line in (f"Found image: {ref}", f"  ID:       {image.id}", f"  RepoTags: {', '.join(image.repo_tags)}",
+                 f"  Created:  {readable_time(image.created)}", f"  Size:     {human_bytes(image.size)} ({image.size} bytes)"):
+        if not app.config.quiet:
+            app.out(line)
+    registry = app.registry
+    reporter = app.reporter()
+    # The tarball is a bit larger than the image's Size: the bar is capped, the final count is exact.
+    with reporter.task(f"Pushing {ref}", image.size or None) as task:
+        record = registry.push_tarball(ref, app.docker.export(ref), image.size, task.update)
+    digest = record.get("digest", "?")
+    if app.config.quiet:
+        app.out(str(digest))
+        return
+    app.out(f"Digest: {digest}")
+    app.out(f"Successfully pushed {ref} to the Docket registry at {registry.url}")
+
+
+# -- pull ------------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("reference", metavar="REPOSITORY[:TAG]")
+@click.option("--peer-ip", envvar="DOCKET_PEER_IP", show_envvar=True, default=None,
+              help="Address our ctorrent listens on and connects from  [default: a fresh 127.X.Y.Z when the "
+                   "tracker is on this host, else ctorrent's choice]")
+@click.option("--peer-port", envvar="DOCKET_PEER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
+              default=None, help="Port our ctorrent listens on  [default: ctorrent's (2706, lower if busy)]")
+@click.option("--seed-time", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              envvar="DOCKET_SEED_TIME", show_envvar=True,
+              help="Seconds to keep seeding after the download (stops early when no peer is still downloading); "
+                   "0 stops at once.")
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              envvar="DOCKET_STALL_TIMEOUT", show_envvar=True,
+              help="Fail when the download makes no progress for this many seconds.")
+@click.option("--load/--no-load", default=True, show_default=True,
+              help="Load the image into Docker after download and verification.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the verified `docker load`-able tarball to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.pass_context
+def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int | None, seed_time: float,
+         stall_timeout: float, load: bool, output: Path | None, as_json: bool) -> None:
+    """Download an image through BitTorrent, verify it, load it into Docker, seed it for a while.
+
+    A reference without a tag means :latest. An interrupted pull resumes where it stopped.
+    """
+    from docket.client.peer import validate_peer_ip
+    from docket.client.pull import PullOptions, Puller
+
+    app = _app(ctx)
+    ref = _ref(reference)
+    if peer_ip:
+        peer_ip = validate_peer_ip(peer_ip)
+    opts = PullOptions(location=app.config.location, peer_ip=peer_ip, peer_port=peer_port, seed_time=seed_time,
+                       stall_timeout=stall_timeout, load=load, output=output)
+    puller = Puller(app.registry, app.docker if load else None, opts, app.reporter())
+    result = puller.pull(ref)
+    if as_json:
+        app.out(json.dumps(result.summary()))
+    elif not app.config.quiet:
+        what = "Pulled and loaded" if result.loaded else "Downloaded and verified"
+        app.out(f"{what} {result.ref} ({result.image_id}) in {result.seconds:.1f} s")
+        if result.output:
+            app.out(f"Tarball: {result.output}")
+
+
+# -- images ----------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON list.")
+@click.pass_context
+def images(ctx: click.Context, as_json: bool) -> None:
+    """List the images in the registry."""
+    app = _app(ctx)
+    records = app.registry.list_images()
+    if as_json:
+        app.out(json.dumps(records, indent=2 if app.stdout_isatty else None))
+        return
+    if not records:
+        click.echo(f"No images in the registry at {app.registry.url}.", err=True)
+        return
+    if app.config.quiet:
+        for r in records:
+            app.out(str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}"))
+        return
+    rows = [image_row(r) for r in records]
+    headers = ("REPOSITORY:TAG", "IMAGE ID", "SIZE", "CREATED", "DIGEST")
+    if app.stdout_isatty:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for h in headers:
+            table.add_column(h, no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:
+        for line in plain_table(headers, rows):
+            app.out(line)
+
+
+def _short(value: Any, n: int = 12) -> str:
+    text = str(value or "")
+    return text.split(":", 1)[1][:n] if text.startswith("sha256:") else text[:n]
+
+
+def _ago(created: Any, now: datetime | None = None) -> str:
+    try:
+        when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        return str(created or "")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    secs = ((now or datetime.now(timezone.utc)) - when).total_seconds()
+    if secs < 0:
+        return when.strftime("%Y-%m-%d %H:%M")
+    for unit, size in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400),
+                       ("hour", 3600), ("minute", 60)):
+        if secs >= size:
+            n = int(secs // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+def readable_time(created: Any) -> str:
+    """RFC 3339 -> "2026-11-27 21:09:04 UTC (3 minutes ago)"; anything else as given."""
+    try:
+        when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        return str(created or "")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return f"{when.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({_ago(when.isoformat())})"
+
+
+def image_row(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    from docket.client.progress import human_bytes
+
+    ref = str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}")
+    size = r.get("size")
+    return (ref, _short(r.get("image_id")), human_bytes(size) if isinstance(size, int) else "?",
+            _ago(r.get("created")), "sha256:" + _short(r.get("digest")) if r.get("digest") else "")
+
+
+def plain_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    fmt = "   ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*row).rstrip() for row in rows]
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C does, so ``finally`` blocks stop our ctorrent instead of orphaning it."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        cli.main(args=argv, prog_name="docket")
+    except KeyboardInterrupt:  # outside a subcommand (e.g. while parsing)
+        click.echo("\nInterrupted.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

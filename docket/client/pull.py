@@ -1,0 +1,472 @@
+"""Pull orchestration: metadata -> checked torrent -> ctorrent download -> sha256 -> docker load, seeding meanwhile.
+
+No click here: the CLI passes a ``Reporter`` (progress.py) and reads the returned ``PullResult``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from docket import errors
+from docket.client.api import RegistryClient
+from docket.client.dockerops import DockerOps
+from docket.client.peer import choose_peer_ip
+from docket.client.progress import Reporter, SilentReporter
+from docket.reference import DIGEST_RE, Reference
+from docket.torrent.metainfo import TorrentMeta, read_torrent
+
+log = logging.getLogger(__name__)
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+HASH_CHUNK = 1024 * 1024
+DIR_MODE = 0o700
+SELF_WINDOW = 20.0  # seconds after completion during which our own tracker entry may still say incomplete
+STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
+_BOILERPLATE = ("META INFO", "Announce:", "Piece length:", "Created with:", "Creation date:", "FILES INFO", "<1> ",
+                "Total:", "Creating file", "Press 'h'", "End of input reached", "Input channel is now off")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """The registry's image record, checked field by field (it came from the network)."""
+
+    ref: Reference
+    image_id: str
+    digest: str
+    size: int
+    info_hash: str
+    created: str = ""
+
+    @property
+    def hex(self) -> str:
+        return self.digest.split(":", 1)[1]
+
+    @classmethod
+    def from_json(cls, ref: Reference, data: dict[str, Any]) -> ImageRecord:
+        def bad(field: str) -> errors.IntegrityError:
+            return errors.IntegrityError(f"the registry's record for {ref} has an invalid {field}: "
+                                         f"{data.get(field)!r}", "the registry is incompatible or broken")
+
+        digest, image_id, info_hash, size = (data.get("digest"), data.get("image_id"), data.get("info_hash"),
+                                             data.get("size"))
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise bad("digest")
+        if not isinstance(image_id, str) or not DIGEST_RE.match(image_id):
+            raise bad("image_id")
+        if not isinstance(info_hash, str) or not _HEX40.match(info_hash.lower()):
+            raise bad("info_hash")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise bad("size")
+        return cls(ref=ref, image_id=image_id, digest=digest, size=size, info_hash=info_hash.lower(),
+                   created=str(data.get("created") or ""))
+
+
+@dataclass
+class PullOptions:
+    location: Path
+    peer_ip: str | None = None
+    peer_port: int | None = None
+    stall_timeout: float = 120.0
+    seed_time: float = 60.0
+    load: bool = True
+    output: Path | None = None
+    poll_interval: float = 0.25
+    scrape_interval: float = 2.0
+    complete_grace: float = 5.0  # all pieces present but no "Download complete." line: trust it after this
+
+
+@dataclass
+class PullResult:
+    ref: str
+    digest: str
+    image_id: str
+    bytes: int
+    seconds: float
+    loaded: bool
+    output: str | None
+    downloaded: bool = True  # False when a verified copy was already in the cache
+    peer_ip: str | None = None
+    tracker: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in ("ref", "digest", "image_id", "bytes", "seconds", "loaded", "output")}
+
+
+def check_torrent(meta: TorrentMeta, record: ImageRecord) -> None:
+    """The .torrent came over plain HTTP: it must describe exactly the blob the metadata promised."""
+    if meta.info_hash != record.info_hash:
+        raise errors.IntegrityError(
+            f"the torrent for {record.ref} has info hash {meta.info_hash}, but the registry's metadata says "
+            f"{record.info_hash}", "the torrent was altered in transit or the registry is inconsistent; nothing "
+            "was downloaded")
+    if meta.length != record.size:
+        raise errors.IntegrityError(
+            f"the torrent for {record.ref} describes {meta.length} bytes, but the image is {record.size} bytes",
+            "the registry is inconsistent; re-push the image")
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done)
+    return "sha256:" + h.hexdigest()
+
+
+def ensure_dir(path: Path) -> Path:
+    """mkdir -p with 0700 for what we create (never 0644); existing directories are left as they are."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise errors.DocketError(f"cannot create directory {path}: {exc.strerror}",
+                                 "choose another --location or fix its permissions") from exc
+    return path
+
+
+@contextlib.contextmanager
+def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
+    """One downloader per blob per host: a second pull waits, then finds the verified file."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            reporter.info(f"Another docket pull is fetching {what}; waiting for it")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def place_output(blob: Path, output: Path) -> Path:
+    """Put the verified tarball at ``output``: hardlink when possible, else copy; atomic replace either way."""
+    output = output.expanduser().absolute()
+    if not output.parent.is_dir():
+        raise errors.InvalidRequest(f"cannot write {output}: {output.parent} is not a directory",
+                                    "create the directory first or choose another -o/--output")
+    if output.is_dir():
+        raise errors.InvalidRequest(f"-o/--output {output} is a directory", "give a file name")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        tmp.unlink()
+        try:
+            os.link(blob, tmp)
+        except OSError:
+            shutil.copyfile(blob, tmp)
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise errors.DocketError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return output
+
+
+class Puller:
+    """One pull. ``docker`` may be None with ``load=False``."""
+
+    def __init__(self, api: RegistryClient, docker: DockerOps | None, options: PullOptions,
+                 reporter: Reporter | None = None,
+                 ctorrent_factory: Callable[..., Any] | None = None,
+                 scraper: Callable[..., Any] | None = None) -> None:
+        self.api = api
+        self.docker = docker
+        self.opts = options
+        self.reporter = reporter or SilentReporter()
+        self._ctorrent_factory = ctorrent_factory
+        self._scraper = scraper
+        self.proc: Any = None
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def fetch(self, ref: Reference) -> tuple[ImageRecord, bytes, TorrentMeta]:
+        """Metadata and torrent, cross-checked before anything touches the disk."""
+        record = ImageRecord.from_json(ref, self.api.get_image(ref))
+        torrent = self.api.get_torrent(record.digest)
+        meta = read_torrent(torrent)
+        check_torrent(meta, record)
+        return record, torrent, meta
+
+    def pull(self, ref: Reference) -> PullResult:
+        start = time.monotonic()
+        self.reporter.info(f"Pulling {ref} from the Docket registry at {self.api.url}")
+        record, torrent, meta = self.fetch(ref)
+        if self.opts.load:
+            if self.docker is None:
+                raise errors.InvalidRequest("no Docker client to load the image into")
+            self.docker.ping()  # fail now, not after the download, if the daemon is down
+        location = ensure_dir(self.opts.location)
+        blobs = ensure_dir(location / "blobs")
+        workdir = ensure_dir(location / "torrents" / record.hex)
+        blob = blobs / record.hex
+        result = PullResult(ref=str(ref), digest=record.digest, image_id=record.image_id, bytes=record.size,
+                            seconds=0.0, loaded=False, output=None, tracker=meta.announce)
+        try:
+            with blob_lock(workdir / "lock", self.reporter, record.digest):
+                if self._cached(blob, record):
+                    result.downloaded = False
+                    self.reporter.info(f"Already downloaded: {record.digest} (verified)")
+                else:
+                    torrent_path = workdir / f"{record.hex}.torrent"
+                    _atomic_write(torrent_path, torrent)
+                    result.peer_ip = self._download(record, meta, torrent_path, blob, workdir)
+                    if self.opts.seed_time <= 0:
+                        self._stop_ctorrent()
+                    self._verify(blob, record, workdir)
+            # seed-time counts from ctorrent's "Download complete.", not from the end of our verification
+            completed_at = getattr(self.proc, "completed_at", None) or time.monotonic()
+            if self.opts.output:
+                result.output = str(place_output(blob, self.opts.output))
+                self.reporter.info(f"Wrote {result.output}")
+            policy = _SeedPolicy(self, meta, completed_at)
+            if self.opts.load:
+                self._load_while_seeding(blob, record, policy)
+                result.loaded = True
+            result.seconds = round(time.monotonic() - start, 3)
+            self._seed_rest(record, policy)
+        finally:
+            self._stop_ctorrent()
+        return result
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _cached(self, blob: Path, record: ImageRecord) -> bool:
+        try:
+            if blob.stat().st_size != record.size:
+                return False
+        except FileNotFoundError:
+            return False
+        with self.reporter.task("Checking cached blob", record.size) as task:
+            digest = sha256_file(blob, task.update)
+        if digest == record.digest:
+            return True
+        self.reporter.info("The cached copy is complete but corrupt; downloading it again")
+        self._discard(blob, blob.parent.parent / "torrents" / record.hex)
+        return False
+
+    @staticmethod
+    def _discard(blob: Path, workdir: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            blob.unlink()
+        for bf in workdir.glob("*.bf"):
+            with contextlib.suppress(FileNotFoundError):
+                bf.unlink()
+
+    def _new_ctorrent(self, **kw: Any) -> Any:
+        if self._ctorrent_factory is not None:
+            return self._ctorrent_factory(**kw)
+        from docket.torrent.ctorrent import CtorrentProcess
+
+        return CtorrentProcess(**kw)
+
+    def _scrape(self, announce: str, info_hash: str) -> Any:
+        if self._scraper is not None:
+            return self._scraper(announce, info_hash)
+        from docket.torrent.tracker import scrape
+
+        return scrape(announce, info_hash, timeout=2.0)
+
+    def _diagnosis(self) -> str:
+        """What ctorrent's last status says about why nothing arrives."""
+        proc = self.proc
+        st = getattr(proc, "status", None)
+        refused = getattr(proc, "tracker_failure", None)
+        if refused:
+            return f"; the tracker refused the announce: {refused}"
+        if st is None:
+            return ""
+        failures, replies = getattr(st, "tracker_failures", 0), getattr(st, "tracker_replies", 0)
+        if failures and not replies:
+            return f"; the tracker did not answer ({failures} failed announces)"
+        if getattr(st, "seeds", 0) == 0 and getattr(st, "available", 0) < getattr(st, "total", 0):
+            return f"; no connected peer has the missing pieces (swarm of {getattr(st, 'swarm', 0)})"
+        return ""
+
+    def _transfer_error(self, message: str, meta: TorrentMeta, hint: str) -> errors.TransferError:
+        tail: list[str] = []
+        with contextlib.suppress(Exception):
+            if self.proc is not None:
+                tail = [ln for ln in self.proc.tail(40) if ln.strip() and not ln.startswith(_BOILERPLATE)][-8:]
+        said = ("\n  ctorrent said:\n    " + "\n    ".join(tail)) if tail else ""
+        return errors.TransferError(f"{message} (tracker {meta.announce}){self._diagnosis()}{said}", hint)
+
+    def _download(self, record: ImageRecord, meta: TorrentMeta, torrent_path: Path, blob: Path,
+                  workdir: Path) -> str | None:
+        peer_ip = choose_peer_ip(meta.announce, self.opts.peer_ip)
+        exit_hours = max(1, math.ceil(self.opts.seed_time / 3600))  # orphans die eventually
+        self.proc = self._new_ctorrent(torrent=torrent_path, save_as=blob, workdir=workdir, listen_ip=peer_ip,
+                                       port=self.opts.peer_port, exit_hours=exit_hours,
+                                       log_path=workdir / "ctorrent.log")
+        via = f" as peer {peer_ip}" if peer_ip else ""
+        self.reporter.info(f"Downloading {record.digest} ({record.size} bytes) through BitTorrent{via}")
+        self.proc.start()
+        proc = self.proc
+        piece = meta.piece_length
+        last_have, last_progress = -1, time.monotonic()
+        all_pieces_since: float | None = None
+        with self.reporter.task(f"Downloading {record.ref}", record.size) as task:
+            while True:
+                if proc.completed.is_set():
+                    task.update(record.size)
+                    break
+                st = proc.status
+                now = time.monotonic()
+                if st is not None and st.total:
+                    if st.have > last_have:
+                        last_have, last_progress = st.have, now
+                    task.update(min(record.size, st.have * piece), st.down_kbps * 1024)
+                    if st.have >= st.total:
+                        all_pieces_since = all_pieces_since or now
+                        if now - all_pieces_since >= self.opts.complete_grace:
+                            break
+                if not proc.alive():
+                    if proc.completed.is_set():
+                        continue
+                    raise self._transfer_error(
+                        f"ctorrent exited before {record.ref} was downloaded", meta,
+                        "check the tail of ctorrent's output above; the partial file is kept and a retry resumes it")
+                if now - last_progress > self.opts.stall_timeout:
+                    raise self._transfer_error(
+                        f"no download progress for {self.opts.stall_timeout:g} s pulling {record.ref}", meta,
+                        "is the tracker reachable from this host, and is the registry seeding (docket-registry's "
+                        "/healthz)? a retry resumes the partial file; raise --stall-timeout for slow links")
+                time.sleep(self.opts.poll_interval)
+        return peer_ip
+
+    def _verify(self, blob: Path, record: ImageRecord, workdir: Path) -> None:
+        with self.reporter.task("Verifying sha256", record.size) as task:
+            try:
+                digest = sha256_file(blob, task.update)
+            except FileNotFoundError as exc:
+                raise errors.TransferError(f"ctorrent reported completion but {blob} is missing") from exc
+        if digest != record.digest:
+            self._stop_ctorrent()
+            self._discard(blob, workdir)
+            raise errors.IntegrityError(
+                f"the downloaded blob for {record.ref} has digest {digest}, expected {record.digest}",
+                "the bad file was deleted; pull again (if it repeats, the registry's blob is corrupt)")
+        self.reporter.info(f"Verified {record.digest}")
+
+    def _seeding(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def _load_while_seeding(self, blob: Path, record: ImageRecord, seeder: _SeedPolicy) -> None:
+        assert self.docker is not None
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["id"] = self.docker.load(blob, record.ref, record.image_id)  # type: ignore[union-attr]
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = exc
+
+        self.reporter.info(f"Loading {record.ref} into Docker"
+                           + (" (still seeding for other peers)" if self._seeding() else ""))
+        thread = threading.Thread(target=run, name="docker-load", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(self.opts.poll_interval)
+            if self._seeding() and seeder.done():
+                self._stop_ctorrent()
+        if "error" in outcome:
+            raise outcome["error"]
+        self.reporter.info(f"Loaded {record.ref} ({record.image_id})")
+
+    def _seed_rest(self, record: ImageRecord, seeder: _SeedPolicy) -> None:
+        if not self._seeding():
+            return
+        left = max(0.0, seeder.deadline - time.monotonic())
+        self.reporter.info(f"Seeding {record.ref} for other peers for up to {left:.0f} s (Ctrl-C stops)")
+        while self._seeding() and not seeder.done():
+            time.sleep(self.opts.poll_interval)
+        self._stop_ctorrent()
+
+    def _stop_ctorrent(self) -> None:
+        # The first SIGTERM makes ctorrent announce "stopped" and then linger (seen: > 5 s); the second ends it.
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                self.proc.stop(timeout=STOP_WAIT)
+
+
+class _SeedPolicy:
+    """Seed until ``seed_time`` after completion, or until the tracker reports no leechers twice in a row."""
+
+    def __init__(self, puller: Puller, meta: TorrentMeta, completed_at: float) -> None:
+        self.p = puller
+        self.meta = meta
+        self.deadline = completed_at + puller.opts.seed_time
+        self.zero_polls = 0
+        self.next_scrape = 0.0
+        self.completed_at = completed_at
+        self.replies_at_completion: int | None = None
+
+    def _self_pending(self, now: float) -> bool:
+        """Is one of the tracker's "incomplete" peers still us?
+
+        Our ctorrent stays a leecher at the tracker until its first announce after completion (seen: ~15 s
+        later, ctorrent's minimum announce interval). That announce moves the reply counter ("E:x,N") shown
+        in the status lines, which lag one line behind: the baseline is taken from a status line that already
+        shows every piece. Only trusted for SELF_WINDOW seconds, so a miscount never lasts.
+        """
+        if now - self.completed_at > SELF_WINDOW:
+            return False
+        st = getattr(self.p.proc, "status", None)
+        replies = getattr(st, "tracker_replies", None)
+        if replies is None or not getattr(st, "total", 0) or st.have < st.total:
+            return False
+        if self.replies_at_completion is None:
+            self.replies_at_completion = replies
+        return replies == self.replies_at_completion
+
+    def done(self) -> bool:
+        now = time.monotonic()
+        if now >= self.deadline:
+            return True
+        if now >= self.next_scrape:
+            self.next_scrape = now + self.p.opts.scrape_interval
+            try:
+                res = self.p._scrape(self.meta.announce, self.meta.info_hash)
+                others = res.incomplete - (1 if self._self_pending(now) else 0)
+                log.debug("scrape %s: complete=%s incomplete=%s (others %s)", self.meta.info_hash, res.complete,
+                          res.incomplete, others)
+                self.zero_polls = self.zero_polls + 1 if others <= 0 else 0
+            except Exception as exc:  # noqa: BLE001 - unknown is not "nobody"
+                log.debug("scrape failed: %s", exc)
+                self.zero_polls = 0
+        return self.zero_polls >= 2
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,533 @@
+"""Unit tests of the `docket` client: CLI parsing, peer address choice, error mapping, the registry client
+against a tiny real HTTP server, torrent/metadata cross-checks, and pull orchestration with a scripted ctorrent.
+
+No dockerd, ctorrent or registry needed: those are covered by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from docket import errors
+from docket.client import api as api_mod
+from docket.client import peer
+from docket.client.api import RegistryClient, base_url
+from docket.client.cli import AppContext, cli, default_location, plain_table
+from docket.client.pull import ImageRecord, Puller, PullOptions, check_torrent
+from docket.reference import Reference
+from docket.torrent.metainfo import build_torrent, read_torrent
+from procs import free_port
+
+
+# -- a tiny real HTTP server serving canned answers ---------------------------------------------------------
+
+@dataclass
+class Canned:
+    routes: dict[tuple[str, str], tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def json(self, method: str, path: str, status: int, body: Any) -> None:
+        self.routes[(method, path)] = (status, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+    def raw(self, method: str, path: str, status: int, body: bytes, ctype: str = "application/octet-stream") -> None:
+        self.routes[(method, path)] = (status, {"Content-Type": ctype}, body)
+
+
+def _handler(canned: Canned) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                out = bytearray()
+                while True:
+                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return bytes(out)
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _serve(self) -> None:
+            body = self._body() if self.command in ("PUT", "POST") else b""
+            canned.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                    "body": body})
+            status, headers, payload = canned.routes.get(
+                (self.command, self.path),
+                (404, {"Content-Type": "application/json"},
+                 json.dumps({"error": {"code": "NOT_FOUND", "message": f"no route {self.path}", "hint": None}})
+                 .encode()))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_PUT = do_DELETE = do_HEAD = _serve
+
+    return Handler
+
+
+@pytest.fixture
+def canned() -> Iterator[Canned]:
+    c = Canned()
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a client that stops mid-body (the export-failure test) is expected
+
+    server = Server(("127.0.0.1", 0), _handler(c))
+    c.port = server.server_address[1]
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield c
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def registry_args(c: Canned, tmp_path: Path) -> list[str]:
+    return ["-h", "http://127.0.0.1", "-p", str(c.port), "-l", str(tmp_path / "loc")]
+
+
+# -- CLI parsing --------------------------------------------------------------------------------------------
+
+def test_help_is_double_dash_and_h_is_host():
+    r = run_cli("--help")
+    assert r.exit_code == 0
+    for word in ("push", "pull", "images", "--host", "DOCKET_HOST", "DOCKET_PORT", "DOCKET_LOCATION"):
+        assert word in r.output
+    r = run_cli("-h")  # -h needs a value: it is the host
+    assert r.exit_code == 2
+    for sub in ("push", "pull", "images"):
+        assert run_cli(sub, "--help").exit_code == 0
+
+
+@pytest.mark.parametrize("bad", ["Bad Ref", "UPPER:v1", "foo@sha256:" + "a" * 64, "foo:", "../etc:v1", "a;rm -rf /"])
+@pytest.mark.parametrize("command", ["push", "pull"])
+def test_bad_reference_fails_fast_without_network(canned, tmp_path, bad, command):
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), command, bad])
+    assert r.exit_code == 2, r.output
+    assert "Error:" in r.output
+    assert canned.requests == []  # nothing reached the registry
+    assert not (tmp_path / "loc").exists()
+
+
+def _config_probe() -> click.Command:
+    @click.command("probe-config")
+    @click.pass_obj
+    def probe(obj: AppContext) -> None:
+        c = obj.config
+        click.echo(json.dumps({"url": obj.registry.url, "location": str(c.location), "quiet": c.quiet}))
+
+    return probe
+
+
+@pytest.fixture
+def probe():
+    cmd = _config_probe()
+    cli.add_command(cmd)
+    yield lambda *a, env=None: json.loads(run_cli(*a, "probe-config", env=env).output)
+    cli.commands.pop("probe-config")
+
+
+def test_env_vars_and_defaults(probe, tmp_path, monkeypatch):
+    monkeypatch.delenv("DOCKET_HOST", raising=False)
+    monkeypatch.delenv("DOCKET_PORT", raising=False)
+    monkeypatch.delenv("DOCKET_LOCATION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    got = probe()
+    assert got["url"] == "http://127.0.0.1:8000"
+    assert got["location"] == str(tmp_path / "xdg" / "docket")
+    got = probe(env={"DOCKET_HOST": "http://127.0.0.5", "DOCKET_PORT": "9001", "DOCKET_LOCATION": "rel/dir"})
+    assert got["url"] == "http://127.0.0.5:9001"
+    assert Path(got["location"]).is_absolute() and got["location"].endswith("rel/dir")
+    # flags win over the environment
+    got = probe("-h", "https://reg.example:8443", "-p", "1234", env={"DOCKET_HOST": "http://x"})
+    assert got["url"] == "https://reg.example:8443"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_location() == tmp_path / "home" / ".cache" / "docket"
+
+
+def test_base_url_forms():
+    assert base_url(None, None) == "http://127.0.0.1:8000"
+    assert base_url("http://127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert base_url("127.0.0.1", 9000) == "http://127.0.0.1:9000"
+    assert base_url("http://127.0.0.1:7000", 8000) == "http://127.0.0.1:7000"
+    assert base_url("https://reg.example/", 8000) == "https://reg.example:8000"
+    assert base_url("https://reg.example:443/prefix/", 8000) == "https://reg.example:443/prefix"
+    for bad in ("ftp://x", "http://", "http://h:99999"):
+        with pytest.raises(errors.InvalidRequest):
+            base_url(bad, 8000)
+
+
+# -- peer address -------------------------------------------------------------------------------------------
+
+def test_peer_ip_for_local_tracker_is_fresh_loopback():
+    seen = set()
+    for _ in range(20):
+        ip = peer.choose_peer_ip("http://127.0.0.1:6969/announce")
+        addr = ipaddress.ip_address(ip)
+        assert addr.is_loopback and ip != "127.0.0.1"
+        assert int(ip.split(".")[1]) >= 1  # never 127.0.0.x where seeders live
+        assert ip.split(".")[3] not in ("0", "255")
+        seen.add(ip)
+    assert len(seen) > 1
+    assert peer.host_is_loopback("localhost")
+    assert peer.choose_peer_ip("http://localhost:6969/announce").startswith("127.")
+
+
+def test_peer_ip_override_and_remote_tracker():
+    assert peer.choose_peer_ip("http://127.0.0.1:6969/announce", "127.0.0.9") == "127.0.0.9"
+    assert peer.choose_peer_ip("http://192.0.2.10:6969/announce") is None  # another host: ctorrent's default
+    with pytest.raises(errors.InvalidRequest):
+        peer.choose_peer_ip("http://127.0.0.1/announce", "not-an-ip")
+    with pytest.raises(errors.InvalidRequest):
+        peer.validate_peer_ip("::1")
+
+
+def test_bad_peer_ip_is_a_usage_error(canned, tmp_path):
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--peer-ip", "nope", "a:b"])
+    assert r.exit_code == 2 and "--peer-ip" in r.output
+    assert canned.requests == []
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+def test_registry_down_is_a_clear_error(tmp_path):
+    port = free_port()
+    for cmd in (["images"], ["pull", "foo:v1"], ["images", "--json"]):
+        r = CliRunner().invoke(cli, ["-p", str(port), "-l", str(tmp_path / "loc"), *cmd])
+        assert r.exit_code == errors.ServiceUnavailable.exit_code != 0
+        assert f"Error: cannot reach the registry at http://127.0.0.1:{port}" in r.output
+        assert "is docket-registry running? check --host/--port" in r.output
+
+
+def test_traceback_flag_reraises(tmp_path):
+    r = CliRunner().invoke(cli, ["--traceback", "-p", str(free_port()), "images"])
+    assert r.exit_code != 0
+    assert isinstance(r.exception, errors.ServiceUnavailable)
+
+
+def test_server_json_errors_become_docket_errors(canned):
+    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 404,
+                {"error": {"code": "NOT_FOUND", "message": "no such tag team/app:v1", "hint": "push it first"}})
+    canned.json("GET", "/api/v1/images", 503,
+                {"error": {"code": "UNAVAILABLE", "message": "tracker down", "hint": "start opentracker"}})
+    canned.json("PUT", "/api/v1/repositories/big/tags/latest", 413,
+                {"error": {"code": "TOO_LARGE", "message": "upload exceeds 10 bytes", "hint": None}})
+    canned.raw("GET", "/api/v1/blobs/sha256:" + "a" * 64 + "/torrent", 500, b"<html>oops</html>", "text/html")
+    client = RegistryClient("http://127.0.0.1", canned.port)
+    with pytest.raises(errors.NotFound) as e:
+        client.get_image(Reference("team/app", "v1"))
+    assert "docket images" in e.value.hint and "team/app:v1" in e.value.message
+    with pytest.raises(errors.ServiceUnavailable) as e:
+        client.list_images()
+    assert e.value.message == "tracker down" and e.value.hint == "start opentracker"
+    with pytest.raises(errors.TooLarge) as e:
+        client.push_tarball(Reference("big"), iter([b"x" * 100]))
+    assert "exceeds" in e.value.message
+    with pytest.raises(errors.DocketError) as e:
+        client.get_torrent("sha256:" + "a" * 64)
+    assert "HTTP 500" in e.value.message and "oops" in e.value.message
+
+
+def test_read_timeout_is_applied():
+    import socket
+
+    with socket.socket() as s:  # accepts (backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        client = RegistryClient("http://127.0.0.1", s.getsockname()[1], read_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(errors.ServiceUnavailable) as e:
+            client.list_images()
+        assert time.monotonic() - t0 < 5
+        assert "did not answer" in e.value.message
+
+
+def test_push_streams_chunked_and_reports_progress(canned):
+    record = {"ref": "team/app:v1", "digest": "sha256:" + "b" * 64}
+    canned.json("PUT", "/api/v1/repositories/team/app/tags/v1", 201, record)
+    chunks = [bytes([i]) * 1000 for i in range(5)]
+    seen: list[int] = []
+    produced: list[int] = []
+
+    def gen():
+        for i, c in enumerate(chunks):
+            produced.append(i)
+            yield c
+
+    got = RegistryClient("127.0.0.1", canned.port).push_tarball(Reference("team/app", "v1"), gen(), 5000, seen.append)
+    assert got == record
+    req = canned.requests[-1]
+    assert req["headers"].get("Transfer-Encoding") == "chunked"
+    assert req["headers"].get("Content-Type") == "application/x-tar"
+    assert req["body"] == b"".join(chunks)
+    assert seen == [1000, 2000, 3000, 4000, 5000]
+
+
+def test_push_export_failure_is_reraised_as_itself(canned):
+    canned.json("PUT", "/api/v1/repositories/app/tags/latest", 201, {})
+
+    def gen():
+        yield b"x" * 10
+        raise errors.ServiceUnavailable("docker died")
+
+    with pytest.raises(errors.ServiceUnavailable, match="docker died"):
+        RegistryClient("127.0.0.1", canned.port).push_tarball(Reference("app"), gen())
+
+
+# -- images -------------------------------------------------------------------------------------------------
+
+def test_images_empty_is_not_an_error(canned, tmp_path):
+    canned.json("GET", "/api/v1/images", 200, {"images": []})
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "images"])
+    assert r.exit_code == 0
+    assert f"No images in the registry at {canned.url}." in r.output
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "images", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output) == []
+
+
+def test_images_table_and_json(canned, tmp_path):
+    rec = {"repository": "team/app", "tag": "v1", "ref": "team/app:v1", "image_id": "sha256:" + "1" * 64,
+           "created": "2020-01-01T00:00:00Z", "size": 4_400_000, "digest": "sha256:" + "2" * 64,
+           "info_hash": "3" * 40}
+    canned.json("GET", "/api/v1/images", 200, {"images": [rec]})
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "images"])
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["REPOSITORY:TAG", "IMAGE", "ID", "SIZE", "CREATED", "DIGEST"]
+    assert "team/app:v1" in lines[1] and "111111111111" in lines[1] and "4.4 MB" in lines[1]
+    assert "years ago" in lines[1] and "sha256:222222222222" in lines[1]
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "images", "--json"])
+    assert json.loads(r.output) == [rec]
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "-q", "images"])
+    assert r.output.strip() == "team/app:v1"
+    assert plain_table(("A", "BB"), [("xxx", "y")]) == ["A     BB", "xxx   y"]
+
+
+# -- torrent vs metadata -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def blob(tmp_path) -> tuple[Path, bytes]:
+    data = bytes(range(256)) * 4000  # 1 MB
+    p = tmp_path / "src" / "blob"
+    p.parent.mkdir()
+    p.write_bytes(data)
+    return p, data
+
+
+def make_record(data: bytes, info_hash: str, ref: str = "team/app:v1") -> dict[str, Any]:
+    repo, tag = ref.split(":")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return {"repository": repo, "tag": tag, "ref": ref, "image_id": "sha256:" + "c" * 64,
+            "created": "2026-01-01T00:00:00Z", "size": len(data), "digest": digest, "info_hash": info_hash,
+            "piece_length": 262144, "torrent_url": f"/api/v1/blobs/{digest}/torrent",
+            "blob_url": f"/api/v1/blobs/{digest}"}
+
+
+def test_info_hash_mismatch_is_refused_before_download(canned, tmp_path, blob):
+    path, data = blob
+    meta = build_torrent(path, "http://127.0.0.1:1/announce", out=tmp_path / "t.torrent")
+    torrent = (tmp_path / "t.torrent").read_bytes()
+    rec = make_record(data, "f" * 40)  # the metadata promises another torrent
+    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
+    canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, torrent, "application/x-bittorrent")
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "team/app:v1"])
+    assert r.exit_code == errors.IntegrityError.exit_code, r.output
+    assert "info hash" in r.output and meta.info_hash in r.output
+    assert not (tmp_path / "loc" / "blobs").exists()  # nothing downloaded, nothing created
+
+    # and a torrent that matches the hash but not the size
+    bad = dict(rec, info_hash=meta.info_hash, size=len(data) + 1)
+    with pytest.raises(errors.IntegrityError, match="describes"):
+        check_torrent(read_torrent(torrent), ImageRecord.from_json(Reference("team/app", "v1"), bad))
+
+
+def test_garbage_torrent_and_bad_record_are_integrity_errors(canned, tmp_path, blob):
+    _, data = blob
+    rec = make_record(data, "a" * 40)
+    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
+    canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, b"<html>not a torrent</html>")
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "team/app:v1"])
+    assert r.exit_code == errors.IntegrityError.exit_code, r.output
+    for field_name, value in (("digest", "sha256:../../etc"), ("size", -1), ("info_hash", "xyz")):
+        with pytest.raises(errors.IntegrityError, match=field_name):
+            ImageRecord.from_json(Reference("a"), dict(rec, **{field_name: value}))
+
+
+def test_pull_unknown_tag_is_not_found(canned, tmp_path):
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "nope"])
+    assert r.exit_code == errors.NotFound.exit_code
+    assert "nope:latest" in r.output
+
+
+# -- pull orchestration with a scripted ctorrent ------------------------------------------------------------
+
+@dataclass
+class FakeStatus:
+    have: int
+    total: int
+    down_kbps: float = 100.0
+
+
+class FakeCtorrent:
+    """Behaves like CtorrentProcess: writes ``data`` piece by piece (or stalls, or dies)."""
+
+    instances: list[FakeCtorrent] = []
+
+    def __init__(self, data: bytes, piece: int, mode: str = "ok", **kw: Any) -> None:
+        self.kw = kw
+        self.data, self.piece, self.mode = data, piece, mode
+        self.completed = threading.Event()
+        self.status: FakeStatus | None = None
+        self._alive = False
+        self.stopped = False
+        FakeCtorrent.instances.append(self)
+
+    def start(self) -> None:
+        self._alive = True
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        total = -(-len(self.data) // self.piece)
+        if self.mode == "stall":
+            self.status = FakeStatus(0, total)
+            return
+        if self.mode == "die":
+            self.status = FakeStatus(1, total)
+            time.sleep(0.2)
+            self._alive = False
+            return
+        out = self.kw["save_as"]
+        payload = self.data if self.mode == "ok" else b"\0" * len(self.data)
+        out.write_bytes(payload)
+        for have in range(total + 1):
+            self.status = FakeStatus(have, total)
+            time.sleep(0.01)
+        self.completed.set()
+
+    def alive(self) -> bool:
+        return self._alive and not self.stopped
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+
+    def tail(self, n: int = 20) -> list[str]:
+        return ["Listening on 127.1.2.3:2706", "tracker said no"]
+
+
+def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", scrapes=None,
+                **opts: Any) -> Puller:
+    piece = 256 * 1024
+
+    def factory(**kw: Any) -> FakeCtorrent:
+        return FakeCtorrent(data, piece, mode, **kw)
+
+    scrape_iter = iter(scrapes or [])
+
+    def scraper(url: str, ih: str) -> Any:
+        return next(scrape_iter)
+
+    options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
+    return Puller(RegistryClient("127.0.0.1", canned.port), None, options, ctorrent_factory=factory,
+                  scraper=scraper)
+
+
+@pytest.fixture
+def served(canned, tmp_path, blob) -> tuple[Canned, bytes, str]:
+    path, data = blob
+    meta = build_torrent(path, "http://127.0.0.1:6969/announce", out=tmp_path / "t.torrent")
+    rec = make_record(data, meta.info_hash)
+    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
+    canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, (tmp_path / "t.torrent").read_bytes())
+    FakeCtorrent.instances.clear()
+    return canned, data, rec["digest"]
+
+
+REF = Reference("team/app", "v1")
+
+
+def test_pull_downloads_verifies_and_writes_output(served, tmp_path):
+    canned, data, digest = served
+    out = tmp_path / "out.tar"
+    res = make_puller(canned, tmp_path, data, load=False, output=out, seed_time=0).pull(REF)
+    assert res.digest == digest and res.bytes == len(data) and not res.loaded
+    assert out.read_bytes() == data
+    blob = tmp_path / "loc" / "blobs" / digest.split(":")[1]
+    assert blob.read_bytes() == data
+    assert (tmp_path / "loc").stat().st_mode & 0o777 == 0o700
+    (proc,) = FakeCtorrent.instances
+    ip = proc.kw["listen_ip"]  # same-host tracker: a fresh loopback address of our own
+    assert ip.startswith("127.") and ip != "127.0.0.1" and proc.stopped
+    assert set(res.summary()) == {"ref", "digest", "image_id", "bytes", "seconds", "loaded", "output"}
+
+    # a second pull finds the verified file and starts no ctorrent
+    res2 = make_puller(canned, tmp_path, data, load=False, seed_time=0).pull(REF)
+    assert res2.downloaded is False and len(FakeCtorrent.instances) == 1
+
+
+def test_pull_corrupt_download_is_deleted(served, tmp_path):
+    canned, data, digest = served
+    with pytest.raises(errors.IntegrityError, match="expected"):
+        make_puller(canned, tmp_path, data, mode="corrupt", load=False, seed_time=0).pull(REF)
+    assert not (tmp_path / "loc" / "blobs" / digest.split(":")[1]).exists()
+    assert FakeCtorrent.instances[0].stopped
+
+
+def test_pull_stall_and_death_are_transfer_errors_naming_the_tracker(served, tmp_path):
+    canned, data, _ = served
+    with pytest.raises(errors.TransferError) as e:
+        make_puller(canned, tmp_path, data, mode="stall", load=False, stall_timeout=0.3).pull(REF)
+    assert "no download progress" in e.value.message and "http://127.0.0.1:6969/announce" in e.value.message
+    assert "tracker said no" in e.value.message
+    assert FakeCtorrent.instances[-1].stopped
+    with pytest.raises(errors.TransferError) as e:
+        make_puller(canned, tmp_path, data, mode="die", load=False).pull(REF)
+    assert "exited" in e.value.message and "6969" in e.value.message
+
+
+def test_seeding_stops_early_when_no_peer_is_downloading(served, tmp_path):
+    canned, data, _ = served
+    from docket.torrent.tracker import ScrapeResult
+
+    scrapes = [ScrapeResult(1, 2, 0), ScrapeResult(3, 0, 2), ScrapeResult(3, 0, 2)] + [ScrapeResult(3, 0, 2)] * 50
+    t0 = time.monotonic()
+    res = make_puller(canned, tmp_path, data, load=False, seed_time=30, scrapes=scrapes,
+                      peer_ip="127.0.0.9").pull(REF)
+    assert time.monotonic() - t0 < 10  # not the whole 30 s
+    proc = FakeCtorrent.instances[-1]
+    assert proc.kw["listen_ip"] == "127.0.0.9" and proc.stopped
+    assert res.output is None
