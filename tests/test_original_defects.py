@@ -232,7 +232,7 @@ def test_memory_stays_bounded_while_pushing(registry_server, image_factory, tmp_
 def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, docket_cli, tmp_path: Path):
     """Defect: pullers exited as soon as they finished (`-e 0`), never seeding for slower peers.
 
-    A slow peer (a plain ctorrent limited to 256 KB/s) downloads beside a `docket pull`. The pull finishes
+    A slow peer (a plain ctorrent limited to 100 KB/s) downloads beside a `docket pull`. The pull finishes
     first and must stay in the swarm as a seeder while the slow peer is incomplete, then exit on its own
     (well before --seed-time) once nobody is downloading.
     """
@@ -248,7 +248,7 @@ def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, do
     torrent.write_bytes(requests.get(f"{registry_server.url}{record['torrent_url']}", timeout=10).content)
 
     slow = CtorrentProcess(torrent, tmp_path / "slow" / "image.tar", workdir=tmp_path / "slow",
-                           listen_ip="127.0.0.24", extra_args=["-D", "256"])
+                           listen_ip="127.0.0.24", extra_args=["-D", "100"])
     args = [sys.executable, "-m", "docket.client.cli", "--port", str(registry_server.port), "--location",
             str(tmp_path / "fast"), "pull", "--no-load", "--seed-time", "120", ref]
     with slow:

@@ -1,0 +1,145 @@
+"""Torrent metainfo: build single-file torrents with torf and validate bytes that arrive from the network."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torf
+
+from docket.errors import IntegrityError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+MAX_TORRENT_BYTES = 4 * 1024 * 1024  # ctorrent refuses bigger .torrent files
+MIN_PIECE = 256 * 1024
+MAX_PIECE = 4 * 1024 * 1024  # ctorrent's limit
+MAX_PIECES = 2048
+CREATED_BY = "docket-registry"
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class TorrentMeta:
+    info_hash: str  # 40 lowercase hex
+    name: str
+    length: int
+    piece_length: int
+    pieces: int
+    announce: str
+
+
+def choose_piece_size(length: int) -> int:
+    """Smallest power of two >= 256 KiB giving <= 2048 pieces, capped at 4 MiB (ctorrent's limit)."""
+    size = MIN_PIECE
+    while size < MAX_PIECE and -(-length // size) > MAX_PIECES:
+        size *= 2
+    return size
+
+
+def _meta(t: torf.Torrent) -> TorrentMeta:
+    info = t.metainfo.get("info", {})
+    return TorrentMeta(
+        info_hash=str(t.infohash).lower(),
+        name=str(t.name),
+        length=int(info.get("length", t.size)),
+        piece_length=int(t.piece_size),
+        pieces=int(t.pieces),
+        announce=str(t.metainfo.get("announce", "")),
+    )
+
+
+def build_torrent(
+    path: Path,
+    announce_url: str,
+    *,
+    out: Path,
+    piece_size: int | None = None,
+    threads: int = 2,
+    name: str | None = None,
+) -> TorrentMeta:
+    """Hash ``path`` into a single-file torrent at ``out`` (written atomically) and describe it."""
+    path = Path(path)
+    out = Path(out)
+    if not path.is_file():
+        raise InvalidRequest(f"cannot build a torrent: {path} is not a regular file")
+    length = path.stat().st_size
+    if length == 0:
+        raise InvalidRequest(f"cannot build a torrent of an empty file: {path}",
+                             hint="BitTorrent cannot describe zero-byte content")
+    ps = piece_size or choose_piece_size(length)
+    if ps & (ps - 1) or not (16 * 1024 <= ps <= MAX_PIECE):
+        raise InvalidRequest(f"bad piece size {ps}", hint="use a power of two between 16 KiB and 4 MiB")
+    t = torf.Torrent(path=path, trackers=[announce_url], private=False, created_by=CREATED_BY,
+                     piece_size=ps, randomize_infohash=False)
+    t.creation_date = None  # reproducible info hash and bytes for the same content
+    if name:
+        t.name = name
+    t.generate(threads=threads)
+    data = t.dump()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".torrent", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    meta = _meta(t)
+    log.debug("built torrent %s for %s (%d pieces of %d)", meta.info_hash, path, meta.pieces, meta.piece_length)
+    return meta
+
+
+def read_torrent(data: bytes) -> TorrentMeta:
+    """Parse and validate .torrent bytes from the network; only single-file torrents with an announce URL pass."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidRequest("torrent data must be bytes")
+    if len(data) > MAX_TORRENT_BYTES:
+        raise InvalidRequest(f"torrent file too large: {len(data)} bytes (limit {MAX_TORRENT_BYTES})")
+    if not data:
+        raise IntegrityError("empty torrent file")
+    try:
+        t = torf.Torrent.read_stream(bytes(data), validate=True)
+    except torf.TorfError as exc:
+        raise IntegrityError(f"invalid torrent file: {exc}",
+                             hint="the .torrent was corrupted in transit or is not a torrent") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(f"invalid torrent file: {exc!r}") from exc
+    info = t.metainfo.get("info", {})
+    if "files" in info or "length" not in info:
+        raise IntegrityError("torrent must describe a single file")
+    announce = t.metainfo.get("announce")
+    if not isinstance(announce, str) or not announce:
+        raise IntegrityError("torrent has no announce URL", hint="ctorrent requires an announce key")
+    try:
+        meta = _meta(t)
+    except (ValueError, TypeError, torf.TorfError) as exc:
+        raise IntegrityError(f"invalid torrent file: {exc}") from exc
+    if not _HEX40.match(meta.info_hash):
+        raise IntegrityError("torrent info hash could not be computed")
+    if meta.piece_length > MAX_PIECE:
+        raise IntegrityError(f"piece length {meta.piece_length} exceeds ctorrent's 4 MiB limit")
+    if meta.pieces != -(-meta.length // meta.piece_length):
+        raise IntegrityError("torrent piece count does not match its length")
+    return meta
+
+
+def ipv4_address(value: str, what: str = "address") -> str:
+    """``value`` if it is a dotted IPv4 address (ctorrent and opentracker speak no IPv6), else InvalidRequest."""
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise InvalidRequest(f"{what} {value!r} is not an IPv4 address", "give a dotted address such as 198.18.0.2") from None
+    return value
