@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PORT=${DOCKET_PORT:-8000}
 TRACKER_PORT=${DOCKET_TRACKER_PORT:-6969}
 DEMO_DIR=${DEMO_DIR:-$(mktemp -d /tmp/docket-demo.XXXXXX)}
+mkdir -p "$DEMO_DIR"
 REF=docket-demo/hello:v1
 
 scripts/setup.sh
