@@ -49,6 +49,12 @@ class Unauthorized(DocketError):
     status, code, exit_code = 401, "UNAUTHORIZED", 5
 
 
+class Forbidden(Unauthorized):
+    """A valid token that does not allow this request (a read-only token used to push)."""
+
+    status, code, exit_code = 403, "FORBIDDEN", 5
+
+
 class IntegrityError(DocketError):
     """Bytes did not match the digest or info hash they were promised to have."""
 

@@ -47,7 +47,12 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
 @click.option("--interval", default=5.0, type=click.FloatRange(0.5), help="Seconds between whitelist polls.")
 @click.option("--log-level", default="INFO", envvar="DOCKET_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(registry: str, bind: str, port: int, workdir: Path | None, interval: float, log_level: str) -> None:
+@click.option("--token", envvar="DOCKET_TOKEN", show_envvar=True, default=None, metavar="TOKEN",
+              help="Read (or push) token, when the registry requires tokens for reads.")
+@click.option("--ca-bundle", envvar="DOCKET_CA_BUNDLE", show_envvar=True, default=None,
+              type=click.Path(exists=True, dir_okay=False), help="CA certificate(s) for an https:// registry.")
+def main(registry: str, bind: str, port: int, workdir: Path | None, interval: float, log_level: str,
+         token: str | None, ca_bundle: str | None) -> None:
     """Run opentracker and sync its whitelist from a docket-registry."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     workdir = workdir or Path(tempfile.mkdtemp(prefix="docket-tracker-"))
@@ -56,6 +61,10 @@ def main(registry: str, bind: str, port: int, workdir: Path | None, interval: fl
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     session = requests.Session()
+    if token:
+        session.headers["Authorization"] = f"Bearer {token.strip()}"
+    if ca_bundle:
+        session.verify = ca_bundle
     current: list[str] | None = None
     try:
         with Opentracker(bind, port, workdir) as tracker:

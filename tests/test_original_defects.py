@@ -274,3 +274,33 @@ def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, do
         if pull.poll() is None:
             pull.terminate()
             pull.wait(30)
+
+
+def test_anyone_can_no_longer_overwrite_a_tag(tmp_path: Path):
+    """Defect: no authentication, no TLS; anyone could overwrite any tag.
+
+    With a push token configured, a push without it or with a wrong one is refused (401) and the tag keeps
+    its content. TLS (a real HTTPS registry, certificate verification in the client) is covered in
+    test_bad_input.py's HTTPS tests.
+    """
+    from docket.registry import RegistryConfig, create_app
+    from registry_images import build_image_tar
+
+    def legacy_tar(payload: bytes) -> bytes:
+        path = tmp_path / f"{payload.decode()}.tar"
+        build_image_tar(path, payload=payload)
+        return path.read_bytes()
+
+    app = create_app(RegistryConfig(location=tmp_path / "reg", seeding=False, gc_interval=0,
+                                    auth_tokens=("s3cret-push-token",)))
+    client = app.test_client()
+    url = "/api/v1/repositories/team/app/tags/v1"
+    headers = {"Content-Type": "application/x-tar"}
+    first = client.put(url, data=legacy_tar(b"one"), headers={**headers, "Authorization": "Bearer s3cret-push-token"})
+    assert first.status_code == 201
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
+        resp = client.put(url, data=legacy_tar(b"two"), headers={**headers, **auth})
+        assert resp.status_code == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert client.delete(url, headers=auth).status_code == 401
+    assert client.get(url).get_json()["digest"] == first.get_json()["digest"]

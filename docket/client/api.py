@@ -84,18 +84,50 @@ def _error_from_response(resp: requests.Response, what: str) -> errors.DocketErr
     return cls(msg, "is --host/--port pointing at a docket-registry? check the registry's log")
 
 
+def _tls_error(exc: Exception, what: str, url: str, ca_bundle: str | None) -> errors.DocketError:
+    """A certificate problem names the host and the option that fixes it; other TLS failures the scheme."""
+    text = str(exc)
+    host = urlsplit(url).netloc
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text or "hostname" in text.lower():
+        reason = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0].strip(" :')\"") \
+            if "certificate verify failed" in text else "certificate does not match"
+        hint = (f"the CA bundle {ca_bundle} does not vouch for {host}; check --ca-bundle / DOCKET_CA_BUNDLE"
+                if ca_bundle else
+                "if the registry uses a private CA or a self-signed certificate, pass its CA certificate with "
+                "--ca-bundle FILE (or DOCKET_CA_BUNDLE)")
+        return errors.ServiceUnavailable(f"{what}: the TLS certificate of {host} could not be verified ({reason})",
+                                         hint)
+    if "wrong version number" in text.lower() or "record layer failure" in text.lower():
+        return errors.ServiceUnavailable(f"{what}: TLS handshake with {host} failed: the registry does not seem to "
+                                         "speak HTTPS", "use http:// in --host / DOCKET_HOST")
+    return errors.ServiceUnavailable(f"{what}: TLS error talking to {host}: {text}",
+                                     "check the registry's certificate, --ca-bundle, and the scheme in --host")
+
+
 class RegistryClient:
     """Calls to one registry. Thread-safe enough for one command at a time (one Session)."""
 
     def __init__(self, host: str | None = None, port: int | None = None, *, read_timeout: float = 60.0,
                  push_timeout: float = 600.0, connect_timeout: float = CONNECT_TIMEOUT,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None, token: str | None = None,
+                 ca_bundle: str | None = None) -> None:
         self.url = base_url(host, port)
         self.read_timeout = read_timeout
         self.push_timeout = max(push_timeout, read_timeout)
         self.connect_timeout = connect_timeout
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"docket/{__version__}"
+        self.has_token = bool(token)
+        if token:
+            token = token.strip()
+            if not token or not all(33 <= ord(ch) < 127 for ch in token):
+                raise errors.InvalidRequest("the token contains spaces or non-ASCII characters",
+                                            "check DOCKET_TOKEN / DOCKET_TOKEN_FILE / --token")
+            # requests drops Authorization when a redirect leaves the host, so it only goes to this registry
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.ca_bundle = ca_bundle
+        if ca_bundle:
+            self.session.verify = str(ca_bundle)
 
     def close(self) -> None:
         self.session.close()
@@ -113,10 +145,10 @@ class RegistryClient:
         url = self.url + path
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
         try:
-            resp = self.session.request(method, url, timeout=timeout, **kw)
+            # verify passed per request: a session-level verify loses to REQUESTS_CA_BUNDLE (requests#3829)
+            resp = self.session.request(method, url, timeout=timeout, verify=self.session.verify, **kw)
         except requests.exceptions.SSLError as exc:
-            raise errors.ServiceUnavailable(f"{what}: TLS error talking to {self.url}: {exc}",
-                                            "check the certificate or use the right scheme in --host") from exc
+            raise _tls_error(exc, what, self.url, self.ca_bundle) from exc
         except requests.exceptions.ConnectTimeout as exc:
             raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url} (connect timed out)",
                                             "is docket-registry running? check --host/--port") from exc
@@ -125,13 +157,24 @@ class RegistryClient:
                 f"{what}: the registry at {self.url} did not answer within {timeout[1]:g} s",
                 "the registry may be overloaded; retry, or raise --timeout") from exc
         except requests.exceptions.ConnectionError as exc:
+            if "Connection aborted" in str(exc) or "RemoteDisconnected" in str(exc):
+                raise errors.ServiceUnavailable(
+                    f"{what}: the registry at {self.url} closed the connection without answering",
+                    "if it serves HTTPS, use https:// in --host / DOCKET_HOST; else check the registry's log") from exc
             raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url}",
                                             "is docket-registry running? check --host/--port") from exc
         except requests.exceptions.RequestException as exc:
             raise errors.ServiceUnavailable(f"{what}: request to {url} failed: {exc}") from exc
         if resp.status_code not in ok:
             try:
-                raise _error_from_response(resp, what)
+                err = _error_from_response(resp, what)
+                if isinstance(err, errors.Unauthorized) and not isinstance(err, errors.Forbidden):
+                    err = errors.Unauthorized(
+                        f"{what}: the registry at {self.url} refused access: {err.message}",
+                        ("the token given (--token / DOCKET_TOKEN / DOCKET_TOKEN_FILE) was refused; check it"
+                         if self.has_token else
+                         "set DOCKET_TOKEN (or DOCKET_TOKEN_FILE, or --token) to a token this registry accepts"))
+                raise err
             finally:
                 resp.close()
         return resp
@@ -192,6 +235,22 @@ class RegistryClient:
         what = "asking for the tracker"
         return self._json(self._request("GET", f"{API}/tracker", what), what)
 
+    def _check_push_allowed(self, ref: Reference, what: str) -> None:
+        """Ask before streaming: a PUT with an empty body gets 401/403 if the token may not push, else 400.
+
+        Without this a refused token would only show as a broken connection: the registry answers before it
+        reads the body, and over TLS the client's send then fails instead of reading that answer.
+        """
+        try:
+            self._request("PUT", self._tag_path(ref), what, ok=(400,), data=b"",
+                          headers={"Content-Type": "application/x-tar", "Content-Length": "0"})
+        except errors.Unauthorized:
+            raise
+        except errors.ServiceUnavailable:
+            raise
+        except errors.DocketError:
+            pass  # anything else (an older registry, a proxy): the real push will report it
+
     def push_tarball(self, ref: Reference, chunks: Iterable[bytes], size_hint: int | None = None,
                      progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Stream ``chunks`` as the body of the push (chunked encoding); return the image record.
@@ -219,6 +278,7 @@ class RegistryClient:
 
         what = f"pushing {ref}"
         headers = {"Content-Type": "application/x-tar"}
+        self._check_push_allowed(ref, what)
         try:
             resp = self._request("PUT", self._tag_path(ref), what, ok=(200, 201), data=body(),
                                  headers=headers, read_timeout=self.push_timeout)

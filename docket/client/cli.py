@@ -42,6 +42,8 @@ class Config:
     traceback: bool = False
     timeout: float = 60.0
     verbose: int = 0
+    token: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
 
 
 @dataclass
@@ -60,7 +62,8 @@ class AppContext:
         if self._registry is None:
             from docket.client.api import RegistryClient
 
-            self._registry = RegistryClient(self.config.host, self.config.port, read_timeout=self.config.timeout)
+            self._registry = RegistryClient(self.config.host, self.config.port, read_timeout=self.config.timeout,
+                                            token=self.config.token, ca_bundle=self.config.ca_bundle)
         return self._registry
 
     @property
@@ -147,13 +150,20 @@ def _app(ctx: click.Context) -> AppContext:
               help="Work directory for downloads  [default: $XDG_CACHE_HOME/docket or ~/.cache/docket]")
 @click.option("--timeout", envvar="DOCKET_TIMEOUT", type=click.FloatRange(min=1), default=60.0,
               show_default=True, show_envvar=True, help="Seconds to wait for a registry answer (connect: 5 s).")
+@click.option("--token", envvar="DOCKET_TOKEN", show_envvar=True, default=None, metavar="TOKEN",
+              help="Registry token, sent as `Authorization: Bearer TOKEN` (prefer the env var: argv shows in ps).")
+@click.option("--token-file", envvar="DOCKET_TOKEN_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path), help="File holding the token (first non-# line).")
+@click.option("--ca-bundle", envvar="DOCKET_CA_BUNDLE", show_envvar=True, default=None,
+              type=click.Path(exists=True, path_type=Path),
+              help="CA certificate(s) (PEM) to verify an https:// registry with  [default: the system CAs]")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no narrative; only results and errors.")
 @click.option("-v", "--verbose", count=True, help="Log what happens (repeat for debug logs) on stderr.")
 @click.option("--traceback", is_flag=True, envvar="DOCKET_TRACEBACK", help="Show the Python traceback of a failure.")
 @click.version_option(__version__, "--version", prog_name="docket")
 @click.pass_context
-def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout: float, quiet: bool,
-        verbose: int, traceback: bool) -> None:
+def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout: float, token: str | None,
+        token_file: Path | None, ca_bundle: Path | None, quiet: bool, verbose: int, traceback: bool) -> None:
     """Push Docker images to a Docket registry, pull them through BitTorrent, list them.
 
     \b
@@ -162,14 +172,29 @@ def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout
       docket images
     """
     loc = (location.expanduser() if location else default_location()).absolute()
+    if not token and token_file is not None:
+        token = read_token_file(token_file)
     config = Config(host=host, port=port, location=loc, quiet=quiet, traceback=traceback, timeout=timeout,
-                    verbose=verbose)
+                    verbose=verbose, token=token or None, ca_bundle=str(ca_bundle) if ca_bundle else None)
     if verbose:
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:  # library warnings (e.g. a slow ctorrent stop) are noise for a user; failures arrive as errors
         logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="docket: %(levelname)s: %(message)s")
     ctx.obj = AppContext(config=config, stdout_isatty=sys.stdout.isatty(), stderr_isatty=sys.stderr.isatty())
+
+
+def read_token_file(path: Path) -> str:
+    """The first line that is neither blank nor a # comment."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+                                 param_hint="--token-file / DOCKET_TOKEN_FILE")
+    for line in lines:
+        if line.strip() and not line.strip().startswith("#"):
+            return line.strip()
+    raise click.BadParameter(f"{path} holds no token", param_hint="--token-file / DOCKET_TOKEN_FILE")
 
 
 # -- push ------------------------------------------------------------------------------------------------------

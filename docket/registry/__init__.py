@@ -7,10 +7,12 @@ seeder objects) without starting any process; the serve command (``cli.py``) sta
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from docket.errors import DocketError
@@ -26,6 +28,7 @@ _HTTP_CODES = {
     413: "TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
     416: "RANGE_NOT_SATISFIABLE",
+    431: "HEADERS_TOO_LARGE",
 }
 
 
@@ -54,6 +57,31 @@ def _unexpected(exc: Exception) -> tuple[Response, int]:
     return jsonify(error_body("INTERNAL", "internal error in the registry", "see the registry log")), 500
 
 
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _check_request_shape(limit: int):
+    """Refuse, before any view runs, headers over ``limit`` bytes (431 as JSON: cheroot only has a plain-text
+    413 at its larger cap) and malformed query strings (400: no endpoint takes one, so it is a client bug)."""
+    def check() -> tuple[Response, int] | None:
+        size = sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+        if size > limit:
+            return jsonify(error_body("HEADERS_TOO_LARGE", f"request headers are {size} bytes; the limit is {limit}",
+                                      "send fewer or shorter headers (cookies?)")), 431
+        query = request.query_string
+        if query:
+            try:
+                unquote_to_bytes(query).decode("utf-8")
+                malformed = bool(_BAD_PERCENT.search(query))
+            except UnicodeDecodeError:
+                malformed = True
+            if malformed:
+                return jsonify(error_body("INVALID_REQUEST", "malformed query string (bad percent-encoding or not "
+                                          "UTF-8)", "no Docket endpoint takes query parameters; drop them")), 400
+        return None
+    return check
+
+
 def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flask:
     """Build the app; ``config`` is a RegistryConfig or a mapping of overrides of the defaults."""
     if config is None:
@@ -62,15 +90,22 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
         config = RegistryConfig().with_overrides(**dict(config))
 
     from docket.registry import api, db, health
+    from docket.registry.auth import TokenAuth
     from docket.registry.services import RegistryServices
 
     app = Flask(__name__)
+    # no redirects: werkzeug would answer `repositories//app` with an HTML 308 to `repositories/app` (a PUT that
+    # follows it pushes under another name); a bad name is a 400 here, never a silent rewrite
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
     app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     services = RegistryServices(config)
     services.prepare()
     app.extensions["docket"] = services
     db.init_app(app)
+    app.before_request(_check_request_shape(config.max_header_bytes))
+    TokenAuth(config.auth_tokens, config.read_tokens).init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_error_handler(DocketError, _docket_error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import signal
 import sys
@@ -23,6 +24,7 @@ from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_
 
 log = logging.getLogger("docket.registry")
 
+MAX_HEADER_BYTES = 64 * 1024  # cheroot answers 413/414 (plain text) beyond this; the app's JSON limit is lower
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
 
@@ -96,9 +98,27 @@ def _fail(exc: DocketError) -> None:
               help="Seconds an unreferenced blob is kept before GC may delete it.")
 @click.option("--seeding/--no-seeding", envvar="DOCKET_SEEDING", show_envvar=True, default=True,
               help="Seed blobs over BitTorrent (--no-seeding: plain HTTP only, no tracker or ctorrent).")
+@click.option("--auth-token", "auth_tokens", multiple=True, metavar="TOKEN",
+              help="Push token (repeatable): when any is set, PUT and DELETE need `Authorization: Bearer TOKEN`. "
+                   "Also DOCKET_AUTH_TOKENS (comma-separated). Prefer --auth-token-file: argv is visible in ps.")
+@click.option("--auth-token-file", envvar="DOCKET_AUTH_TOKEN_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="File of push tokens, one a line (# comments).")
+@click.option("--read-token", "read_tokens", multiple=True, metavar="TOKEN",
+              help="Read token (repeatable): when any is set, reads need a read or push token (/healthz and "
+                   "/openapi.json stay open). Also DOCKET_READ_TOKENS (comma-separated).")
+@click.option("--read-token-file", envvar="DOCKET_READ_TOKEN_FILE", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path), help="File of read tokens, one a line (# comments).")
+@click.option("--tls-cert", envvar="DOCKET_TLS_CERT", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
+@click.option("--tls-key", envvar="DOCKET_TLS_KEY", show_envvar=True, default=None,
+              type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
-         gc_interval: float, gc_grace: float, seeding: bool) -> None:
+         gc_interval: float, gc_grace: float, seeding: bool, auth_tokens: tuple[str, ...],
+         auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
+         tls_cert: Path | None, tls_key: Path | None) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
     BitTorrent."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,15 +128,71 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
     if ipaddress.IPv4Address(advertise_address).is_loopback:
         log.warning("advertise address %s is a loopback address: other hosts cannot reach this registry's "
                     "seeders or tracker; set --advertise-address to this host's LAN address", advertise_address)
-    config = RegistryConfig(location=location.absolute(), db_url=db_url, tracker=tracker,
-                            advertise_address=advertise_address, seed_address=seed_address,
-                            tracker_port=tracker_port, bind=bind, port=port,
-                            threads=threads, max_upload_size=max_upload_size, seeding=seeding,
-                            gc_interval=gc_interval, gc_grace=gc_grace)
     try:
+        push, read = collect_tokens(auth_tokens, auth_token_file, read_tokens, read_token_file)
+        cert, key = check_tls(tls_cert, tls_key)
+        config = RegistryConfig(location=location.absolute(), db_url=db_url, tracker=tracker,
+                                advertise_address=advertise_address, seed_address=seed_address,
+                                tracker_port=tracker_port, bind=bind, port=port,
+                                threads=threads, max_upload_size=max_upload_size, seeding=seeding,
+                                gc_interval=gc_interval, gc_grace=gc_grace, auth_tokens=push, read_tokens=read,
+                                tls_cert=cert, tls_key=key)
         serve(config)
     except DocketError as exc:
         _fail(exc)
+
+
+def _env_list(name: str) -> list[str]:
+    return [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
+
+
+def collect_tokens(push: tuple[str, ...], push_file: Path | None, read: tuple[str, ...],
+                   read_file: Path | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Options + env (comma-separated) + files -> (push tokens, read tokens). Never logs a token."""
+    from docket.registry.auth import clean_tokens, read_token_file
+
+    push_all = [*push, *_env_list("DOCKET_AUTH_TOKENS"), *(read_token_file(push_file) if push_file else [])]
+    read_all = [*read, *_env_list("DOCKET_READ_TOKENS"), *(read_token_file(read_file) if read_file else [])]
+    push_tokens = clean_tokens(push_all, "push token")
+    read_tokens = clean_tokens(read_all, "read token")
+    if read_tokens and not push_tokens:
+        raise DocketError("read tokens are configured but no push token: nobody could push",
+                          "add --auth-token/--auth-token-file (DOCKET_AUTH_TOKENS/DOCKET_AUTH_TOKEN_FILE)")
+    short = [t for t in (*push_tokens, *read_tokens) if len(t) < 16]
+    if short:
+        log.warning("%d token(s) shorter than 16 characters; use long random tokens (openssl rand -hex 32)",
+                    len(short))
+    if push_tokens:
+        log.info("access control: %d push token(s), %d read token(s)%s", len(push_tokens), len(read_tokens),
+                 "" if read_tokens else "; reads are open")
+    else:
+        log.warning("no --auth-token configured: anyone who can reach this registry can push and delete")
+    return push_tokens, read_tokens
+
+
+def check_tls(cert: Path | None, key: Path | None) -> tuple[Path | None, Path | None]:
+    """Both or neither; each must be a readable PEM file, and the key must match the certificate."""
+    if (cert is None) != (key is None):
+        raise DocketError("--tls-cert and --tls-key go together",
+                          "give both (DOCKET_TLS_CERT and DOCKET_TLS_KEY) for HTTPS, or neither for HTTP")
+    if cert is None or key is None:
+        return None, None
+    import ssl
+
+    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise DocketError(f"cannot read {what} {path}: {exc.strerror or exc}",
+                              "check the path and that this user may read it") from exc
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError) as exc:
+        raise DocketError(f"cannot use {cert} with {key} for TLS: {exc}",
+                          "both must be PEM files and the key must belong to the certificate") from exc
+    return cert.absolute(), key.absolute()
 
 
 def serve(config: RegistryConfig) -> None:
@@ -130,6 +206,17 @@ def serve(config: RegistryConfig) -> None:
     services.preflight()
     server = wsgi.Server((config.bind, config.port), app, numthreads=config.threads,
                          server_name="docket-registry", timeout=60, shutdown_timeout=10)
+    server.max_request_header_size = MAX_HEADER_BYTES  # request line + headers; cheroot's default is unlimited
+    scheme = "http"
+    if config.tls_cert is not None and config.tls_key is not None:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+        try:
+            server.ssl_adapter = BuiltinSSLAdapter(str(config.tls_cert), str(config.tls_key))
+        except Exception as exc:  # noqa: BLE001 - ssl.SSLError, OSError, ValueError
+            raise DocketError(f"cannot set up TLS with {config.tls_cert}: {exc}",
+                              "check --tls-cert and --tls-key") from exc
+        scheme = "https"
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -147,8 +234,8 @@ def serve(config: RegistryConfig) -> None:
         services.start()
         thread = threading.Thread(target=server.serve, name="http", daemon=True)
         thread.start()
-        log.info("docket-registry serving on http://%s:%d (location %s, tracker %s%s)", config.bind, config.port,
-                 config.location, services.announce_url, "" if services.tracker.managed else " external")
+        log.info("docket-registry serving on %s://%s:%d (location %s, tracker %s%s)", scheme, config.bind,
+                 config.port, config.location, services.announce_url, "" if services.tracker.managed else " external")
         while not stop.wait(0.5):
             if not thread.is_alive():
                 log.error("HTTP server stopped unexpectedly")

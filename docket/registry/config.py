@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from docket.errors import InvalidRequest
@@ -33,6 +33,13 @@ class RegistryConfig:
     gc_grace: float = 600.0
     hash_threads: int = 2  # torf hashing threads per torrent build
     chunk_size: int = 1024 * 1024
+    # bearer tokens (repr=False: a logged config must not show them). Push tokens allow everything; read
+    # tokens allow GET/HEAD. No push token configured = open pushes; no read token = open reads.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    read_tokens: tuple[str, ...] = field(default=(), repr=False)
+    max_header_bytes: int = 16 * 1024  # larger request headers -> 431 (JSON); cheroot's own cap is 64 KiB
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def with_overrides(self, **overrides: object) -> RegistryConfig:
         """A copy with some fields replaced (unknown names raise TypeError)."""

@@ -1,0 +1,113 @@
+"""Bearer-token access control: push tokens for writes, optional read tokens for reads.
+
+Tokens are compared with ``hmac.compare_digest`` against every configured token (no early exit), so the time
+taken does not tell which token, or how much of one, matched. Tokens never appear in logs or error bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from flask import Response, jsonify, request
+
+from docket.errors import DocketError, Forbidden, InvalidRequest, Unauthorized
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+WRITE_METHODS = frozenset({"PUT", "DELETE", "POST", "PATCH"})
+CHALLENGE = 'Bearer realm="docket"'
+CLIENT_HINT = ("give the docket client a token with DOCKET_TOKEN (or DOCKET_TOKEN_FILE, or --token); "
+               "it is sent as `Authorization: Bearer <token>`")
+
+
+def read_token_file(path: str | Path) -> list[str]:
+    """One token a line; blank lines and ``#`` comments ignored. Unreadable or empty files are errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}",
+                             "check the path and its permissions") from exc
+    tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not tokens:
+        raise InvalidRequest(f"token file {path} holds no token", "put one token per line (# starts a comment)")
+    return tokens
+
+
+def clean_tokens(tokens: Iterable[str], what: str) -> tuple[str, ...]:
+    """Validate tokens (printable ASCII, no spaces: they travel in an HTTP header); keep order, drop repeats."""
+    out: list[str] = []
+    for i, tok in enumerate(tokens, 1):
+        tok = tok.strip()
+        if not tok:
+            raise InvalidRequest(f"{what} #{i} is empty", "remove empty entries")
+        if not all(33 <= ord(ch) < 127 for ch in tok):
+            raise InvalidRequest(f"{what} #{i} contains spaces or non-ASCII characters",
+                                 "use printable ASCII without spaces, e.g. the output of `openssl rand -hex 32`")
+        if tok not in out:
+            out.append(tok)
+    return tuple(out)
+
+
+def _matches(given: bytes, tokens: tuple[bytes, ...]) -> bool:
+    ok = False
+    for tok in tokens:  # every token is compared, whatever the outcome of the others
+        ok |= hmac.compare_digest(given, tok)
+    return ok
+
+
+class TokenAuth:
+    """Decides, per request, whether the bearer token allows it. Install with ``init_app``."""
+
+    def __init__(self, push_tokens: Iterable[str], read_tokens: Iterable[str]) -> None:
+        self._push = tuple(t.encode() for t in push_tokens)
+        self._read = tuple(t.encode() for t in read_tokens)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._push or self._read)
+
+    def init_app(self, app) -> None:  # noqa: ANN001 - Flask
+        if self.enabled:
+            app.before_request(self.check)
+
+    def check(self) -> tuple[Response, int, dict[str, str]] | None:
+        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+            return None
+        write = request.method in WRITE_METHODS
+        if not write and not self._read:
+            return None  # reads are open unless read tokens are configured
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        given = value.strip()
+        if not header:
+            return self._deny(Unauthorized("missing bearer token: this registry requires a token to "
+                                           + ("push or delete" if write else "read"), CLIENT_HINT))
+        if scheme.lower() != "bearer" or not given:
+            return self._deny(Unauthorized("invalid Authorization header: expected `Bearer <token>`", CLIENT_HINT))
+        try:
+            raw = given.encode("ascii")
+        except UnicodeEncodeError:
+            raw = b""
+        if _matches(raw, self._push):
+            return None
+        if _matches(raw, self._read):
+            if not write:
+                return None
+            return self._deny(Forbidden("this token may only read; pushing and deleting need a push token",
+                                        "use a token from the registry's --auth-token list in DOCKET_TOKEN"))
+        log.warning("refused %s %s from %s: invalid token", request.method, request.path, request.remote_addr)
+        return self._deny(Unauthorized("invalid token: the registry does not accept the bearer token given",
+                                       "check DOCKET_TOKEN (or DOCKET_TOKEN_FILE / --token) against the "
+                                       "registry's configured tokens"))
+
+    @staticmethod
+    def _deny(exc: DocketError) -> tuple[Response, int, dict[str, str]]:
+        body = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+        headers = {"WWW-Authenticate": CHALLENGE}
+        if exc.status == 403:
+            headers = {"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope"'}
+        return jsonify(body), exc.status, headers
