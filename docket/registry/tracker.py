@@ -33,6 +33,7 @@ from typing import Any
 from docket.errors import ServiceUnavailable
 from docket.registry.config import parse_host_port
 from docket.torrent import Opentracker, ScrapeResult, find_opentracker, scrape
+from docket.torrent.orphans import record_pid, stop_orphan
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,14 @@ class ManagedTracker:
                 return
             self._spawn()
 
+    @property
+    def _pid_file(self) -> Path:
+        return self.workdir.parent / "opentracker.pid"
+
     def _spawn(self) -> None:
+        # A registry killed with SIGKILL leaves its opentracker running (it runs as nobody, so a parent-death
+        # signal would not survive the user switch): stop that one, which we started, before taking the port.
+        stop_orphan(self._pid_file, "opentracker", str(self.workdir))
         # opentracker sets SO_REUSEPORT: started on a port another tracker holds, it "succeeds" and the kernel
         # splits connections between the two, so half the announces hit a tracker without our whitelist.
         if tcp_accepts(self.bind_ip, self.port, 0.5):
@@ -127,6 +135,8 @@ class ManagedTracker:
                            log_path=self.workdir.parent / "tracker.log")
         proc.start(sorted(self._hashes))
         self._proc = proc
+        if proc.pid is not None:
+            record_pid(self._pid_file, proc.pid)
         deadline = time.monotonic() + 10
         while not tcp_accepts(self.bind_ip, self.port, 0.5):
             if not proc.alive() or time.monotonic() > deadline:
@@ -140,6 +150,7 @@ class ManagedTracker:
             if self._proc is not None:
                 self._proc.stop()
                 self._proc = None
+                self._pid_file.unlink(missing_ok=True)
 
     def add(self, info_hash: str) -> None:
         """Whitelist ``info_hash`` and make sure opentracker has reloaded before returning."""

@@ -1,0 +1,50 @@
+"""Stopping helper processes a previous run started and could not stop (it was killed with SIGKILL).
+
+Only a pid we recorded ourselves is signalled, and only when /proc still shows the program we started with
+our own marker (a path of ours) in its command line: a recycled pid is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def record_pid(pid_file: Path, pid: int) -> None:
+    tmp = pid_file.with_suffix(".tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, pid_file)
+
+
+def stop_orphan(pid_file: Path, program: str, marker: str, timeout: float = 5.0) -> bool:
+    """Stop the process recorded in ``pid_file`` if it is still ``program`` with ``marker`` in its argv.
+
+    Returns True when a process was stopped. The pid file is removed either way.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+        return False
+    stopped = False
+    if argv and os.path.basename(argv[0]) == program.encode() and any(marker.encode() in a for a in argv):
+        log.warning("stopping %s pid %d left by a previous run", program, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+        stopped = True
+    with contextlib.suppress(OSError):
+        pid_file.unlink()
+    return stopped
