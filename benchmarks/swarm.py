@@ -1,0 +1,638 @@
+#!/usr/bin/env python3
+"""Swarm benchmark: N hosts pulling one image through Docket (BitTorrent) vs. N hosts downloading it over HTTP.
+
+Builds a simulated network in network namespaces (run as root):
+
+    <prefix><pid>-br     a namespace holding only the Linux bridge ``br0``
+    <prefix><pid>-reg    the registry host, 198.18.0.1
+    <prefix><pid>-cK     client host K, 198.18.0.11 + K
+
+Every host has one veth into the bridge; its link is shaped in both directions with ``tbf`` (upload = egress of
+the host's end, download = egress of the bridge's end), ``--rate-mbit`` each way. Only 198.18.0.0/15 addresses
+and loopback are used; nothing is created in the root namespace (the veths are created directly inside the
+namespaces), so parallel runs with different pids never collide.
+
+Per N (``--hosts``) a fresh image of ``--size-mib`` MiB is pushed (a synthetic ``docker save`` tarball over HTTP,
+no dockerd needed), then
+  * HTTP:   N hosts run ``curl GET /api/v1/blobs/<digest>`` at once: time until the last one has the whole blob;
+  * docket: N hosts run ``docket pull --no-load --seed-time T --json`` at once (released together from a start
+            barrier after their imports): time from the start to the last host's verified blob.
+
+Everything it created (namespaces, hence veths and bridge; processes it started, and anything still running
+inside its namespaces; temp files) is removed at the end, on failure and on Ctrl-C/SIGTERM.
+
+    sudo python benchmarks/swarm.py --hosts 1,4,8,16 --size-mib 64 --rate-mbit 50 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+NET = ipaddress.ip_network("198.18.0.0/15")
+REGISTRY_IP = "198.18.0.1"
+FIRST_CLIENT_IP = ipaddress.ip_address("198.18.0.11")
+HTTP_PORT = 8000
+TRACKER_PORT = 6969
+MIB = 1024 * 1024
+
+# Runs inside each client namespace: import everything first, signal readiness, wait for the shared start
+# barrier, note the wall-clock start, then run the real `docket` CLI (same process, so no import time counted).
+PULL_WRAPPER = r"""
+import os, sys, time
+ready, go, started = sys.argv[1], sys.argv[2], sys.argv[3]
+import docket.client.cli as cli
+import docket.client.pull, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+with open(started, "w") as f:
+    f.write(repr(time.time()))
+cli.main(sys.argv[4:])
+"""
+
+
+@dataclass
+class Config:
+    hosts: list[int]
+    size_mib: float = 64.0
+    rate_mbit: float = 50.0
+    queue_ms: float = 100.0  # tbf latency: the most queueing delay a link adds
+    seed_time: float = 60.0
+    out: Path = Path("benchmarks/results")
+    prefix: str = "dkbench"
+    timeout: float = 900.0
+    workdir: Path | None = None  # parent of the temp directory
+    keep: bool = False
+    skip_http: bool = False
+    plot: bool = True
+
+
+@dataclass
+class HostResult:
+    host: str
+    ok: bool
+    seconds: float  # this host's own transfer time (docket: its --json "seconds"; http: curl time_total)
+    done_at: float  # seconds from the round's start until this host had the verified blob
+    bytes: int = 0
+    sha256_ok: bool = False
+    error: str = ""
+
+
+@dataclass
+class RoundResult:
+    n: int
+    size_bytes: int
+    rate_mbit: float
+    digest: str
+    link_bound_s: float  # size / link rate: the best any single host can do
+    http_bound_s: float  # n * size / link rate: the registry's uplink carries every byte n times
+    http_s: float | None
+    docket_s: float | None
+    docket_host_max_s: float | None  # slowest host's own --json seconds
+    docket_over_bound: float | None
+    http_over_docket: float | None
+    all_finished: bool
+    http_hosts: list[HostResult] = field(default_factory=list)
+    docket_hosts: list[HostResult] = field(default_factory=list)
+    docket_all_exited_s: float | None = None  # until every `docket pull` exited (seeding for stragglers included)
+
+
+def log(msg: str) -> None:
+    print(f"[swarm {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: Sequence[str], check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), stdin=subprocess.DEVNULL, capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+def netns_supported() -> tuple[bool, str]:
+    """Root and a working ``ip netns`` (checked by creating and deleting a throwaway namespace)."""
+    if os.geteuid() != 0:
+        return False, "needs root"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return False, "needs iproute2 (ip, tc)"
+    name = f"dkprobe{os.getpid()}"
+    try:
+        run(["ip", "netns", "add", name])
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return False, f"ip netns add failed: {getattr(exc, 'stderr', exc)}"
+    with contextlib.suppress(Exception):
+        run(["ip", "netns", "del", name])
+    return True, ""
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, wait, SIGTERM again (ctorrent needs a second one), then SIGKILL: only this pid, which we started."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout if sig != signal.SIGKILL else 5)
+
+
+class Lab:
+    """The namespaces, bridge, veths and shaping; ``close()`` removes all of it and whatever runs inside."""
+
+    def __init__(self, prefix: str, clients: int, rate_mbit: float, queue_ms: float = 100.0) -> None:
+        tag = f"{prefix}{os.getpid()}"
+        self.tag = tag
+        self.br = f"{tag}-br"
+        self.reg = f"{tag}-reg"
+        self.clients = [f"{tag}-c{i}" for i in range(clients)]
+        self.client_ips = [str(FIRST_CLIENT_IP + i) for i in range(clients)]
+        for ip in [REGISTRY_IP, *self.client_ips]:
+            assert ipaddress.ip_address(ip) in NET, ip
+        self.rate_mbit = rate_mbit
+        self.queue_ms = queue_ms
+        self.created: list[str] = []
+
+    def namespaces(self) -> list[str]:
+        return [*self.clients, self.reg, self.br]
+
+    def _shape(self, ns: str, dev: str) -> None:
+        rate_bps = self.rate_mbit * 1e6
+        burst = max(32 * 1024, int(rate_bps / 8 / 100))  # >= 10 ms of traffic: tbf stays accurate at high rates
+        run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(rate_bps)}bit",
+             "burst", str(burst), "latency", f"{self.queue_ms:g}ms"])
+
+    def setup(self) -> None:
+        for ns in [self.br, self.reg, *self.clients]:
+            run(["ip", "netns", "add", ns])
+            self.created.append(ns)
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", self.br, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", self.br, "link", "set", "br0", "up"])
+        for k, (ns, ip) in enumerate([(self.reg, REGISTRY_IP), *zip(self.clients, self.client_ips)]):
+            port = f"p{k}"
+            # Both ends are created inside their namespaces: nothing ever appears in the root namespace.
+            run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.br])
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/{NET.prefixlen}", "dev", "eth0"])
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            run(["ip", "-n", self.br, "link", "set", port, "master", "br0"])
+            run(["ip", "-n", self.br, "link", "set", port, "up"])
+            self._shape(ns, "eth0")       # the host's upload
+            self._shape(self.br, port)    # the host's download
+
+    def exec(self, ns: str, args: Sequence[str]) -> list[str]:
+        assert ns in self.created, ns
+        return ["ip", "netns", "exec", ns, *args]
+
+    def close(self) -> None:
+        """Kill what still runs in OUR namespaces (by pid), then delete them (veths and bridge go with them)."""
+        for ns in reversed(self.created):
+            try:
+                pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
+            except Exception:  # noqa: BLE001
+                pids = []
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                deadline = time.monotonic() + 5
+                while pids and time.monotonic() < deadline:
+                    pids = [p for p in pids if Path(f"/proc/{p}").exists() and _not_zombie(p)]
+                    time.sleep(0.1)
+                if not pids:
+                    break
+        for ns in reversed(self.created):
+            r = run(["ip", "netns", "del", ns], check=False)
+            if r.returncode != 0:
+                log(f"could not delete namespace {ns}: {r.stderr.strip()}")
+        self.created.clear()
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def build_image(path: Path, size: int, repo_tag: str) -> str:
+    """A ``docker save``-shaped tarball (Engine 20.10 layout) with one layer of ``size`` random bytes.
+
+    Random data: nothing compresses it away and every run's blob (hence info hash) is new.
+    """
+    work = path.parent
+    payload = work / "payload.bin"
+    with open(payload, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(MIB, left))
+            f.write(chunk)
+            left -= len(chunk)
+    layer = work / "layer.tar"
+    with tarfile.open(layer, "w", format=tarfile.GNU_FORMAT) as t:
+        info = t.gettarinfo(str(payload), arcname="payload.bin")
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        with open(payload, "rb") as f:
+            t.addfile(info, f)
+    payload.unlink()
+    h = hashlib.sha256()
+    with open(layer, "rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    layer_hex = h.hexdigest()
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": "2026-01-01T00:00:00Z",
+        "config": {"Cmd": ["/payload.bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_hex}"]},
+    }, sort_keys=True).encode()
+    config_hex = hashlib.sha256(config).hexdigest()
+    repo, _, tag = repo_tag.rpartition(":")
+    manifest = [{"Config": f"{config_hex}.json", "RepoTags": [repo_tag], "Layers": [f"{layer_hex}/layer.tar"]}]
+
+    def add(t: tarfile.TarFile, name: str, data: bytes, **kw: object) -> None:
+        import io
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
+        for k, v in kw.items():
+            setattr(ti, k, v)
+        t.addfile(ti, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as t:
+        add(t, f"{layer_hex}/", b"", type=tarfile.DIRTYPE, mode=0o755)
+        ti = tarfile.TarInfo(f"{layer_hex}/layer.tar")
+        ti.size, ti.mode, ti.mtime = layer.stat().st_size, 0o644, 0
+        with open(layer, "rb") as f:
+            t.addfile(ti, f)
+        add(t, f"{layer_hex}/VERSION", b"1.0")
+        add(t, f"{config_hex}.json", config)
+        add(t, "repositories", json.dumps({repo: {tag: layer_hex}}).encode())
+        add(t, "manifest.json", json.dumps(manifest).encode())
+    layer.unlink()
+    return f"sha256:{config_hex}"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class Bench:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lab = Lab(cfg.prefix, max(cfg.hosts), cfg.rate_mbit, cfg.queue_ms)
+        self.procs: list[subprocess.Popen] = []
+        self.registry: subprocess.Popen | None = None
+        self.tmp: Path | None = None
+        self.base = f"http://{REGISTRY_IP}:{HTTP_PORT}"
+        self.last_exit = 0.0
+
+    # -- processes -------------------------------------------------------------------------------------------
+    def spawn(self, ns: str, args: Sequence[str], log_path: Path, stdout: Path | None = None) -> subprocess.Popen:
+        with open(log_path, "ab") as err, open(stdout or log_path, "ab") as out:
+            proc = subprocess.Popen(self.lab.exec(ns, args), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
+        self.procs.append(proc)
+        return proc
+
+    def curl(self, ns: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return run(self.lab.exec(ns, ["curl", "-sS", "--noproxy", "*", *args]), check=False, timeout=timeout)
+
+    def start_registry(self) -> None:
+        assert self.tmp
+        loc = self.tmp / "registry"
+        loc.mkdir(mode=0o755)
+        self.registry = self.spawn(self.lab.reg, [
+            sys.executable, "-m", "docket.registry.cli", "--bind", REGISTRY_IP, "--advertise-address", REGISTRY_IP,
+            "--port", str(HTTP_PORT), "--tracker-port", str(TRACKER_PORT), "--location", str(loc),
+            "--gc-interval", "0", "--threads", "64", "--log-level", "info",
+        ], self.tmp / "registry.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.registry.poll() is not None:
+                raise RuntimeError(f"docket-registry exited ({self.registry.returncode}); see {self.tmp}/registry.log:\n"
+                                   + _tail(self.tmp / "registry.log"))
+            r = self.curl(self.lab.reg, "-o", "/dev/null", "-w", "%{http_code}", f"{self.base}/healthz", timeout=10)
+            if r.stdout.strip() == "200":
+                return
+            time.sleep(0.2)
+        raise RuntimeError("docket-registry did not become healthy in 60 s:\n" + _tail(self.tmp / "registry.log"))
+
+    def push(self, n: int) -> dict:
+        assert self.tmp
+        size = int(self.cfg.size_mib * MIB)
+        tar = self.tmp / f"image-n{n}.tar"
+        ref = f"bench/swarm:n{n}-{os.getpid()}"
+        build_image(tar, size, ref)
+        repo, _, tag = ref.rpartition(":")
+        # From inside the registry's namespace (over its loopback path to its own address, not the shaped link).
+        resp = self.tmp / "push.json"
+        r = self.curl(self.lab.reg, "-X", "PUT", "-T", str(tar), "-H", "Content-Type: application/x-tar",
+                      "-o", str(resp), "-w", "%{http_code}", f"{self.base}/api/v1/repositories/{repo}/tags/{tag}",
+                      timeout=600)
+        tar.unlink()
+        if r.stdout.strip() != "201":
+            raise RuntimeError(f"push failed: HTTP {r.stdout.strip()} {r.stderr.strip()} {resp.read_text()[:500]}")
+        record = json.loads(resp.read_text())
+        record["ref"] = ref
+        return record
+
+    def _await(self, procs: list[subprocess.Popen], t0: float, what: str) -> list[float]:
+        """Wait for all; return each one's exit time (monotonic seconds since t0)."""
+        ends: list[float | None] = [None] * len(procs)
+        deadline = time.monotonic() + self.cfg.timeout
+        while any(e is None for e in ends):
+            for i, p in enumerate(procs):
+                if ends[i] is None and p.poll() is not None:
+                    ends[i] = time.monotonic() - t0
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: not finished after {self.cfg.timeout} s")
+            time.sleep(0.02)
+        for p in procs:
+            self.procs.remove(p)
+        return [float(e) for e in ends]  # type: ignore[arg-type]
+
+    # -- rounds ----------------------------------------------------------------------------------------------
+    def http_round(self, n: int, record: dict, rdir: Path) -> list[HostResult]:
+        url = f"{self.base}{record['blob_url']}"
+        procs, outs = [], []
+        t0 = time.monotonic()
+        for i in range(n):
+            out = rdir / f"http-c{i}.blob"
+            outs.append(out)
+            procs.append(self.spawn(self.lab.clients[i], [
+                "curl", "-sS", "-f", "--noproxy", "*", "-o", str(out), "-w", "%{time_total} %{size_download}", url,
+            ], rdir / f"http-c{i}.log", stdout=rdir / f"http-c{i}.out"))
+        ends = self._await(procs, t0, f"HTTP N={n}")
+        hosts = []
+        for i, (p, out, end) in enumerate(zip(procs, outs, ends)):
+            res = HostResult(host=self.lab.client_ips[i], ok=p.returncode == 0, seconds=end, done_at=end)
+            with contextlib.suppress(ValueError, IndexError, OSError):
+                res.seconds = float((rdir / f"http-c{i}.out").read_text().split()[0])
+            if out.exists():
+                res.bytes = out.stat().st_size
+                res.sha256_ok = sha256_of(out) == record["digest"]
+                out.unlink()
+            res.ok = res.ok and res.sha256_ok
+            if not res.ok:
+                res.error = f"curl exit {p.returncode}: {_tail(rdir / f'http-c{i}.log', 5)}"
+            hosts.append(res)
+        return hosts
+
+    def docket_round(self, n: int, record: dict, rdir: Path) -> list[HostResult]:
+        go = rdir / "go"
+        procs = []
+        for i in range(n):
+            loc = rdir / f"docket-c{i}"
+            loc.mkdir(mode=0o700)
+            procs.append(self.spawn(self.lab.clients[i], [
+                sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
+                "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
+                "pull", "--no-load", "--seed-time", f"{self.cfg.seed_time:g}", "--peer-ip", self.lab.client_ips[i],
+                "--json", record["ref"],
+            ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
+        deadline = time.monotonic() + 60
+        while not all((rdir / f"ready-{i}").exists() for i in range(n)):
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError("docket pull did not start:\n" + _tail(rdir / "docket-c0.log"))
+            time.sleep(0.01)
+        t0_wall, t0 = time.time(), time.monotonic()
+        go.touch()
+        self.last_exit = max(self._await(procs, t0, f"docket N={n}"))
+        hosts = []
+        for i, p in enumerate(procs):
+            res = HostResult(host=self.lab.client_ips[i], ok=False, seconds=0.0, done_at=0.0)
+            try:
+                summary = json.loads((rdir / f"docket-c{i}.out").read_text().strip().splitlines()[-1])
+                started = float((rdir / f"start-{i}").read_text())
+                res.seconds = float(summary["seconds"])
+                res.done_at = started - t0_wall + res.seconds
+                res.bytes = int(summary["bytes"])
+                blob = rdir / f"docket-c{i}" / "blobs" / summary["digest"].split(":", 1)[1]
+                # docket pull verified sha256 before printing its summary (exit 0); check the file again anyway
+                res.sha256_ok = summary["digest"] == record["digest"] and blob.exists() and \
+                    sha256_of(blob) == record["digest"]
+                res.ok = p.returncode == 0 and res.sha256_ok and res.bytes == record["size"]
+            except (OSError, ValueError, KeyError, IndexError) as exc:
+                res.error = f"{exc!r}"
+            if not res.ok:
+                res.error = (res.error + f" exit {p.returncode}: " + _tail(rdir / f"docket-c{i}.log", 8)).strip()
+            hosts.append(res)
+            if not self.cfg.keep:
+                shutil.rmtree(rdir / f"docket-c{i}", ignore_errors=True)
+        return hosts
+
+    def one(self, n: int) -> RoundResult:
+        assert self.tmp
+        rdir = self.tmp / f"n{n}"
+        rdir.mkdir(mode=0o755)
+        record = self.push(n)
+        size = int(record["size"])
+        bound = size * 8 / (self.cfg.rate_mbit * 1e6)
+        log(f"N={n}: pushed {record['ref']} ({size / MIB:.1f} MiB, piece {record.get('piece_length')}), "
+            f"link bound {bound:.1f} s")
+        http_hosts: list[HostResult] = []
+        if not self.cfg.skip_http:
+            http_hosts = self.http_round(n, record, rdir)
+            log(f"N={n}: HTTP {max(h.done_at for h in http_hosts):.1f} s")
+        docket_hosts = self.docket_round(n, record, rdir)
+        ok = all(h.ok for h in docket_hosts) and all(h.ok for h in http_hosts)
+        http_s = max(h.done_at for h in http_hosts) if http_hosts else None
+        docket_s = max(h.done_at for h in docket_hosts) if all(h.ok for h in docket_hosts) else None
+        log(f"N={n}: docket {docket_s} s" + ("" if ok else " - FAILURES: " +
+            "; ".join(f"{h.host}: {h.error}" for h in [*http_hosts, *docket_hosts] if not h.ok)))
+        return RoundResult(
+            n=n, size_bytes=size, rate_mbit=self.cfg.rate_mbit, digest=record["digest"], link_bound_s=round(bound, 3),
+            http_bound_s=round(n * bound, 3), http_s=_r(http_s), docket_s=_r(docket_s),
+            docket_host_max_s=_r(max(h.seconds for h in docket_hosts)),
+            docket_over_bound=_r(docket_s / bound if docket_s else None),
+            http_over_docket=_r(http_s / docket_s if http_s and docket_s else None),
+            all_finished=ok, http_hosts=http_hosts, docket_hosts=docket_hosts,
+            docket_all_exited_s=_r(self.last_exit),
+        )
+
+    def main(self) -> list[RoundResult]:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.lab.tag}-", dir=self.cfg.workdir))
+        self.tmp.chmod(0o755)  # opentracker drops to nobody
+        log(f"namespaces {self.lab.tag}-*, temp {self.tmp}")
+        self.lab.setup()
+        self.start_registry()
+        results = []
+        for n in self.cfg.hosts:
+            results.append(self.one(n))
+            write_results(self.cfg, results)
+        return results
+
+    def close(self) -> None:
+        for p in list(self.procs):
+            if p is not self.registry:
+                stop_pid(p, timeout=5)
+        if self.registry is not None:
+            stop_pid(self.registry, timeout=30)  # stops its seeders and tracker itself
+        if self.tmp and self.registry is not None and not self.cfg.keep:
+            with contextlib.suppress(OSError):
+                shutil.copy(self.tmp / "registry.log", self.cfg.out / "registry.log")
+        self.lab.close()
+        if self.tmp and not self.cfg.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def write_results(cfg: Config, results: list[RoundResult]) -> None:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps({
+        "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
+                   "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time},
+        "rounds": [asdict(r) for r in results],
+    }, indent=2))
+    cols = ["n", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
+            "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s", "all_finished"]
+    with open(cfg.out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in results:
+            w.writerow([getattr(r, c) for c in cols])
+
+
+def table(results: list[RoundResult]) -> str:
+    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [f"{'N':>3} {'HTTP s':>8} {'docket s':>9} {'bound s':>8} {'docket/bound':>13} {'HTTP/docket':>12} ok"]
+    for r in results:
+        lines.append(f"{r.n:>3} {f(r.http_s):>8} {f(r.docket_s):>9} {f(r.link_bound_s):>8} "
+                     f"{f(r.docket_over_bound, 2):>13} {f(r.http_over_docket, 2):>12} {'yes' if r.all_finished else 'NO'}")
+    return "\n".join(lines)
+
+
+def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed (pip install 'docket[bench]' or matplotlib): no plot")
+        return None
+    ns = [r.n for r in results]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if any(r.http_s for r in results):
+        ax.plot(ns, [r.http_s for r in results], "o-", label="central HTTP (measured)")
+        ax.plot(ns, [r.http_bound_s for r in results], ":", color="C0", label="HTTP bound N·S/B")
+    ax.plot(ns, [r.docket_s for r in results], "s-", color="C1", label="docket pull, BitTorrent (measured)")
+    ax.plot(ns, [r.link_bound_s for r in results], "--", color="C2", label="link bound S/B")
+    ax.set_xlabel("hosts pulling at once (N)")
+    ax.set_ylabel("seconds until the last host has the image")
+    ax.set_title(f"{cfg.size_mib:g} MiB image, {cfg.rate_mbit:g} Mbit/s links")
+    ax.set_xticks(ns)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = cfg.out / "swarm.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def benchmark(cfg: Config) -> list[RoundResult]:
+    """Run the whole benchmark; always removes what it created. Returns the rounds (also written to cfg.out)."""
+    ok, why = netns_supported()
+    if not ok:
+        raise RuntimeError(f"cannot build the simulated network: {why}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(cfg)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for s in old:
+            signal.signal(s, _raise)
+    try:
+        results = bench.main()
+    finally:
+        # Cleanup must finish even if Ctrl-C is pressed again.
+        if in_main:
+            prev_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for s in old:
+                signal.signal(s, signal.SIG_IGN)
+        try:
+            bench.close()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, prev_int)
+                for s, h in old.items():
+                    signal.signal(s, h)
+    write_results(cfg, results)
+    if cfg.plot:
+        plot(cfg, results)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hosts", default="1,4,8,16", help="comma-separated N values (default 1,4,8,16)")
+    p.add_argument("--size-mib", type=float, default=64.0, help="image size in MiB (default 64)")
+    p.add_argument("--rate-mbit", type=float, default=50.0, help="every host's link, each direction (default 50)")
+    p.add_argument("--queue-ms", type=float, default=100.0, help="tbf queue (latency) per link (default 100 ms)")
+    p.add_argument("--seed-time", type=float, default=60.0, help="docket pull --seed-time (default 60)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results.json/.csv, swarm.png")
+    p.add_argument("--prefix", default="dkbench", help="namespace name prefix; the pid is appended")
+    p.add_argument("--timeout", type=float, default=900.0, help="per transfer phase, seconds")
+    p.add_argument("--workdir", type=Path, default=None, help="parent of the temp directory (default $TMPDIR)")
+    p.add_argument("--keep", action="store_true", help="keep the temp directory (logs) for debugging")
+    p.add_argument("--skip-http", action="store_true", help="docket only")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
+    if not hosts or min(hosts) < 1 or max(hosts) > 200:
+        p.error("--hosts: values 1..200")
+    return Config(hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
+                  prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
+                  plot=not a.no_plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        results = benchmark(cfg)
+    except KeyboardInterrupt:
+        log("interrupted; everything it created was removed")
+        return 130
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        log(f"failed: {exc} {detail}".strip())
+        return 1
+    print(table(results))
+    print(f"results: {cfg.out / 'results.json'}, {cfg.out / 'results.csv'}, {cfg.out / 'swarm.png'}")
+    return 0 if all(r.all_finished for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
