@@ -33,7 +33,7 @@ from typing import Any
 from docket.errors import ServiceUnavailable
 from docket.registry.config import parse_host_port
 from docket.torrent import Opentracker, ScrapeResult, find_opentracker, scrape
-from docket.torrent.orphans import record_pid, stop_orphan
+from docket.torrent.processes import record_pid, stop_orphan
 
 log = logging.getLogger(__name__)
 

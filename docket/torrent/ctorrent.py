@@ -22,6 +22,7 @@ from typing import IO
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
 from docket.torrent.metainfo import ipv4_address
+from docket.torrent.processes import stop_child
 
 log = logging.getLogger(__name__)
 
@@ -309,20 +310,9 @@ class CtorrentProcess:
             if proc is None or self._stopped:
                 return
             self._stopped = True
-            if proc.poll() is None:
-                for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        proc.send_signal(sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout if sig != signal.SIGKILL else 10.0)
-                        break
-                    except subprocess.TimeoutExpired:
-                        # Expected after a recent announce: ctorrent sits in "Quitting" until ~15 s after its
-                        # last tracker contact before it sends "stopped" (measured; see INTERFACE.md Findings).
-                        log.info("ctorrent pid %d still running %.0f s after %s", proc.pid, timeout,
-                                 signal.Signals(sig).name)
+            # A second SIGTERM is expected to be needed after a recent announce: ctorrent sits in "Quitting"
+            # until ~15 s after its last tracker contact before it sends "stopped" (see INTERFACE.md Findings).
+            stop_child(proc, timeout, (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL))
             self._join_reader(5.0)
             log.info("ctorrent pid %d stopped", proc.pid)
 

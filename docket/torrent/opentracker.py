@@ -23,6 +23,7 @@ from typing import IO
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
 from docket.torrent.metainfo import ipv4_address
+from docket.torrent.processes import stop_child
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +213,7 @@ class Opentracker:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                log.warning("opentracker pid %d ignored SIGTERM; killing", proc.pid)
-                proc.kill()
-                proc.wait(10)
+        stop_child(proc, timeout)
         if self._reader is not None:
             self._reader.join(5)
         log.info("opentracker pid %d stopped", proc.pid)

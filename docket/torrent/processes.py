@@ -1,7 +1,7 @@
-"""Stopping helper processes a previous run started and could not stop (it was killed with SIGKILL).
+"""Stopping the helper processes we start: our own children, and those a killed previous run left behind.
 
-Only a pid we recorded ourselves is signalled, and only when /proc still shows the program we started with
-our own marker (a path of ours) in its command line: a recycled pid is left alone.
+Only a pid we started or recorded ourselves is signalled; for a previous run's, only when /proc still shows the
+program we started with our own marker (a path of ours) in its command line: a recycled pid is left alone.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,3 +50,20 @@ def stop_orphan(pid_file: Path, program: str, marker: str, timeout: float = 5.0)
     with contextlib.suppress(OSError):
         pid_file.unlink()
     return stopped
+
+
+def stop_child(proc: subprocess.Popen, timeout: float,
+               signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL)) -> None:
+    """Send ``signals`` in turn to our child, waiting ``timeout`` after each (10 s after SIGKILL)."""
+    for sig in signals:
+        if proc.poll() is not None:
+            return
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10.0 if sig == signal.SIGKILL else timeout)
+            return
+        except subprocess.TimeoutExpired:
+            log.info("pid %d still running %.0f s after %s", proc.pid, timeout, signal.Signals(sig).name)
