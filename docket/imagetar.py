@@ -18,6 +18,7 @@ import json
 import posixpath
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 MAX_LINK_DEPTH = 16
 _HEX64 = re.compile(r"[a-f0-9]{64}")
+_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})?$"
 )
@@ -42,6 +44,25 @@ class ImageInfo:
     repo_tags: tuple[str, ...]
     layout: str  # "oci" (Engine 25+, index.json present) or "docker" (legacy)
     members: int = field(default=0)
+    config_bytes: bytes = field(default=b"", repr=False, compare=False)  # the config exactly as stored
+
+    @property
+    def diff_ids(self) -> tuple[str, ...]:
+        """The config's ``rootfs.diff_ids``: the digest each layer (by position) must have."""
+        return config_diff_ids(self.config_bytes)
+
+
+def config_diff_ids(config_bytes: bytes) -> tuple[str, ...]:
+    """``rootfs.diff_ids`` of an image config (raises InvalidImage when absent or malformed)."""
+    try:
+        config = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"image config is not valid JSON: {exc}") from exc
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIGEST.match(d) for d in diff_ids):
+        raise _bad("image config has no valid rootfs.diff_ids list")
+    return tuple(diff_ids)
 
 
 def _bad(message: str, hint: str | None = None) -> InvalidImage:
@@ -194,4 +215,22 @@ def inspect_image_tar(path: Path) -> ImageInfo:
         repo_tags=tuple(repo_tags or ()),
         layout="oci" if "index.json" in members else "docker",
         members=len(members),
+        config_bytes=config_bytes,
     )
+
+
+def iter_layers(path: Path, info: ImageInfo) -> Iterator[tuple[int, str, str, tarfile.ExFileObject, int]]:
+    """``(position, member name, resolved member name, readable file, size)`` for each layer of a tarball
+    ``inspect_image_tar`` accepted, in manifest order. Links (legacy ``docker save`` writes a repeated layer as a
+    symlink to the first copy) are followed to the regular member holding the bytes (the resolved name)."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            members = {_normalize(m.name): m for m in tar.getmembers()}
+            for position, name in enumerate(info.layers):
+                member = _resolve(members, name)
+                f = tar.extractfile(member)
+                if f is None:
+                    raise _bad(f"layer {name!r} cannot be read")
+                yield position, name, _normalize(member.name), f, member.size
+    except (tarfile.TarError, EOFError) as exc:
+        raise _bad(f"the tar archive is damaged: {exc}") from exc

@@ -92,3 +92,62 @@ def build_image_tar(
         if "manifest.json" not in skip:
             _add(tar, "manifest.json", json.dumps(manifest if manifest is not None else [entry]).encode())
     return {"image_id": f"sha256:{config_hex}", "config": config_name, "layers": [layer_name]}
+
+
+def build_layered_image_tar(
+    path: Path,
+    payloads: list[bytes],
+    *,
+    layout: str = "docker",
+    repo_tag: str = "test/app:v1",
+    created: str = "2024-05-06T07:08:09Z",
+    wrong_diff_id_at: int | None = None,
+) -> dict:
+    """A multi-layer image tarball (one file per layer). Legacy layout writes a repeated layer as a symlink to the
+    first copy, as Engine 20.10 does; OCI lists the same blob twice. Returns {"image_id", "config" (bytes),
+    "config_digest", "layers" (bytes per position), "diff_ids"}."""
+    layers = [layer_tar(p) for p in payloads]
+    diff_ids = ["sha256:" + hashlib.sha256(x).hexdigest() for x in layers]
+    claimed = list(diff_ids)
+    if wrong_diff_id_at is not None:
+        claimed[wrong_diff_id_at] = "sha256:" + "e" * 64
+    config = json.dumps({"architecture": "amd64", "os": "linux", "created": created, "config": {"Cmd": ["/hello"]},
+                         "rootfs": {"type": "layers", "diff_ids": claimed}}, sort_keys=True).encode()
+    config_hex = hashlib.sha256(config).hexdigest()
+    names: list[str] = []
+    with tarfile.open(path, "w") as tar:
+        if layout == "oci":
+            _add(tar, "blobs/", b"", type=tarfile.DIRTYPE, mode=0o755)
+            _add(tar, "blobs/sha256/", b"", type=tarfile.DIRTYPE, mode=0o755)
+            written: set[str] = set()
+            for data, diff_id in zip(layers, diff_ids):
+                name = f"blobs/sha256/{diff_id[7:]}"
+                if name not in written:
+                    _add(tar, name, data)
+                    written.add(name)
+                names.append(name)
+            config_name = f"blobs/sha256/{config_hex}"
+            _add(tar, config_name, config)
+            _add(tar, "index.json", b'{"schemaVersion": 2, "manifests": []}')
+            _add(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        else:
+            first: dict[str, str] = {}
+            parent = ""
+            for data, diff_id in zip(layers, diff_ids):
+                v1 = hashlib.sha256((parent + diff_id).encode()).hexdigest()  # a v1 id per position, like Docker
+                parent = v1
+                _add(tar, f"{v1}/", b"", type=tarfile.DIRTYPE, mode=0o755)
+                if diff_id in first:
+                    _add(tar, f"{v1}/layer.tar", b"", type=tarfile.SYMTYPE, linkname=f"../{first[diff_id]}",
+                         size=0)
+                else:
+                    _add(tar, f"{v1}/layer.tar", data)
+                    first[diff_id] = f"{v1}/layer.tar"
+                _add(tar, f"{v1}/VERSION", b"1.0")
+                names.append(f"{v1}/layer.tar")
+            config_name = f"{config_hex}.json"
+            _add(tar, config_name, config)
+        _add(tar, "manifest.json", json.dumps([{"Config": config_name, "RepoTags": [repo_tag],
+                                                "Layers": names}]).encode())
+    return {"image_id": f"sha256:{config_hex}", "config": config, "config_digest": f"sha256:{config_hex}",
+            "layers": layers, "diff_ids": diff_ids}

@@ -349,7 +349,7 @@ BAD_HTTP = {
 def test_bad_http(client, location, seeded, case):
     method, path, headers, status, code = BAD_HTTP[case]
     if path == "BLOB":
-        path = seeded["blob_url"]
+        path = seeded["layers"][0]["blob_url"]
     before = snapshot(client, location)
     resp = client.open(path, method=method, headers={**AUTH, **headers}, data=b"x" if method == "PUT" else None)
     err = check_error(resp, status, code)
@@ -378,6 +378,17 @@ BAD_AUTH = {
     "read with a wrong token": ("GET", TAG_PATH.format("keep", "v1"), "Bearer wrong", 401, "UNAUTHORIZED",
                                 "invalid"),
     "blob download without a token": ("GET", "BLOB", None, 401, "UNAUTHORIZED", "missing"),
+    "blob upload without a token": ("POST", "/api/v1/blobs?kind=layer", None, 401, "UNAUTHORIZED", "missing"),
+    "blob upload with a wrong token": ("POST", "/api/v1/blobs?kind=config", "Bearer nope-nope-nope", 401,
+                                       "UNAUTHORIZED", "invalid"),
+    "blob upload with a read token": ("POST", "/api/v1/blobs?kind=layer", f"Bearer {READ_TOKEN}", 403, "FORBIDDEN",
+                                      "only read"),
+    "manifest put without a token": ("PUT", "/api/v1/repositories/app/manifests/v1", None, 401, "UNAUTHORIZED",
+                                     "missing"),
+    "manifest put with a read token": ("PUT", "/api/v1/repositories/app/manifests/v1", f"Bearer {READ_TOKEN}", 403,
+                                       "FORBIDDEN", "only read"),
+    "manifest read without a token": ("GET", "/api/v1/repositories/keep/manifests/v1", None, 401, "UNAUTHORIZED",
+                                      "missing"),
     "whitelist without a token": ("GET", "/api/v1/tracker/whitelist", None, 401, "UNAUTHORIZED", "missing"),
 }
 
@@ -386,12 +397,12 @@ BAD_AUTH = {
 def test_bad_auth(client, location, image, seeded, case):
     method, path, auth, status, code, word = BAD_AUTH[case]
     if path == "BLOB":
-        path = seeded["blob_url"]
+        path = seeded["layers"][0]["blob_url"]
     headers = {"Content-Type": "application/x-tar"}
     if auth is not None:
         headers["Authorization"] = auth
     before = snapshot(client, location)
-    resp = client.open(path, method=method, headers=headers, data=image() if method == "PUT" else None)
+    resp = client.open(path, method=method, headers=headers, data=image() if method in ("PUT", "POST") else None)
     err = check_error(resp, status, code)
     assert word in err["message"], err
     assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="docket"')
@@ -409,7 +420,7 @@ def test_auth_allows_what_it_should(client, location, image, seeded):
     assert client.get("/openapi.json").status_code == 200
     read = {"Authorization": f"Bearer {READ_TOKEN}"}
     assert client.get("/api/v1/images", headers=read).status_code == 200
-    assert client.get(seeded["blob_url"], headers=read).status_code == 200
+    assert client.get(seeded["layers"][0]["blob_url"], headers=read).status_code == 200
     assert client.get(TAG_PATH.format("keep", "v1"), headers={"Authorization": f"bearer {PUSH_TOKEN}"}) \
         .status_code == 200
     assert put(client, TAG_PATH.format("app", "v1"), image()).status_code == 201

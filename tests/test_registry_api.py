@@ -22,7 +22,7 @@ from docket.imagetar import inspect_image_tar, parse_created
 from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
-from registry_images import _add, build_image_tar
+from registry_images import _add, build_image_tar, config_json, layer_tar
 
 KIB = 1024
 LIMIT = 256 * KIB
@@ -92,17 +92,28 @@ def test_push_stores_blob_torrent_and_record(client, location, image, layout):
     resp = push(client, "team/app:v1", data)
     assert resp.status_code == 201, resp.get_data(as_text=True)
     rec = resp.get_json()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    # the whole tarball is split on the server: one layer blob (digest = diff_id) and one config blob
+    layer, config = layer_tar(b"hello docket\n"), config_json(b"hello docket\n")
+    digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     assert rec["repository"] == "team/app" and rec["tag"] == "v1" and rec["ref"] == "team/app:v1"
-    assert rec["image_id"] == info["image_id"]
+    assert rec["image_id"] == info["image_id"] == "sha256:" + hashlib.sha256(config).hexdigest()
     assert rec["created"] == "2024-05-06T07:08:09Z"
-    assert rec["size"] == len(data) and rec["digest"] == digest
-    assert rec["torrent_url"] == f"/api/v1/blobs/{digest}/torrent" and rec["blob_url"] == f"/api/v1/blobs/{digest}"
-    assert rec["pushed_at"].endswith("Z") and len(rec["info_hash"]) == 40 and rec["piece_length"] >= 256 * KIB
+    assert rec["format"] == "layers" and rec["size"] == len(layer) + len(config)
+    canonical = json.dumps({"config": info["image_id"], "layers": [digest]}, separators=(",", ":"), sort_keys=True)
+    assert rec["digest"] == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    assert rec["config"] == {"digest": info["image_id"], "size": len(config),
+                             "blob_url": f"/api/v1/blobs/{info['image_id']}"}
+    [lrec] = rec["layers"]
+    assert lrec["digest"] == digest and lrec["size"] == len(layer)
+    assert lrec["torrent_url"] == f"/api/v1/blobs/{digest}/torrent" and lrec["blob_url"] == f"/api/v1/blobs/{digest}"
+    assert rec["pushed_at"].endswith("Z") and len(lrec["info_hash"]) == 40 and lrec["piece_length"] >= 16 * KIB
     assert resp.headers["Location"] == "/api/v1/repositories/team/app/tags/v1"
-    assert (location / "blobs" / "sha256" / digest[7:]).read_bytes() == data
-    assert (location / "torrents" / f"{digest[7:]}.torrent").is_file()
-    assert list((location / "uploads").iterdir()) == []
+    assert (location / "blobs" / "sha256" / digest[7:]).read_bytes() == layer
+    assert (location / "blobs" / "sha256" / info["image_id"][7:]).read_bytes() == config
+    assert sorted(p.name for p in (location / "torrents").iterdir()) == [f"{digest[7:]}.torrent"]  # config: none
+    assert list((location / "uploads").iterdir()) == []  # the temporary tarball is gone
+    manifest = client.get("/api/v1/repositories/team/app/manifests/v1")
+    assert manifest.status_code == 200 and manifest.data == canonical.encode()
     assert client.get("/api/v1/repositories/team/app/tags/v1").get_json() == rec
     assert client.get("/api/v1/images").get_json() == {"images": [rec]}
 
@@ -134,8 +145,8 @@ def test_unknown_tag_is_404(client):
 
 # -- blobs and torrents -------------------------------------------------------------------------------------
 def test_blob_download_range_and_etag(client, image):
-    data, _ = image()
-    rec = push(client, "app:v1", data).get_json()
+    data = layer_tar(b"hello docket\n")
+    rec = push(client, "app:v1", image()[0]).get_json()["layers"][0]
     url = rec["blob_url"]
     full = client.get(url)
     assert full.status_code == 200 and full.data == data
@@ -159,8 +170,8 @@ def test_blob_download_range_and_etag(client, image):
 
 
 def test_torrent_matches_record(client, image):
-    data, _ = image()
-    rec = push(client, "app:v1", data).get_json()
+    data = layer_tar(b"hello docket\n")
+    rec = push(client, "app:v1", image()[0]).get_json()["layers"][0]
     with client.get(rec["torrent_url"]) as resp:
         resp.data  # noqa: B018 - read the body, then close the file
     assert resp.status_code == 200 and resp.mimetype == "application/x-bittorrent"
@@ -186,7 +197,7 @@ def test_unknown_blob_is_404(client):
 
 def test_tracker_endpoints(client, image):
     assert client.get("/api/v1/tracker/whitelist").data == b""
-    rec = push(client, "app:v1", image()[0]).get_json()
+    rec = push(client, "app:v1", image()[0]).get_json()["layers"][0]
     wl = client.get("/api/v1/tracker/whitelist")
     assert wl.mimetype == "text/plain" and wl.data.decode() == rec["info_hash"] + "\n"
     assert client.get("/api/v1/tracker").get_json() == {"announce_url": "http://127.0.0.1:6999/announce",
@@ -197,19 +208,20 @@ def test_tracker_endpoints(client, image):
 def test_repush_replaces_tag_and_gc_collects_old_blob(app, client, location, image):
     first, _ = image("a.tar", payload=b"one")
     second, info2 = image("b.tar", payload=b"two")
-    rec1 = push(client, "app:v1", first).get_json()
-    rec2 = push(client, "app:v1", second).get_json()
-    assert rec2["digest"] != rec1["digest"] and rec2["image_id"] == info2["image_id"]
-    assert [r["digest"] for r in client.get("/api/v1/images").get_json()["images"]] == [rec2["digest"]]
+    img1 = push(client, "app:v1", first).get_json()
+    img2 = push(client, "app:v1", second).get_json()
+    rec1, rec2 = img1["layers"][0], img2["layers"][0]
+    assert rec2["digest"] != rec1["digest"] and img2["image_id"] == info2["image_id"]
+    assert [r["digest"] for r in client.get("/api/v1/images").get_json()["images"]] == [img2["digest"]]
     services = app.extensions["docket"]
     with services.db.session() as s:
         old = s.get(Blob, rec1["digest"])
-        assert old.unreferenced_at is not None
+        assert old.unreferenced_at is not None and s.get(Blob, img1["image_id"]).unreferenced_at is not None
         assert s.get(Blob, rec2["digest"]).unreferenced_at is None
     # within the grace period nothing goes; an in-flight download also holds it
     assert services.gc.run_once() == []
     services.downloads.acquire(rec1["digest"])
-    assert services.gc.run_once(now=utcnow() + timedelta(hours=1)) == []
+    assert services.gc.run_once(now=utcnow() + timedelta(hours=1)) == [img1["image_id"]]  # the old config
     services.downloads.release(rec1["digest"])
     assert services.gc.run_once(now=utcnow() + timedelta(hours=1)) == [rec1["digest"]]
     assert_error(client.get(rec1["blob_url"]), 404)
@@ -217,23 +229,24 @@ def test_repush_replaces_tag_and_gc_collects_old_blob(app, client, location, ima
     assert not (location / "torrents" / f"{rec1['digest'][7:]}.torrent").exists()
     assert client.get("/api/v1/tracker/whitelist").data.decode() == rec2["info_hash"] + "\n"
     with client.get(rec2["blob_url"]) as resp:
-        assert resp.data == second
+        assert resp.data == layer_tar(b"two")
 
 
 def test_same_bytes_two_tags_share_one_blob(app, client, location, image):
     data, _ = image()
     r1 = push(client, "app:v1", data).get_json()
     r2 = push(client, "app:latest", data).get_json()
-    assert r1["digest"] == r2["digest"] and r1["info_hash"] == r2["info_hash"]
-    assert len(list((location / "blobs" / "sha256").iterdir())) == 1
+    assert r1["digest"] == r2["digest"] and r1["layers"] == r2["layers"]
+    assert len(list((location / "blobs" / "sha256").iterdir())) == 2  # one layer, one config
     assert client.delete("/api/v1/repositories/app/tags/v1").status_code == 204
     with app.extensions["docket"].db.session() as s:
-        assert s.get(Blob, r1["digest"]).unreferenced_at is None  # still used by app:latest
+        assert s.get(Blob, r1["layers"][0]["digest"]).unreferenced_at is None  # still used by app:latest
+        assert s.get(Blob, r1["image_id"]).unreferenced_at is None
 
 
 def test_delete_then_repush_same_bytes_rereferences(app, client, image):
     data, _ = image()
-    rec = push(client, "app:v1", data).get_json()
+    rec = push(client, "app:v1", data).get_json()["layers"][0]
     resp = client.delete("/api/v1/repositories/app/tags/v1")
     assert resp.status_code == 204 and resp.data == b""
     assert_error(client.get("/api/v1/repositories/app/tags/v1"), 404)
@@ -408,11 +421,11 @@ def test_healthz_ok_without_seeding(client, image):
     assert resp.status_code == 200, body
     assert body["status"] == "ok"
     assert set(body["checks"]) == {"database", "blob_store", "tracker", "seeders"}
-    assert body["checks"]["blob_store"]["blobs"] == 1
+    assert body["checks"]["blob_store"]["blobs"] == 2  # layer + config
 
 
 def test_healthz_degraded_when_blob_damaged(client, location, image):
-    rec = push(client, "app:v1", image()[0]).get_json()
+    rec = push(client, "app:v1", image()[0]).get_json()["layers"][0]
     (location / "blobs" / "sha256" / rec["digest"][7:]).write_bytes(b"short")
     resp = client.get("/healthz")
     assert resp.status_code == 503
@@ -477,8 +490,11 @@ def test_parse_created():
 
 def test_select_blob_rows_direct(app, client, image):
     """The DB row agrees with the record (sizes are recorded as uploaded)."""
-    rec = push(client, "app:v1", image()[0]).get_json()
+    img = push(client, "app:v1", image()[0]).get_json()
+    rec = img["layers"][0]
     with app.extensions["docket"].db.session() as s:
-        blob = s.scalars(select(Blob)).one()
+        blob = s.scalars(select(Blob).where(Blob.kind == "layer")).one()
         assert (blob.digest, blob.size, blob.info_hash) == (rec["digest"], rec["size"], rec["info_hash"])
+        config = s.scalars(select(Blob).where(Blob.kind == "config")).one()
+        assert (config.digest, config.size, config.info_hash) == (img["image_id"], img["config"]["size"], None)
     assert json.loads(json.dumps(rec)) == rec

@@ -24,7 +24,7 @@ import requests
 
 from docket.torrent import CtorrentProcess, read_torrent, scrape
 from procs import free_port, stop_process, tail, wait_until
-from registry_images import build_image_tar
+from registry_images import build_image_tar, build_layered_image_tar, layer_tar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,14 +122,19 @@ def registry(workdir: Path) -> Iterator[Registry]:
 @pytest.fixture(scope="module")
 def pushed(registry: Registry, workdir: Path) -> dict:
     tarball = workdir / "image.tar"
-    build_image_tar(tarball, payload=os.urandom(3 * 1024 * 1024), repo_tag="e2e/app:v1")
+    payload = os.urandom(3 * 1024 * 1024)
+    build_image_tar(tarball, payload=payload, repo_tag="e2e/app:v1")
     with open(tarball, "rb") as f:  # a file object: requests streams it with Content-Length
         resp = requests.put(registry.url + "/api/v1/repositories/e2e/app/tags/v1", data=f,
                             headers={"Content-Type": "application/x-tar"}, timeout=60)
     assert resp.status_code == 201, resp.text
     rec = resp.json()
-    rec["_sha256"] = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    return rec
+    assert rec["format"] == "layers" and len(rec["layers"]) == 1
+    # the tarball was split on the server: its one layer is what is torrented and seeded
+    layer = rec["layers"][0]
+    layer["_sha256"] = hashlib.sha256(layer_tar(payload)).hexdigest()
+    layer["_config"] = rec["config"]["digest"]
+    return layer
 
 
 def seeder_pid(registry: Registry, digest: str) -> int | None:
@@ -143,6 +148,7 @@ def test_push_is_seeded_and_healthy(registry: Registry, pushed: dict) -> None:
     assert [i["ref"] for i in registry.get("/api/v1/images").json()["images"]] == ["e2e/app:v1"]
     pid = seeder_pid(registry, digest)
     assert pid and pid in children(registry.proc.pid)
+    assert pushed["_config"] not in registry.seeders()  # config blobs are HTTP only
     args = cmdline(pid)
     assert Path(args[0]).name == "ctorrent" and "-f" in args and str(registry.location) in " ".join(args)
     health = registry.healthz()
@@ -164,7 +170,7 @@ def test_leecher_downloads_over_bittorrent(registry: Registry, pushed: dict, tmp
     ip = f"127.{random.randint(100, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
     with CtorrentProcess(torrent, out, workdir=tmp_path / "leech", listen_ip=ip) as leecher:
         assert leecher.wait_complete(60), leecher.tail()
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == pushed["digest"][7:]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == pushed["digest"][7:] == pushed["_sha256"]
 
 
 def test_killed_seeder_is_restarted(registry: Registry, pushed: dict) -> None:
@@ -206,8 +212,9 @@ def test_chunked_push_over_http(registry: Registry, workdir: Path) -> None:
     resp = requests.put(registry.url + "/api/v1/repositories/e2e/chunked/tags/v1", data=body(),
                         headers={"Content-Type": "application/x-tar"}, timeout=60)
     assert resp.status_code == 201, resp.text
-    assert resp.json()["digest"][7:] == hashlib.sha256(tarball.read_bytes()).hexdigest()
-    assert seeder_pid(registry, resp.json()["digest"])
+    layer = resp.json()["layers"][0]
+    assert layer["digest"][7:] == hashlib.sha256(layer_tar(b"chunked " * 100000)).hexdigest()
+    assert seeder_pid(registry, layer["digest"])
     assert registry.get("/healthz").status_code == 200
     assert requests.delete(registry.url + "/api/v1/repositories/e2e/chunked/tags/v1", timeout=10).status_code == 204
 
@@ -231,6 +238,43 @@ def test_too_large_and_bad_tar_over_http(registry: Registry) -> None:
     assert not any((registry.location / "uploads").iterdir())
 
 
+def test_shared_layer_stored_and_seeded_once(registry: Registry, workdir: Path) -> None:
+    """Two images sharing a base layer, one pushed as a whole tarball, one as blobs + manifest: the base layer is one
+    blob file with one seeder; every layer blob is seeded, no config blob is; health stays ok."""
+    base = os.urandom(512 * 1024)
+    one = build_layered_image_tar(workdir / "one.tar", [base, b"one"], repo_tag="e2e/one:v1")
+    resp = requests.put(registry.url + "/api/v1/repositories/e2e/one/tags/v1", data=(workdir / "one.tar").read_bytes(),
+                        headers={"Content-Type": "application/x-tar"}, timeout=60)
+    assert resp.status_code == 201, resp.text
+    two = build_layered_image_tar(workdir / "two.tar", [base, b"two"], layout="oci", repo_tag="e2e/two:v1")
+    for data, digest in zip(two["layers"], two["diff_ids"]):
+        r = requests.post(registry.url + f"/api/v1/blobs?kind=layer&digest={digest}", data=data, timeout=60)
+        assert r.status_code == (200 if digest == one["diff_ids"][0] else 201), r.text
+        assert r.json()["info_hash"]
+    r = requests.post(registry.url + f"/api/v1/blobs?kind=config&digest={two['config_digest']}", data=two["config"],
+                      timeout=60)
+    assert r.status_code == 201 and r.json()["info_hash"] is None
+    r = requests.put(registry.url + "/api/v1/repositories/e2e/two/manifests/v1",
+                     json={"config": two["config_digest"], "layers": two["diff_ids"]}, timeout=60)
+    assert r.status_code == 201, r.text
+    shared = one["diff_ids"][0]
+    assert two["diff_ids"][0] == shared
+    assert (registry.location / "blobs" / "sha256" / shared[7:]).is_file()
+    assert sum(1 for p in (registry.location / "blobs" / "sha256").iterdir() if p.name == shared[7:]) == 1
+    seeders = registry.seeders()
+    layer_digests = {*one["diff_ids"], *two["diff_ids"]}
+    assert layer_digests <= set(seeders) and one["config_digest"] not in seeders and two["config_digest"] not in seeders
+    pids = [info["pid"] for d, info in seeders.items() if d == shared]
+    assert len(pids) == 1 and pids[0] in children(registry.proc.pid)
+    assert sum(1 for pid in children(registry.proc.pid) if shared[7:] in " ".join(cmdline(pid))) == 1
+    wait_until(lambda: registry.healthz()["status"] == "ok", 10, what="healthy")
+    announce = registry.get("/api/v1/tracker").json()["announce_url"]
+    info_hash = r.json()["layers"][0]["info_hash"]
+    wait_until(lambda: scrape(announce, info_hash).complete >= 1, 10, what="shared layer seeded")
+    for ref in ("one/tags/v1", "two/tags/v1"):
+        assert requests.delete(registry.url + f"/api/v1/repositories/e2e/{ref}", timeout=10).status_code == 204
+
+
 def test_sigterm_stops_children_and_restart_resumes(registry: Registry, pushed: dict, workdir: Path) -> None:
     digest = pushed["digest"]
     kids = children(registry.proc.pid)
@@ -242,7 +286,8 @@ def test_sigterm_stops_children_and_restart_resumes(registry: Registry, pushed: 
     port = int(registry.url.rsplit(":", 1)[1])
     again = start_registry(registry.location, port, registry.tracker_port, workdir / "registry2.log")
     try:
-        assert [i["digest"] for i in again.get("/api/v1/images").json()["images"]] == [digest]
+        images = again.get("/api/v1/images").json()["images"]
+        assert [[layer["digest"] for layer in i["layers"]] for i in images if i["ref"] == "e2e/app:v1"] == [[digest]]
         pid = wait_until(lambda: seeder_pid(again, digest), 10, what="seeding resumed")
         assert pid not in kids
         wait_until(lambda: again.healthz()["status"] == "ok", 10, what="healthy after restart")
@@ -299,6 +344,7 @@ def test_external_tracker(tmp_path: Path) -> None:
             build_image_tar(tarball)
             rec = requests.put(url + "/api/v1/repositories/ext/app/tags/v1", data=tarball.read_bytes(),
                                headers={"Content-Type": "application/x-tar"}, timeout=30).json()
+            rec = rec["layers"][0]
             torrent = requests.get(url + rec["torrent_url"], timeout=5).content
             assert read_torrent(torrent).announce == info["announce_url"]
             # the operator's sync job: whitelist endpoint -> opentracker whitelist + SIGHUP

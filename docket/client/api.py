@@ -294,3 +294,105 @@ class RegistryClient:
         if not isinstance(record, dict):
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
         return record
+
+    # -- layers (docs/layers.md) ---------------------------------------------------------------------------
+
+    def head_blob(self, digest: str) -> int | None:
+        """Size of the blob when the registry has it, else None."""
+        if not DIGEST_RE.match(digest):
+            raise errors.InvalidRequest(f"invalid digest {digest!r}")
+        what = f"asking the registry for {digest}"
+        resp = self._request("HEAD", f"{API}/blobs/{digest}", what, ok=(200, 404))
+        with resp:
+            if resp.status_code == 404:
+                return None
+            try:
+                return int(resp.headers.get("Content-Length", ""))
+            except ValueError as exc:
+                raise errors.ServiceUnavailable(f"{what}: no Content-Length in the registry's answer") from exc
+
+    def get_blob(self, digest: str, limit: int) -> bytes:
+        """A small blob (the config) over plain HTTP, refused when larger than ``limit``."""
+        if not DIGEST_RE.match(digest):
+            raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
+        what = f"fetching {digest}"
+        resp = self._request("GET", f"{API}/blobs/{digest}", what, stream=True)
+        with resp:
+            buf = bytearray()
+            try:
+                for chunk in resp.iter_content(64 * 1024):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise errors.IntegrityError(f"{what}: larger than {limit} bytes",
+                                                    "the registry sent something that is not an image config")
+            except requests.exceptions.RequestException as exc:
+                raise errors.TransferError(f"{what}: {exc}") from exc
+        return bytes(buf)
+
+    def check_manifest_push_allowed(self, ref: Reference) -> None:
+        """A bodiless manifest PUT: 401/403 when the token may not push (before streaming any layer)."""
+        what = f"pushing {ref}"
+        try:
+            self._request("PUT", self._manifest_path(ref), what, ok=(400,), data=b"",
+                          headers={"Content-Type": "application/json", "Content-Length": "0"})
+        except (errors.Unauthorized, errors.ServiceUnavailable):
+            raise
+        except errors.DocketError:
+            pass
+
+    def upload_blob(self, kind: str, chunks: Iterable[bytes], digest: str | None = None,
+                    progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """``POST /blobs?kind=..`` with the body streamed from ``chunks`` (chunked encoding); the reply dict.
+
+        As in ``push_tarball``, an exception raised by ``chunks`` is re-raised as itself.
+        """
+        failure: list[BaseException] = []
+        sent = 0
+
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            try:
+                for chunk in chunks:
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    yield chunk
+                    if progress_cb:
+                        progress_cb(sent)
+            except BaseException as exc:  # noqa: BLE001 - remembered and re-raised below
+                failure.append(exc)
+                raise
+
+        params = {"kind": kind}
+        if digest:
+            params["digest"] = digest
+        what = f"uploading a {kind} blob" + (f" {digest}" if digest else "")
+        try:
+            resp = self._request("POST", f"{API}/blobs", what, ok=(200, 201), params=params, data=body(),
+                                 headers={"Content-Type": "application/octet-stream"},
+                                 read_timeout=self.push_timeout)
+        except BaseException as exc:
+            if failure:
+                raise failure[0] from None
+            if isinstance(exc, errors.ServiceUnavailable) and sent:
+                raise errors.TransferError(
+                    f"{what}: the connection to {self.url} broke after {sent} bytes",
+                    "the registry may have refused the upload (size limit?) or stopped; check its log") from exc
+            raise
+        reply = self._json(resp, what)
+        if not isinstance(reply, dict) or not isinstance(reply.get("digest"), str):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
+        return reply
+
+    def put_manifest(self, ref: Reference, config: str, layers: list[str]) -> dict[str, Any]:
+        what = f"committing the manifest of {ref}"
+        resp = self._request("PUT", self._manifest_path(ref), what, ok=(200, 201),
+                             json={"config": config, "layers": layers})
+        record = self._json(resp, what)
+        if not isinstance(record, dict):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
+        return record
+
+    @staticmethod
+    def _manifest_path(ref: Reference) -> str:
+        return f"{API}/repositories/{quote(ref.repository, safe='/')}/manifests/{quote(ref.tag, safe='')}"

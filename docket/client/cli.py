@@ -201,33 +201,40 @@ def read_token_file(path: Path) -> str:
 
 @cli.command()
 @click.argument("reference", metavar="REPOSITORY[:TAG]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
-def push(ctx: click.Context, reference: str) -> None:
-    """Upload a local Docker image to the registry (streamed; no temporary copy).
+def push(ctx: click.Context, reference: str, as_json: bool) -> None:
+    """Upload a local Docker image to the registry, layer by layer (streamed; no temporary copy).
 
-    A reference without a tag means :latest.
+    Only the layers the registry does not have yet are uploaded. A reference without a tag means :latest.
     """
-    push_image(_app(ctx), _ref(reference))
+    push_image(_app(ctx), _ref(reference), as_json=as_json)
 
 
-def push_image(app: AppContext, ref: Reference) -> None:
+def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
     from docket.client.progress import human_bytes
+    from docket.client.push import LayerPusher
 
     image = app.docker.find_image(ref)
-    for line in (f"Found image: {ref}", f"  ID:       {image.id}", f"  RepoTags: {', '.join(image.repo_tags)}",
-                 f"  Created:  {readable_time(image.created)}", f"  Size:     {human_bytes(image.size)} ({image.size} bytes)"):
-        if not app.config.quiet:
+    if not app.config.quiet and not as_json:
+        for line in (f"Found image: {ref}", f"  ID:       {image.id}", f"  RepoTags: {', '.join(image.repo_tags)}",
+                     f"  Created:  {readable_time(image.created)}",
+                     f"  Size:     {human_bytes(image.size)} ({image.size} bytes)"):
             app.out(line)
     registry = app.registry
-    reporter = app.reporter()
-    # The tarball is a bit larger than the image's Size: the bar is capped, the final count is exact.
-    with reporter.task(f"Pushing {ref}", image.size or None) as task:
-        record = registry.push_tarball(ref, app.docker.export(ref), image.size, task.update)
-    digest = record.get("digest", "?")
-    if app.config.quiet:
-        app.out(str(digest))
+    diff_ids = list((image.attrs.get("RootFS") or {}).get("Layers") or [])
+    pusher = LayerPusher(registry, app.reporter())
+    # The export is a bit larger than the image's Size: the bar is capped, the final count is exact.
+    result = pusher.push(ref, image.id, diff_ids, lambda: app.docker.export(ref), image.size)
+    if as_json:
+        app.out(json.dumps(result.summary()))
         return
-    app.out(f"Digest: {digest}")
+    if app.config.quiet:
+        app.out(result.digest)
+        return
+    app.out(f"Uploaded {result.layers_uploaded} of {result.layers} layers ({human_bytes(result.bytes_uploaded)}); "
+            f"{result.layers - result.layers_uploaded} already in the registry")
+    app.out(f"Digest: {result.digest}")
     app.out(f"Successfully pushed {ref} to the Docket registry at {registry.url}")
 
 
@@ -274,6 +281,15 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
         app.out(json.dumps(result.summary()))
     elif not app.config.quiet:
         what = "Pulled and loaded" if result.loaded else "Downloaded and verified"
+        if result.format == "layers":
+            from docket.client.progress import human_bytes
+
+            x = result.extra
+            app.out(f"Downloaded {x['layers_downloaded']} of {x['layers']} layers "
+                    f"({human_bytes(x['bytes_from_peers'])} through BitTorrent, "
+                    f"{human_bytes(x['bytes_from_registry'])} over HTTP); "
+                    f"{x['layers_present']} already in Docker ({human_bytes(x['bytes_present'])})"
+                    + (f", {x['layers_cached']} already downloaded" if x["layers_cached"] else ""))
         app.out(f"{what} {result.ref} ({result.image_id}) in {result.seconds:.1f} s")
         if result.output:
             app.out(f"Tarball: {result.output}")

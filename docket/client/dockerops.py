@@ -109,33 +109,63 @@ class DockerOps:
         except Exception as exc:  # noqa: BLE001 - translated
             raise _daemon_error(exc, what) from exc
 
+    def local_chain_ids(self) -> set[str]:
+        """Chain ids of every layer stack the daemon has (all images, intermediate ones too)."""
+        from docket.client.layers import chain_ids
+
+        client = self.client
+        out: set[str] = set()
+        try:
+            for summary in client.api.images(all=True):
+                try:
+                    attrs = client.api.inspect_image(summary["Id"])
+                except docker.errors.ImageNotFound:
+                    continue  # removed meanwhile
+                out.update(chain_ids(list((attrs.get("RootFS") or {}).get("Layers") or [])))
+        except Exception as exc:  # noqa: BLE001 - translated
+            raise _daemon_error(exc, "listing local images") from exc
+        return out
+
+    def load_stream(self, chunks: Iterator[bytes], ref: Reference, expected_id: str,
+                    on_message: Callable[[str], None] | None = None) -> str:
+        """``docker load`` from a generated tarball (sent chunked: dockerd accepts that), then check the id."""
+        return self._load(chunks, f"loading {ref} into Docker", ref, expected_id, on_message)
+
     def load(self, path: Path, ref: Reference, expected_id: str,
              on_message: Callable[[str], None] | None = None) -> str:
         """``docker load`` from an open file (streamed), then check ``ref`` now names ``expected_id``."""
         what = f"loading {path.name} into Docker"
-        loaded: list[str] = []
-        client = self.client
         try:
             with open(path, "rb") as f:
-                for msg in self.client.api.load_image(f, quiet=False):
-                    if not isinstance(msg, dict):
-                        continue
-                    if msg.get("error") or msg.get("errorDetail"):
-                        detail = msg.get("error") or (msg.get("errorDetail") or {}).get("message")
-                        raise errors.InvalidImage(f"{what}: docker load failed: {detail}",
-                                                  "the tarball is not loadable by this daemon")
-                    stream = str(msg.get("stream") or "").strip()
-                    if stream:
-                        if on_message:
-                            on_message(stream)
-                        if stream.startswith("Loaded image"):
-                            loaded.append(stream.split(":", 1)[1].strip())
+                return self._load(f, what, ref, expected_id, on_message)
+        except OSError as exc:
+            if isinstance(exc, (requests.exceptions.RequestException,)):
+                raise _daemon_error(exc, what) from exc
+            raise errors.DocketError(f"{what}: cannot read {path}: {exc}") from exc
+
+    def _load(self, data: Any, what: str, ref: Reference, expected_id: str,
+              on_message: Callable[[str], None] | None) -> str:
+        loaded: list[str] = []
+        try:
+            for msg in self.client.api.load_image(data, quiet=False):
+                if not isinstance(msg, dict):
+                    continue
+                if msg.get("error") or msg.get("errorDetail"):
+                    detail = msg.get("error") or (msg.get("errorDetail") or {}).get("message")
+                    raise errors.InvalidImage(f"{what}: docker load failed: {detail}",
+                                              "the tarball is not loadable by this daemon")
+                stream = str(msg.get("stream") or "").strip()
+                if stream:
+                    if on_message:
+                        on_message(stream)
+                    if stream.startswith("Loaded image"):
+                        loaded.append(stream.split(":", 1)[1].strip())
         except errors.DocketError:
             raise
         except OSError as exc:
             if isinstance(exc, (requests.exceptions.RequestException,)):
                 raise _daemon_error(exc, what) from exc
-            raise errors.DocketError(f"{what}: cannot read {path}: {exc}") from exc
+            raise
         except Exception as exc:  # noqa: BLE001 - translated
             raise _daemon_error(exc, what) from exc
         try:

@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,16 @@ class PullResult:
     downloaded: bool = True  # False when a verified copy was already in the cache
     peer_ip: str | None = None
     tracker: str | None = None
+    format: str = "tarball"
+    extra: dict[str, Any] = field(default_factory=dict)  # format "layers": bytes_from_peers, layers, ...
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: d[k] for k in ("ref", "digest", "image_id", "bytes", "seconds", "loaded", "output")}
+        out = {k: d[k] for k in ("ref", "digest", "image_id", "bytes", "seconds", "loaded", "output")}
+        if self.format != "tarball":
+            out["format"] = self.format
+            out.update(self.extra)
+        return out
 
 
 def check_torrent(meta: TorrentMeta, record: ImageRecord) -> None:
@@ -214,7 +220,15 @@ class Puller:
     def pull(self, ref: Reference) -> PullResult:
         start = time.monotonic()
         self.reporter.info(f"Pulling {ref} from the Docket registry at {self.api.url}")
-        record, torrent, meta = self.fetch(ref)
+        data = self.api.get_image(ref)
+        if data.get("format") == "layers":
+            from docket.client.pull_layers import LayerPull
+
+            return LayerPull(self).run(ref, data, start)
+        record = ImageRecord.from_json(ref, data)
+        torrent = self.api.get_torrent(record.digest)
+        meta = read_torrent(torrent)
+        check_torrent(meta, record)
         if self.opts.load:
             if self.docker is None:
                 raise errors.InvalidRequest("no Docker client to load the image into")
@@ -415,8 +429,9 @@ class Puller:
 class _SeedPolicy:
     """Seed until ``seed_time`` after completion, or until the tracker reports no leechers twice in a row."""
 
-    def __init__(self, puller: Puller, meta: TorrentMeta, completed_at: float) -> None:
+    def __init__(self, puller: Puller, meta: TorrentMeta, completed_at: float, proc: Any = None) -> None:
         self.p = puller
+        self._proc = proc  # layer pulls: one policy per ctorrent; else the puller's one
         self.meta = meta
         self.deadline = completed_at + puller.opts.seed_time
         self.zero_polls = 0
@@ -434,7 +449,7 @@ class _SeedPolicy:
         """
         if now - self.completed_at > SELF_WINDOW:
             return False
-        st = getattr(self.p.proc, "status", None)
+        st = getattr(self._proc if self._proc is not None else self.p.proc, "status", None)
         replies = getattr(st, "tracker_replies", None)
         if replies is None or not getattr(st, "total", 0) or st.have < st.total:
             return False

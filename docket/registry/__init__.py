@@ -77,7 +77,7 @@ def _check_request_shape(limit: int):
                 malformed = True
             if malformed:
                 return jsonify(error_body("INVALID_REQUEST", "malformed query string (bad percent-encoding or not "
-                                          "UTF-8)", "no Docket endpoint takes query parameters; drop them")), 400
+                                          "UTF-8)", "percent-encode query parameters as UTF-8")), 400
         return None
     return check
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -9,10 +10,10 @@ from sqlalchemy import select
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from werkzeug.exceptions import ClientDisconnected
 
-from docket.errors import DocketError, InvalidRequest, TooLarge
+from docket.errors import DocketError, IntegrityError, InvalidRequest, TooLarge
 from docket.reference import validate_repository, validate_tag
 from docket.registry.db import get_session
-from docket.registry.models import Blob
+from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,10 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 ACCEPTED_TYPES = {"application/x-tar", "application/tar", "application/octet-stream"}
 BLOB_MAX_AGE = 365 * 24 * 3600  # blobs are immutable: cache them forever
+MANIFEST_TYPES = {"application/json", "application/vnd.docket.manifest.v1+json"}
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_LAYERS = 1000  # Docker itself stops at 127
+UPLOAD_KINDS = (KIND_LAYER, KIND_CONFIG)
 
 
 class LengthRequired(DocketError):
@@ -64,50 +69,141 @@ def _human(n: int) -> str:
     return str(n)
 
 
-@bp.put("/repositories/<path:repository>/tags/<tag>")
-def push(repository: str, tag: str) -> tuple[Response, int, dict[str, str]]:
-    """Stream the body to a temp file (sha256 while receiving), check, store, torrent, seed, then tag."""
-    validate_repository(repository)
-    validate_tag(tag)
-    sv = services()
-    limit = sv.config.max_upload_size
-    if request.mimetype and request.mimetype not in ACCEPTED_TYPES:
-        raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
-                                   "send the `docker save` tarball as application/x-tar")
+def _check_body_headers(what: str) -> int | None:
+    """Content-Length or chunked, not over ``--max-upload-size``, not empty; returns the announced length."""
+    limit = services().config.max_upload_size
     length = request.content_length
     chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
     if length is None and not chunked:
         raise LengthRequired("Content-Length is required", "send Content-Length or use chunked transfer encoding")
     if length is not None and length > limit:
-        raise TooLarge(f"image tarball is {_human(length)}; this registry accepts up to {_human(limit)}",
+        raise TooLarge(f"{what} is {_human(length)}; this registry accepts up to {_human(limit)}",
                        "ask the operator to raise --max-upload-size")
     if length == 0:
-        raise InvalidRequest("empty request body", "the body must be the `docker save` tarball")
+        raise InvalidRequest("empty request body", f"the body must be the {what}")
+    return length
+
+
+def _receive(up: Any, length: int | None, what: str) -> None:
+    """Stream the request body into ``up`` (hashed while written), enforcing the announced length and the limit."""
+    sv = services()
+    limit = sv.config.max_upload_size
     stream = request.stream
     chunk_size = sv.config.chunk_size
+    while True:
+        try:
+            chunk = stream.read(chunk_size)
+        except (ClientDisconnected, OSError) as exc:
+            raise InvalidRequest(
+                f"request body ended after {up.size} of {length if length is not None else '?'} bytes",
+                "the client disconnected or timed out; push again",
+            ) from exc
+        if not chunk:
+            break
+        up.write(chunk)
+        if up.size > limit:
+            raise TooLarge(f"{what} exceeds {_human(limit)}", "ask the operator to raise --max-upload-size")
+    if length is not None and up.size != length:
+        raise InvalidRequest(f"request body ended after {up.size} of {length} bytes",
+                             "the client disconnected; push again")
+    if up.size == 0:
+        raise InvalidRequest("empty request body", f"the body must be the {what}")
+    up.finish()
+
+
+@bp.put("/repositories/<path:repository>/tags/<tag>")
+def push(repository: str, tag: str) -> tuple[Response, int, dict[str, str]]:
+    """Stream the body to a temp file (sha256 while receiving), check, split into layer and config blobs (stored,
+    torrented, seeded), then tag. The temporary tarball is deleted when this returns."""
+    validate_repository(repository)
+    validate_tag(tag)
+    sv = services()
+    if request.mimetype and request.mimetype not in ACCEPTED_TYPES:
+        raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
+                                   "send the `docker save` tarball as application/x-tar")
+    what = "`docker save` tarball"
+    length = _check_body_headers(what)
     with sv.store.upload() as up:
-        while True:
-            try:
-                chunk = stream.read(chunk_size)
-            except (ClientDisconnected, OSError) as exc:
-                raise InvalidRequest(
-                    f"request body ended after {up.size} of {length if length is not None else '?'} bytes",
-                    "the client disconnected or timed out; push again",
-                ) from exc
-            if not chunk:
-                break
-            up.write(chunk)
-            if up.size > limit:
-                raise TooLarge(f"image tarball exceeds {_human(limit)}", "ask the operator to raise --max-upload-size")
-        if length is not None and up.size != length:
-            raise InvalidRequest(f"request body ended after {up.size} of {length} bytes",
-                                 "the client disconnected; push again")
-        if up.size == 0:
-            raise InvalidRequest("empty request body", "the body must be the `docker save` tarball")
-        up.finish()
+        _receive(up, length, what)
         record = sv.publish(up, repository, tag)
     location = f"/api/v1/repositories/{repository}/tags/{tag}"
     return jsonify(record), 201, {"Location": location}
+
+
+@bp.post("/blobs")
+def upload_blob() -> tuple[Response, int, dict[str, str]]:
+    """One layer or config blob, streamed and hashed while received; checked against ``digest`` when given.
+    A layer is torrented, whitelisted and seeded before the answer. 201 new, 200 already present."""
+    sv = services()
+    kind = request.args.get("kind")
+    if kind not in UPLOAD_KINDS:
+        raise InvalidRequest(f"kind must be one of {', '.join(UPLOAD_KINDS)}, not {kind!r}",
+                             "POST /api/v1/blobs?kind=layer (or kind=config)")
+    expected = request.args.get("digest")
+    if expected is not None:
+        validate_digest(expected)
+    if request.mimetype and request.mimetype not in ACCEPTED_TYPES | {"application/json"}:
+        raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
+                                   "send the blob as application/octet-stream")
+    what = f"{kind} blob"
+    length = _check_body_headers(what)
+    with sv.store.upload() as up:
+        _receive(up, length, what)
+        if expected is not None and up.digest != expected:
+            raise IntegrityError(f"the uploaded {kind} blob has digest {up.digest}, not {expected}",
+                                 "the bytes changed in transit or the digest is wrong; nothing was stored")
+        answer, created = sv.store_blob(up, kind)
+    return jsonify(answer), 201 if created else 200, {"Location": f"/api/v1/blobs/{answer['digest']}"}
+
+
+def _manifest_body() -> tuple[str, list[str]]:
+    """``{"config": digest, "layers": [digest, ...]}`` from the request body, or InvalidRequest."""
+    if request.mimetype and request.mimetype not in MANIFEST_TYPES:
+        raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
+                                   "send the manifest as application/json")
+    length = request.content_length
+    if length is not None and length > MAX_MANIFEST_BYTES:
+        raise TooLarge(f"manifest is {_human(length)}; the limit is {_human(MAX_MANIFEST_BYTES)}")
+    try:
+        raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
+    except (ClientDisconnected, OSError) as exc:
+        raise InvalidRequest("the request body ended early", "send the manifest again") from exc
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise TooLarge(f"manifest exceeds {_human(MAX_MANIFEST_BYTES)}")
+    hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"manifest is not valid JSON: {exc}", hint) from exc
+    if not isinstance(body, dict) or not isinstance(body.get("config"), str) or \
+            not isinstance(body.get("layers"), list) or not all(isinstance(x, str) for x in body["layers"]):
+        raise InvalidRequest("manifest must be an object with a config digest and a list of layer digests", hint)
+    if len(body["layers"]) > MAX_LAYERS:
+        raise InvalidRequest(f"manifest lists {len(body['layers'])} layers; the limit is {MAX_LAYERS}")
+    validate_digest(body["config"])
+    for digest in body["layers"]:
+        validate_digest(digest)
+    return body["config"], list(body["layers"])
+
+
+@bp.put("/repositories/<path:repository>/manifests/<tag>")
+def put_manifest(repository: str, tag: str) -> tuple[Response, int, dict[str, str]]:
+    """Tag an image made of blobs already uploaded; 404 names the first missing blob."""
+    validate_repository(repository)
+    validate_tag(tag)
+    config, layers = _manifest_body()
+    record = services().put_manifest(repository, tag, config, layers)
+    return jsonify(record), 201, {"Location": f"/api/v1/repositories/{repository}/tags/{tag}"}
+
+
+@bp.get("/repositories/<path:repository>/manifests/<tag>")
+def get_manifest(repository: str, tag: str) -> Response:
+    validate_repository(repository)
+    validate_tag(tag)
+    body, digest = services().get_manifest(get_session(), repository, tag)
+    resp = Response(body, mimetype="application/json")
+    resp.headers["Docket-Content-Digest"] = digest
+    return resp
 
 
 @bp.get("/repositories/<path:repository>/tags/<tag>")
@@ -154,7 +250,7 @@ def get_blob(digest: str) -> Response:
 def get_torrent(digest: str) -> Response:
     validate_digest(digest)
     sv = services()
-    blob = sv.get_blob(get_session(), digest)
+    blob = sv.get_torrent_blob(get_session(), digest)
     resp = send_file(sv.store.torrent_path(digest), mimetype="application/x-bittorrent", conditional=True,
                      etag=blob.info_hash, max_age=0, download_name=f"{digest_hex(digest)}.torrent")
     resp.headers["Docket-Info-Hash"] = blob.info_hash
@@ -164,7 +260,7 @@ def get_torrent(digest: str) -> Response:
 @bp.get("/tracker/whitelist")
 def tracker_whitelist() -> Response:
     """What an external opentracker's whitelist must contain: every stored blob's info hash."""
-    hashes = sorted(get_session().scalars(select(Blob.info_hash)))
+    hashes = sorted(get_session().scalars(select(Blob.info_hash).where(Blob.info_hash.is_not(None))))
     return Response("".join(f"{h}\n" for h in hashes), mimetype="text/plain")
 
 

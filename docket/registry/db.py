@@ -60,11 +60,31 @@ class Database:
 
     def migrate(self) -> None:
         """Upgrade the schema to the newest revision (idempotent)."""
+        self.upgrade("head")
+
+    def upgrade(self, revision: str) -> None:
+        """Upgrade to ``revision``. SQLite rebuilds a table to change a column (alembic batch mode): foreign key
+        enforcement is off meanwhile (dropping a referenced table would fail), and checked afterwards."""
         cfg = alembic_config(self.url)
-        with self.engine.begin() as connection:
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, "head")
-        log.debug("database %s at head revision", self.engine.url.render_as_string(hide_password=True))
+        sqlite = self.engine.dialect.name == "sqlite"
+        with self.engine.connect() as connection:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
+            try:
+                with connection.begin():
+                    cfg.attributes["connection"] = connection
+                    command.upgrade(cfg, revision)
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    connection.commit()
+                    if broken:
+                        raise RuntimeError(f"database migration left broken foreign keys: {broken[:5]}")
+            finally:
+                if sqlite:
+                    connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    connection.commit()
+        log.debug("database %s at revision %s", self.engine.url.render_as_string(hide_password=True), revision)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

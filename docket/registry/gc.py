@@ -1,5 +1,6 @@
 """Garbage collection of blobs no tag references any more.
 
+A blob is referenced while any image uses it as its whole tarball, its config or one of its layers.
 A blob is deleted only when all of these hold: it has been unreferenced for longer than the grace period
 (``--gc-grace``), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it
 (someone still downloading over BitTorrent needs our seeder). Then, under the blob's lock: stop its seeder,
@@ -14,10 +15,10 @@ import threading
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from docket.errors import DocketError
-from docket.registry.models import Blob, Image, utcnow
+from docket.registry.models import Blob, count_references, utcnow
 
 if TYPE_CHECKING:
     from docket.registry.services import RegistryServices
@@ -78,17 +79,18 @@ class GarbageCollector:
             blob = s.get(Blob, digest)
             if blob is None or blob.unreferenced_at is None or blob.unreferenced_at > cutoff:
                 return False
-            info_hash = blob.info_hash
-        if not self._swarm_idle(digest, info_hash):
-            return False
-        if sv.seeders is not None:
-            sv.seeders.remove(digest)
-        sv.tracker.discard(info_hash)
+            info_hash = blob.info_hash  # None for config blobs: no torrent, no seeder, no swarm
+        if info_hash is not None:
+            if not self._swarm_idle(digest, info_hash):
+                return False
+            if sv.seeders is not None:
+                sv.seeders.remove(digest)
+            sv.tracker.discard(info_hash)
         with sv.tag_lock, sv.db.session() as s:
             blob = s.get(Blob, digest)
-            refs = s.scalar(select(func.count()).select_from(Image).where(Image.blob_digest == digest))
+            refs = count_references(s, digest)  # as a tarball, a config or a layer of any image
             if blob is None or refs or blob.unreferenced_at is None:  # re-referenced meanwhile
-                if blob is not None and refs:
+                if blob is not None and info_hash is not None and (refs or blob.unreferenced_at is None):
                     self._reseed(digest, info_hash)
                 return False
             s.delete(blob)

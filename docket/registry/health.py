@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select
 
-from docket.registry.models import Blob
+from docket.registry.models import SEEDED_KINDS, Blob
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +26,23 @@ def _database(sv: Any) -> dict[str, Any]:
         return {"ok": False, "error": f"database query failed: {exc}"}
 
 
-def _blobs(sv: Any) -> list[tuple[str, int]] | None:
+def _blobs(sv: Any) -> list[tuple[str, int, bool]] | None:
+    """(digest, size, seeded) of every blob row; seeded = its kind gets a seeder (layer, tarball; not config)."""
     try:
         with sv.db.session() as s:
-            return [(d, n) for d, n in s.execute(select(Blob.digest, Blob.size))]
+            return [(d, n, k in SEEDED_KINDS) for d, n, k in s.execute(select(Blob.digest, Blob.size, Blob.kind))]
     except Exception:  # noqa: BLE001
         return None
 
 
-def _blob_store(sv: Any, blobs: list[tuple[str, int]] | None) -> dict[str, Any]:
+def _blob_store(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, Any]:
     """Writable, and every recorded blob present with its recorded size (stat only: no rehashing)."""
     result: dict[str, Any] = {"writable": sv.store.writable()}
     if blobs is None:
         result.update(ok=False, error="cannot list blobs: database unavailable")
         return result
     missing, wrong = [], []
-    for digest, size in blobs:
+    for digest, size, _ in blobs:
         try:
             if sv.store.blob_path(digest).stat().st_size != size:
                 wrong.append(digest)
@@ -56,11 +57,11 @@ def _blob_store(sv: Any, blobs: list[tuple[str, int]] | None) -> dict[str, Any]:
     return result
 
 
-def _seeders(sv: Any, blobs: list[tuple[str, int]] | None) -> dict[str, Any]:
+def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, Any]:
     if sv.seeders is None:
         return {"ok": True, "enabled": False}
     snap = sv.seeders.snapshot()
-    expected = sorted(d for d, _ in (blobs or []) if sv.store.has_blob(d))
+    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.has_blob(d))
     not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
     result: dict[str, Any] = {
         "ok": blobs is not None and not not_running and sv.started,

@@ -9,6 +9,8 @@ is written down once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -20,14 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import torf
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
 
-from docket.errors import NotFound, ServiceUnavailable
-from docket.imagetar import ImageInfo, inspect_image_tar
+from docket.errors import InvalidImage, InvalidRequest, NotFound, ServiceUnavailable
+from docket.imagetar import MAX_CONFIG_BYTES, ImageInfo, config_diff_ids, inspect_image_tar, iter_layers, parse_created
 from docket.registry.config import RegistryConfig
 from docket.registry.db import Database
-from docket.registry.models import Blob, Image, utcnow
+from docket.registry.models import (
+    FORMAT_LAYERS,
+    FORMAT_TARBALL,
+    KIND_CONFIG,
+    KIND_LAYER,
+    Blob,
+    Image,
+    ImageLayer,
+    count_references,
+    utcnow,
+)
 from docket.registry.seeder import SeederSupervisor, SeedSpec, reap_orphans
 from docket.registry.store import BlobStore, Upload, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
@@ -83,22 +95,70 @@ class KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
-def image_record(image: Image, blob: Blob) -> dict[str, Any]:
-    """The image record of docs/http-api.md."""
-    return {
+def canonical_manifest(config: str, layers: list[str]) -> bytes:
+    """The manifest of docs/layers.md; its sha256 is the image record's ``digest`` (format "layers")."""
+    return json.dumps({"config": config, "layers": list(layers)}, separators=(",", ":"), sort_keys=True).encode()
+
+
+def manifest_digest(config: str, layers: list[str]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_manifest(config, layers)).hexdigest()
+
+
+def blob_answer(blob: Blob) -> dict[str, Any]:
+    """The body of ``POST /api/v1/blobs``."""
+    return {"digest": blob.digest, "size": blob.size, "kind": blob.kind, "info_hash": blob.info_hash}
+
+
+def image_record(image: Image) -> dict[str, Any]:
+    """The image record of docs/http-api.md (format "tarball") or docs/layers.md (format "layers")."""
+    head = {
         "repository": image.repository,
         "tag": image.tag,
         "ref": image.ref,
         "image_id": image.image_id,
         "created": rfc3339(image.created),
         "size": image.size,
-        "digest": blob.digest,
-        "info_hash": blob.info_hash,
-        "piece_length": blob.piece_length,
-        "pushed_at": rfc3339(image.pushed_at),
-        "torrent_url": f"/api/v1/blobs/{blob.digest}/torrent",
-        "blob_url": f"/api/v1/blobs/{blob.digest}",
     }
+    if image.format == FORMAT_TARBALL:
+        blob = image.blob
+        assert blob is not None
+        return {
+            **head,
+            "digest": blob.digest,
+            "info_hash": blob.info_hash,
+            "piece_length": blob.piece_length,
+            "pushed_at": rfc3339(image.pushed_at),
+            "torrent_url": f"/api/v1/blobs/{blob.digest}/torrent",
+            "blob_url": f"/api/v1/blobs/{blob.digest}",
+            "format": FORMAT_TARBALL,
+        }
+    config = image.config
+    assert config is not None
+    return {
+        **head,
+        "pushed_at": rfc3339(image.pushed_at),
+        "format": FORMAT_LAYERS,
+        "digest": image.manifest_digest,
+        "config": {"digest": config.digest, "size": config.size, "blob_url": f"/api/v1/blobs/{config.digest}"},
+        "layers": [
+            {"digest": layer.blob.digest, "size": layer.blob.size, "info_hash": layer.blob.info_hash,
+             "piece_length": layer.blob.piece_length, "torrent_url": f"/api/v1/blobs/{layer.blob.digest}/torrent",
+             "blob_url": f"/api/v1/blobs/{layer.blob.digest}"}
+            for layer in image.layers
+        ],
+    }
+
+
+def _image_query() -> Any:
+    return select(Image).options(selectinload(Image.blob), selectinload(Image.config),
+                                 selectinload(Image.layers).selectinload(ImageLayer.blob))
+
+
+def _image_digests(image: Image) -> set[str]:
+    """Every blob an image row uses (tarball, config, layers)."""
+    used = {layer.blob_digest for layer in image.layers}
+    used.update(d for d in (image.blob_digest, image.config_digest) if d)
+    return used
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -152,7 +212,7 @@ class RegistryServices:
         self.store.clean_stale_uploads()
         if self.config.seeding:
             reap_orphans(self.store.seeders_dir)
-        blobs = self.reconcile()
+        blobs = [b for b in self.reconcile() if b.seeded and b.info_hash]
         self.tracker.start([b.info_hash for b in blobs])
         self.started = True
         if self.seeders is not None:
@@ -188,8 +248,10 @@ class RegistryServices:
                 if not self.store.has_blob(b.digest):
                     log.error("blob %s is missing from %s; its tags cannot be pulled", b.digest, self.store.blobs_dir)
                     continue
+                if not b.seeded:
+                    continue  # config blobs: plain HTTP only, no torrent
                 tpath = self.store.torrent_path(b.digest)
-                if not tpath.is_file():
+                if not tpath.is_file() or b.info_hash is None:
                     meta = self._build_torrent(b.digest)
                     if meta.info_hash != b.info_hash:
                         b.info_hash, b.piece_length = meta.info_hash, meta.piece_length
@@ -232,77 +294,214 @@ class RegistryServices:
                              threads=self.config.hash_threads, name=f"{digest_hex(digest)}.tar")
 
     # -- operations -----------------------------------------------------------------------------------------
-    def publish(self, upload: Upload, repository: str, tag: str) -> dict[str, Any]:
-        """Upload (finished, fsynced) -> checked tar -> blob in place -> torrent -> blob row -> whitelist ->
-        seeder -> tag row. Only the last commit makes the tag visible."""
+    def _seed(self, digest: str, info_hash: str) -> None:
+        """Whitelist (before the seeder's first announce), then make sure a seeder runs; 503 when it cannot."""
+        self.tracker.add(info_hash)
+        if self.seeders is not None and not self.seeders.ensure(self.seed_spec(digest)):
+            error = self.seeders.snapshot().get(digest, {}).get("error")
+            self.seeders.remove(digest)  # the blob row stays unreferenced: a retry re-seeds, GC reclaims
+            raise ServiceUnavailable(f"could not start a seeder for {digest}: {error or 'ctorrent failed'}",
+                                     "see the registry log; the push can be retried")
+
+    def _ensure_torrent_locked(self, s: Session, blob: Blob) -> bool:
+        """Build the torrent of a seeded blob when it has none (caller holds the blob lock); True if changed."""
+        if not blob.seeded or (blob.info_hash is not None and self.store.torrent_path(blob.digest).is_file()):
+            return False
+        meta = self._build_torrent(blob.digest)
+        blob.info_hash, blob.piece_length = meta.info_hash, meta.piece_length
+        return True
+
+    def _store_locked(self, upload: Upload, kind: str) -> tuple[dict[str, Any], bool]:
+        """Finished upload -> blob file in place -> torrent -> row -> whitelist -> seeder (seeded kinds only).
+        Caller holds the blob lock. New rows are unreferenced: if nothing references them, GC reclaims them after
+        the grace period. Returns (answer, created)."""
         digest = upload.digest
+        self.store.commit(upload, digest)
+        with self.db.session() as s:
+            blob = s.get(Blob, digest)
+            created = blob is None
+            now = utcnow()
+            if blob is None:
+                blob = Blob(digest=digest, size=upload.size, kind=kind, created_at=now, unreferenced_at=now)
+                s.add(blob)
+            else:
+                if kind == KIND_LAYER and blob.kind != KIND_LAYER:
+                    blob.kind = KIND_LAYER  # the same bytes are now also used as a layer: seed them
+                if blob.unreferenced_at is not None:
+                    blob.unreferenced_at = now  # uploaded again for a coming manifest: a fresh grace period
+            self._ensure_torrent_locked(s, blob)
+            with self.tag_lock:
+                s.commit()
+            answer = blob_answer(blob)
+        if blob.seeded:
+            assert blob.info_hash is not None
+            self._seed(digest, blob.info_hash)
+        return answer, created
+
+    def store_blob(self, upload: Upload, kind: str) -> tuple[dict[str, Any], bool]:
+        """``POST /api/v1/blobs``: store one finished (fsynced, hashed) upload as a blob of ``kind``."""
+        with self.blob_locks.hold(upload.digest):
+            answer, created = self._store_locked(upload, kind)
+        log.info("blob %s (%s, %d bytes) %s", answer["digest"], answer["kind"], answer["size"],
+                 "stored" if created else "already present")
+        return answer, created
+
+    def publish(self, upload: Upload, repository: str, tag: str) -> dict[str, Any]:
+        """Whole-tarball push, split on the server: checked tar -> each layer copied out (hashed, must equal the
+        config's diff_id at its position) -> layer blobs and config blob stored and seeded -> manifest committed.
+        Nothing is stored unless every layer matches; the caller deletes the temporary tarball."""
         info: ImageInfo = inspect_image_tar(upload.path)
-        with self.blob_locks.hold(digest):
-            self.store.commit(upload, digest)
+        diff_ids = info.diff_ids
+        if len(diff_ids) != len(info.layers):
+            raise InvalidImage(f"manifest.json lists {len(info.layers)} layer(s) but the image config's "
+                               f"rootfs.diff_ids has {len(diff_ids)}", "the tarball was not written by `docker save`")
+        chunk_size = self.config.chunk_size
+        with contextlib.ExitStack() as stack:
+            parts: list[tuple[Upload, str]] = []
+            copied: dict[str, str] = {}  # resolved member -> digest: a repeated (symlinked) layer is copied once
+            for position, name, resolved, f, size in iter_layers(upload.path, info):
+                if resolved in copied:
+                    digest = copied[resolved]
+                else:
+                    part = stack.enter_context(self.store.upload())
+                    while chunk := f.read(chunk_size):
+                        part.write(chunk)
+                    if part.size != size:
+                        raise InvalidImage(f"layer {name!r} is truncated", "the tarball is corrupted")
+                    digest = part.finish()
+                    copied[resolved] = digest
+                    parts.append((part, KIND_LAYER))
+                if digest != diff_ids[position]:
+                    raise InvalidImage(f"layer {position + 1} ({name!r}) has digest {digest}, but the image config "
+                                       f"says {diff_ids[position]}", "the tarball is corrupted or was modified")
+            config = stack.enter_context(self.store.upload())
+            config.write(info.config_bytes)
+            config.finish()
+            parts.append((config, KIND_CONFIG))
+            for part, kind in parts:  # two members with the same bytes: the second commit just drops its copy
+                with self.blob_locks.hold(part.digest):
+                    self._store_locked(part, kind)
+        record = self.put_manifest(repository, tag, info.image_id, list(diff_ids))
+        log.info("pushed tarball %s:%s split into %d layer(s), image %s", repository, tag, len(diff_ids),
+                 info.image_id)
+        return record
+
+    def put_manifest(self, repository: str, tag: str, config_digest: str, layers: list[str]) -> dict[str, Any]:
+        """Check the blobs (present, config matches the layer list, layers seeded), then commit the tag (replacing
+        any previous one) in one transaction. Blob locks are held throughout, so GC cannot take one meanwhile."""
+        with contextlib.ExitStack() as stack:
+            for digest in sorted({config_digest, *layers}):
+                stack.enter_context(self.blob_locks.hold(digest))
             with self.db.session() as s:
-                blob = s.get(Blob, digest)
-                if blob is None or not self.store.torrent_path(digest).is_file():
-                    meta = self._build_torrent(digest)
-                    if blob is None:
-                        # unreferenced until the tag commits: if this push dies, GC reclaims it after the grace
-                        blob = Blob(digest=digest, size=upload.size, info_hash=meta.info_hash,
-                                    piece_length=meta.piece_length, created_at=utcnow(), unreferenced_at=utcnow())
-                        s.add(blob)
-                    else:
-                        blob.info_hash, blob.piece_length = meta.info_hash, meta.piece_length
+                for digest in [config_digest, *layers]:
+                    blob = s.get(Blob, digest)
+                    if blob is None or not self.store.has_blob(digest):
+                        what = "config" if digest == config_digest else "layer"
+                        raise NotFound(f"{what} blob {digest} is not in this registry",
+                                       f"upload it first with POST /api/v1/blobs?kind={what}&digest={digest}")
+                config_blob = s.get(Blob, config_digest)
+                assert config_blob is not None
+                config, diff_ids = self._read_config(config_digest, config_blob.size)
+                if diff_ids != list(layers):
+                    raise InvalidImage(f"the layers {layers} do not match the config's rootfs.diff_ids {diff_ids}",
+                                       "list the layers in the order of the image config's rootfs.diff_ids")
+                changed = False
+                for digest in dict.fromkeys(layers):
+                    blob = s.get(Blob, digest)
+                    assert blob is not None
+                    if blob.kind != KIND_LAYER:
+                        raise InvalidRequest(f"blob {digest} was uploaded as kind {blob.kind!r}, not as a layer",
+                                             f"upload it with POST /api/v1/blobs?kind=layer&digest={digest}")
+                    changed |= self._ensure_torrent_locked(s, blob)
+                if changed:
                     with self.tag_lock:
                         s.commit()
-                info_hash = blob.info_hash
-            self.tracker.add(info_hash)  # whitelisted before the seeder's first announce
-            if self.seeders is not None and not self.seeders.ensure(self.seed_spec(digest)):
-                error = self.seeders.snapshot().get(digest, {}).get("error")
-                self.seeders.remove(digest)  # the blob row stays unreferenced: a retry re-seeds, GC reclaims
-                raise ServiceUnavailable(f"could not start a seeder for {digest}: {error or 'ctorrent failed'}",
-                                         "see the registry log; the push can be retried")
+                seeds = [(d, s.get(Blob, d).info_hash) for d in dict.fromkeys(layers)]  # type: ignore[union-attr]
+                size = config_blob.size + sum(s.get(Blob, d).size for d in layers)  # type: ignore[union-attr]
+            for digest, info_hash in seeds:
+                assert info_hash is not None
+                self._seed(digest, info_hash)
+            mdigest = manifest_digest(config_digest, layers)
             with self.tag_lock, self.db.session() as s:
-                blob = s.get(Blob, digest)
-                assert blob is not None
-                blob.unreferenced_at = None
-                image = s.scalars(select(Image).where(Image.repository == repository, Image.tag == tag)).one_or_none()
-                old_digest = image.blob_digest if image is not None else None
+                image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
+                old = _image_digests(image) if image is not None else set()
                 if image is None:
                     image = Image(repository=repository, tag=tag)
                     s.add(image)
-                image.image_id = info.image_id
-                image.created = info.created
-                image.size = upload.size
-                image.blob_digest = digest
+                else:
+                    image.layers.clear()
+                    s.flush()  # old positions go before new ones with the same keys arrive
+                image.format = FORMAT_LAYERS
+                image.blob_digest = None
+                image.config_digest = config_digest
+                image.manifest_digest = mdigest
+                image.image_id = config_digest
+                image.created = parse_created(config.get("created"))
+                image.size = size
                 image.pushed_at = utcnow()
+                image.layers.extend(ImageLayer(position=i, blob_digest=d) for i, d in enumerate(layers))
+                new = {config_digest, *layers}
+                for digest in new:
+                    blob = s.get(Blob, digest)
+                    assert blob is not None
+                    blob.unreferenced_at = None
                 s.flush()
-                if old_digest is not None and old_digest != digest:
-                    _mark_if_unreferenced(s, old_digest)
+                for digest in sorted(old - new):
+                    _mark_if_unreferenced(s, digest)
                 s.commit()
-                record = image_record(image, blob)
-        log.info("pushed %s:%s -> %s (%d bytes, image %s)", repository, tag, digest, upload.size, info.image_id)
+                image = s.scalars(_image_query().where(Image.id == image.id)
+                                  .execution_options(populate_existing=True)).one()  # relationships as committed
+                record = image_record(image)
+        log.info("pushed %s:%s -> %s (%d layer(s), %d bytes, image %s)", repository, tag, mdigest, len(layers),
+                 size, config_digest)
         return record
 
-    def get_image(self, session: Session, repository: str, tag: str) -> dict[str, Any]:
-        image = session.scalars(select(Image).where(Image.repository == repository, Image.tag == tag)).one_or_none()
+    def _read_config(self, digest: str, size: int) -> tuple[dict[str, Any], list[str]]:
+        """The config blob as JSON and its ``rootfs.diff_ids`` (InvalidImage when it is not an image config)."""
+        if size > MAX_CONFIG_BYTES:
+            raise InvalidImage(f"config blob {digest} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+        raw = self.store.blob_path(digest).read_bytes()
+        hint = "the config blob must be the image config (its digest is the image id)"
+        try:
+            diff_ids = list(config_diff_ids(raw))
+        except InvalidImage as exc:
+            raise InvalidImage(f"config blob {digest}: {exc.message}", hint) from exc
+        return json.loads(raw), diff_ids
+
+    def _find_image(self, session: Session, repository: str, tag: str) -> Image:
+        image = session.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
         if image is None:
             raise NotFound(f"no image {repository}:{tag} in this registry", "list images with GET /api/v1/images")
-        return image_record(image, image.blob)
+        return image
+
+    def get_image(self, session: Session, repository: str, tag: str) -> dict[str, Any]:
+        return image_record(self._find_image(session, repository, tag))
+
+    def get_manifest(self, session: Session, repository: str, tag: str) -> tuple[bytes, str]:
+        """The canonical manifest of a format "layers" image and its digest."""
+        image = self._find_image(session, repository, tag)
+        if image.format != FORMAT_LAYERS or image.config_digest is None:
+            raise NotFound(f"{repository}:{tag} was pushed as a whole tarball (format tarball): it has no manifest",
+                           "GET /api/v1/repositories/<repository>/tags/<tag> describes it")
+        layers = [layer.blob_digest for layer in image.layers]
+        return canonical_manifest(image.config_digest, layers), manifest_digest(image.config_digest, layers)
 
     def list_images(self, session: Session) -> list[dict[str, Any]]:
-        rows = session.execute(select(Image, Blob).join(Blob, Image.blob_digest == Blob.digest)
-                               .order_by(Image.repository, Image.tag)).all()
-        return [image_record(i, b) for i, b in rows]
+        images = session.scalars(_image_query().order_by(Image.repository, Image.tag)).all()
+        return [image_record(i) for i in images]
 
     def delete_tag(self, repository: str, tag: str) -> None:
         with self.tag_lock, self.db.session() as s:
-            image = s.scalars(select(Image).where(Image.repository == repository, Image.tag == tag)).one_or_none()
+            image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
             if image is None:
                 raise NotFound(f"no image {repository}:{tag} in this registry")
-            digest = image.blob_digest
+            digests = _image_digests(image)
             s.delete(image)
             s.flush()
-            _mark_if_unreferenced(s, digest)
+            for digest in sorted(digests):
+                _mark_if_unreferenced(s, digest)
             s.commit()
-        log.info("deleted tag %s:%s (blob %s kept until GC)", repository, tag, digest)
+        log.info("deleted tag %s:%s (blobs %s kept until GC)", repository, tag, ", ".join(sorted(digests)))
 
     def get_blob(self, session: Session, digest: str) -> Blob:
         blob = session.get(Blob, digest)
@@ -310,10 +509,16 @@ class RegistryServices:
             raise NotFound(f"no blob {digest} in this registry")
         return blob
 
+    def get_torrent_blob(self, session: Session, digest: str) -> Blob:
+        blob = self.get_blob(session, digest)
+        if blob.info_hash is None or not self.store.torrent_path(digest).is_file():
+            raise NotFound(f"blob {digest} is a {blob.kind} blob: it has no torrent",
+                           "download it over plain HTTP: GET /api/v1/blobs/<digest>")
+        return blob
+
 
 def _mark_if_unreferenced(session: Session, digest: str) -> None:
-    refs = session.scalar(select(func.count()).select_from(Image).where(Image.blob_digest == digest))
-    if not refs:
+    if not count_references(session, digest):
         blob = session.get(Blob, digest)
         if blob is not None and blob.unreferenced_at is None:
             blob.unreferenced_at = utcnow()
