@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from docket.torrent import CtorrentProcess
+from docket.torrent.processes import record_pid, stop_orphan
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class SeederSupervisor:
             s.started_at = time.monotonic()
             s.last_error = None
             with contextlib.suppress(OSError):
-                (spec.workdir / PID_FILE).write_text(f"{proc.pid}\n")
+                record_pid(spec.workdir / PID_FILE, proc.pid)
             log.info("seeding %s (ctorrent pid %s on %s)", spec.digest, proc.pid, self.listen_ip)
 
     def _stop_one(self, s: _Seeder, forget: bool = True) -> None:
@@ -252,28 +251,7 @@ def reap_orphans(seeders_dir: Path) -> int:
     Only pids recorded in our own pid files whose command line is ctorrent seeding a torrent of this
     location are signalled.
     """
-    stopped = 0
     if not seeders_dir.is_dir():
         return 0
-    for pid_file in seeders_dir.glob(f"*/{PID_FILE}"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                pid_file.unlink()
-            continue
-        hexname = pid_file.parent.name.encode()
-        if cmdline and os.path.basename(cmdline[0]) == b"ctorrent" and any(hexname in arg for arg in cmdline):
-            log.warning("stopping seeder pid %d left by a previous registry run", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                    time.sleep(0.1)
-                if Path(f"/proc/{pid}").exists():
-                    os.kill(pid, signal.SIGKILL)
-            stopped += 1
-        with contextlib.suppress(OSError):
-            pid_file.unlink()
-    return stopped
+    return sum(stop_orphan(pid_file, "ctorrent", pid_file.parent.name)
+               for pid_file in seeders_dir.glob(f"*/{PID_FILE}"))
