@@ -42,7 +42,7 @@ def run(readers: int = 50, requests_each: int = 10, pushes: int = 4, push_mib: i
     proc = subprocess.Popen(
         [sys.executable, "-m", "docket.registry.cli", "--port", str(port), "--bind", "127.0.0.1",
          "--advertise-address", "127.0.0.1", "--tracker-port", str(tport), "--location", str(workdir / "reg"),
-         "--threads", "64", "--log-level", "warning"],
+         "--threads", "64", "--log-level", "info"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

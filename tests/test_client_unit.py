@@ -401,12 +401,14 @@ class FakeStatus:
     have: int
     total: int
     down_kbps: float = 100.0
+    leechers: int = 1  # a downloading peer is connected unless a test says otherwise
 
 
 class FakeCtorrent:
     """Behaves like CtorrentProcess: writes ``data`` piece by piece (or stalls, or dies)."""
 
     instances: list[FakeCtorrent] = []
+    leechers_after_completion = 1
 
     def __init__(self, data: bytes, piece: int, mode: str = "ok", **kw: Any) -> None:
         self.kw = kw
@@ -437,6 +439,7 @@ class FakeCtorrent:
         for have in range(total + 1):
             self.status = FakeStatus(have, total)
             time.sleep(0.01)
+        self.status = FakeStatus(total, total, leechers=FakeCtorrent.leechers_after_completion)
         self.completed.set()
 
     def alive(self) -> bool:
@@ -517,6 +520,32 @@ def test_pull_stall_and_death_are_transfer_errors_naming_the_tracker(served, tmp
     with pytest.raises(errors.TransferError) as e:
         make_puller(canned, tmp_path, data, mode="die", load=False).pull(REF)
     assert "exited" in e.value.message and "6969" in e.value.message
+
+
+def test_seeding_stops_once_no_downloading_peer_is_connected(served, tmp_path, monkeypatch):
+    """Across hosts the tracker's incomplete count lags (finished peers announce late): our own
+    ctorrent's view, no downloading peer connected, ends seeding after min_seed."""
+    canned, data, _ = served
+    from docket.torrent.tracker import ScrapeResult
+
+    monkeypatch.setattr(FakeCtorrent, "leechers_after_completion", 0)
+    scrapes = [ScrapeResult(1, 4, 0)] * 500  # never drops: the lagging tracker
+    t0 = time.monotonic()
+    make_puller(canned, tmp_path, data, load=False, seed_time=30, scrapes=scrapes, peer_ip="127.0.0.9",
+                min_seed=0.5).pull(REF)
+    assert time.monotonic() - t0 < 10  # not the whole 30 s
+    assert FakeCtorrent.instances[-1].stopped
+
+
+def test_seeding_continues_while_a_peer_downloads(served, tmp_path):
+    canned, data, _ = served
+    from docket.torrent.tracker import ScrapeResult
+
+    scrapes = [ScrapeResult(1, 4, 0)] * 500  # incomplete peers, and one connected to us (leechers=1)
+    t0 = time.monotonic()
+    make_puller(canned, tmp_path, data, load=False, seed_time=3, scrapes=scrapes, peer_ip="127.0.0.9",
+                min_seed=0.5).pull(REF)
+    assert time.monotonic() - t0 >= 3  # seeded the whole --seed-time
 
 
 def test_seeding_stops_early_when_no_peer_is_downloading(served, tmp_path):

@@ -251,9 +251,9 @@ class RegistryClient:
         except errors.DocketError:
             pass  # anything else (an older registry, a proxy): the real push will report it
 
-    def push_tarball(self, ref: Reference, chunks: Iterable[bytes], size_hint: int | None = None,
-                     progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Stream ``chunks`` as the body of the push (chunked encoding); return the image record.
+    def _stream_upload(self, method: str, path: str, what: str, chunks: Iterable[bytes],
+                       progress_cb: Callable[[int], None] | None, **kw: Any) -> requests.Response:
+        """Send ``chunks`` as a streamed (chunked) body; the response once the registry has answered.
 
         ``progress_cb(bytes_sent_so_far)`` is called after each chunk. An exception raised by ``chunks``
         (the docker export failing) is re-raised as itself, not as a network error; the server then sees a
@@ -276,12 +276,9 @@ class RegistryClient:
                 failure.append(exc)
                 raise
 
-        what = f"pushing {ref}"
-        headers = {"Content-Type": "application/x-tar"}
-        self._check_push_allowed(ref, what)
         try:
-            resp = self._request("PUT", self._tag_path(ref), what, ok=(200, 201), data=body(),
-                                 headers=headers, read_timeout=self.push_timeout)
+            return self._request(method, path, what, ok=(200, 201), data=body(),
+                                 read_timeout=self.push_timeout, **kw)
         except BaseException as exc:
             if failure:
                 raise failure[0] from None
@@ -290,6 +287,14 @@ class RegistryClient:
                     f"{what}: the connection to {self.url} broke after {sent} bytes",
                     "the registry may have refused the upload (size limit?) or stopped; check its log") from exc
             raise
+
+    def push_tarball(self, ref: Reference, chunks: Iterable[bytes], size_hint: int | None = None,
+                     progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Push a whole ``docker save`` tarball streamed from ``chunks`` (the registry splits it); the record."""
+        what = f"pushing {ref}"
+        self._check_push_allowed(ref, what)
+        resp = self._stream_upload("PUT", self._tag_path(ref), what, chunks, progress_cb,
+                                   headers={"Content-Type": "application/x-tar"})
         record = self._json(resp, what)
         if not isinstance(record, dict):
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
@@ -344,41 +349,14 @@ class RegistryClient:
                     progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
         """``POST /blobs?kind=..`` with the body streamed from ``chunks`` (chunked encoding); the reply dict.
 
-        As in ``push_tarball``, an exception raised by ``chunks`` is re-raised as itself.
+        As in ``_stream_upload``, an exception raised by ``chunks`` is re-raised as itself.
         """
-        failure: list[BaseException] = []
-        sent = 0
-
-        def body() -> Iterator[bytes]:
-            nonlocal sent
-            try:
-                for chunk in chunks:
-                    if not chunk:
-                        continue
-                    sent += len(chunk)
-                    yield chunk
-                    if progress_cb:
-                        progress_cb(sent)
-            except BaseException as exc:  # noqa: BLE001 - remembered and re-raised below
-                failure.append(exc)
-                raise
-
         params = {"kind": kind}
         if digest:
             params["digest"] = digest
         what = f"uploading a {kind} blob" + (f" {digest}" if digest else "")
-        try:
-            resp = self._request("POST", f"{API}/blobs", what, ok=(200, 201), params=params, data=body(),
-                                 headers={"Content-Type": "application/octet-stream"},
-                                 read_timeout=self.push_timeout)
-        except BaseException as exc:
-            if failure:
-                raise failure[0] from None
-            if isinstance(exc, errors.ServiceUnavailable) and sent:
-                raise errors.TransferError(
-                    f"{what}: the connection to {self.url} broke after {sent} bytes",
-                    "the registry may have refused the upload (size limit?) or stopped; check its log") from exc
-            raise
+        resp = self._stream_upload("POST", f"{API}/blobs", what, chunks, progress_cb, params=params,
+                                   headers={"Content-Type": "application/octet-stream"})
         reply = self._json(resp, what)
         if not isinstance(reply, dict) or not isinstance(reply.get("digest"), str):
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")

@@ -254,6 +254,9 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               envvar="DOCKET_STALL_TIMEOUT", show_envvar=True,
               help="Fail when the download makes no progress for this many seconds.")
+@click.option("--max-download-rate", type=click.IntRange(min=1), default=None, metavar="KB/S",
+              envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
+              help="Cap the download rate of each ctorrent at this many KB/s (ctorrent -D)  [default: unlimited]")
 @click.option("--load/--no-load", default=True, show_default=True,
               help="Load the image into Docker after download and verification.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -261,7 +264,8 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int | None, seed_time: float,
-         stall_timeout: float, load: bool, output: Path | None, as_json: bool) -> None:
+         stall_timeout: float, max_download_rate: int | None, load: bool, output: Path | None,
+         as_json: bool) -> None:
     """Download an image through BitTorrent, verify it, load it into Docker, seed it for a while.
 
     A reference without a tag means :latest. An interrupted pull resumes where it stopped.
@@ -274,7 +278,7 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
     if peer_ip:
         peer_ip = validate_peer_ip(peer_ip)
     opts = PullOptions(location=app.config.location, peer_ip=peer_ip, peer_port=peer_port, seed_time=seed_time,
-                       stall_timeout=stall_timeout, load=load, output=output)
+                       stall_timeout=stall_timeout, load=load, output=output, max_download_rate=max_download_rate)
     puller = Puller(app.registry, app.docker if load else None, opts, app.reporter())
     result = puller.pull(ref)
     if as_json:

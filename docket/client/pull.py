@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 HASH_CHUNK = 1024 * 1024
 DIR_MODE = 0o700
-MIN_SEED = 5.0  # seconds a finished pull seeds at least before "no peer connected" may end it
 SELF_WINDOW = 20.0  # seconds after completion during which our own tracker entry may still say incomplete
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
 _BOILERPLATE = ("META INFO", "Announce:", "Piece length:", "Created with:", "Creation date:", "FILES INFO", "<1> ",
@@ -88,7 +87,9 @@ class PullOptions:
     output: Path | None = None
     poll_interval: float = 0.25
     scrape_interval: float = 2.0
+    min_seed: float = 5.0  # seconds a finished pull seeds at least before "no peer connected" may end it
     complete_grace: float = 5.0  # all pieces present but no "Download complete." line: trust it after this
+    max_download_rate: int | None = None  # KB/s cap per ctorrent (-D); None: unlimited
 
 
 @dataclass
@@ -292,6 +293,8 @@ class Puller:
                 bf.unlink()
 
     def _new_ctorrent(self, **kw: Any) -> Any:
+        if self.opts.max_download_rate:  # bandwidth cap, per ctorrent (ctorrent -D, KB/s)
+            kw["extra_args"] = [*kw.get("extra_args", []), "-D", str(int(self.opts.max_download_rate))]
         if self._ctorrent_factory is not None:
             return self._ctorrent_factory(**kw)
         from docket.torrent.ctorrent import CtorrentProcess
@@ -431,7 +434,7 @@ class _SeedPolicy:
     """Seed until ``seed_time`` after completion, or earlier once nobody needs us.
 
     "Nobody" is either signal, twice in a row: the tracker's scrape shows no incomplete peer but us, or our
-    ctorrent has no downloading peer connected (after MIN_SEED). The second matters across hosts: ctorrent
+    ctorrent has no downloading peer connected (after ``min_seed``). The second matters across hosts: ctorrent
     announces "completed" only at its next regular announce, which with a full peer list can be the tracker's
     30-minute interval, so the scrape keeps counting finished peers as incomplete (measured in the swarm
     benchmark: incomplete=4 for the whole 60 s window after every peer had finished).
@@ -483,7 +486,7 @@ class _SeedPolicy:
                 self.zero_polls = 0
             st = getattr(self._proc if self._proc is not None else self.p.proc, "status", None)
             idle = (st is not None and st.total and st.have >= st.total and st.leechers == 0
-                    and now - self.completed_at >= MIN_SEED)
+                    and now - self.completed_at >= self.p.opts.min_seed)
             self.idle_polls = self.idle_polls + 1 if idle else 0
         return self.zero_polls >= 2 or self.idle_polls >= 2
 

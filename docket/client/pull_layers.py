@@ -131,6 +131,25 @@ class _Job:
     proc: Any = None
     all_pieces_since: float | None = None
     done: bool = False
+    resumed: int = 0  # bytes already on disk from an interrupted pull (ctorrent's saved bitfield)
+
+    @property
+    def bitfield(self) -> Path:
+        return self.workdir / f"{self.layer.hex}.bf"  # CtorrentProcess: <workdir>/<torrent stem>.bf
+
+
+def bitfield_bytes(path: Path, meta: TorrentMeta) -> int | None:
+    """Bytes ctorrent's saved bitfield says are on disk (pieces set x piece length, the last piece its real size);
+    None when there is no usable bitfield file."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if meta.pieces <= 0 or len(raw) != (meta.pieces + 7) // 8:
+        return None
+    have = [i for i in range(meta.pieces) if raw[i // 8] & (0x80 >> (i % 8))]
+    last = meta.length - (meta.pieces - 1) * meta.piece_length
+    return sum(last if i == meta.pieces - 1 else meta.piece_length for i in have)
 
 
 def write_output(entries: list, output: Path) -> Path:
@@ -225,10 +244,11 @@ class LayerPull:
                 result.loaded = True
             result.seconds = round(time.monotonic() - start, 3)
             result.extra = {
-                "bytes_from_peers": sum(j.layer.size for j in fetched),
+                "bytes_from_peers": sum(j.layer.size - j.resumed for j in fetched),
                 "bytes_from_registry": len(config),
                 "bytes_present": bytes_present,
                 "bytes_cached": sum(j.layer.size for j in cached),
+                "bytes_resumed": sum(j.resumed for j in fetched),
                 "layers": len(diff_ids),
                 "layers_downloaded": len(fetched),
                 "layers_cached": len(cached),
@@ -249,6 +269,9 @@ class LayerPull:
                 return False
         except FileNotFoundError:
             return False
+        resumed = bitfield_bytes(job.bitfield, job.meta)
+        if resumed is not None and resumed < job.layer.size:
+            return False  # an interrupted download (the file may be full-size but sparse): ctorrent resumes it
         if sha256_file(job.blob) == job.layer.digest:
             return True
         self.p._discard(job.blob, job.workdir)
@@ -270,6 +293,9 @@ class LayerPull:
                 job.blob.write_bytes(b"")
                 job.done = True
                 continue
+            job.resumed = bitfield_bytes(job.bitfield, job.meta) or 0
+            if job.resumed:
+                p.reporter.info(f"Resuming layer {job.layer.digest}: {job.resumed} bytes already downloaded")
             job.proc = p._new_ctorrent(torrent=torrent_path, save_as=job.blob, workdir=job.workdir,
                                        listen_ip=peer_ip, port=opts.peer_port, exit_hours=exit_hours,
                                        log_path=job.workdir / "ctorrent.log")

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from flask import Blueprint, Response, current_app, jsonify, request, send_file
 from werkzeug.exceptions import ClientDisconnected
 
-from docket.errors import DocketError, IntegrityError, InvalidRequest, TooLarge
+from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, TooLarge
 from docket.reference import validate_repository, validate_tag
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
@@ -231,6 +231,8 @@ def get_blob(digest: str) -> Response:
     """Plain HTTP download (fallback and seed of last resort); Range, If-None-Match handled by send_file."""
     validate_digest(digest)
     sv = services()
+    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # a push then uploads it again: repaired
+        raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
     sv.get_blob(get_session(), digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
@@ -277,3 +279,12 @@ def list_seeders() -> Response:
     snap = sv.seeders.snapshot() if sv.seeders is not None else {}
     return jsonify({"enabled": sv.seeders is not None,
                     "seeders": [{"digest": d, **info} for d, info in sorted(snap.items())]})
+
+
+@bp.post("/admin/scrub")
+def scrub_now() -> Response:
+    """Admin: re-hash every blob now (synchronously; a pass already running is waited for). Needs a push token
+    when the registry has push tokens."""
+    sv = services()
+    sv.scrubber.run_once()
+    return jsonify(sv.scrubber.status())

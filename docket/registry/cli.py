@@ -96,6 +96,9 @@ def _fail(exc: DocketError) -> None:
               default=30.0, help="Seconds between garbage collection passes (0 disables GC).")
 @click.option("--gc-grace", envvar="DOCKET_GC_GRACE", show_envvar=True, type=click.FloatRange(0), default=600.0,
               help="Seconds an unreferenced blob is kept before GC may delete it.")
+@click.option("--scrub-interval", envvar="DOCKET_SCRUB_INTERVAL", show_envvar=True, type=click.FloatRange(0),
+              default=3600.0, help="Seconds between passes that re-hash every blob to catch corruption (the first "
+                                   "pass runs in the background at start-up; 0 disables scrubbing).")
 @click.option("--seeding/--no-seeding", envvar="DOCKET_SEEDING", show_envvar=True, default=True,
               help="Seed blobs over BitTorrent (--no-seeding: plain HTTP only, no tracker or ctorrent).")
 @click.option("--auth-token", "auth_tokens", multiple=True, metavar="TOKEN",
@@ -116,7 +119,7 @@ def _fail(exc: DocketError) -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
-         gc_interval: float, gc_grace: float, seeding: bool, auth_tokens: tuple[str, ...],
+         gc_interval: float, gc_grace: float, scrub_interval: float, seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
          tls_cert: Path | None, tls_key: Path | None) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
@@ -135,7 +138,8 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 advertise_address=advertise_address, seed_address=seed_address,
                                 tracker_port=tracker_port, bind=bind, port=port,
                                 threads=threads, max_upload_size=max_upload_size, seeding=seeding,
-                                gc_interval=gc_interval, gc_grace=gc_grace, auth_tokens=push, read_tokens=read,
+                                gc_interval=gc_interval, gc_grace=gc_grace,
+                                scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 tls_cert=cert, tls_key=key)
         serve(config)
     except DocketError as exc:
@@ -204,8 +208,11 @@ def serve(config: RegistryConfig) -> None:
     app = create_app(config)
     services = app.extensions["docket"]
     services.preflight()
+    # request_queue_size is the listen() backlog: cheroot's default of 5 drops connections when a deploy's
+    # hosts arrive at once (seen: pushes answered by a bare connection close under 50 concurrent clients).
     server = wsgi.Server((config.bind, config.port), app, numthreads=config.threads,
-                         server_name="docket-registry", timeout=60, shutdown_timeout=10)
+                         server_name="docket-registry", timeout=60, shutdown_timeout=10,
+                         request_queue_size=1024)
     server.max_request_header_size = MAX_HEADER_BYTES  # request line + headers; cheroot's default is unlimited
     scheme = "http"
     if config.tls_cert is not None and config.tls_key is not None:

@@ -31,6 +31,7 @@ class RegistryConfig:
     seeding: bool = True  # False: no ctorrent seeders and no tracker process (unit tests with test_client)
     gc_interval: float = 30.0
     gc_grace: float = 600.0
+    scrub_interval: float = 3600.0  # seconds between blob re-hashing passes (first at start-up); 0 disables
     hash_threads: int = 2  # torf hashing threads per torrent build
     chunk_size: int = 1024 * 1024
     # bearer tokens (repr=False: a logged config must not show them). Push tokens allow everything; read

@@ -48,20 +48,32 @@ def _blob_store(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str,
                 wrong.append(digest)
         except OSError:
             missing.append(digest)
-    result.update(blobs=len(blobs), missing=missing[:MAX_LISTED], wrong_size=wrong[:MAX_LISTED])
-    result["ok"] = result["writable"] and not missing and not wrong
+    damaged = sv.scrubber.damaged()  # found by the last scrub pass (re-hashing), e.g. same-size corruption
+    corrupt = sorted(d for d in damaged if d not in missing and d not in wrong)
+    result.update(blobs=len(blobs), missing=missing[:MAX_LISTED], wrong_size=wrong[:MAX_LISTED],
+                  corrupt=corrupt[:MAX_LISTED], scrub=_scrub_summary(sv))
+    result["ok"] = result["writable"] and not missing and not wrong and not corrupt
     if not result["writable"]:
         result["error"] = f"{sv.store.location} is not writable"
-    elif missing or wrong:
-        result["error"] = f"{len(missing)} blob(s) missing, {len(wrong)} with a wrong size"
+    elif missing or wrong or corrupt:
+        result["error"] = f"{len(missing)} blob(s) missing, {len(wrong)} with a wrong size, {len(corrupt)} corrupt"
+        if corrupt:
+            result["error"] += " (" + ", ".join(f"{d}: {damaged[d].reason}" for d in corrupt[:3]) + ")"
     return result
+
+
+def _scrub_summary(sv: Any) -> dict[str, Any]:
+    last = sv.scrubber.last_pass
+    return {"interval": sv.scrubber.interval, "passes": sv.scrubber.passes,
+            "last_checked": last["checked"] if last else None, "last_seconds": last["seconds"] if last else None}
 
 
 def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, Any]:
     if sv.seeders is None:
         return {"ok": True, "enabled": False}
     snap = sv.seeders.snapshot()
-    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.has_blob(d))
+    damaged = sv.scrubber.damaged()  # not seeded on purpose; reported under blob_store
+    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.has_blob(d) and d not in damaged)
     not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
     result: dict[str, Any] = {
         "ok": blobs is not None and not not_running and sv.started,

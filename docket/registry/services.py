@@ -187,6 +187,9 @@ class RegistryServices:
         from docket.registry.gc import GarbageCollector
 
         self.gc = GarbageCollector(self, interval=config.gc_interval, grace=config.gc_grace)
+        from docket.registry.scrub import BlobScrubber
+
+        self.scrubber = BlobScrubber(self, interval=config.scrub_interval)
         self.started = False
 
     @property
@@ -221,9 +224,11 @@ class RegistryServices:
                     self.seeders.ensure(self.seed_spec(b.digest), wait_listening=0)
             self.seeders.start()
         self.gc.start()
+        self.scrubber.start()  # first pass now, in the background; requests are served meanwhile
 
     def stop(self) -> None:
-        """Stop GC, seeders, tracker (in that order); idempotent."""
+        """Stop scrubber, GC, seeders, tracker (in that order); idempotent."""
+        self.scrubber.stop()
         self.gc.stop()
         if self.seeders is not None:
             self.seeders.stop()
@@ -316,7 +321,10 @@ class RegistryServices:
         Caller holds the blob lock. New rows are unreferenced: if nothing references them, GC reclaims them after
         the grace period. Returns (answer, created)."""
         digest = upload.digest
+        if self.scrubber.is_damaged(digest):  # the stored file is bad: the verified upload replaces it
+            self.store.blob_path(digest).unlink(missing_ok=True)
         self.store.commit(upload, digest)
+        self.scrubber.clear(digest)
         with self.db.session() as s:
             blob = s.get(Blob, digest)
             created = blob is None
@@ -506,7 +514,10 @@ class RegistryServices:
     def get_blob(self, session: Session, digest: str) -> Blob:
         blob = session.get(Blob, digest)
         if blob is None or not self.store.has_blob(digest):
+            if blob is not None:
+                self.scrubber.check_servable(digest)  # a row whose file vanished (found by a scrub): 503, not 404
             raise NotFound(f"no blob {digest} in this registry")
+        self.scrubber.check_servable(digest)
         return blob
 
     def get_torrent_blob(self, session: Session, digest: str) -> Blob:
