@@ -77,3 +77,9 @@ class TransferError(DocketError):
     """A BitTorrent or HTTP transfer failed or made no progress."""
 
     status, code, exit_code = 502, "TRANSFER_FAILED", 9
+
+
+class NoSpace(DocketError):
+    """Not enough free disk space for what an operation must write."""
+
+    status, code, exit_code = 507, "INSUFFICIENT_STORAGE", 10

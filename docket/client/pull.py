@@ -334,6 +334,7 @@ class Puller:
 
     def _download(self, record: ImageRecord, meta: TorrentMeta, torrent_path: Path, blob: Path,
                   workdir: Path) -> str | None:
+        ensure_space(blob.parent, [(blob, record.size)])
         peer_ip = choose_peer_ip(meta.announce, self.opts.peer_ip)
         exit_hours = max(1, math.ceil(self.opts.seed_time / 3600))  # orphans die eventually
         self.proc = self._new_ctorrent(torrent=torrent_path, save_as=blob, workdir=workdir, listen_ip=peer_ip,
@@ -428,6 +429,26 @@ class Puller:
         if self.proc is not None:
             with contextlib.suppress(Exception):
                 self.proc.stop(timeout=STOP_WAIT)
+
+
+def ensure_space(directory: Path, files: list[tuple[Path, int]]) -> None:
+    """Fail before downloading, not halfway, when ``directory`` cannot hold the ``(path, size)`` files.
+
+    Bytes already on disk (a resumed download) count as written.
+    """
+    needed = 0
+    for path, size in files:
+        try:
+            have = path.stat().st_blocks * 512  # allocated bytes: ctorrent's files may be sparse
+        except OSError:
+            have = 0
+        needed += max(0, size - have)
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise errors.NoSpace(
+            f"not enough disk space in {directory}: the download needs {needed} more bytes, {free} are free",
+            "free some space, or point --location (DOCKET_LOCATION) at a larger disk",
+        )
 
 
 class _SeedPolicy:

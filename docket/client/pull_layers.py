@@ -278,9 +278,10 @@ class LayerPull:
         return False
 
     def _download(self, record: LayeredRecord, jobs: list[_Job]) -> str | None:
-        from docket.client.pull import _atomic_write
+        from docket.client.pull import _atomic_write, ensure_space
 
         p, opts = self.p, self.p.opts
+        ensure_space(jobs[0].blob.parent, [(j.blob, j.layer.size) for j in jobs])
         peer_ip = choose_peer_ip(jobs[0].meta.announce, opts.peer_ip)
         exit_hours = max(1, math.ceil(opts.seed_time / 3600))
         total = sum(j.layer.size for j in jobs)
