@@ -105,6 +105,6 @@ def test_interval_zero_disables_the_background_scrub(tmp_path: Path):
     try:
         sv = app.extensions["docket"]
         sv.scrubber.start()
-        assert sv.scrubber._thread is None
+        assert not sv.scrubber._worker.running
     finally:
         app.extensions["docket"].db.dispose()

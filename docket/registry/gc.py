@@ -11,13 +11,13 @@ files leaves orphan files, which start-up removes; the reverse order could leave
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from docket.errors import DocketError
+from docket.registry.periodic import Periodic
 from docket.registry.models import Blob, count_references, utcnow
 
 if TYPE_CHECKING:
@@ -31,28 +31,14 @@ class GarbageCollector:
         self.services = services
         self.interval = interval
         self.grace = grace
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Periodic("blob-gc", interval, self.run_once)
+        self._stop = self._worker.stopping
 
     def start(self) -> None:
-        if self._thread is not None or self.interval <= 0:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="blob-gc", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - try again next round
-                log.exception("garbage collection failed")
+        self._worker.stop()
 
     def run_once(self, now: datetime | None = None) -> list[str]:
         """One pass; returns the digests deleted."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from docket.errors import DocketError
+from docket.registry.periodic import Periodic
 from docket.registry.models import Blob
 
 if TYPE_CHECKING:
@@ -64,33 +65,17 @@ class BlobScrubber:
         self._damaged: dict[str, Damage] = {}
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()  # one pass at a time (background and admin trigger)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Periodic("blob-scrub", interval, self.run_once, first_at_start=True)
+        self._stop = self._worker.stopping
         self.passes = 0
         self.last_pass: dict[str, Any] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None or self.interval <= 0:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="blob-scrub", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - try again next round
-                log.exception("blob scrub failed")
-            if self._stop.wait(self.interval):
-                return
+        self._worker.stop()
 
     # -- state ----------------------------------------------------------------------------------------------
     def damaged(self) -> dict[str, Damage]:

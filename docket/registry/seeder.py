@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from docket.registry.periodic import Periodic
 from docket.torrent import CtorrentProcess
 from docket.torrent.processes import record_pid, stop_orphan
 
@@ -71,23 +72,16 @@ class SeederSupervisor:
         self._factory = process_factory
         self._table: dict[str, _Seeder] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Periodic("seeder-supervisor", interval, self.tick)
+        self._stop = self._worker.stopping
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="seeder-supervisor", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
         """Stop watching, then stop every seeder (in parallel: each may take a few seconds)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._worker.stop()
         with self._lock:
             seeders = list(self._table.values())
             self._table.clear()
@@ -96,13 +90,6 @@ class SeederSupervisor:
             t.start()
         for t in stoppers:
             t.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one failure
-                log.exception("seeder supervisor tick failed")
 
     def tick(self) -> None:
         """One round: tracker first (seeders announce to it), then every seeder."""
