@@ -168,14 +168,20 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def place_output(blob: Path, output: Path) -> Path:
-    """Put the verified tarball at ``output``: hardlink when possible, else copy; atomic replace either way."""
+def check_output_path(output: Path) -> Path:
+    """The absolute ``-o/--output`` path, refused up front when it cannot be written as a file."""
     output = output.expanduser().absolute()
     if not output.parent.is_dir():
         raise errors.InvalidRequest(f"cannot write {output}: {output.parent} is not a directory",
                                     "create the directory first or choose another -o/--output")
     if output.is_dir():
         raise errors.InvalidRequest(f"-o/--output {output} is a directory", "give a file name")
+    return output
+
+
+def place_output(blob: Path, output: Path) -> Path:
+    """Put the verified tarball at ``output``: hardlink when possible, else copy; atomic replace either way."""
+    output = check_output_path(output)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -154,12 +154,9 @@ def bitfield_bytes(path: Path, meta: TorrentMeta) -> int | None:
 
 def write_output(entries: list, output: Path) -> Path:
     """The complete load tarball at ``output`` (temp file in the same directory + atomic rename)."""
-    output = output.expanduser().absolute()
-    if not output.parent.is_dir():
-        raise errors.InvalidRequest(f"cannot write {output}: {output.parent} is not a directory",
-                                    "create the directory first or choose another -o/--output")
-    if output.is_dir():
-        raise errors.InvalidRequest(f"-o/--output {output} is a directory", "give a file name")
+    from docket.client.pull import check_output_path
+
+    output = check_output_path(output)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
         with os.fdopen(fd, "wb") as f:

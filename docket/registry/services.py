@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -44,6 +42,7 @@ from docket.registry.seeder import SeederSupervisor, SeedSpec, reap_orphans
 from docket.registry.store import BlobStore, Upload, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
 from docket.torrent import build_torrent, find_ctorrent
+from docket.torrent.metainfo import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -277,17 +276,7 @@ class RegistryServices:
         except (torf.TorfError, OSError) as exc:
             log.error("cannot read torrent %s: %s", path, exc)
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_atomic(path, data)
         log.info("torrent %s now announces to %s", path.name, self.announce_url)
 
     def seed_spec(self, digest: str) -> SeedSpec:
