@@ -19,6 +19,9 @@ _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0
 REPOSITORY_RE = re.compile(rf"^{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+# what the registry stores: the OCI distribution spec's registered algorithms (the V2 API accepts both)
+ANY_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+DIGEST_ALGORITHMS = ("sha256", "sha512")
 MAX_REPOSITORY = 255
 DEFAULT_TAG = "latest"
 

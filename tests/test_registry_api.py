@@ -445,7 +445,8 @@ def test_openapi_describes_every_route(app, client):
         if rule.endpoint == "static":
             continue
         path = rule.rule.replace("<path:repository>", "{repository}").replace("<tag>", "{tag}") \
-            .replace("<digest>", "{digest}")
+            .replace("<digest>", "{digest}").replace("<path:name>", "{name}").replace("<reference>", "{reference}") \
+            .replace("<uuid>", "{uuid}")
         for method in rule.methods - {"OPTIONS", "HEAD"}:
             served.add((path, method))
     assert served == {m for m in documented if m[1] != "HEAD"}
@@ -457,7 +458,8 @@ def test_openapi_describes_every_route(app, client):
             assert op.get("responses"), (path, method)
             for status, r in op["responses"].items():
                 if status.startswith(("4", "5")) and path != "/healthz":
-                    assert r["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"} \
+                    schema = "V2Errors" if path.startswith("/v2/") else "Error"
+                    assert r["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{schema}"} \
                         or "$ref" in r, (path, method, status)
 
 

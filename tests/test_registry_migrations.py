@@ -25,8 +25,9 @@ def test_migration_matches_models(tmp_path: Path) -> None:
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0002"
-        assert set(inspect(conn).get_table_names()) == {"alembic_version", "blobs", "images", "image_layers"}
+        assert ctx.get_current_revision() == "0003"
+        assert set(inspect(conn).get_table_names()) == {"alembic_version", "blobs", "images", "image_layers",
+                                                       "manifests", "manifest_refs"}
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     db.dispose()
 
@@ -60,7 +61,7 @@ def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path) -> Non
     sv = app.extensions["docket"]
     try:
         with sv.db.engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0002"
+            assert MigrationContext.configure(conn).get_current_revision() == "0003"
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         client = app.test_client()
         expected = {

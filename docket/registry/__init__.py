@@ -32,13 +32,25 @@ _HTTP_CODES = {
 }
 
 
+# werkzeug's own errors under /v2 (a route that does not exist, a method not allowed) in the spec's codes
+_V2_HTTP_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 416: "BLOB_UPLOAD_INVALID", 401: "UNAUTHORIZED"}
+
+
 def error_body(code: str, message: str, hint: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "hint": hint}}
+
+
+def _is_v2() -> bool:
+    return request.path == "/v2" or request.path.startswith("/v2/")
 
 
 def _docket_error(exc: DocketError) -> tuple[Response, int]:
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
+    if _is_v2():
+        from docket.registry.v2.errors import v2_error_body
+
+        return jsonify(v2_error_body(exc)), exc.status
     return jsonify(error_body(exc.code, exc.message, exc.hint)), exc.status
 
 
@@ -47,7 +59,12 @@ def _http_error(exc: HTTPException) -> Response:
     resp = exc.get_response()
     status = exc.code or 500
     code = _HTTP_CODES.get(status, f"HTTP_{status}")
-    resp.set_data(jsonify(error_body(code, exc.description or exc.name)).get_data())
+    if _is_v2():
+        code = _V2_HTTP_CODES.get(status, code)
+        body = {"errors": [{"code": code, "message": exc.description or exc.name, "detail": None}]}
+    else:
+        body = error_body(code, exc.description or exc.name)
+    resp.set_data(jsonify(body).get_data())
     resp.mimetype = "application/json"
     return resp
 
@@ -89,7 +106,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     elif not isinstance(config, RegistryConfig):
         config = RegistryConfig().with_overrides(**dict(config))
 
-    from docket.registry import api, db, health
+    from docket.registry import api, db, health, v2
     from docket.registry.auth import TokenAuth
     from docket.registry.services import RegistryServices
 
@@ -108,6 +125,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     TokenAuth(config.auth_tokens, config.read_tokens).init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(v2.bp)
     app.register_error_handler(DocketError, _docket_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

@@ -6,6 +6,8 @@ taken does not tell which token, or how much of one, matched. Tokens never appea
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from collections.abc import Iterable
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
 WRITE_METHODS = frozenset({"PUT", "DELETE", "POST", "PATCH"})
 CHALLENGE = 'Bearer realm="docket"'
+# /v2 clients (docker, skopeo, oras) log in with a user name and password: the password is the token
+V2_CHALLENGE = 'Basic realm="docket"'
 CLIENT_HINT = ("give the docket client a token with DOCKET_TOKEN (or DOCKET_TOKEN_FILE, or --token); "
                "it is sent as `Authorization: Bearer <token>`")
 
@@ -78,20 +82,22 @@ class TokenAuth:
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
             return None
         write = request.method in WRITE_METHODS
-        if not write and not self._read:
-            return None  # reads are open unless read tokens are configured
+        # the V2 version check is the one read that always wants credentials when tokens exist: docker (and the
+        # spec's clients) send credentials only to registries whose /v2/ answered 401 with a challenge
+        version_check = request.path in ("/v2", "/v2/")
         header = request.headers.get("Authorization", "")
+        if not write and not self._read and not version_check:
+            return None  # reads are open unless read tokens are configured
         scheme, _, value = header.partition(" ")
         given = value.strip()
         if not header:
-            return self._deny(Unauthorized("missing bearer token: this registry requires a token to "
-                                           + ("push or delete" if write else "read"), CLIENT_HINT))
-        if scheme.lower() != "bearer" or not given:
-            return self._deny(Unauthorized("invalid Authorization header: expected `Bearer <token>`", CLIENT_HINT))
-        try:
-            raw = given.encode("ascii")
-        except UnicodeEncodeError:
-            raw = b""
+            what = "push or delete" if write else "read" if not version_check else "log in"
+            return self._deny(Unauthorized(f"missing credentials: this registry requires a token to {what}",
+                                           CLIENT_HINT))
+        raw = _token_from(scheme, given)
+        if raw is None:
+            return self._deny(Unauthorized("invalid Authorization header: expected `Bearer <token>` or Basic "
+                                           "with the token as password", CLIENT_HINT))
         if _matches(raw, self._push):
             return None
         if _matches(raw, self._read):
@@ -106,8 +112,41 @@ class TokenAuth:
 
     @staticmethod
     def _deny(exc: DocketError) -> tuple[Response, int, dict[str, str]]:
-        body = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
-        headers = {"WWW-Authenticate": CHALLENGE}
+        v2 = request.path == "/v2" or request.path.startswith("/v2/")
+        if v2:
+            from docket.registry.v2.errors import v2_error_body
+
+            body = v2_error_body(exc)
+            challenge = V2_CHALLENGE
+        else:
+            body = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
+            challenge = CHALLENGE
+        headers = {"WWW-Authenticate": challenge}
         if exc.status == 403:
-            headers = {"WWW-Authenticate": f'{CHALLENGE}, error="insufficient_scope"'}
+            headers = {"WWW-Authenticate": f'{challenge}, error="insufficient_scope"'}
+        if v2:
+            headers["Docker-Distribution-API-Version"] = "registry/2.0"
         return jsonify(body), exc.status, headers
+
+
+def _token_from(scheme: str, value: str) -> bytes | None:
+    """The token in an Authorization header: ``Bearer <token>``, or ``Basic`` with the token as the password
+    (the user name is ignored: tokens carry no identity). None when the header is malformed."""
+    if not value:
+        return None
+    if scheme.lower() == "bearer":
+        token = value
+    elif scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.encode("ascii"), validate=True).decode("utf-8")
+        except (UnicodeError, binascii.Error, ValueError):
+            return None
+        user, sep, token = decoded.partition(":")
+        if not sep or not token:
+            return None
+    else:
+        return None
+    try:
+        return token.encode("ascii")
+    except UnicodeEncodeError:
+        return b""

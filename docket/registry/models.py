@@ -32,14 +32,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+DIGEST_LEN = 135  # "sha512:" + 128 hex
+
+
 class Base(DeclarativeBase):
     pass
 
 
 # blob kinds (docs/layers.md): which ones get a .torrent, a whitelist entry and a seeder
-KIND_LAYER, KIND_CONFIG, KIND_TARBALL = "layer", "config", "tarball"
+# "blob": pushed through the V2 API and not (yet) used as a layer; "manifest": a V2 manifest's bytes (docs/v2.md)
+KIND_LAYER, KIND_CONFIG, KIND_TARBALL, KIND_BLOB, KIND_MANIFEST = "layer", "config", "tarball", "blob", "manifest"
 SEEDED_KINDS = frozenset({KIND_LAYER, KIND_TARBALL})
-FORMAT_LAYERS, FORMAT_TARBALL = "layers", "tarball"
+# a tag's format: docket can pull "layers" and "tarball"; "index" and "artifact" are V2-only (docker, oras...)
+FORMAT_LAYERS, FORMAT_TARBALL, FORMAT_INDEX, FORMAT_ARTIFACT = "layers", "tarball", "index", "artifact"
 
 
 class Blob(Base):
@@ -47,7 +52,7 @@ class Blob(Base):
 
     __tablename__ = "blobs"
 
-    digest: Mapped[str] = mapped_column(String(71), primary_key=True)  # "sha256:<64 hex>"
+    digest: Mapped[str] = mapped_column(String(DIGEST_LEN), primary_key=True)  # "sha256:<64 hex>" or sha512
     size: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16), default=KIND_TARBALL, server_default=KIND_TARBALL)
     info_hash: Mapped[str | None] = mapped_column(String(40), unique=True, nullable=True)
@@ -78,13 +83,13 @@ class Image(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     repository: Mapped[str] = mapped_column(String(255))
     tag: Mapped[str] = mapped_column(String(128))
-    image_id: Mapped[str] = mapped_column(String(71))
+    image_id: Mapped[str] = mapped_column(String(DIGEST_LEN))
     created: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     size: Mapped[int] = mapped_column(BigInteger)
     format: Mapped[str] = mapped_column(String(16), default=FORMAT_TARBALL, server_default=FORMAT_TARBALL)
     blob_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True, nullable=True)
     config_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), index=True, nullable=True)
-    manifest_digest: Mapped[str | None] = mapped_column(String(71), nullable=True)
+    manifest_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN), nullable=True)
     pushed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     blob: Mapped[Blob | None] = relationship(back_populates="images", foreign_keys=[blob_digest])
@@ -98,21 +103,71 @@ class Image(Base):
 
 
 class ImageLayer(Base):
-    """Position ``position`` (0 = base) of an image's layer list -> a layer blob (the layer's diff_id)."""
+    """Position ``position`` (0 = base) of an image's layer list -> a layer blob. Layers pushed by docket are
+    uncompressed (blob digest = diff_id, ``diff_id`` None); layers pushed by ``docker push`` are usually gzip, with
+    the diff_id from the image config."""
 
     __tablename__ = "image_layers"
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     blob_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    diff_id: Mapped[str | None] = mapped_column(String(DIGEST_LEN), nullable=True, default=None)
+    media_type: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
 
     image: Mapped[Image] = relationship(back_populates="layers")
     blob: Mapped[Blob] = relationship()
 
 
+class Manifest(Base):
+    """A V2/OCI manifest or index stored in a repository (its bytes are a blob of kind "manifest"). Tags point
+    at manifests through ``Image.manifest_digest``. ``origin`` "docket": made by the registry for a docket push
+    (GC may drop it once untagged); "v2": pushed by a client, kept until deleted, as the spec expects."""
+
+    __tablename__ = "manifests"
+    __table_args__ = (UniqueConstraint("repository", "digest", name="uq_manifests_repository_digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    repository: Mapped[str] = mapped_column(String(255), index=True)
+    digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
+    media_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    artifact_type: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
+    subject_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN), index=True, nullable=True, default=None)
+    config_digest: Mapped[str | None] = mapped_column(String(DIGEST_LEN), nullable=True, default=None)
+    annotations: Mapped[str | None] = mapped_column(String, nullable=True, default=None)  # JSON, for referrers
+    origin: Mapped[str] = mapped_column(String(16), default="v2", server_default="v2")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    refs: Mapped[list[ManifestRef]] = relationship(back_populates="manifest", order_by="ManifestRef.position",
+                                                   cascade="all, delete-orphan", passive_deletes=True)
+
+
+# what a manifest reference points at: a blob (config or layer; kept alive by the reference) or a child manifest of
+# an index (kept alive too: it must exist in the same repository when the index is pushed)
+REF_CONFIG, REF_LAYER, REF_MANIFEST = "config", "layer", "manifest"
+
+
+class ManifestRef(Base):
+    """Position ``position`` of a manifest's references: config (0), layers, or an index's child manifests."""
+
+    __tablename__ = "manifest_refs"
+
+    manifest_id: Mapped[int] = mapped_column(ForeignKey("manifests.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(DIGEST_LEN), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+
+    manifest: Mapped[Manifest] = relationship(back_populates="refs")
+
+
 def count_references(session: Session, digest: str) -> int:
-    """How many uses (tarball, config or layer position of any image) ``digest`` has; 0 = GC may reclaim it."""
+    """How many uses (tarball, config or layer position of any image; a stored manifest's bytes; a config or
+    layer reference of any manifest) ``digest`` has; 0 = GC may reclaim it."""
     images = session.scalar(select(func.count()).select_from(Image)
                             .where((Image.blob_digest == digest) | (Image.config_digest == digest)))
     layers = session.scalar(select(func.count()).select_from(ImageLayer).where(ImageLayer.blob_digest == digest))
-    return int(images or 0) + int(layers or 0)
+    manifests = session.scalar(select(func.count()).select_from(Manifest).where(Manifest.digest == digest))
+    refs = session.scalar(select(func.count()).select_from(ManifestRef)
+                          .where(ManifestRef.digest == digest, ManifestRef.kind != REF_MANIFEST))
+    return int(images or 0) + int(layers or 0) + int(manifests or 0) + int(refs or 0)

@@ -47,15 +47,15 @@ class Damage:
     detected_at: float  # time.time()
 
 
-def file_sha256(path: Any, stop: threading.Event | None = None) -> str | None:
-    """``sha256:<hex>`` of a file read 1 MiB at a time; None when asked to stop half-way."""
-    h = hashlib.sha256()
+def file_digest(path: Any, stop: threading.Event | None = None, algorithm: str = "sha256") -> str | None:
+    """``<algorithm>:<hex>`` of a file read 1 MiB at a time; None when asked to stop half-way."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
             if stop is not None and stop.is_set():
                 return None
-    return "sha256:" + h.hexdigest()
+    return f"{algorithm}:{h.hexdigest()}"
 
 
 class BlobScrubber:
@@ -144,7 +144,7 @@ class BlobScrubber:
     def _check(self, digest: str) -> str | None:
         """None when the blob file hashes to its digest, else what is wrong."""
         try:
-            got = file_sha256(self.services.store.blob_path(digest), self._stop)
+            got = file_digest(self.services.store.blob_path(digest), self._stop, digest.partition(":")[0])
         except FileNotFoundError:
             return "missing"
         except OSError as exc:

@@ -245,12 +245,13 @@ class RegistryServices:
                     log.warning("removing blob %s: no database row (a push was interrupted)", digest)
                     self.store.delete(digest)
             for torrent in self.store.torrents_dir.glob("*.torrent"):
-                if f"sha256:{torrent.stem}" not in known:
+                algorithm = "sha512" if len(torrent.stem) == 128 else "sha256"
+                if f"{algorithm}:{torrent.stem}" not in known:
                     torrent.unlink(missing_ok=True)
             changed = False
             for b in blobs:
                 if not self.store.has_blob(b.digest):
-                    log.error("blob %s is missing from %s; its tags cannot be pulled", b.digest, self.store.blobs_dir)
+                    log.error("blob %s is missing from %s; its tags cannot be pulled", b.digest, self.store.blobs_root)
                     continue
                 if not b.seeded:
                     continue  # config blobs: plain HTTP only, no torrent

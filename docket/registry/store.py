@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from docket.errors import DocketError, InvalidRequest
-from docket.reference import DIGEST_RE
+from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,10 @@ UPLOAD_PREFIX = "upload-"
 
 
 def validate_digest(digest: str) -> str:
-    """``sha256:<64 lowercase hex>`` or InvalidRequest (digests do become paths, so this is strict)."""
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-        raise InvalidRequest(f"invalid digest {digest!r}", "a digest is sha256: followed by 64 lowercase hex digits")
+    """``sha256:<64 hex>`` or ``sha512:<128 hex>`` (lowercase) or InvalidRequest (digests become paths: strict)."""
+    if not isinstance(digest, str) or not ANY_DIGEST_RE.match(digest):
+        raise InvalidRequest(f"invalid digest {digest!r}", "a digest is sha256: followed by 64 lowercase hex digits "
+                             "(or sha512: and 128)")
     return digest
 
 
@@ -44,10 +45,11 @@ class LocationError(DocketError):
 class Upload:
     """A temp file being received: write chunks, read ``digest``/``size``; removed unless committed."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, algorithm: str = "sha256") -> None:
         self.path = path
         self._file = os.fdopen(fd, "wb")
-        self._sha = hashlib.sha256()
+        self.algorithm = algorithm
+        self._sha = hashlib.new(algorithm)
         self.size = 0
         self.committed = False
 
@@ -65,7 +67,7 @@ class Upload:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + self._sha.hexdigest()
+        return f"{self.algorithm}:{self._sha.hexdigest()}"
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -80,7 +82,8 @@ class BlobStore:
 
     def __init__(self, location: Path) -> None:
         self.location = Path(location).absolute()
-        self.blobs_dir = self.location / "blobs" / "sha256"
+        self.blobs_root = self.location / "blobs"
+        self.blobs_dir = self.blobs_root / "sha256"  # sha512 blobs live beside it in blobs/sha512
         self.torrents_dir = self.location / "torrents"
         self.uploads_dir = self.location / "uploads"
         self.seeders_dir = self.location / "seeders"
@@ -91,7 +94,8 @@ class BlobStore:
     def ensure_layout(self) -> None:
         """Create the directories (0755) and prove the location is writable, with a clear error if not."""
         try:
-            for d in (self.location, self.blobs_dir, self.torrents_dir, self.uploads_dir, self.seeders_dir):
+            for d in (self.location, *(self.blobs_root / a for a in DIGEST_ALGORITHMS), self.torrents_dir,
+                      self.uploads_dir, self.seeders_dir):
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.uploads_dir, prefix=".probe-"):
                 pass
@@ -125,7 +129,8 @@ class BlobStore:
 
     # -- paths ----------------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
-        return self.blobs_dir / digest_hex(digest)
+        algorithm, _, hex_ = validate_digest(digest).partition(":")
+        return self.blobs_root / algorithm / hex_
 
     def torrent_path(self, digest: str) -> Path:
         return self.torrents_dir / f"{digest_hex(digest)}.torrent"
@@ -137,19 +142,24 @@ class BlobStore:
         return self.blob_path(digest).is_file()
 
     def list_blob_digests(self) -> list[str]:
-        if not self.blobs_dir.is_dir():
-            return []
-        return sorted(f"sha256:{p.name}" for p in self.blobs_dir.iterdir() if DIGEST_RE.match(f"sha256:{p.name}"))
+        found = []
+        for algorithm in DIGEST_ALGORITHMS:
+            folder = self.blobs_root / algorithm
+            if folder.is_dir():
+                found.extend(f"{algorithm}:{p.name}" for p in folder.iterdir()
+                             if ANY_DIGEST_RE.match(f"{algorithm}:{p.name}"))
+        return sorted(found)
 
     def list_upload_files(self) -> list[Path]:
         return sorted(self.uploads_dir.iterdir()) if self.uploads_dir.is_dir() else []
 
     # -- writing --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def upload(self) -> Iterator[Upload]:
-        """A temp file in uploads/; removed on any failure or when the caller did not commit it."""
+    def upload(self, algorithm: str = "sha256") -> Iterator[Upload]:
+        """A temp file in uploads/, hashed with ``algorithm``; removed on failure or when the caller did not commit
+        it."""
         fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=self.uploads_dir)
-        up = Upload(Path(name), fd)
+        up = Upload(Path(name), fd, algorithm)
         try:
             yield up
         finally:
