@@ -100,7 +100,8 @@ def test_push_stores_blob_torrent_and_record(client, location, image, layout):
     assert rec["created"] == "2024-05-06T07:08:09Z"
     assert rec["format"] == "layers" and rec["size"] == len(layer) + len(config)
     canonical = json.dumps({"config": info["image_id"], "layers": [digest]}, separators=(",", ":"), sort_keys=True)
-    assert rec["digest"] == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    v2 = client.get("/v2/team/app/manifests/v1")  # the record's digest is the V2 manifest's (docs/v2.md)
+    assert v2.status_code == 200 and rec["digest"] == "sha256:" + hashlib.sha256(v2.data).hexdigest()
     assert rec["config"] == {"digest": info["image_id"], "size": len(config),
                              "blob_url": f"/api/v1/blobs/{info['image_id']}"}
     [lrec] = rec["layers"]
@@ -221,7 +222,8 @@ def test_repush_replaces_tag_and_gc_collects_old_blob(app, client, location, ima
     # within the grace period nothing goes; an in-flight download also holds it
     assert services.gc.run_once() == []
     services.downloads.acquire(rec1["digest"])
-    assert services.gc.run_once(now=utcnow() + timedelta(hours=1)) == [img1["image_id"]]  # the old config
+    # the old config and the old V2 manifest's bytes
+    assert sorted(services.gc.run_once(now=utcnow() + timedelta(hours=1))) == sorted([img1["image_id"], img1["digest"]])
     services.downloads.release(rec1["digest"])
     assert services.gc.run_once(now=utcnow() + timedelta(hours=1)) == [rec1["digest"]]
     assert_error(client.get(rec1["blob_url"]), 404)
@@ -237,7 +239,7 @@ def test_same_bytes_two_tags_share_one_blob(app, client, location, image):
     r1 = push(client, "app:v1", data).get_json()
     r2 = push(client, "app:latest", data).get_json()
     assert r1["digest"] == r2["digest"] and r1["layers"] == r2["layers"]
-    assert len(list((location / "blobs" / "sha256").iterdir())) == 2  # one layer, one config
+    assert len(list((location / "blobs" / "sha256").iterdir())) == 3  # one layer, one config, one V2 manifest
     assert client.delete("/api/v1/repositories/app/tags/v1").status_code == 204
     with app.extensions["docket"].db.session() as s:
         assert s.get(Blob, r1["layers"][0]["digest"]).unreferenced_at is None  # still used by app:latest
@@ -421,7 +423,7 @@ def test_healthz_ok_without_seeding(client, image):
     assert resp.status_code == 200, body
     assert body["status"] == "ok"
     assert set(body["checks"]) == {"database", "blob_store", "tracker", "seeders"}
-    assert body["checks"]["blob_store"]["blobs"] == 2  # layer + config
+    assert body["checks"]["blob_store"]["blobs"] == 3  # layer + config + V2 manifest
 
 
 def test_healthz_degraded_when_blob_damaged(client, location, image):

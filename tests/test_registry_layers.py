@@ -220,12 +220,16 @@ def test_manifest_push_and_record(app, client, location):
     canonical = json.dumps({"config": sha(config), "layers": digests}, separators=(",", ":"), sort_keys=True)
     assert rec["format"] == "layers" and rec["ref"] == "team/app:v1"
     assert rec["image_id"] == sha(config) and rec["created"] == "2025-01-02T03:04:05Z"
-    assert rec["digest"] == sha(canonical.encode())
+    v2 = client.get("/v2/team/app/manifests/v1")  # the Docker schema 2 manifest the registry wrote (docs/v2.md)
+    assert v2.status_code == 200 and rec["digest"] == rec["manifest_digest"] == sha(v2.data)
+    assert rec["media_type"] == v2.mimetype == "application/vnd.docker.distribution.manifest.v2+json"
     assert rec["size"] == len(config) + sum(len(x) for x in layers)
     assert rec["config"] == {"digest": sha(config), "size": len(config), "blob_url": f"/api/v1/blobs/{sha(config)}"}
     assert [x["digest"] for x in rec["layers"]] == digests
     for entry, data in zip(rec["layers"], layers):
-        assert set(entry) == {"digest", "size", "info_hash", "piece_length", "torrent_url", "blob_url"}
+        assert set(entry) == {"digest", "diff_id", "media_type", "size", "info_hash", "piece_length", "torrent_url",
+                              "blob_url"}
+        assert entry["diff_id"] == entry["digest"] and entry["media_type"] == "application/vnd.docker.image.rootfs.diff.tar"
         assert entry["size"] == len(data) and entry["torrent_url"] == f"/api/v1/blobs/{entry['digest']}/torrent"
         with client.get(entry["torrent_url"]) as t:
             assert read_torrent(t.data).info_hash == entry["info_hash"]
@@ -233,7 +237,7 @@ def test_manifest_push_and_record(app, client, location):
     assert client.get("/api/v1/images").get_json() == {"images": [rec]}
     manifest = client.get("/api/v1/repositories/team/app/manifests/v1")
     assert manifest.status_code == 200 and manifest.data == canonical.encode()
-    assert manifest.headers["Docket-Content-Digest"] == rec["digest"]
+    assert manifest.headers["Docket-Content-Digest"] == sha(canonical.encode())  # the docket manifest: its own
     for d in [sha(config), *digests]:
         assert blob_row(app, d).unreferenced_at is None
     error(client.get("/api/v1/repositories/team/other/manifests/v1"), 404, "NOT_FOUND")
@@ -305,9 +309,9 @@ def test_repush_replaces_and_gc_keeps_shared_layers(app, client, location):
     services = app.extensions["docket"]
     assert services.gc.run_once() == []  # grace period
     deleted = services.gc.run_once(now=utcnow() + timedelta(hours=1))
-    assert sorted(deleted) == sorted([sha(v1), rec1["image_id"]])
+    assert sorted(deleted) == sorted([sha(v1), rec1["image_id"], rec1["digest"]])  # + the old V2 manifest's bytes
     assert sorted(p.name for p in (location / "blobs" / "sha256").iterdir()) == \
-        sorted(d[7:] for d in (sha(base), sha(v2), rec2["image_id"]))
+        sorted(d[7:] for d in (sha(base), sha(v2), rec2["image_id"], rec2["digest"]))
     assert sorted(p.name for p in (location / "torrents").iterdir()) == sorted(
         f"{d[7:]}.torrent" for d in (sha(base), sha(v2)))
     assert sorted(client.get("/api/v1/tracker/whitelist").data.decode().split()) == \
@@ -341,7 +345,8 @@ def test_shared_layer_stored_once(app, client, location, tmp_path):
     assert r1["layers"][0] == r2["layers"][0] == r3["layers"][0]
     assert r2["layers"] == r3["layers"]
     files = sorted(p.name for p in (location / "blobs" / "sha256").iterdir())
-    assert files.count(r1["layers"][0]["digest"][7:]) == 1 and len(files) == 3 + 3  # base, one, two + 3 configs
+    # base, one, two + 3 configs + 3 V2 manifests (one per config)
+    assert files.count(r1["layers"][0]["digest"][7:]) == 1 and len(files) == 3 + 3 + 3
     assert len(list((location / "torrents").iterdir())) == 3
     assert len(client.get("/api/v1/tracker/whitelist").data.decode().split()) == 3
 
@@ -361,7 +366,7 @@ def test_tarball_push_split_into_layers(app, client, location, tmp_path, layout)
     assert rec["size"] == len(info["config"]) + sum(len(x) for x in info["layers"])
     blobs = location / "blobs" / "sha256"
     assert sorted(p.name for p in blobs.iterdir()) == sorted({d[7:] for d in info["diff_ids"]} |
-                                                             {info["config_digest"][7:]})
+                                                             {info["config_digest"][7:], rec["digest"][7:]})
     for digest, layer in zip(info["diff_ids"], info["layers"]):
         assert (blobs / digest[7:]).read_bytes() == layer
         assert blob_row(app, digest).kind == "layer"
@@ -439,7 +444,7 @@ def test_real_docker_save_split(docker_client, tmp_path):
         blobs = location / "blobs" / "sha256"
         for digest in diff_ids:
             assert sha((blobs / digest[7:]).read_bytes()) == digest
-        assert len(list(blobs.iterdir())) == 3  # two distinct layers + config
+        assert len(list(blobs.iterdir())) == 4  # two distinct layers + config + the V2 manifest
         assert list((location / "uploads").iterdir()) == []
     finally:
         docker_client.images.remove(ref, force=True)

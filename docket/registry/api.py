@@ -12,6 +12,9 @@ from werkzeug.exceptions import ClientDisconnected
 
 from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, TooLarge
 from docket.reference import validate_repository, validate_tag
+from docket.registry.bodies import check_body_headers as _check_body_headers
+from docket.registry.bodies import human as _human
+from docket.registry.bodies import receive as _receive
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
@@ -26,10 +29,6 @@ MANIFEST_TYPES = {"application/json", "application/vnd.docket.manifest.v1+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_LAYERS = 1000  # Docker itself stops at 127
 UPLOAD_KINDS = (KIND_LAYER, KIND_CONFIG)
-
-
-class LengthRequired(DocketError):
-    status, code, exit_code = 411, "LENGTH_REQUIRED", 2
 
 
 class UnsupportedMediaType(DocketError):
@@ -59,56 +58,6 @@ class _ReleaseOnClose:
             on_close, self._on_close = self._on_close, None
             if on_close is not None:
                 on_close()
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def _check_body_headers(what: str) -> int | None:
-    """Content-Length or chunked, not over ``--max-upload-size``, not empty; returns the announced length."""
-    limit = services().config.max_upload_size
-    length = request.content_length
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if length is None and not chunked:
-        raise LengthRequired("Content-Length is required", "send Content-Length or use chunked transfer encoding")
-    if length is not None and length > limit:
-        raise TooLarge(f"{what} is {_human(length)}; this registry accepts up to {_human(limit)}",
-                       "ask the operator to raise --max-upload-size")
-    if length == 0:
-        raise InvalidRequest("empty request body", f"the body must be the {what}")
-    return length
-
-
-def _receive(up: Any, length: int | None, what: str) -> None:
-    """Stream the request body into ``up`` (hashed while written), enforcing the announced length and the limit."""
-    sv = services()
-    limit = sv.config.max_upload_size
-    stream = request.stream
-    chunk_size = sv.config.chunk_size
-    while True:
-        try:
-            chunk = stream.read(chunk_size)
-        except (ClientDisconnected, OSError) as exc:
-            raise InvalidRequest(
-                f"request body ended after {up.size} of {length if length is not None else '?'} bytes",
-                "the client disconnected or timed out; push again",
-            ) from exc
-        if not chunk:
-            break
-        up.write(chunk)
-        if up.size > limit:
-            raise TooLarge(f"{what} exceeds {_human(limit)}", "ask the operator to raise --max-upload-size")
-    if length is not None and up.size != length:
-        raise InvalidRequest(f"request body ended after {up.size} of {length} bytes",
-                             "the client disconnected; push again")
-    if up.size == 0:
-        raise InvalidRequest("empty request body", f"the body must be the {what}")
-    up.finish()
 
 
 @bp.put("/repositories/<path:repository>/tags/<tag>")

@@ -19,11 +19,13 @@ from docket.errors import DocketError, Forbidden, InvalidRequest, Unauthorized
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/v2/token"})  # /v2/token checks credentials itself
 WRITE_METHODS = frozenset({"PUT", "DELETE", "POST", "PATCH"})
 CHALLENGE = 'Bearer realm="docket"'
-# /v2 clients (docker, skopeo, oras) log in with a user name and password: the password is the token
-V2_CHALLENGE = 'Basic realm="docket"'
+# /v2 clients (docker, skopeo, oras) follow the token-auth flow: on a 401 they GET the realm (with the user name
+# and password of `docker login`, whose password is the token, or anonymously) and send back the token it gives
+V2_SERVICE = "docket-registry"
+ANONYMOUS = "anonymous"  # the token an anonymous client gets where reads are open: it allows reads only
 CLIENT_HINT = ("give the docket client a token with DOCKET_TOKEN (or DOCKET_TOKEN_FILE, or --token); "
                "it is sent as `Authorization: Bearer <token>`")
 
@@ -75,8 +77,29 @@ class TokenAuth:
         return bool(self._push or self._read)
 
     def init_app(self, app) -> None:  # noqa: ANN001 - Flask
+        app.extensions["docket_auth"] = self
         if self.enabled:
             app.before_request(self.check)
+
+    def issue(self) -> tuple[Response, int, dict[str, str]] | Response:
+        """``GET /v2/token``: the token endpoint of docker's token-auth flow. Credentials (Basic with the token
+        as password, or Bearer) are checked and the same token handed back; anonymous callers get a read-only
+        placeholder where reads are open, else 401."""
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, value = header.partition(" ")
+            raw = _token_from(scheme, value.strip())
+            if raw is None or not (_matches(raw, self._push) or _matches(raw, self._read)):
+                log.warning("refused a token request from %s: invalid credentials", request.remote_addr)
+                return self._deny(Unauthorized("invalid credentials: the password must be one of the registry's "
+                                               "tokens", "docker login -u <any name> -p <token>"))
+            token = raw.decode("ascii")
+        elif self._read:
+            return self._deny(Unauthorized("this registry requires a token to read",
+                                           "docker login -u <any name> -p <token>"))
+        else:
+            token = ANONYMOUS
+        return jsonify({"token": token, "access_token": token, "expires_in": 3600})
 
     def check(self) -> tuple[Response, int, dict[str, str]] | None:
         if request.path in OPEN_PATHS or request.method == "OPTIONS":
@@ -117,7 +140,7 @@ class TokenAuth:
             from docket.registry.v2.errors import v2_error_body
 
             body = v2_error_body(exc)
-            challenge = V2_CHALLENGE
+            challenge = f'Bearer realm="{request.host_url}v2/token",service="{V2_SERVICE}"'
         else:
             body = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
             challenge = CHALLENGE

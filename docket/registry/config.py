@@ -32,6 +32,7 @@ class RegistryConfig:
     gc_interval: float = 30.0
     gc_grace: float = 600.0
     scrub_interval: float = 3600.0  # seconds between blob re-hashing passes (first at start-up); 0 disables
+    upload_session_timeout: float = 3600.0  # seconds a /v2 upload session may stay idle before it is removed
     hash_threads: int = 2  # torf hashing threads per torrent build
     chunk_size: int = 1024 * 1024
     # bearer tokens (repr=False: a logged config must not show them). Push tokens allow everything; read

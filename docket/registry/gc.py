@@ -1,6 +1,9 @@
 """Garbage collection of blobs no tag references any more.
 
-A blob is referenced while any image uses it as its whole tarball, its config or one of its layers.
+A blob is referenced while any image uses it as its whole tarball, its config or one of its layers, or a V2
+manifest row is stored in it or lists it as config or layer (docs/v2.md). Each pass first drops the manifests
+docket wrote for ``docket push`` tags that are gone (origin "docket", untagged, listed by no index in their
+repository); manifests pushed through /v2 stay until ``DELETE /v2/<name>/manifests/<digest>``, as the spec expects.
 A blob is deleted only when all of these hold: it has been unreferenced for longer than the grace period
 (``--gc-grace``), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it
 (someone still downloading over BitTorrent needs our seeder). Then, under the blob's lock: stop its seeder,
@@ -43,6 +46,10 @@ class GarbageCollector:
     def run_once(self, now: datetime | None = None) -> list[str]:
         """One pass; returns the digests deleted."""
         sv = self.services
+        sv.manifests.collect()  # normally none: deleting or re-pushing a tag drops its docket manifest at once
+        uploads = getattr(sv, "uploads", None)
+        if uploads is not None:
+            uploads.expire()  # /v2 upload sessions idle too long (docs/v2.md, "Blobs and uploads")
         cutoff = (now or utcnow()) - timedelta(seconds=self.grace)
         with sv.db.session() as s:
             candidates = list(s.scalars(select(Blob.digest).where(Blob.unreferenced_at.is_not(None),
@@ -74,7 +81,7 @@ class GarbageCollector:
             sv.tracker.discard(info_hash)
         with sv.tag_lock, sv.db.session() as s:
             blob = s.get(Blob, digest)
-            refs = count_references(s, digest)  # as a tarball, a config or a layer of any image
+            refs = count_references(s, digest)  # by an image (tarball, config, layer) or a manifest
             if blob is None or refs or blob.unreferenced_at is None:  # re-referenced meanwhile
                 if blob is not None and info_hash is not None and (refs or blob.unreferenced_at is None):
                     self._reseed(digest, info_hash)

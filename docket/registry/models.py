@@ -75,7 +75,8 @@ class Blob(Base):
 
 class Image(Base):
     """A tag: ``repository:tag`` -> a config blob plus ordered layer blobs (format "layers"), or, for tags pushed
-    before layer-level distribution, one whole ``docker save`` tarball blob (format "tarball")."""
+    before layer-level distribution, one whole ``docker save`` tarball blob (format "tarball"), or a V2 manifest
+    docket cannot pull (format "index": an image index / manifest list; "artifact": any other manifest)."""
 
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("repository", "tag", name="uq_images_repository_tag"),)
@@ -96,6 +97,12 @@ class Image(Base):
     config: Mapped[Blob | None] = relationship(foreign_keys=[config_digest])
     layers: Mapped[list[ImageLayer]] = relationship(back_populates="image", order_by="ImageLayer.position",
                                                     cascade="all, delete-orphan", passive_deletes=True)
+    # the V2 manifest row the tag points at (same repository, digest manifest_digest); None for "tarball" tags and
+    # for "layers" tags pushed before 0003 until the start-up backfill wrote theirs
+    manifest: Mapped[Manifest | None] = relationship(
+        primaryjoin="and_(foreign(Image.repository) == Manifest.repository, "
+                    "foreign(Image.manifest_digest) == Manifest.digest)",
+        viewonly=True, uselist=False)
 
     @property
     def ref(self) -> str:

@@ -35,7 +35,6 @@ from docket.registry.models import (
     Blob,
     Image,
     ImageLayer,
-    count_references,
     utcnow,
 )
 from docket.registry.seeder import SeederSupervisor, SeedSpec, reap_orphans
@@ -109,7 +108,9 @@ def blob_answer(blob: Blob) -> dict[str, Any]:
 
 
 def image_record(image: Image) -> dict[str, Any]:
-    """The image record of docs/http-api.md (format "tarball") or docs/layers.md (format "layers")."""
+    """The image record of docs/http-api.md (format "tarball"), docs/layers.md (format "layers") or docs/v2.md
+    (formats "index" and "artifact": V2 manifests docket cannot pull)."""
+    from docket.registry.manifests import DOCKER_LAYER_TAR
     head = {
         "repository": image.repository,
         "tag": image.tag,
@@ -131,17 +132,32 @@ def image_record(image: Image) -> dict[str, Any]:
             "blob_url": f"/api/v1/blobs/{blob.digest}",
             "format": FORMAT_TARBALL,
         }
+    manifest = image.manifest
+    v2 = {"digest": image.manifest_digest, "manifest_digest": image.manifest_digest,
+          "media_type": manifest.media_type if manifest is not None else None}
+    if image.format != FORMAT_LAYERS:  # "index", "artifact": pushed through /v2, not pullable by docket
+        return {
+            **head,
+            "pushed_at": rfc3339(image.pushed_at),
+            "format": image.format,
+            **v2,
+            "artifact_type": manifest.artifact_type if manifest is not None else None,
+            "manifest_url": f"/v2/{image.repository}/manifests/{image.manifest_digest}",
+        }
     config = image.config
     assert config is not None
     return {
         **head,
         "pushed_at": rfc3339(image.pushed_at),
         "format": FORMAT_LAYERS,
-        "digest": image.manifest_digest,
+        **v2,
         "config": {"digest": config.digest, "size": config.size, "blob_url": f"/api/v1/blobs/{config.digest}"},
         "layers": [
-            {"digest": layer.blob.digest, "size": layer.blob.size, "info_hash": layer.blob.info_hash,
-             "piece_length": layer.blob.piece_length, "torrent_url": f"/api/v1/blobs/{layer.blob.digest}/torrent",
+            {"digest": layer.blob.digest, "diff_id": layer.diff_id or layer.blob.digest,
+             "media_type": layer.media_type or DOCKER_LAYER_TAR, "size": layer.blob.size,
+             "info_hash": layer.blob.info_hash, "piece_length": layer.blob.piece_length,
+             # a 0-byte layer (V2 pushes only) has no torrent: fetch it over HTTP (it is empty)
+             "torrent_url": f"/api/v1/blobs/{layer.blob.digest}/torrent" if layer.blob.info_hash else None,
              "blob_url": f"/api/v1/blobs/{layer.blob.digest}"}
             for layer in image.layers
         ],
@@ -149,15 +165,14 @@ def image_record(image: Image) -> dict[str, Any]:
 
 
 def _image_query() -> Any:
-    return select(Image).options(selectinload(Image.blob), selectinload(Image.config),
+    return select(Image).options(selectinload(Image.blob), selectinload(Image.config), selectinload(Image.manifest),
                                  selectinload(Image.layers).selectinload(ImageLayer.blob))
 
 
 def _image_digests(image: Image) -> set[str]:
-    """Every blob an image row uses (tarball, config, layers)."""
-    used = {layer.blob_digest for layer in image.layers}
-    used.update(d for d in (image.blob_digest, image.config_digest) if d)
-    return used
+    from docket.registry.manifests import image_digests
+
+    return image_digests(image)
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -182,6 +197,9 @@ class RegistryServices:
         )
         self.downloads = DownloadCounter()
         self.blob_locks = KeyedLocks()
+        from docket.registry.uploads import UploadSessions
+
+        self.uploads = UploadSessions(self.store, timeout=config.upload_session_timeout)  # /v2 upload sessions
         self.tag_lock = threading.Lock()  # serializes tag writes (SQLite has one writer anyway)
         from docket.registry.gc import GarbageCollector
 
@@ -189,6 +207,9 @@ class RegistryServices:
         from docket.registry.scrub import BlobScrubber
 
         self.scrubber = BlobScrubber(self, interval=config.scrub_interval)
+        from docket.registry.manifests import ManifestService
+
+        self.manifests = ManifestService(self)  # the V2 manifests (docs/v2.md)
         self.started = False
 
     @property
@@ -215,6 +236,7 @@ class RegistryServices:
         if self.config.seeding:
             reap_orphans(self.store.seeders_dir)
         blobs = [b for b in self.reconcile() if b.seeded and b.info_hash]
+        self.manifests.backfill()  # tags pushed before the V2 API get their manifest (docs/v2.md)
         self.tracker.start([b.info_hash for b in blobs])
         self.started = True
         if self.seeders is not None:
@@ -386,9 +408,19 @@ class RegistryServices:
 
     def put_manifest(self, repository: str, tag: str, config_digest: str, layers: list[str]) -> dict[str, Any]:
         """Check the blobs (present, config matches the layer list, layers seeded), then commit the tag (replacing
-        any previous one) in one transaction. Blob locks are held throughout, so GC cannot take one meanwhile."""
+        any previous one) in one transaction. Blob locks are held throughout, so GC cannot take one meanwhile.
+        The tag also gets a Docker schema 2 manifest (docs/v2.md) so V2 clients can pull it; its digest is the
+        record's ``digest``."""
+        from docket.registry.manifests import (
+            DOCKER_LAYER_TAR,
+            ORIGIN_DOCKET,
+            drop_docket_manifest_if_unused,
+            save_manifest_row,
+        )
+
+        v2 = self.manifests.docket_manifest_for(config_digest, layers)  # None: a blob is missing, reported below
         with contextlib.ExitStack() as stack:
-            for digest in sorted({config_digest, *layers}):
+            for digest in sorted({config_digest, *layers, *([v2.digest] if v2 else [])}):
                 stack.enter_context(self.blob_locks.hold(digest))
             with self.db.session() as s:
                 for digest in [config_digest, *layers]:
@@ -419,10 +451,16 @@ class RegistryServices:
             for digest, info_hash in seeds:
                 assert info_hash is not None
                 self._seed(digest, info_hash)
-            mdigest = manifest_digest(config_digest, layers)
+            if v2 is None:  # a blob arrived after the first look: rare, so its lock is taken out of order here
+                v2 = self.manifests.docket_manifest_for(config_digest, layers)
+                assert v2 is not None  # every blob is present (checked above, locked)
+                stack.enter_context(self.blob_locks.hold(v2.digest))
+            self.manifests.store_docket_manifest_locked(v2)
+            mdigest = v2.digest
             with self.tag_lock, self.db.session() as s:
                 image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
                 old = _image_digests(image) if image is not None else set()
+                old_manifest = image.manifest_digest if image is not None else None
                 if image is None:
                     image = Image(repository=repository, tag=tag)
                     s.add(image)
@@ -437,7 +475,9 @@ class RegistryServices:
                 image.created = parse_created(config.get("created"))
                 image.size = size
                 image.pushed_at = utcnow()
-                image.layers.extend(ImageLayer(position=i, blob_digest=d) for i, d in enumerate(layers))
+                image.layers.extend(ImageLayer(position=i, blob_digest=d, media_type=DOCKER_LAYER_TAR)
+                                    for i, d in enumerate(layers))
+                save_manifest_row(s, repository, v2, ORIGIN_DOCKET)
                 new = {config_digest, *layers}
                 for digest in new:
                     blob = s.get(Blob, digest)
@@ -446,6 +486,8 @@ class RegistryServices:
                 s.flush()
                 for digest in sorted(old - new):
                     _mark_if_unreferenced(s, digest)
+                if old_manifest != mdigest:
+                    drop_docket_manifest_if_unused(s, repository, old_manifest)
                 s.commit()
                 image = s.scalars(_image_query().where(Image.id == image.id)
                                   .execution_options(populate_existing=True)).one()  # relationships as committed
@@ -489,15 +531,21 @@ class RegistryServices:
         return [image_record(i) for i in images]
 
     def delete_tag(self, repository: str, tag: str) -> None:
+        """The tag goes; a manifest docket wrote for it goes too unless another tag or an index uses it (a V2
+        manifest stays until DELETE /v2/<name>/manifests/<digest>); blobs nothing uses become unreferenced."""
+        from docket.registry.manifests import drop_docket_manifest_if_unused
+
         with self.tag_lock, self.db.session() as s:
             image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
             if image is None:
                 raise NotFound(f"no image {repository}:{tag} in this registry")
             digests = _image_digests(image)
+            old_manifest = image.manifest_digest
             s.delete(image)
             s.flush()
             for digest in sorted(digests):
                 _mark_if_unreferenced(s, digest)
+            drop_docket_manifest_if_unused(s, repository, old_manifest)
             s.commit()
         log.info("deleted tag %s:%s (blobs %s kept until GC)", repository, tag, ", ".join(sorted(digests)))
 
@@ -519,7 +567,6 @@ class RegistryServices:
 
 
 def _mark_if_unreferenced(session: Session, digest: str) -> None:
-    if not count_references(session, digest):
-        blob = session.get(Blob, digest)
-        if blob is not None and blob.unreferenced_at is None:
-            blob.unreferenced_at = utcnow()
+    from docket.registry.manifests import mark_if_unreferenced
+
+    mark_if_unreferenced(session, digest)

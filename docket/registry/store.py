@@ -12,11 +12,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from docket.errors import DocketError, InvalidRequest
 from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
@@ -24,6 +26,8 @@ from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
 log = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = "upload-"
+SESSION_PREFIX = "session-"  # V2 upload sessions: uploads/session-<uuid4> (docket/registry/uploads.py)
+_SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
 def validate_digest(digest: str) -> str:
@@ -45,12 +49,14 @@ class LocationError(DocketError):
 class Upload:
     """A temp file being received: write chunks, read ``digest``/``size``; removed unless committed."""
 
-    def __init__(self, path: Path, fd: int, algorithm: str = "sha256") -> None:
+    def __init__(self, path: Path, fd: int, algorithm: str = "sha256", *, hasher: Any = None, size: int = 0) -> None:
+        """``hasher`` and ``size``: continue a file that already holds ``size`` bytes hashed by ``hasher`` (a V2
+        upload session, see ``BlobStore.reopen``); ``fd`` is then positioned at its end."""
         self.path = path
         self._file = os.fdopen(fd, "wb")
-        self.algorithm = algorithm
-        self._sha = hashlib.new(algorithm)
-        self.size = 0
+        self._sha = hasher if hasher is not None else hashlib.new(algorithm)
+        self.algorithm = self._sha.name
+        self.size = size
         self.committed = False
 
     def write(self, chunk: bytes) -> None:
@@ -64,6 +70,10 @@ class Upload:
         os.fsync(self._file.fileno())
         self._file.close()
         return self.digest
+
+    def close(self) -> None:
+        """Flush and close without fsync and without removing the file (a V2 upload session's chunk)."""
+        self._file.close()
 
     @property
     def digest(self) -> str:
@@ -164,6 +174,31 @@ class BlobStore:
             yield up
         finally:
             up.discard()
+
+    def session_path(self, session_id: str) -> Path:
+        """``uploads/session-<uuid4>``; anything but a lowercase uuid4 is refused (ids come from URLs)."""
+        if not isinstance(session_id, str) or not _SESSION_ID_RE.match(session_id):
+            raise InvalidRequest(f"invalid upload session id {session_id[:100]!r}", "ids are lowercase uuid4s")
+        return self.uploads_dir / f"{SESSION_PREFIX}{session_id}"
+
+    def create_session_file(self, session_id: str) -> Path:
+        """An empty file for a new V2 upload session (O_EXCL: an id is never reused)."""
+        path = self.session_path(session_id)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
+    def reopen(self, path: Path, size: int, hasher: Any) -> Upload:
+        """An Upload appending to the session file ``path`` after its first ``size`` bytes (anything after them,
+        left by a failed request, is cut off), continuing ``hasher``. ``close()`` it after a chunk; ``finish()``
+        (fsync) before ``commit``; ``discard()`` removes the file."""
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+            os.lseek(fd, size, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Upload(path, fd, hasher=hasher, size=size)
 
     def commit(self, upload: Upload, digest: str) -> Path:
         """Move a finished upload into place as blob ``digest``; if the blob already exists, drop the temp.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, Response, jsonify
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify
 
 from docket.registry.v2.errors import NameInvalid
 
@@ -39,6 +41,12 @@ def _version_header(resp: Response) -> Response:
 def version_check() -> Response:
     """The spec's end-1: 200 means this registry implements V2 (and the caller's credentials, if any, are good)."""
     return jsonify({})
+
+
+@bp.get("/token")
+def token() -> Any:
+    """The token endpoint the 401 challenge names (docker's token-auth flow): see ``TokenAuth.issue``."""
+    return current_app.extensions["docket_auth"].issue()
 
 
 from docket.registry.v2 import blobs, manifests  # noqa: E402,F401  (register their routes on bp)

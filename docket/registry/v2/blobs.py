@@ -1,3 +1,257 @@
-"""V2 blob routes: GET/HEAD/DELETE blobs, uploads (monolithic, chunked, cross-repository mount). See docs/v2.md."""
+"""V2 blob routes: GET/HEAD/DELETE blobs, uploads (monolithic, chunked, cross-repository mount). See docs/v2.md.
+
+Blobs are global (content-addressed): ``<name>`` is validated but any stored blob is served from any repository.
+Upload sessions are ``docket.registry.uploads.UploadSessions`` (``services.uploads``); a session belongs to the
+repository it was opened for.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flask import Response, current_app, jsonify, request, send_file
+
+from docket.errors import InvalidRequest, NotFound, TooLarge
+from docket.registry.api import BLOB_MAX_AGE, _ReleaseOnClose
+from docket.registry.blobops import drop_blob_locked, keep_blob_locked
+from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive
+from docket.registry.db import get_session
+from docket.registry.models import KIND_BLOB, Blob, count_references
+from docket.registry.store import validate_digest
+from docket.registry.v2 import bp, validate_name
+from docket.registry.v2.errors import (
+    BlobUnknown,
+    BlobUploadInvalid,
+    DigestInvalid,
+    InUse,
+    RangeInvalid,
+    SizeInvalid,
+    V2Error,
+    v2_error_body,
+)
+
+if TYPE_CHECKING:
+    from docket.registry.services import RegistryServices
+    from docket.registry.uploads import UploadSession
+
+# the spec's Content-Range is "<start>-<end>"; "bytes <start>-<end>/<total>" (RFC 9110) is accepted too
+CONTENT_RANGE_RE = re.compile(r"^\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*$")
+
+
+class V2LengthRequired(V2Error):
+    status, code = 411, "SIZE_INVALID"
+
+
+def services() -> RegistryServices:
+    return current_app.extensions["docket"]
+
+
+def _digest(value: str | None, what: str = "digest") -> str:
+    if value is None:
+        raise DigestInvalid(f"the {what} parameter is missing", "finish an upload with PUT <location>?digest=<digest>")
+    try:
+        return validate_digest(value)
+    except InvalidRequest as exc:
+        raise DigestInvalid(exc.message, exc.hint, detail={what: value[:300]}) from exc
+
+
+def _blob_headers(name: str, digest: str) -> dict[str, str]:
+    return {"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest}
+
+
+@contextlib.contextmanager
+def _spec_body_errors() -> Iterator[None]:
+    """The shared body checks raise /api/v1 errors; under /v2 they become the spec's codes."""
+    try:
+        yield
+    except LengthRequired as exc:
+        raise V2LengthRequired(exc.message, exc.hint) from exc
+    except InvalidRequest as exc:
+        raise BlobUploadInvalid(exc.message, exc.hint) from exc
+
+
+# -- blobs ------------------------------------------------------------------------------------------------------
+@bp.get("/<path:name>/blobs/<digest>")
+def get_blob(name: str, digest: str) -> Response:
+    """The blob's bytes (HEAD: headers only); Range (206/416), If-None-Match handled by send_file."""
+    validate_name(name)
+    digest = _digest(digest)
+    sv = services()
+    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # the client then uploads it again: repaired
+        raise BlobUnknown(f"blob {digest} is corrupt on the registry", "upload it again to repair it",
+                          detail={"digest": digest})
+    try:
+        sv.get_blob(get_session(), digest)
+    except NotFound as exc:
+        raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc
+    sv.downloads.acquire(digest)  # GC waits for in-flight downloads
+    try:
+        resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
+                         etag=digest, max_age=BLOB_MAX_AGE)
+    except BaseException:
+        sv.downloads.release(digest)
+        raise
+    # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
+    resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
+    resp.headers["Docker-Content-Digest"] = digest
+    resp.cache_control.immutable = True
+    return resp
+
+
+@bp.delete("/<path:name>/blobs/<digest>")
+def delete_blob(name: str, digest: str) -> tuple[str, int]:
+    """202 when deleted; 409 while a tag or manifest uses it (or a download of it is in flight)."""
+    validate_name(name)
+    digest = _digest(digest)
+    sv = services()
+    with sv.blob_locks.hold(digest):
+        with sv.db.session() as s:
+            blob = s.get(Blob, digest)
+            if blob is None:
+                raise BlobUnknown(f"no blob {digest} in this registry", detail={"digest": digest})
+            refs = count_references(s, digest)
+            info_hash = blob.info_hash
+        if refs:
+            raise InUse(f"blob {digest} is in use: {refs} tag(s) or manifest(s) reference it",
+                        "delete the manifests that use it first", detail={"digest": digest, "references": refs})
+        if sv.downloads.count(digest):
+            raise InUse(f"blob {digest} is being downloaded", "retry the delete later", detail={"digest": digest})
+        if not drop_blob_locked(sv, digest, info_hash, require_unreferenced_mark=False):
+            raise InUse(f"blob {digest} is in use", "delete the manifests that use it first",
+                        detail={"digest": digest})
+    sv.scrubber.clear(digest)
+    return "", 202
+
+
+# -- uploads ----------------------------------------------------------------------------------------------------
+def _monolithic(name: str, digest: str) -> tuple[str, int, dict[str, str]]:
+    """``POST ...?digest=``: the whole blob in one request, checked against the digest before it is stored."""
+    sv = services()
+    what = "blob"
+    with _spec_body_errors():
+        length = check_body_headers(what, allow_empty=True)
+    with sv.store.upload(digest.partition(":")[0]) as up:
+        with _spec_body_errors():
+            receive(up, length, what, allow_empty=True)
+        if up.digest != digest:
+            raise DigestInvalid(f"the uploaded blob has digest {up.digest}, not {digest}",
+                                "the bytes changed in transit or the digest is wrong; nothing was stored",
+                                detail={"digest": digest, "computed": up.digest})
+        sv.store_blob(up, KIND_BLOB)
+    return "", 201, _blob_headers(name, digest)
+
+
+@bp.post("/<path:name>/blobs/uploads/")
+def start_upload(name: str) -> tuple[str, int, dict[str, str]]:
+    """202 + a session; ``?digest=``: monolithic upload (201); ``?mount=&from=``: 201 when the blob is stored
+    (blobs are global, ``from`` only has to be a valid name), else a session (202) as the spec says."""
+    validate_name(name)
+    sv = services()
+    mount = request.args.get("mount")
+    if mount is not None:
+        digest = _digest(mount, "mount")
+        source = request.args.get("from")
+        if source is not None:
+            validate_name(source)
+        with sv.blob_locks.hold(digest):
+            mounted = keep_blob_locked(sv, digest)
+        if mounted:
+            return "", 201, _blob_headers(name, digest)
+    elif request.args.get("digest") is not None:
+        return _monolithic(name, _digest(request.args.get("digest")))
+    session = sv.uploads.open(name)
+    return "", 202, session.headers()
+
+
+def _range_error(session: UploadSession, message: str, hint: str | None = None) -> tuple[Response, int, dict]:
+    """416 with the session's current ``Range``, so the client knows where to resume (errors raised as
+    exceptions carry no headers)."""
+    body = v2_error_body(RangeInvalid(message, hint, detail={"uuid": session.id, "range": session.range}))
+    return jsonify(body), 416, session.headers()
+
+
+def _append_body(session: UploadSession) -> tuple[Response, int, dict] | None:
+    """Append the request body (if any) to the session; a 416 response when it is not the next chunk. A body
+    over the size limit ends the session; a body cut short leaves it as it was (the client may resume)."""
+    sv = services()
+    content_range = request.headers.get("Content-Range")
+    length = request.content_length
+    if content_range is None and not length and not is_chunked():
+        return None  # no body (a PUT that only closes the upload)
+    expected: int | None = length
+    if content_range is not None:
+        m = CONTENT_RANGE_RE.match(content_range)
+        if not m or int(m.group(2)) < int(m.group(1)):
+            return _range_error(session, f"invalid Content-Range {content_range[:100]!r}",
+                                "send Content-Range: <start>-<end> (inclusive byte offsets)")
+        start, end = int(m.group(1)), int(m.group(2))
+        if start != session.size:
+            return _range_error(session, f"chunk starts at byte {start} but the upload holds {session.size} bytes",
+                                f"send the next chunk from byte {session.size} (chunks must be in order)")
+        expected = end - start + 1
+        if length is not None and length != expected:
+            raise SizeInvalid(f"Content-Length {length} does not match Content-Range {content_range[:100]!r}",
+                              detail={"uuid": session.id})
+    what = "upload"
+    try:
+        with _spec_body_errors():
+            check_body_headers(what, already=session.size, allow_empty=True)
+            sv.uploads.append(session, lambda up: receive(up, expected, what, allow_empty=True, finish=False))
+    except TooLarge:
+        sv.uploads.discard(session)  # it can never be completed
+        raise
+    return None
+
+
+@bp.route("/<path:name>/blobs/uploads/<uuid>", methods=["PATCH"])
+def patch_upload(name: str, uuid: str) -> Any:
+    """One chunk (Content-Range + Content-Length), or the whole blob streamed (docker: chunked, no range)."""
+    validate_name(name)
+    with services().uploads.hold(name, uuid) as session:
+        error = _append_body(session)
+        if error is not None:
+            return error
+        return "", 202, session.headers()
+
+
+@bp.put("/<path:name>/blobs/uploads/<uuid>")
+def finish_upload(name: str, uuid: str) -> Any:
+    """Close the upload (with an optional last chunk): the digest of all its bytes must be ``?digest=``; then
+    it is a stored blob (201). A mismatch ends the session and stores nothing."""
+    validate_name(name)
+    sv = services()
+    with sv.uploads.hold(name, uuid) as session:
+        digest = _digest(request.args.get("digest"))
+        error = _append_body(session)
+        if error is not None:
+            return error
+        up = sv.uploads.finish(session, digest.partition(":")[0])
+        try:
+            if up.digest != digest:
+                raise DigestInvalid(f"the uploaded blob has digest {up.digest}, not {digest}",
+                                    "the bytes changed in transit or the digest is wrong; nothing was stored, "
+                                    "start the upload again", detail={"digest": digest, "computed": up.digest})
+            sv.store_blob(up, KIND_BLOB)
+        finally:
+            up.discard()  # the file, unless the store committed it
+    return "", 201, _blob_headers(name, digest)
+
+
+@bp.get("/<path:name>/blobs/uploads/<uuid>")
+def upload_status(name: str, uuid: str) -> tuple[str, int, dict[str, str]]:
+    """204 with ``Range``: where to resume."""
+    validate_name(name)
+    session = services().uploads.get(name, uuid)
+    return "", 204, session.headers()
+
+
+@bp.delete("/<path:name>/blobs/uploads/<uuid>")
+def cancel_upload(name: str, uuid: str) -> tuple[str, int]:
+    validate_name(name)
+    sv = services()
+    with sv.uploads.hold(name, uuid) as session:
+        sv.uploads.discard(session)
+    return "", 204
