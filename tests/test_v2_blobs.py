@@ -615,3 +615,22 @@ def test_chunked_transfer_upload_over_http(registry_server):
     assert resp.status_code == 201, resp.text
     assert requests.get(f"{url}/v2/library/small/blobs/{sha(small)}", timeout=30).content == small
     assert [p.name for p in (registry_server.location / "uploads").iterdir()] == []
+
+
+@pytest.mark.parametrize("url", ["/v2/app/blobs/{d}", "/api/v1/blobs/{d}"])
+def test_head_gives_an_unreferenced_blob_a_fresh_grace_period(client, app, url):
+    """A client that HEADs a blob skips uploading it and names it in its next manifest: GC must not take it
+    in between, even if it was uploaded long ago and never used."""
+    from datetime import timedelta
+
+    from docket.registry.models import Blob, utcnow
+
+    data = b"uploaded long ago, referenced by nothing yet"
+    assert monolithic(client, "app", data).status_code == 201
+    services = sv(app)
+    with services.db.session() as s:
+        s.get(Blob, sha(data)).unreferenced_at = utcnow() - timedelta(hours=2)
+        s.commit()
+    assert client.head(url.format(d=sha(data))).status_code == 200
+    assert services.gc.run_once(now=utcnow() + timedelta(seconds=60)) == []
+    assert client.head(f"/v2/app/blobs/{sha(data)}").status_code == 200

@@ -15,6 +15,7 @@ from docket.reference import validate_repository, validate_tag
 from docket.registry.bodies import check_body_headers as _check_body_headers
 from docket.registry.bodies import human as _human
 from docket.registry.bodies import receive as _receive
+from docket.registry.blobops import keep_for_existence_check
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
@@ -183,6 +184,8 @@ def get_blob(digest: str) -> Response:
     if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # a push then uploads it again: repaired
         raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
     sv.get_blob(get_session(), digest)
+    if request.method == "HEAD":
+        keep_for_existence_check(sv, digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
         resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,

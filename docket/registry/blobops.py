@@ -61,3 +61,10 @@ def keep_blob_locked(sv: RegistryServices, digest: str) -> bool:
             with sv.tag_lock:
                 s.commit()
     return True
+
+
+def keep_for_existence_check(sv: RegistryServices, digest: str) -> None:
+    """A HEAD of a blob: the client will skip uploading it and reference it in its next manifest, so an
+    unreferenced blob gets a fresh grace period now (else GC could take it between the HEAD and that manifest)."""
+    with sv.blob_locks.hold(digest):
+        keep_blob_locked(sv, digest)

@@ -21,7 +21,8 @@ from sqlalchemy import select
 
 from docket.errors import DocketError
 from docket.registry.periodic import Periodic
-from docket.registry.models import Blob, count_references, utcnow
+from docket.registry.blobops import drop_blob_locked
+from docket.registry.models import Blob, utcnow
 
 if TYPE_CHECKING:
     from docket.registry.services import RegistryServices
@@ -73,22 +74,10 @@ class GarbageCollector:
             if blob is None or blob.unreferenced_at is None or blob.unreferenced_at > cutoff:
                 return False
             info_hash = blob.info_hash  # None for config blobs: no torrent, no seeder, no swarm
-        if info_hash is not None:
-            if not self._swarm_idle(digest, info_hash):
-                return False
-            if sv.seeders is not None:
-                sv.seeders.remove(digest)
-            sv.tracker.discard(info_hash)
-        with sv.tag_lock, sv.db.session() as s:
-            blob = s.get(Blob, digest)
-            refs = count_references(s, digest)  # by an image (tarball, config, layer) or a manifest
-            if blob is None or refs or blob.unreferenced_at is None:  # re-referenced meanwhile
-                if blob is not None and info_hash is not None and (refs or blob.unreferenced_at is None):
-                    self._reseed(digest, info_hash)
-                return False
-            s.delete(blob)
-            s.commit()
-        sv.store.delete(digest)
+        if info_hash is not None and not self._swarm_idle(digest, info_hash):
+            return False
+        if not drop_blob_locked(sv, digest, info_hash):  # re-referenced meanwhile: kept (and re-seeded)
+            return False
         log.info("gc: deleted blob %s (info hash %s)", digest, info_hash)
         return True
 
@@ -106,9 +95,3 @@ class GarbageCollector:
             log.info("gc: %s still has %d downloading peer(s); later", digest, result.incomplete)
             return False
         return True
-
-    def _reseed(self, digest: str, info_hash: str) -> None:
-        sv = self.services
-        sv.tracker.add(info_hash)
-        if sv.seeders is not None:
-            sv.seeders.ensure(sv.seed_spec(digest), wait_listening=0)

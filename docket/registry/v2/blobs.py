@@ -18,6 +18,7 @@ from docket.errors import InvalidRequest, NotFound, TooLarge
 from docket.registry.api import BLOB_MAX_AGE, _ReleaseOnClose
 from docket.registry.blobops import drop_blob_locked, keep_blob_locked
 from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive
+from docket.registry.blobops import keep_for_existence_check
 from docket.registry.db import get_session
 from docket.registry.models import KIND_BLOB, Blob, count_references
 from docket.registry.store import validate_digest
@@ -87,6 +88,8 @@ def get_blob(name: str, digest: str) -> Response:
         sv.get_blob(get_session(), digest)
     except NotFound as exc:
         raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc
+    if request.method == "HEAD":
+        keep_for_existence_check(sv, digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
         resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
