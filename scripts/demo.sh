@@ -50,6 +50,9 @@ echo "==> docket pull $REF   (through BitTorrent)"
 docket pull --seed-time 0 "$REF"
 echo "==> docker run $REF"
 docker run --rm --network none "$REF"
+echo "==> docker pull 127.0.0.1:$PORT/$REF   (the same image through the standard registry API)"
+docker pull -q "127.0.0.1:$PORT/$REF"
+docker rmi -f "127.0.0.1:$PORT/$REF" >/dev/null
 
 if [ "${DEMO_EXIT:-0}" = "1" ]; then
   echo "==> demo done; stopping the registry"

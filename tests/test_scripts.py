@@ -48,3 +48,4 @@ def test_demo_command_pushes_and_pulls(docker_host: str, tmp_path: Path):
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     assert "hello from a docket pull" in result.stdout
     assert "docket-demo/hello:v1" in result.stdout
+    assert f"127.0.0.1:{env['DOCKET_PORT']}/docket-demo/hello:v1" in result.stdout  # docker pull printed the ref
