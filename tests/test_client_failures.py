@@ -56,8 +56,9 @@ def test_tracker_down_is_a_clear_transfer_error(image_factory, docket_cli, tmp_p
         ref, _ = image_factory.build(data_mib=1)
         docket_cli("push", ref, registry=server)
         image_factory.remove(ref)
-        pull = docket_cli("pull", ref, "--stall-timeout", "5", "--seed-time", "0", registry=server,
-                          peer_ip="127.0.0.51", check=False, timeout=120)
+        # --transport p2p: the default (auto) would continue over HTTP (tests/test_client_fallback.py)
+        pull = docket_cli("pull", ref, "--transport", "p2p", "--stall-timeout", "5", "--seed-time", "0",
+                          registry=server, peer_ip="127.0.0.51", check=False, timeout=120)
         assert pull.returncode == 9, pull.stderr
         assert f"127.0.0.1:{dead_tracker}" in pull.stderr
         with pytest.raises(Exception):

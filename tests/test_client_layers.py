@@ -22,8 +22,8 @@ import pytest
 from docket import errors
 from docket.client.api import RegistryClient
 from docket.client.dockerops import DockerOps
-from docket.client.layers import (chain_ids, classify_member, load_entries, present_prefix, stream_length,
-                                  tar_stream)
+from docket.client.layers import (TarStream, chain_ids, classify_member, load_entries, present_prefix,
+                                  stream_length, tar_stream)
 from docket.client.pull_layers import LayeredRecord, check_config
 from docket.client.push import LayerPusher
 from docket.reference import Reference, parse_reference
@@ -234,6 +234,73 @@ def test_member_classification(layout):
     else:
         assert all(n.endswith("/layer.tar") and kinds[n].digest is None for n in layer_members)
         assert kinds[config_members[0]].digest == image_id
+
+
+def _members_tarfile(data: bytes) -> list[tuple]:
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as t:
+        for info in t:
+            f = t.extractfile(info) if info.isreg() else None
+            out.append((info.name, info.type, info.size, info.linkname, f.read() if f else None))
+    return out
+
+
+def _members_stream(data: bytes, step: int, read_every: int = 1) -> tuple[list[tuple], int]:
+    out = []
+    ts = TarStream(chunked(data, step), out_chunk=5000)
+    for i, info in enumerate(ts):
+        body = b"".join(ts.chunks(info)) if info.isreg() and i % read_every == 0 else None
+        out.append((info.name, info.type, info.size, info.linkname, body))
+    return out, ts.count
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("step", [1, 511, 512, 7000, 1 << 20])
+def test_tar_stream_reads_what_tarfile_reads(fmt, step):
+    """TarStream (the push's fast reader) sees the same members and bytes as tarfile, whatever the chunking."""
+    buf = io.BytesIO()
+    long = "d/" + "n" * 150 if fmt != tarfile.USTAR_FORMAT else "d/short"
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for name, data in [("a", b""), ("d/b", os.urandom(513)), (long, os.urandom(12_345)),
+                           ("ü-name" if fmt == tarfile.PAX_FORMAT else "c", b"x" * 1024)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        t.addfile(d)
+        link = tarfile.TarInfo("link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "../" + "l" * 120 if fmt != tarfile.USTAR_FORMAT else "../x"
+        t.addfile(link)
+    data = buf.getvalue()
+    expected = _members_tarfile(data)
+    got, count = _members_stream(data, step)
+    assert got == expected and count == len(data)
+    skipped, _ = _members_stream(data, step, read_every=2)  # members whose data nobody reads are skipped
+    assert [m[:4] for m in skipped] == [m[:4] for m in expected]
+
+
+@pytest.mark.parametrize("data", [b"", b"x" * 100, b"garbage" * 200, bytes(512) * 2],
+                         ids=["empty", "short", "garbage", "only-end-blocks"])
+def test_tar_stream_garbage(data):
+    with pytest.raises(tarfile.TarError):
+        list(TarStream(chunked(data, 300)))
+
+
+def test_tar_stream_truncated_member():
+    data, _, _ = save_tar([layer_tar({"a": os.urandom(5000)})])
+    ts = TarStream(chunked(data[:3000], 700))
+    with pytest.raises(tarfile.ReadError):
+        for info in ts:
+            for _ in ts.chunks(info):
+                pass
+
+
+def test_push_of_a_garbage_export_is_invalid_image(fake_registry):
+    data, image_id, diff_ids = save_tar([layer_tar({"a": b"a"})])
+    with pytest.raises(errors.InvalidImage):
+        _push(fake_registry, data[:1500] + b"garbage" * 100, image_id, diff_ids)
 
 
 def test_layered_record_and_config_checks():

@@ -495,7 +495,9 @@ def test_pull_downloads_verifies_and_writes_output(served, tmp_path):
     (proc,) = FakeCtorrent.instances
     ip = proc.kw["listen_ip"]  # same-host tracker: a fresh loopback address of our own
     assert ip.startswith("127.") and ip != "127.0.0.1" and proc.stopped
-    assert set(res.summary()) == {"ref", "digest", "image_id", "bytes", "seconds", "loaded", "output"}
+    assert set(res.summary()) == {"ref", "digest", "image_id", "bytes", "seconds", "loaded", "output", "transport",
+                                  "transport_requested", "bytes_from_http", "fallback_reason"}
+    assert res.summary()["transport"] == "p2p" and res.summary()["bytes_from_http"] == 0
 
     # a second pull finds the verified file and starts no ctorrent
     res2 = make_puller(canned, tmp_path, data, load=False, seed_time=0).pull(REF)
@@ -513,12 +515,12 @@ def test_pull_corrupt_download_is_deleted(served, tmp_path):
 def test_pull_stall_and_death_are_transfer_errors_naming_the_tracker(served, tmp_path):
     canned, data, _ = served
     with pytest.raises(errors.TransferError) as e:
-        make_puller(canned, tmp_path, data, mode="stall", load=False, stall_timeout=0.3).pull(REF)
+        make_puller(canned, tmp_path, data, mode="stall", load=False, stall_timeout=0.3, transport="p2p").pull(REF)
     assert "no download progress" in e.value.message and "http://127.0.0.1:6969/announce" in e.value.message
     assert "tracker said no" in e.value.message
     assert FakeCtorrent.instances[-1].stopped
     with pytest.raises(errors.TransferError) as e:
-        make_puller(canned, tmp_path, data, mode="die", load=False).pull(REF)
+        make_puller(canned, tmp_path, data, mode="die", load=False, transport="p2p").pull(REF)
     assert "exited" in e.value.message and "6969" in e.value.message
 
 

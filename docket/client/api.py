@@ -15,7 +15,8 @@ import requests
 
 from docket import __version__
 from docket import errors
-from docket.reference import DIGEST_RE, Reference
+from docket.client.http_fetch import BLOB_DIGEST_RE
+from docket.reference import Reference
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class RegistryClient:
 
     def get_torrent(self, digest: str) -> bytes:
         """The .torrent of a blob, capped at 4 MiB (ctorrent's limit) while reading."""
-        if not DIGEST_RE.match(digest):
+        if not BLOB_DIGEST_RE.match(digest):
             raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
         what = f"fetching the torrent of {digest}"
         resp = self._request("GET", f"{API}/blobs/{digest}/torrent", what, stream=True)
@@ -304,7 +305,7 @@ class RegistryClient:
 
     def head_blob(self, digest: str) -> int | None:
         """Size of the blob when the registry has it, else None."""
-        if not DIGEST_RE.match(digest):
+        if not BLOB_DIGEST_RE.match(digest):
             raise errors.InvalidRequest(f"invalid digest {digest!r}")
         what = f"asking the registry for {digest}"
         resp = self._request("HEAD", f"{API}/blobs/{digest}", what, ok=(200, 404))
@@ -318,7 +319,7 @@ class RegistryClient:
 
     def get_blob(self, digest: str, limit: int) -> bytes:
         """A small blob (the config) over plain HTTP, refused when larger than ``limit``."""
-        if not DIGEST_RE.match(digest):
+        if not BLOB_DIGEST_RE.match(digest):
             raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
         what = f"fetching {digest}"
         resp = self._request("GET", f"{API}/blobs/{digest}", what, stream=True)
@@ -333,6 +334,49 @@ class RegistryClient:
             except requests.exceptions.RequestException as exc:
                 raise errors.TransferError(f"{what}: {exc}") from exc
         return bytes(buf)
+
+    def iter_blob(self, digest: str, start: int = 0, end: int | None = None,
+                  chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        """The bytes ``[start, end)`` of a blob, streamed (``Range`` when not the whole blob).
+
+        A server that ignores ``Range`` (200 instead of 206) still works: the bytes before ``start`` are skipped.
+        Nothing after ``end`` is yielded. Network failures become TransferError (the caller resumes).
+        """
+        if not BLOB_DIGEST_RE.match(digest):
+            raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
+        what = f"downloading {digest} over HTTP"
+        headers = {"Accept-Encoding": "identity"}  # byte ranges of the stored bytes, never of a re-encoding
+        ranged = start > 0 or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        resp = self._request("GET", f"{API}/blobs/{digest}", what, ok=(200, 206), stream=True, headers=headers)
+        with resp:
+            skip = 0
+            if resp.status_code == 206:
+                got = resp.headers.get("Content-Range", "")
+                if not got.startswith(f"bytes {start}-"):
+                    raise errors.TransferError(f"{what}: asked for bytes from {start}, the registry sent {got!r}")
+            elif ranged:
+                skip = start
+                log.info("%s: the server ignored Range; skipping %d bytes", what, start)
+            left = None if end is None else end - start
+            try:
+                for chunk in resp.iter_content(chunk_size):
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    if left is not None:
+                        chunk = chunk[:left]
+                        left -= len(chunk)
+                    if chunk:
+                        yield chunk
+                    if left == 0:
+                        return
+            except requests.exceptions.RequestException as exc:
+                raise errors.TransferError(f"{what}: the connection to {self.url} failed: {exc}",
+                                           "a retry resumes from what was received") from exc
 
     def check_manifest_push_allowed(self, ref: Reference) -> None:
         """A bodiless manifest PUT: 401/403 when the token may not push (before streaming any layer)."""

@@ -257,6 +257,15 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--max-download-rate", type=click.IntRange(min=1), default=None, metavar="KB/S",
               envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
               help="Cap the download rate of each ctorrent at this many KB/s (ctorrent -D)  [default: unlimited]")
+@click.option("--transport", type=click.Choice(["auto", "p2p", "http"], case_sensitive=False), default="auto",
+              show_default=True, envvar="DOCKET_TRANSPORT", show_envvar=True,
+              help="auto: BitTorrent, each layer continuing over HTTP from the registry when the swarm gives no "
+                   "progress for --fallback-after seconds (at once if the tracker is unreachable); p2p: BitTorrent "
+                   "only; http: the registry over HTTP only (no ctorrent).")
+@click.option("--fallback-after", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="SECONDS",
+              envvar="DOCKET_FALLBACK_AFTER", show_envvar=True,
+              help="With --transport auto: seconds without BitTorrent progress on a layer before it continues over "
+                   "HTTP (ctorrent retries a failed tracker every ~15 s).")
 @click.option("--load/--no-load", default=True, show_default=True,
               help="Load the image into Docker after download and verification.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -264,11 +273,12 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int | None, seed_time: float,
-         stall_timeout: float, max_download_rate: int | None, load: bool, output: Path | None,
-         as_json: bool) -> None:
+         stall_timeout: float, max_download_rate: int | None, transport: str, fallback_after: float, load: bool,
+         output: Path | None, as_json: bool) -> None:
     """Download an image through BitTorrent, verify it, load it into Docker, seed it for a while.
 
-    A reference without a tag means :latest. An interrupted pull resumes where it stopped.
+    A reference without a tag means :latest. An interrupted pull resumes where it stopped. When the swarm gives
+    nothing (tracker down, no reachable peer), layers continue over HTTP from the registry (--transport auto).
     """
     from docket.client.peer import validate_peer_ip
     from docket.client.pull import PullOptions, Puller
@@ -278,7 +288,8 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
     if peer_ip:
         peer_ip = validate_peer_ip(peer_ip)
     opts = PullOptions(location=app.config.location, peer_ip=peer_ip, peer_port=peer_port, seed_time=seed_time,
-                       stall_timeout=stall_timeout, load=load, output=output, max_download_rate=max_download_rate)
+                       stall_timeout=stall_timeout, load=load, output=output, max_download_rate=max_download_rate,
+                       transport=transport.lower(), fallback_after=fallback_after)
     puller = Puller(app.registry, app.docker if load else None, opts, app.reporter())
     result = puller.pull(ref)
     if as_json:
@@ -294,6 +305,11 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
                     f"{human_bytes(x['bytes_from_registry'])} over HTTP); "
                     f"{x['layers_present']} already in Docker ({human_bytes(x['bytes_present'])})"
                     + (f", {x['layers_cached']} already downloaded" if x["layers_cached"] else ""))
+            if x.get("layers_over_http") and x.get("transport_requested") == "auto":
+                app.out(f"{x['layers_over_http']} layer(s) came over HTTP from the registry instead of BitTorrent: "
+                        f"{x['fallback_reason']}")
+        elif result.extra.get("transport") in ("http", "p2p+http") and result.extra.get("fallback_reason"):
+            app.out(f"Downloaded over HTTP from the registry instead of BitTorrent: {result.extra['fallback_reason']}")
         app.out(f"{what} {result.ref} ({result.image_id}) in {result.seconds:.1f} s")
         if result.output:
             app.out(f"Tarball: {result.output}")
@@ -334,7 +350,7 @@ def images(ctx: click.Context, as_json: bool) -> None:
 
 def _short(value: Any, n: int = 12) -> str:
     text = str(value or "")
-    return text.split(":", 1)[1][:n] if text.startswith("sha256:") else text[:n]
+    return text.split(":", 1)[1][:n] if text.startswith(("sha256:", "sha512:")) else text[:n]
 
 
 def _ago(created: Any, now: datetime | None = None) -> str:
@@ -372,7 +388,14 @@ def image_row(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
     ref = str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}")
     size = r.get("size")
     return (ref, _short(r.get("image_id")), human_bytes(size) if isinstance(size, int) else "?",
-            _ago(r.get("created")), "sha256:" + _short(r.get("digest")) if r.get("digest") else "")
+            _ago(r.get("created")), _short_digest(r.get("digest")))
+
+
+def _short_digest(digest: Any) -> str:
+    """``sha256:0123456789ab`` (the algorithm kept: a sha512 digest stays recognisable)."""
+    text = str(digest or "")
+    algorithm, sep, _ = text.partition(":")
+    return f"{algorithm}:{_short(text)}" if sep else text[:12]
 
 
 def plain_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

@@ -37,6 +37,7 @@ class Task(Protocol):
 
 class Reporter(Protocol):
     def info(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...
     def task(self, description: str, total: int | None) -> Task: ...
 
 
@@ -61,6 +62,9 @@ class SilentReporter:
     """--quiet: nothing but errors (and --json output, written elsewhere)."""
 
     def info(self, text: str) -> None:
+        pass
+
+    def warning(self, text: str) -> None:
         pass
 
     def task(self, description: str, total: int | None) -> Task:
@@ -128,6 +132,10 @@ class PlainReporter:
     def info(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
+    def warning(self, text: str) -> None:
+        """Something the user should know (e.g. the pull switched to HTTP); the pull goes on."""
+        print(f"Warning: {text}", file=self.out, flush=True)
+
     def task(self, description: str, total: int | None) -> Task:
         return _PlainTask(self.out, description, total, self.interval)  # type: ignore[return-value]
 
@@ -162,6 +170,9 @@ class RichReporter:
 
     def info(self, text: str) -> None:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"Warning: {text}", style="yellow", highlight=False, markup=False, soft_wrap=True)
 
     def task(self, description: str, total: int | None) -> Task:
         return _RichTask(self.console, description, total)  # type: ignore[return-value]

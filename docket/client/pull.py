@@ -1,5 +1,8 @@
 """Pull orchestration: metadata -> checked torrent -> ctorrent download -> sha256 -> docker load, seeding meanwhile.
 
+``--transport``: "p2p" (BitTorrent only), "http" (the registry over HTTP only, no ctorrent), "auto" (BitTorrent,
+then HTTP, resumed from the pieces already verified, when the swarm gives nothing: http_fetch.py).
+
 No click here: the CLI passes a ``Reporter`` (progress.py) and reads the returned ``PullResult``.
 """
 
@@ -23,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from docket import errors
+import requests
+
 from docket.client.api import RegistryClient
+from docket.client.http_fetch import HttpFetch, piece_hashes
 from docket.client.dockerops import DockerOps
 from docket.client.peer import choose_peer_ip
 from docket.client.progress import Reporter, SilentReporter
@@ -37,6 +43,8 @@ HASH_CHUNK = 1024 * 1024
 DIR_MODE = 0o700
 SELF_WINDOW = 20.0  # seconds after completion during which our own tracker entry may still say incomplete
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
+TRANSPORTS = ("auto", "p2p", "http")
+DEFAULT_FALLBACK_AFTER = 20.0  # s without swarm progress; ctorrent retries a failed tracker announce every ~15 s
 _BOILERPLATE = ("META INFO", "Announce:", "Piece length:", "Created with:", "Creation date:", "FILES INFO", "<1> ",
                 "Total:", "Creating file", "Press 'h'", "End of input reached", "Input channel is now off")
 
@@ -90,6 +98,14 @@ class PullOptions:
     min_seed: float = 5.0  # seconds a finished pull seeds at least before "no peer connected" may end it
     complete_grace: float = 5.0  # all pieces present but no "Download complete." line: trust it after this
     max_download_rate: int | None = None  # KB/s cap per ctorrent (-D); None: unlimited
+    transport: str = "auto"  # "auto" | "p2p" | "http" (see the module docstring)
+    fallback_after: float = DEFAULT_FALLBACK_AFTER  # auto: seconds without swarm progress before HTTP takes over
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise errors.InvalidRequest(f"unknown transport {self.transport!r}", "use auto, p2p or http")
+        if self.fallback_after < 0:
+            raise errors.InvalidRequest("--fallback-after must not be negative")
 
 
 @dataclass
@@ -105,14 +121,14 @@ class PullResult:
     peer_ip: str | None = None
     tracker: str | None = None
     format: str = "tarball"
-    extra: dict[str, Any] = field(default_factory=dict)  # format "layers": bytes_from_peers, layers, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # bytes_from_peers, bytes_from_http, transport, ...
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         out = {k: d[k] for k in ("ref", "digest", "image_id", "bytes", "seconds", "loaded", "output")}
         if self.format != "tarball":
             out["format"] = self.format
-            out.update(self.extra)
+        out.update(self.extra)
         return out
 
 
@@ -214,6 +230,38 @@ class Puller:
         self._ctorrent_factory = ctorrent_factory
         self._scraper = scraper
         self.proc: Any = None
+        self.fallback_reason: str | None = None  # why HTTP took over (tarball format; layers keep their own)
+        self.http_fetch: HttpFetch | None = None
+
+    def warn(self, text: str) -> None:
+        """A warning line (the reporter's ``warning`` when it has one)."""
+        warning = getattr(self.reporter, "warning", None)
+        if warning is not None:
+            warning(text)
+        else:
+            self.reporter.info(f"Warning: {text}")
+
+    def tracker_unreachable(self, announce: str, info_hash: str) -> str | None:
+        """Why the tracker cannot be reached at all (connection refused, timeout, ...), else None.
+
+        One scrape: any HTTP answer, even an error, means it is reachable and BitTorrent gets its chance.
+        """
+        try:
+            self._scrape(announce, info_hash)
+        except errors.ServiceUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, requests.exceptions.RequestException):
+                text = str(cause)
+                if isinstance(cause, requests.exceptions.Timeout):
+                    return "timed out"
+                if "refused" in text.lower():
+                    return "connection refused"
+                if "resolve" in text.lower() or "Name or service" in text:
+                    return "host name not resolved"
+                return "cannot connect"
+        except Exception as exc:  # noqa: BLE001 - unknown is not "down": BitTorrent gets its chance
+            log.debug("tracker probe of %s: %s", announce, exc)
+        return None
 
     # -- steps ---------------------------------------------------------------------------------------------
 
@@ -233,6 +281,12 @@ class Puller:
             from docket.client.pull_layers import LayerPull
 
             return LayerPull(self).run(ref, data, start)
+        if data.get("format") in ("index", "artifact"):
+            what = "a multi-platform image index" if data["format"] == "index" else \
+                f"an OCI artifact ({data.get('artifact_type') or data.get('media_type') or 'unknown type'})"
+            raise errors.InvalidRequest(
+                f"{ref} is {what} pushed through the registry's /v2 API; docket pulls single-platform images only",
+                f"use a standard client: docker pull / skopeo copy / oras pull <registry host:port>/{ref}")
         record = ImageRecord.from_json(ref, data)
         torrent = self.api.get_torrent(record.digest)
         meta = read_torrent(torrent)
@@ -253,12 +307,16 @@ class Puller:
                     result.downloaded = False
                     self.reporter.info(f"Already downloaded: {record.digest} (verified)")
                 else:
-                    torrent_path = workdir / f"{record.hex}.torrent"
-                    _atomic_write(torrent_path, torrent)
-                    result.peer_ip = self._download(record, meta, torrent_path, blob, workdir)
+                    result.peer_ip = self._transfer(record, meta, torrent, blob, workdir)
                     if self.opts.seed_time <= 0:
                         self._stop_ctorrent()
                     self._verify(blob, record, workdir)
+            fetch = self.http_fetch
+            http = fetch.received if fetch else 0
+            transport = ("none" if not result.downloaded else "p2p" if fetch is None
+                         else "http" if self.proc is None or http >= record.size else "p2p+http")
+            result.extra = {"transport": transport, "transport_requested": self.opts.transport,
+                            "bytes_from_http": http, "fallback_reason": self.fallback_reason}
             # seed-time counts from ctorrent's "Download complete.", not from the end of our verification
             completed_at = getattr(self.proc, "completed_at", None) or time.monotonic()
             if self.opts.output:
@@ -275,6 +333,52 @@ class Puller:
         return result
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    def _transfer(self, record: ImageRecord, meta: TorrentMeta, torrent: bytes, blob: Path,
+                  workdir: Path) -> str | None:
+        """The whole-tarball blob by the chosen transport; the peer ip when ctorrent ran."""
+        mode = self.opts.transport
+        if mode == "auto":
+            why = self.tracker_unreachable(meta.announce, meta.info_hash)
+            if why:
+                self.fallback_reason = f"tracker {meta.announce} unreachable ({why})"
+                self.warn(f"the tracker {meta.announce} is unreachable ({why}); downloading over HTTP from "
+                          f"the registry at {self.api.url} instead")
+                mode = "http"
+        if mode == "http":
+            ensure_space(blob.parent, [(blob, record.size)])
+            self.reporter.info(f"Downloading {record.digest} ({record.size} bytes) over HTTP from {self.api.url}")
+            self._http_download(record, meta, torrent, blob, workdir)
+            return None
+        torrent_path = workdir / f"{record.hex}.torrent"
+        _atomic_write(torrent_path, torrent)
+        return self._download(record, meta, torrent_path, blob, workdir, torrent)
+
+    def _http_download(self, record: ImageRecord, meta: TorrentMeta, torrent: bytes, blob: Path,
+                       workdir: Path) -> None:
+        """Fetch what the pieces on disk lack over HTTP (Range), with progress and the stall timeout."""
+        fetch = self.http_fetch = HttpFetch(self.api, record.digest, record.size, blob, meta.piece_length,
+                                            piece_hashes(torrent)).start()
+        last, last_progress = -1, time.monotonic()
+        try:
+            with self.reporter.task(f"Downloading {record.ref} over HTTP", record.size) as task:
+                while not fetch.wait(self.opts.poll_interval):
+                    now = time.monotonic()
+                    if fetch.progress > last:
+                        last, last_progress = fetch.progress, now
+                    task.update(fetch.progress)
+                    if now - last_progress > self.opts.stall_timeout:
+                        raise errors.TransferError(
+                            f"no download progress for {self.opts.stall_timeout:g} s pulling {record.ref} over HTTP "
+                            f"from {self.api.url}", "a retry resumes the partial file")
+                task.update(fetch.progress)
+        finally:
+            fetch.cancel.set()
+        if fetch.error is not None:
+            raise fetch.error
+        for bf in workdir.glob("*.bf"):  # ctorrent's bitfield no longer describes the file
+            with contextlib.suppress(FileNotFoundError):
+                bf.unlink()
 
     def _cached(self, blob: Path, record: ImageRecord) -> bool:
         try:
@@ -339,7 +443,7 @@ class Puller:
         return errors.TransferError(f"{message} (tracker {meta.announce}){self._diagnosis()}{said}", hint)
 
     def _download(self, record: ImageRecord, meta: TorrentMeta, torrent_path: Path, blob: Path,
-                  workdir: Path) -> str | None:
+                  workdir: Path, torrent: bytes = b"") -> str | None:
         ensure_space(blob.parent, [(blob, record.size)])
         peer_ip = choose_peer_ip(meta.announce, self.opts.peer_ip)
         exit_hours = max(1, math.ceil(self.opts.seed_time / 3600))  # orphans die eventually
@@ -353,6 +457,9 @@ class Puller:
         piece = meta.piece_length
         last_have, last_progress = -1, time.monotonic()
         all_pieces_since: float | None = None
+        auto = self.opts.transport == "auto"
+        swarm_progress = last_progress
+        fall_back: str | None = None
         with self.reporter.task(f"Downloading {record.ref}", record.size) as task:
             while True:
                 if proc.completed.is_set():
@@ -363,6 +470,9 @@ class Puller:
                 if st is not None and st.total:
                     if st.have > last_have:
                         last_have, last_progress = st.have, now
+                        swarm_progress = now
+                    elif st.down_kbps > 0:  # a big piece on a slow link: bytes arrive, no piece yet
+                        swarm_progress = now
                     task.update(min(record.size, st.have * piece), st.down_kbps * 1024)
                     if st.have >= st.total:
                         all_pieces_since = all_pieces_since or now
@@ -371,15 +481,26 @@ class Puller:
                 if not proc.alive():
                     if proc.completed.is_set():
                         continue
+                    if auto:
+                        fall_back = "ctorrent exited"
+                        break
                     raise self._transfer_error(
                         f"ctorrent exited before {record.ref} was downloaded", meta,
                         "check the tail of ctorrent's output above; the partial file is kept and a retry resumes it")
+                if auto and now - swarm_progress >= self.opts.fallback_after:
+                    fall_back = f"no progress from the swarm for {now - swarm_progress:.0f} s"
+                    break
                 if now - last_progress > self.opts.stall_timeout:
                     raise self._transfer_error(
                         f"no download progress for {self.opts.stall_timeout:g} s pulling {record.ref}", meta,
                         "is the tracker reachable from this host, and is the registry seeding (docket-registry's "
                         "/healthz)? a retry resumes the partial file; raise --stall-timeout for slow links")
                 time.sleep(self.opts.poll_interval)
+        if fall_back:
+            self.fallback_reason = fall_back + self._diagnosis()
+            self.warn(f"{record.ref}: {self.fallback_reason}; continuing over HTTP from the registry at {self.api.url}")
+            self._stop_ctorrent()  # one writer per file
+            self._http_download(record, meta, torrent, blob, workdir)
         return peer_ip
 
     def _verify(self, blob: Path, record: ImageRecord, workdir: Path) -> None:

@@ -1,6 +1,12 @@
 """Layer pull (docs/layers.md, "Client pull"): config over HTTP, only the missing layers through BitTorrent
 (one ctorrent per layer, in parallel), then a generated legacy ``docker load`` stream holding just those.
 
+Transports (``PullOptions.transport``): "p2p" only BitTorrent; "http" only the registry over HTTP (no ctorrent);
+"auto" BitTorrent, and per layer HTTP (resumed with Range from the pieces already verified on disk) once the swarm
+gave no progress for ``fallback_after`` seconds, or at once for every layer when the tracker is unreachable.
+A layer is identified by its diff_id (chain ids, "already in Docker", the config check) and fetched and verified by
+its digest (the blob's bytes, maybe gzip-compressed, become its layer.tar: docker load decompresses it).
+
 Used by ``Puller.pull`` for records with ``format == "layers"``; it reuses the Puller's options, reporter,
 ctorrent factory, scraper and helpers so both formats behave alike (locks, cache, seeding policy).
 """
@@ -21,9 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from docket import errors
+from docket.client.http_fetch import BLOB_DIGEST_RE, HttpFetch, digest_algorithm, digest_file, piece_hashes
 from docket.client.layers import load_entries, present_prefix, tar_stream
 from docket.client.peer import choose_peer_ip
-from docket.reference import DIGEST_RE, Reference
+from docket.reference import Reference
 from docket.torrent.metainfo import TorrentMeta, read_torrent
 
 if TYPE_CHECKING:
@@ -31,17 +38,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_CONFIG = 64 * 1024 * 1024
+FETCH_JOIN = 10.0  # seconds to wait for a cancelled HTTP fetch thread at the end of a pull
 _HEX40_LEN = 40
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    digest: str
+    digest: str  # what is transferred and verified: the blob's bytes (compressed or not)
     size: int
     info_hash: str
+    diff_id: str = ""  # sha256 of the uncompressed layer tar; "" means equal to digest
+    media_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.diff_id:
+            object.__setattr__(self, "diff_id", self.digest)
 
     @property
     def hex(self) -> str:
+        """The digest's hex, whatever the algorithm (64 chars for sha256, 128 for sha512): file names."""
         return self.digest.split(":", 1)[1]
 
 
@@ -62,7 +77,7 @@ class LayeredRecord:
                                          "the registry is incompatible or broken")
 
         def digest_of(obj: Any, field: str) -> str:
-            if not isinstance(obj, str) or not DIGEST_RE.match(obj):
+            if not isinstance(obj, str) or not BLOB_DIGEST_RE.match(obj):
                 raise bad(field, obj)
             return obj
 
@@ -75,17 +90,26 @@ class LayeredRecord:
         if not isinstance(config, dict):
             raise bad("config", config)
         layers_raw = data.get("layers")
-        if not isinstance(layers_raw, list) or not layers_raw:
+        if not isinstance(layers_raw, list):  # an empty list is a valid image (a manifest with no layers)
             raise bad("layers", layers_raw)
         layers = []
         for i, item in enumerate(layers_raw):
             if not isinstance(item, dict):
                 raise bad(f"layers[{i}]", item)
             ih = item.get("info_hash")
-            if not isinstance(ih, str) or len(ih) != _HEX40_LEN or any(c not in "0123456789abcdef" for c in ih.lower()):
+            if ih is None and item.get("size") == 0:
+                ih = ""  # an empty layer has no torrent (there is nothing to transfer)
+            elif not isinstance(ih, str) or len(ih) != _HEX40_LEN or \
+                    any(c not in "0123456789abcdef" for c in ih.lower()):
                 raise bad(f"layers[{i}].info_hash", ih)
+            diff_id = item.get("diff_id")
+            media_type = item.get("media_type")
+            if media_type is not None and not isinstance(media_type, str):
+                raise bad(f"layers[{i}].media_type", media_type)
             layers.append(LayerInfo(digest_of(item.get("digest"), f"layers[{i}].digest"),
-                                    size_of(item.get("size"), f"layers[{i}].size", allow_zero=True), ih.lower()))
+                                    size_of(item.get("size"), f"layers[{i}].size", allow_zero=True), ih.lower(),
+                                    diff_id=digest_of(diff_id, f"layers[{i}].diff_id") if diff_id is not None else "",
+                                    media_type=media_type))
         image_id = digest_of(data.get("image_id"), "image_id")
         config_digest = digest_of(config.get("digest"), "config.digest")
         if config_digest != image_id:
@@ -96,8 +120,9 @@ class LayeredRecord:
 
 
 def check_config(record: LayeredRecord, config: bytes) -> list[str]:
-    """The config came over plain HTTP: its sha256 must be the image id, its diff_ids the record's layers."""
-    got = "sha256:" + hashlib.sha256(config).hexdigest()
+    """The config came over plain HTTP: its digest must be the image id, its diff_ids the layers' diff_ids."""
+    algo = digest_algorithm(record.config_digest)
+    got = f"{algo}:{hashlib.new(algo, config).hexdigest()}"
     if got != record.config_digest:
         raise errors.IntegrityError(f"the config of {record.ref} hashes to {got}, expected {record.config_digest}",
                                     "the config was altered in transit or the registry is corrupt")
@@ -105,7 +130,7 @@ def check_config(record: LayeredRecord, config: bytes) -> list[str]:
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError) as exc:
         raise errors.IntegrityError(f"the config of {record.ref} has no rootfs.diff_ids") from exc
-    if diff_ids != [layer.digest for layer in record.layers]:
+    if diff_ids != [layer.diff_id for layer in record.layers]:
         raise errors.IntegrityError(f"the config of {record.ref} lists other layers than the registry's record",
                                     "the registry is inconsistent; re-push the image")
     return diff_ids
@@ -131,11 +156,32 @@ class _Job:
     proc: Any = None
     all_pieces_since: float | None = None
     done: bool = False
-    resumed: int = 0  # bytes already on disk from an interrupted pull (ctorrent's saved bitfield)
+    resumed: int = 0  # bytes already on disk from an interrupted pull (ctorrent's bitfield, or verified pieces)
+    fetch: HttpFetch | None = None  # set once the layer goes over HTTP
+    last_have: int = -1  # pieces ctorrent had at the last progress
+    last_progress: float = 0.0
+    fallback_reason: str | None = None
 
     @property
     def bitfield(self) -> Path:
         return self.workdir / f"{self.layer.hex}.bf"  # CtorrentProcess: <workdir>/<torrent stem>.bf
+
+    @property
+    def bytes_from_http(self) -> int:
+        return self.fetch.received if self.fetch is not None else 0
+
+    @property
+    def bytes_from_peers(self) -> int:
+        if self.proc is None:
+            return 0
+        return max(0, self.layer.size - self.resumed - self.bytes_from_http)
+
+    @property
+    def via(self) -> str:
+        """How this layer's bytes arrived: "p2p", "http" or "p2p+http"."""
+        if self.fetch is None:
+            return "p2p"
+        return "p2p+http" if self.bytes_from_peers else "http"
 
 
 def bitfield_bytes(path: Path, meta: TorrentMeta) -> int | None:
@@ -175,6 +221,7 @@ class LayerPull:
     def __init__(self, puller: Puller) -> None:
         self.p = puller
         self.jobs: list[_Job] = []
+        self.fallback_reason: str | None = None
 
     # -- the whole pull ----------------------------------------------------------------------------------------
 
@@ -189,19 +236,30 @@ class LayerPull:
             p.docker.ping()
         config = p.api.get_blob(record.config_digest, MAX_CONFIG)
         diff_ids = check_config(record, config)
-        by_digest = {layer.digest: layer for layer in record.layers}
         present = 0
         if opts.output is None and p.docker is not None:
             present = present_prefix(diff_ids, p.docker.local_chain_ids())
-        needed = list(dict.fromkeys(diff_ids[present:]))
+        # one transfer per blob digest; docker load finds each layer by its diff_id
+        needed: list[LayerInfo] = []
+        for layer in record.layers[present:]:
+            if all(n.digest != layer.digest for n in needed):
+                needed.append(layer)
         bytes_present = sum(layer.size for layer in record.layers[:present])
         if present:
             rep.info(f"{present} of {len(diff_ids)} layers already in Docker ({bytes_present} bytes)")
         location = ensure_dir(opts.location)
         blobs_dir = ensure_dir(location / "blobs")
-        for d in needed:
-            layer = by_digest[d]
-            torrent = p.api.get_torrent(d)
+        empty = [layer for layer in needed if layer.size == 0]
+        for layer in empty:  # nothing to fetch: the bytes are known, and the digest must be theirs
+            if f"{digest_algorithm(layer.digest)}:{hashlib.new(digest_algorithm(layer.digest)).hexdigest()}" \
+                    != layer.digest:
+                raise errors.IntegrityError(f"layer {layer.digest} of {ref} is empty but its digest is not that of "
+                                            "no bytes", "the registry's record is inconsistent")
+            (blobs_dir / layer.hex).write_bytes(b"")
+        for layer in needed:
+            if layer.size == 0:
+                continue
+            torrent = p.api.get_torrent(layer.digest)  # also in http mode: its piece hashes check a resumed file
             meta = read_torrent(torrent)
             check_layer_torrent(meta, layer, ref)
             self.jobs.append(_Job(layer, meta, torrent, blobs_dir / layer.hex,
@@ -222,45 +280,77 @@ class LayerPull:
                 if cached:
                     rep.info(f"{len(cached)} layer(s) already downloaded and verified in {location}")
                 if fetched:
-                    result.peer_ip = self._download(record, fetched)
+                    result.peer_ip = self._download(record, fetched, self._transport(fetched))
                     if opts.seed_time <= 0:
                         self._stop_all()
                     self._verify(record, fetched)
             completed_at = max((getattr(j.proc, "completed_at", None) or time.monotonic() for j in fetched),
                                default=time.monotonic())
-            blobs = {j.layer.digest: j.blob for j in self.jobs}
+            blobs = {layer.diff_id: blobs_dir / layer.hex for layer in empty}
+            blobs.update({j.layer.diff_id: j.blob for j in self.jobs})
             entries = load_entries(str(ref), record.config_digest, config, diff_ids, blobs)
             if opts.output:
                 result.output = str(write_output(entries, opts.output))
                 rep.info(f"Wrote {result.output}")
             from docket.client.pull import _SeedPolicy
 
-            policies = {id(j): _SeedPolicy(p, j.meta, completed_at, proc=j.proc) for j in fetched}
+            seeders = [j for j in fetched if j.proc is not None and j.fetch is None]
+            policies = {id(j): _SeedPolicy(p, j.meta, completed_at, proc=j.proc) for j in seeders}
             if opts.load:
-                self._load_while_seeding(record, entries, fetched, policies)
+                self._load_while_seeding(record, entries, seeders, policies)
                 result.loaded = True
             result.seconds = round(time.monotonic() - start, 3)
-            result.extra = {
-                "bytes_from_peers": sum(j.layer.size - j.resumed for j in fetched),
-                "bytes_from_registry": len(config),
-                "bytes_present": bytes_present,
-                "bytes_cached": sum(j.layer.size for j in cached),
-                "bytes_resumed": sum(j.resumed for j in fetched),
-                "layers": len(diff_ids),
-                "layers_downloaded": len(fetched),
-                "layers_cached": len(cached),
-                "layers_present": present,
-            }
-            self._seed_rest(record, fetched, policies)
+            result.extra = self._summary(config, diff_ids, present, bytes_present, cached, fetched)
+            self._seed_rest(record, seeders, policies)
         finally:
             self._stop_all()
         return result
 
+    def _summary(self, config: bytes, diff_ids: list[str], present: int, bytes_present: int, cached: list[_Job],
+                 fetched: list[_Job]) -> dict[str, Any]:
+        """The --json keys of a layer pull (README, "docket pull")."""
+        from_http = sum(j.bytes_from_http for j in fetched)
+        vias = {j.via for j in fetched}
+        transport = "none" if not vias else vias.pop() if len(vias) == 1 else "p2p+http"
+        return {
+            "bytes_from_peers": sum(j.bytes_from_peers for j in fetched),
+            "bytes_from_registry": len(config) + from_http,  # everything over HTTP: config + layer fallbacks
+            "bytes_from_http": from_http,  # layer bytes over HTTP (transport http, or the auto fallback)
+            "bytes_present": bytes_present,
+            "bytes_cached": sum(j.layer.size for j in cached),
+            "bytes_resumed": sum(j.resumed for j in fetched),
+            "layers": len(diff_ids),
+            "layers_downloaded": len(fetched),
+            "layers_cached": len(cached),
+            "layers_present": present,
+            "layers_over_http": sum(1 for j in fetched if j.fetch is not None),
+            "transport": transport,
+            "transport_requested": self.p.opts.transport,
+            "fallback_reason": self.fallback_reason,
+            "layer_transfers": [
+                {"digest": j.layer.digest, "diff_id": j.layer.diff_id, "size": j.layer.size, "via": j.via,
+                 "bytes_from_peers": j.bytes_from_peers, "bytes_from_http": j.bytes_from_http,
+                 "bytes_resumed": j.resumed} for j in fetched
+            ] + [{"digest": j.layer.digest, "diff_id": j.layer.diff_id, "size": j.layer.size, "via": "cached",
+                  "bytes_from_peers": 0, "bytes_from_http": 0, "bytes_resumed": 0} for j in cached],
+        }
+
+    def _transport(self, jobs: list[_Job]) -> str:
+        """The transport to start with: "auto" becomes "http" when the tracker cannot be reached at all."""
+        mode = self.p.opts.transport
+        if mode == "auto":
+            meta = jobs[0].meta
+            why = self.p.tracker_unreachable(meta.announce, meta.info_hash)
+            if why:
+                self.fallback_reason = f"tracker {meta.announce} unreachable ({why})"
+                self.p.warn(f"the tracker {meta.announce} is unreachable ({why}); downloading over HTTP "
+                            f"from the registry at {self.p.api.url} instead")
+                return "http"
+        return mode
+
     # -- steps -------------------------------------------------------------------------------------------------
 
     def _cached(self, job: _Job) -> bool:
-        from docket.client.pull import sha256_file
-
         try:
             if job.blob.stat().st_size != job.layer.size:
                 return False
@@ -269,28 +359,60 @@ class LayerPull:
         resumed = bitfield_bytes(job.bitfield, job.meta)
         if resumed is not None and resumed < job.layer.size:
             return False  # an interrupted download (the file may be full-size but sparse): ctorrent resumes it
-        if sha256_file(job.blob) == job.layer.digest:
-            return True
-        self.p._discard(job.blob, job.workdir)
-        return False
+        # A mismatch is kept, not deleted: ctorrent re-checks every piece at start and the HTTP fetch keeps the
+        # pieces that verify (an interrupted HTTP transfer leaves a full-size file without a bitfield).
+        return digest_file(job.blob, digest_algorithm(job.layer.digest)) == job.layer.digest
 
-    def _download(self, record: LayeredRecord, jobs: list[_Job]) -> str | None:
+    def _http(self, job: _Job, before: Any = None) -> HttpFetch:
+        job.fetch = HttpFetch(self.p.api, job.layer.digest, job.layer.size, job.blob, job.meta.piece_length,
+                              piece_hashes(job.torrent), before=before).start()
+        return job.fetch
+
+    def _fall_back(self, job: _Job, record: LayeredRecord, why: str) -> None:
+        """Stop this layer's ctorrent (in the fetch thread: it can take seconds) and continue over HTTP."""
+        p = self.p
+        p.proc = job.proc
+        job.fallback_reason = why + p._diagnosis()
+        self.fallback_reason = self.fallback_reason or job.fallback_reason
+        p.warn(f"layer {job.layer.digest} of {record.ref}: {job.fallback_reason}; continuing over HTTP from the "
+               f"registry at {p.api.url}")
+        proc = job.proc
+
+        def stop() -> None:
+            from docket.client.pull import STOP_WAIT
+
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=STOP_WAIT)
+
+        self._http(job, before=stop)
+
+    def _download(self, record: LayeredRecord, jobs: list[_Job], mode: str) -> str | None:
         from docket.client.pull import _atomic_write, ensure_space
 
         p, opts = self.p, self.p.opts
         ensure_space(jobs[0].blob.parent, [(j.blob, j.layer.size) for j in jobs])
-        peer_ip = choose_peer_ip(jobs[0].meta.announce, opts.peer_ip)
+        peer_ip = choose_peer_ip(jobs[0].meta.announce, opts.peer_ip) if mode != "http" else None
         exit_hours = max(1, math.ceil(opts.seed_time / 3600))
         total = sum(j.layer.size for j in jobs)
-        via = f" as peer {peer_ip}" if peer_ip else ""
-        p.reporter.info(f"Downloading {len(jobs)} layer(s) of {record.ref} ({total} bytes) through BitTorrent{via}")
+        if mode == "http":
+            p.reporter.info(f"Downloading {len(jobs)} layer(s) of {record.ref} ({total} bytes) over HTTP from the "
+                            f"registry at {p.api.url}")
+        else:
+            via = f" as peer {peer_ip}" if peer_ip else ""
+            p.reporter.info(f"Downloading {len(jobs)} layer(s) of {record.ref} ({total} bytes) through "
+                            f"BitTorrent{via}")
+        started = time.monotonic()
         for job in jobs:
-            torrent_path = job.workdir / f"{job.layer.hex}.torrent"
-            _atomic_write(torrent_path, job.torrent)
+            job.last_progress = started
             if job.layer.size == 0:  # nothing to transfer; ctorrent cannot make a 0-byte torrent anyway
                 job.blob.write_bytes(b"")
                 job.done = True
                 continue
+            if mode == "http":
+                self._http(job)
+                continue
+            torrent_path = job.workdir / f"{job.layer.hex}.torrent"
+            _atomic_write(torrent_path, job.torrent)
             job.resumed = bitfield_bytes(job.bitfield, job.meta) or 0
             if job.resumed:
                 p.reporter.info(f"Resuming layer {job.layer.digest}: {job.resumed} bytes already downloaded")
@@ -307,6 +429,9 @@ class LayerPull:
                     if job.done:
                         got += job.layer.size
                         continue
+                    if job.fetch is not None:
+                        got += self._tend_http(job)
+                        continue
                     proc = job.proc
                     if proc.completed.is_set():
                         job.done = True
@@ -316,11 +441,23 @@ class LayerPull:
                     if st is not None and st.total:
                         got += min(job.layer.size, st.have * job.meta.piece_length)
                         rate += st.down_kbps * 1024
+                        if st.have > job.last_have:
+                            job.last_have, job.last_progress = st.have, now
+                        elif st.down_kbps > 0:  # a big piece on a slow link: bytes arrive, no piece yet
+                            job.last_progress = now
                         if st.have >= st.total:
                             job.all_pieces_since = job.all_pieces_since or now
                             if now - job.all_pieces_since >= opts.complete_grace:
                                 job.done = True
-                    if not job.done and not proc.alive() and not proc.completed.is_set():
+                    if job.done:
+                        continue
+                    dead = not proc.alive() and not proc.completed.is_set()
+                    if mode == "auto" and (dead or now - job.last_progress >= opts.fallback_after):
+                        self._fall_back(job, record, "ctorrent exited" if dead else
+                                        f"no progress from the swarm for {now - job.last_progress:.0f} s")
+                        last_progress = now  # stopping ctorrent and checking pieces takes a moment
+                        continue
+                    if dead:
                         p.proc = proc
                         raise p._transfer_error(
                             f"ctorrent exited before layer {job.layer.digest} of {record.ref} was downloaded",
@@ -333,25 +470,50 @@ class LayerPull:
                 if now - last_progress > opts.stall_timeout:
                     stuck = next(j for j in jobs if not j.done)
                     p.proc = stuck.proc
+                    if stuck.fetch is not None:
+                        raise errors.TransferError(
+                            f"no download progress for {opts.stall_timeout:g} s pulling {record.ref} (layer "
+                            f"{stuck.layer.digest} over HTTP from {p.api.url})",
+                            "is the registry overloaded? a retry resumes the partial files")
                     raise p._transfer_error(
                         f"no download progress for {opts.stall_timeout:g} s pulling {record.ref} "
                         f"(layer {stuck.layer.digest})", stuck.meta,
                         "is the tracker reachable from this host, and is the registry seeding (docket-registry's "
-                        "/healthz)? a retry resumes the partial files; raise --stall-timeout for slow links")
+                        "/healthz)? a retry resumes the partial files; raise --stall-timeout for slow links"
+                        + ("; --transport auto (the default) falls back to HTTP" if opts.transport == "p2p" else ""))
                 time.sleep(opts.poll_interval)
         return peer_ip
 
-    def _verify(self, record: LayeredRecord, jobs: list[_Job]) -> None:
-        from docket.client.pull import sha256_file
+    def _tend_http(self, job: _Job) -> int:
+        """Bytes of this layer known so far; marks it done (or raises its error) once its fetch ended."""
+        fetch = job.fetch
+        assert fetch is not None
+        if not fetch.done.is_set():
+            return fetch.progress
+        if fetch.error is not None:
+            raise fetch.error
+        if job.proc is None and fetch.plan is not None:
+            job.resumed = fetch.plan.valid  # pure HTTP: what earlier pulls left on disk
+        if fetch.plan is not None and fetch.plan.valid and job.proc is None:
+            self.p.reporter.info(f"Resumed layer {job.layer.digest}: {fetch.plan.valid} bytes were already on "
+                                 f"disk, {fetch.received} fetched with Range requests")
+        for bf in job.workdir.glob("*.bf"):  # ctorrent's bitfield no longer describes the file
+            with contextlib.suppress(FileNotFoundError):
+                bf.unlink()
+        job.done = True
+        return job.layer.size
 
+    def _verify(self, record: LayeredRecord, jobs: list[_Job]) -> None:
         total = sum(j.layer.size for j in jobs)
         base = 0
-        with self.p.reporter.task("Verifying sha256", total or None) as task:
+        with self.p.reporter.task("Verifying digests", total or None) as task:
             for job in jobs:
                 try:
-                    digest = sha256_file(job.blob, lambda n, b=base: task.update(b + n))
+                    digest = digest_file(job.blob, digest_algorithm(job.layer.digest),
+                                         lambda n, b=base: task.update(b + n))
                 except FileNotFoundError as exc:
-                    raise errors.TransferError(f"ctorrent reported completion but {job.blob} is missing") from exc
+                    raise errors.TransferError(f"the download reported completion but {job.blob} is missing") \
+                        from exc
                 base += job.layer.size
                 if digest != job.layer.digest:
                     self._stop_all()
@@ -417,12 +579,17 @@ class LayerPull:
             job.proc.stop(timeout=STOP_WAIT)
 
     def _stop_all(self) -> None:
-        """Stop every ctorrent we started, in parallel (each stop can take a few seconds)."""
-        threads = []
+        """Stop every ctorrent we started, in parallel (each stop can take a few seconds), and every HTTP fetch."""
+        threads, fetches = [], []
         for job in self.jobs:
+            if job.fetch is not None and job.fetch.thread is not None:
+                job.fetch.cancel.set()  # seen between chunks; a blocked read ends with the read timeout
+                fetches.append(job.fetch.thread)
             if job.proc is not None:
                 t = threading.Thread(target=self._stop_one, args=(job,), daemon=True)
                 t.start()
                 threads.append(t)
         for t in threads:
             t.join()
+        for t in fetches:
+            t.join(FETCH_JOIN)
