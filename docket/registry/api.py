@@ -15,7 +15,7 @@ from docket.reference import validate_repository, validate_tag
 from docket.registry.bodies import check_body_headers as _check_body_headers
 from docket.registry.bodies import human as _human
 from docket.registry.bodies import receive as _receive
-from docket.registry.blobops import keep_for_existence_check
+from docket.registry.bodies import send_blob
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 ACCEPTED_TYPES = {"application/x-tar", "application/tar", "application/octet-stream"}
-BLOB_MAX_AGE = 365 * 24 * 3600  # blobs are immutable: cache them forever
 MANIFEST_TYPES = {"application/json", "application/vnd.docket.manifest.v1+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_LAYERS = 1000  # Docker itself stops at 127
@@ -38,27 +37,6 @@ class UnsupportedMediaType(DocketError):
 
 def services() -> Any:
     return current_app.extensions["docket"]
-
-
-class _ReleaseOnClose:
-    """A response body that runs ``on_close`` exactly once when the server closes it (sent or aborted)."""
-
-    def __init__(self, inner: Any, on_close: Any) -> None:
-        self._inner = inner
-        self._on_close = on_close
-
-    def __iter__(self) -> Any:
-        return iter(self._inner)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-        finally:
-            on_close, self._on_close = self._on_close, None
-            if on_close is not None:
-                on_close()
 
 
 @bp.put("/repositories/<path:repository>/tags/<tag>")
@@ -184,20 +162,7 @@ def get_blob(digest: str) -> Response:
     if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # a push then uploads it again: repaired
         raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
     sv.get_blob(get_session(), digest)
-    if request.method == "HEAD":
-        keep_for_existence_check(sv, digest)
-    sv.downloads.acquire(digest)  # GC waits for in-flight downloads
-    try:
-        resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
-                         etag=digest, max_age=BLOB_MAX_AGE, download_name=f"{digest_hex(digest)}.tar")
-    except BaseException:
-        sv.downloads.release(digest)
-        raise
-    # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
-    resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
-    resp.headers["Docket-Content-Digest"] = digest
-    resp.cache_control.immutable = True
-    return resp
+    return send_blob(sv, digest, "Docket-Content-Digest", download_name=f"{digest_hex(digest)}.tar")
 
 
 @bp.get("/blobs/<digest>/torrent")

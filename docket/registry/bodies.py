@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, request
+from flask import Response, current_app, request, send_file
 from werkzeug.exceptions import ClientDisconnected
 
 from docket.errors import DocketError, InvalidRequest, TooLarge
@@ -76,3 +76,48 @@ def receive(up: Any, length: int | None, what: str, *, allow_empty: bool = False
         raise InvalidRequest("empty request body", f"the body must be the {what}")
     if finish:
         up.finish()
+
+
+BLOB_MAX_AGE = 365 * 24 * 3600  # blobs are immutable: cache them forever
+
+
+class _ReleaseOnClose:
+    """A response body that runs ``on_close`` exactly once when the server closes it (sent or aborted)."""
+
+    def __init__(self, inner: Any, on_close: Any) -> None:
+        self._inner = inner
+        self._on_close = on_close
+
+    def __iter__(self) -> Any:
+        return iter(self._inner)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
+
+
+def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | None = None) -> Response:
+    """A stored blob as the answer (GET or HEAD; Range, If-None-Match by send_file), held against GC while it is
+    being sent. A HEAD renews an unreferenced blob's grace period: the client skips uploading what exists."""
+    from docket.registry.blobops import keep_for_existence_check
+
+    if request.method == "HEAD":
+        keep_for_existence_check(sv, digest)
+    sv.downloads.acquire(digest)  # GC waits for in-flight downloads
+    try:
+        resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
+                         etag=digest, max_age=BLOB_MAX_AGE, download_name=download_name)
+    except BaseException:
+        sv.downloads.release(digest)
+        raise
+    # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
+    resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
+    resp.headers[digest_header] = digest
+    resp.cache_control.immutable = True
+    return resp

@@ -326,6 +326,30 @@ def image_digests(image: Image) -> set[str]:
     return used
 
 
+def open_tag(s: Session, repository: str, tag: str) -> tuple[Image, set[str], str | None]:
+    """The tag's row (new, or emptied of its layers) to fill in, with the blobs and manifest it used before."""
+    from docket.registry.services import _image_query
+
+    image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
+    if image is None:
+        image = Image(repository=repository, tag=tag)
+        s.add(image)
+        return image, set(), None
+    old, old_manifest = image_digests(image), image.manifest_digest
+    image.layers.clear()
+    s.flush()  # old positions go before new ones with the same keys arrive
+    return image, old, old_manifest
+
+
+def close_tag(s: Session, image: Image, old: set[str], old_manifest: str | None) -> None:
+    """After a tag moved: what it used before and nothing uses now becomes unreferenced (GC after the grace)."""
+    s.flush()
+    for digest in sorted(old - image_digests(image)):
+        mark_if_unreferenced(s, digest)
+    if old_manifest != image.manifest_digest:
+        drop_docket_manifest_if_unused(s, image.repository, old_manifest)
+
+
 # -- the service ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageConfig:
@@ -432,17 +456,7 @@ class ManifestService:
 
     def _point_tag(self, s: Session, repository: str, tag: str, parsed: ParsedManifest,
                    image_config: ImageConfig | None) -> None:
-        from docket.registry.services import _image_query
-
-        image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
-        old = image_digests(image) if image is not None else set()
-        old_manifest = image.manifest_digest if image is not None else None
-        if image is None:
-            image = Image(repository=repository, tag=tag)
-            s.add(image)
-        else:
-            image.layers.clear()
-            s.flush()
+        image, old, old_manifest = open_tag(s, repository, tag)
         image.blob_digest = None
         image.manifest_digest = parsed.digest
         image.pushed_at = utcnow()
@@ -462,11 +476,7 @@ class ManifestService:
             image.image_id = parsed.digest
             image.created = parse_created((parsed.annotations or {}).get("org.opencontainers.image.created"))
             image.size = parsed.size + sum(d.size for d in (*parsed.blobs, *parsed.manifests))
-        s.flush()
-        for digest in sorted(old - image_digests(image)):
-            mark_if_unreferenced(s, digest)
-        if old_manifest != parsed.digest:
-            drop_docket_manifest_if_unused(s, repository, old_manifest)
+        close_tag(s, image, old, old_manifest)
 
     # -- docket pushes ------------------------------------------------------------------------------------------
     def docket_manifest_for(self, config_digest: str, layers: list[str]) -> ParsedManifest | None:

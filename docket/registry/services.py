@@ -414,7 +414,8 @@ class RegistryServices:
         from docket.registry.manifests import (
             DOCKER_LAYER_TAR,
             ORIGIN_DOCKET,
-            drop_docket_manifest_if_unused,
+            close_tag,
+            open_tag,
             save_manifest_row,
         )
 
@@ -458,15 +459,7 @@ class RegistryServices:
             self.manifests.store_docket_manifest_locked(v2)
             mdigest = v2.digest
             with self.tag_lock, self.db.session() as s:
-                image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
-                old = _image_digests(image) if image is not None else set()
-                old_manifest = image.manifest_digest if image is not None else None
-                if image is None:
-                    image = Image(repository=repository, tag=tag)
-                    s.add(image)
-                else:
-                    image.layers.clear()
-                    s.flush()  # old positions go before new ones with the same keys arrive
+                image, old, old_manifest = open_tag(s, repository, tag)
                 image.format = FORMAT_LAYERS
                 image.blob_digest = None
                 image.config_digest = config_digest
@@ -478,16 +471,11 @@ class RegistryServices:
                 image.layers.extend(ImageLayer(position=i, blob_digest=d, media_type=DOCKER_LAYER_TAR)
                                     for i, d in enumerate(layers))
                 save_manifest_row(s, repository, v2, ORIGIN_DOCKET)
-                new = {config_digest, *layers}
-                for digest in new:
+                for digest in {config_digest, *layers}:
                     blob = s.get(Blob, digest)
                     assert blob is not None
                     blob.unreferenced_at = None
-                s.flush()
-                for digest in sorted(old - new):
-                    _mark_if_unreferenced(s, digest)
-                if old_manifest != mdigest:
-                    drop_docket_manifest_if_unused(s, repository, old_manifest)
+                close_tag(s, image, old, old_manifest)
                 s.commit()
                 image = s.scalars(_image_query().where(Image.id == image.id)
                                   .execution_options(populate_existing=True)).one()  # relationships as committed

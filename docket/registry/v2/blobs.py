@@ -12,13 +12,12 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, current_app, jsonify, request, send_file
+from flask import Response, current_app, jsonify, request
 
 from docket.errors import InvalidRequest, NotFound, TooLarge
-from docket.registry.api import BLOB_MAX_AGE, _ReleaseOnClose
 from docket.registry.blobops import drop_blob_locked, keep_blob_locked
 from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive
-from docket.registry.blobops import keep_for_existence_check
+from docket.registry.bodies import send_blob
 from docket.registry.db import get_session
 from docket.registry.models import KIND_BLOB, Blob, count_references
 from docket.registry.store import validate_digest
@@ -88,20 +87,7 @@ def get_blob(name: str, digest: str) -> Response:
         sv.get_blob(get_session(), digest)
     except NotFound as exc:
         raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc
-    if request.method == "HEAD":
-        keep_for_existence_check(sv, digest)
-    sv.downloads.acquire(digest)  # GC waits for in-flight downloads
-    try:
-        resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
-                         etag=digest, max_age=BLOB_MAX_AGE)
-    except BaseException:
-        sv.downloads.release(digest)
-        raise
-    # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
-    resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
-    resp.headers["Docker-Content-Digest"] = digest
-    resp.cache_control.immutable = True
-    return resp
+    return send_blob(sv, digest, "Docker-Content-Digest")
 
 
 @bp.delete("/<path:name>/blobs/<digest>")
