@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -59,6 +60,8 @@ import os, sys, time
 ready, go, started = sys.argv[1], sys.argv[2], sys.argv[3]
 import docket.client.cli as cli
 import docket.client.pull, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
+if os.environ.get("DOCKET_BENCH_NO_EARLY_STOP"):  # --no-early-stop: seed the full --seed-time, whoever is left
+    docket.client.pull._SeedPolicy.done = lambda self: time.monotonic() >= self.deadline
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
@@ -82,6 +85,9 @@ class Config:
     keep: bool = False
     skip_http: bool = False
     plot: bool = True
+    ctorrent_args: str = ""  # $DOCKET_CTORRENT_ARGS for the registry's seeders and every pull's ctorrent
+    no_early_stop: bool = False  # pulls seed the whole --seed-time (the client's early-stop rule off)
+    repeat: int = 1  # rounds per N
 
 
 @dataclass
@@ -112,6 +118,8 @@ class RoundResult:
     http_hosts: list[HostResult] = field(default_factory=list)
     docket_hosts: list[HostResult] = field(default_factory=list)
     docket_all_exited_s: float | None = None  # until every `docket pull` exited (seeding for stragglers included)
+    docket_median_s: float | None = None  # the median host's done_at (the max is set by stragglers)
+    loadavg: list[float] = field(default_factory=list)  # 1-minute load average before the round, after it
 
 
 def log(msg: str) -> None:
@@ -312,8 +320,13 @@ class Bench:
     # -- processes -------------------------------------------------------------------------------------------
     def spawn(self, ns: str, args: Sequence[str], log_path: Path, stdout: Path | None = None) -> subprocess.Popen:
         with open(log_path, "ab") as err, open(stdout or log_path, "ab") as out:
+            env = dict(os.environ)
+            if self.cfg.ctorrent_args:
+                env["DOCKET_CTORRENT_ARGS"] = self.cfg.ctorrent_args
+            if self.cfg.no_early_stop:
+                env["DOCKET_BENCH_NO_EARLY_STOP"] = "1"
             proc = subprocess.Popen(self.lab.exec(ns, args), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True)  # Ctrl-C reaches only us; we stop them in order
+                                    start_new_session=True, env=env)  # Ctrl-C reaches only us; we stop them in order
         self.procs.append(proc)
         return proc
 
@@ -344,7 +357,7 @@ class Bench:
         assert self.tmp
         size = int(self.cfg.size_mib * MIB)
         tar = self.tmp / f"image-n{n}.tar"
-        ref = f"bench/swarm:n{n}-{os.getpid()}"
+        ref = f"bench/swarm:n{n}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         build_image(tar, size, ref)
         repo, _, tag = ref.rpartition(":")
         # From inside the registry's namespace (over its loopback path to its own address, not the shaped link).
@@ -450,7 +463,12 @@ class Bench:
     def one(self, n: int) -> RoundResult:
         assert self.tmp
         rdir = self.tmp / f"n{n}"
+        k = 1
+        while rdir.exists():  # --repeat: n16, n16-2, ...
+            k += 1
+            rdir = self.tmp / f"n{n}-{k}"
         rdir.mkdir(mode=0o755)
+        load_before = os.getloadavg()[0]
         record = self.push(n)
         size = int(image_layer(record)["size"])
         bound = size * 8 / (self.cfg.rate_mbit * 1e6)
@@ -474,6 +492,8 @@ class Bench:
             http_over_docket=_r(http_s / docket_s if http_s and docket_s else None),
             all_finished=ok, http_hosts=http_hosts, docket_hosts=docket_hosts,
             docket_all_exited_s=_r(self.last_exit),
+            docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
+            loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
         )
 
     def main(self) -> list[RoundResult]:
@@ -484,8 +504,9 @@ class Bench:
         self.start_registry()
         results = []
         for n in self.cfg.hosts:
-            results.append(self.one(n))
-            write_results(self.cfg, results)
+            for _ in range(self.cfg.repeat):
+                results.append(self.one(n))
+                write_results(self.cfg, results)
         return results
 
     def close(self) -> None:
@@ -517,11 +538,14 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
-                   "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time},
+                   "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
+                   "no_early_stop": cfg.no_early_stop,
+                   "repeat": cfg.repeat},
         "rounds": [asdict(r) for r in results],
     }, indent=2))
     cols = ["n", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
-            "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s", "all_finished"]
+            "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s", "docket_median_s",
+            "loadavg", "all_finished"]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -531,10 +555,13 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
 
 def table(results: list[RoundResult]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = [f"{'N':>3} {'HTTP s':>8} {'docket s':>9} {'bound s':>8} {'docket/bound':>13} {'HTTP/docket':>12} ok"]
+    lines = [f"{'N':>3} {'HTTP s':>8} {'docket s':>9} {'median s':>9} {'bound s':>8} {'docket/bound':>13} "
+             f"{'HTTP/docket':>12} {'load':>11} ok"]
     for r in results:
-        lines.append(f"{r.n:>3} {f(r.http_s):>8} {f(r.docket_s):>9} {f(r.link_bound_s):>8} "
-                     f"{f(r.docket_over_bound, 2):>13} {f(r.http_over_docket, 2):>12} {'yes' if r.all_finished else 'NO'}")
+        load = "/".join(f"{x:.1f}" for x in r.loadavg)
+        lines.append(f"{r.n:>3} {f(r.http_s):>8} {f(r.docket_s):>9} {f(r.docket_median_s):>9} {f(r.link_bound_s):>8} "
+                     f"{f(r.docket_over_bound, 2):>13} {f(r.http_over_docket, 2):>12} {load:>11} "
+                     f"{'yes' if r.all_finished else 'NO'}")
     return "\n".join(lines)
 
 
@@ -618,13 +645,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--keep", action="store_true", help="keep the temp directory (logs) for debugging")
     p.add_argument("--skip-http", action="store_true", help="docket only")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--ctorrent-args", default="",
+                   help="extra ctorrent flags for the registry's seeders and every pull (e.g. '-z 64 -C 32'), "
+                        "passed as $DOCKET_CTORRENT_ARGS")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="pulls seed the whole --seed-time (turns off the client's stop-when-nobody-downloads rule)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
     a = p.parse_args(argv)
     hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
     if not hosts or min(hosts) < 1 or max(hosts) > 200:
         p.error("--hosts: values 1..200")
     return Config(hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
-                  plot=not a.no_plot)
+                  plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat),
+                  no_early_stop=a.no_early_stop)
 
 
 def main(argv: list[str] | None = None) -> int:

