@@ -524,18 +524,18 @@ def test_pull_stall_and_death_are_transfer_errors_naming_the_tracker(served, tmp
     assert "exited" in e.value.message and "6969" in e.value.message
 
 
-def test_seeding_stops_once_no_downloading_peer_is_connected(served, tmp_path, monkeypatch):
-    """Across hosts the tracker's incomplete count lags (finished peers announce late): our own
-    ctorrent's view, no downloading peer connected, ends seeding after min_seed."""
+def test_seeding_goes_on_while_the_tracker_counts_downloaders_even_with_no_peer_connected(served, tmp_path,
+                                                                                        monkeypatch):
+    """No downloading peer connected to us is not a reason to stop: stragglers connect later (the swarm
+    benchmark's worst rounds came from that rule). Only the tracker's count, or --seed-time, ends seeding."""
     canned, data, _ = served
     from docket.torrent.tracker import ScrapeResult
 
     monkeypatch.setattr(FakeCtorrent, "leechers_after_completion", 0)
-    scrapes = [ScrapeResult(1, 4, 0)] * 500  # never drops: the lagging tracker
+    scrapes = [ScrapeResult(1, 4, 0)] * 500  # four peers still downloading, per the tracker
     t0 = time.monotonic()
-    make_puller(canned, tmp_path, data, load=False, seed_time=30, scrapes=scrapes, peer_ip="127.0.0.9",
-                min_seed=0.5).pull(REF)
-    assert time.monotonic() - t0 < 10  # not the whole 30 s
+    make_puller(canned, tmp_path, data, load=False, seed_time=3, scrapes=scrapes, peer_ip="127.0.0.9").pull(REF)
+    assert time.monotonic() - t0 >= 3  # the whole --seed-time
     assert FakeCtorrent.instances[-1].stopped
 
 
@@ -545,8 +545,7 @@ def test_seeding_continues_while_a_peer_downloads(served, tmp_path):
 
     scrapes = [ScrapeResult(1, 4, 0)] * 500  # incomplete peers, and one connected to us (leechers=1)
     t0 = time.monotonic()
-    make_puller(canned, tmp_path, data, load=False, seed_time=3, scrapes=scrapes, peer_ip="127.0.0.9",
-                min_seed=0.5).pull(REF)
+    make_puller(canned, tmp_path, data, load=False, seed_time=3, scrapes=scrapes, peer_ip="127.0.0.9").pull(REF)
     assert time.monotonic() - t0 >= 3  # seeded the whole --seed-time
 
 

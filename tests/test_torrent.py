@@ -93,7 +93,9 @@ def test_status_fraction_zero_total() -> None:
 # Unit: metainfo
 
 @pytest.mark.parametrize("length, expected", [
-    (1, 256 * 1024),
+    (1, 64 * 1024),
+    (128 * MiB, 64 * 1024),  # exactly 2048 pieces
+    (128 * MiB + 1, 128 * 1024),
     (512 * MiB, 256 * 1024),  # exactly 2048 pieces
     (512 * MiB + 1, 512 * 1024),
     (1024 * MiB, 512 * 1024),
@@ -110,7 +112,7 @@ def test_build_and_read_torrent(tmp_path: Path) -> None:
     data.write_bytes(os.urandom(3 * MiB + 123))
     out = tmp_path / "t" / "blob.torrent"
     meta = build_torrent(data, "http://127.0.0.1:1/announce", out=out, name="sha256-abc")
-    assert meta.piece_length == 256 * 1024 and meta.pieces == 13 and meta.length == 3 * MiB + 123
+    assert meta.piece_length == 64 * 1024 and meta.pieces == 49 and meta.length == 3 * MiB + 123
     assert meta.name == "sha256-abc" and meta.announce == "http://127.0.0.1:1/announce"
     assert len(meta.info_hash) == 40 and meta.info_hash == meta.info_hash.lower()
     assert read_torrent(out.read_bytes()) == meta

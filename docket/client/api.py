@@ -253,7 +253,8 @@ class RegistryClient:
             pass  # anything else (an older registry, a proxy): the real push will report it
 
     def _stream_upload(self, method: str, path: str, what: str, chunks: Iterable[bytes],
-                       progress_cb: Callable[[int], None] | None, **kw: Any) -> requests.Response:
+                       progress_cb: Callable[[int], None] | None, length: int | None = None,
+                       **kw: Any) -> requests.Response:
         """Send ``chunks`` as a streamed (chunked) body; the response once the registry has answered.
 
         ``progress_cb(bytes_sent_so_far)`` is called after each chunk. An exception raised by ``chunks``
@@ -278,7 +279,8 @@ class RegistryClient:
                 raise
 
         try:
-            return self._request(method, path, what, ok=(200, 201), data=body(),
+            data: Any = body() if length is None else _SizedBody(body(), length)  # Content-Length, not chunked
+            return self._request(method, path, what, ok=(200, 201), data=data,
                                  read_timeout=self.push_timeout, **kw)
         except BaseException as exc:
             if failure:
@@ -390,7 +392,7 @@ class RegistryClient:
             pass
 
     def upload_blob(self, kind: str, chunks: Iterable[bytes], digest: str | None = None,
-                    progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
+                    progress_cb: Callable[[int], None] | None = None, size: int | None = None) -> dict[str, Any]:
         """``POST /blobs?kind=..`` with the body streamed from ``chunks`` (chunked encoding); the reply dict.
 
         As in ``_stream_upload``, an exception raised by ``chunks`` is re-raised as itself.
@@ -399,7 +401,7 @@ class RegistryClient:
         if digest:
             params["digest"] = digest
         what = f"uploading a {kind} blob" + (f" {digest}" if digest else "")
-        resp = self._stream_upload("POST", f"{API}/blobs", what, chunks, progress_cb, params=params,
+        resp = self._stream_upload("POST", f"{API}/blobs", what, chunks, progress_cb, length=size, params=params,
                                    headers={"Content-Type": "application/octet-stream"})
         reply = self._json(resp, what)
         if not isinstance(reply, dict) or not isinstance(reply.get("digest"), str):
@@ -418,3 +420,18 @@ class RegistryClient:
     @staticmethod
     def _manifest_path(ref: Reference) -> str:
         return f"{API}/repositories/{quote(ref.repository, safe='/')}/manifests/{quote(ref.tag, safe='')}"
+
+
+class _SizedBody:
+    """An iterable body with a length: requests then sends Content-Length instead of chunked encoding, so the
+    registry knows the size up front (it picks the torrent piece size from it and hashes pieces while receiving)."""
+
+    def __init__(self, chunks: Iterator[bytes], length: int) -> None:
+        self._chunks = chunks
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks

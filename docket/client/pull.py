@@ -95,7 +95,6 @@ class PullOptions:
     output: Path | None = None
     poll_interval: float = 0.25
     scrape_interval: float = 2.0
-    min_seed: float = 5.0  # seconds a finished pull seeds at least before "no peer connected" may end it
     complete_grace: float = 5.0  # all pieces present but no "Download complete." line: trust it after this
     max_download_rate: int | None = None  # KB/s cap per ctorrent (-D); None: unlimited
     transport: str = "auto"  # "auto" | "p2p" | "http" (see the module docstring)
@@ -579,13 +578,14 @@ def ensure_space(directory: Path, files: list[tuple[Path, int]]) -> None:
 
 
 class _SeedPolicy:
-    """Seed until ``seed_time`` after completion, or earlier once nobody needs us.
+    """Seed until ``seed_time`` after completion, or earlier once the tracker's scrape shows, twice in a row, no
+    incomplete peer but us.
 
-    "Nobody" is either signal, twice in a row: the tracker's scrape shows no incomplete peer but us, or our
-    ctorrent has no downloading peer connected (after ``min_seed``). The second matters across hosts: ctorrent
-    announces "completed" only at its next regular announce, which with a full peer list can be the tracker's
-    30-minute interval, so the scrape keeps counting finished peers as incomplete (measured in the swarm
-    benchmark: incomplete=4 for the whole 60 s window after every peer had finished).
+    Across hosts the scrape lags (ctorrent announces "completed" only at its next regular announce), so there a
+    pull usually seeds the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no downloading
+    peer connected; in the swarm benchmark it fired on finished peers while stragglers still needed them (all
+    pulls gone at 28-29 s, the last host done at 21.6-22.3 s instead of 14.5-14.8 s: benchmarks/README.md, tuning
+    runs C and D), so it was removed.
     """
 
     def __init__(self, puller: Puller, meta: TorrentMeta, completed_at: float, proc: Any = None) -> None:
@@ -594,7 +594,6 @@ class _SeedPolicy:
         self.meta = meta
         self.deadline = completed_at + puller.opts.seed_time
         self.zero_polls = 0
-        self.idle_polls = 0
         self.next_scrape = 0.0
         self.completed_at = completed_at
         self.replies_at_completion: int | None = None
@@ -632,11 +631,7 @@ class _SeedPolicy:
             except Exception as exc:  # noqa: BLE001 - unknown is not "nobody"
                 log.debug("scrape failed: %s", exc)
                 self.zero_polls = 0
-            st = getattr(self._proc if self._proc is not None else self.p.proc, "status", None)
-            idle = (st is not None and st.total and st.have >= st.total and st.leechers == 0
-                    and now - self.completed_at >= self.p.opts.min_seed)
-            self.idle_polls = self.idle_polls + 1 if idle else 0
-        return self.zero_polls >= 2 or self.idle_polls >= 2
+        return self.zero_polls >= 2
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

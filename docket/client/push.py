@@ -170,7 +170,7 @@ class LayerPusher:
 
     def _upload(self, ref: Reference, tar: Any, info: Any, digest: str | None, found: _Pass,
                 remote: dict[str, int], wanted: set[str]) -> None:
-        reply = self.api.upload_blob("layer", member_chunks(tar, info), digest=digest)
+        reply = self.api.upload_blob("layer", member_chunks(tar, info), digest=digest, size=info.size)
         stored = reply.get("digest")
         if digest is not None and stored != digest:
             raise errors.IntegrityError(f"the registry stored layer {info.name} as {stored}, not {digest}",

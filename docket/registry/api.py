@@ -75,7 +75,7 @@ def upload_blob() -> tuple[Response, int, dict[str, str]]:
                                    "send the blob as application/octet-stream")
     what = f"{kind} blob"
     length = _check_body_headers(what)
-    with sv.store.upload() as up:
+    with sv.store.upload(pieces=kind == KIND_LAYER, expected_size=length) as up:
         _receive(up, length, what)
         if expected is not None and up.digest != expected:
             raise IntegrityError(f"the uploaded {kind} blob has digest {up.digest}, not {expected}",

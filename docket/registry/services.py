@@ -41,7 +41,7 @@ from docket.registry.seeder import SeederSupervisor, SeedSpec, reap_orphans
 from docket.registry.store import BlobStore, Upload, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
 from docket.torrent import build_torrent, find_ctorrent
-from docket.torrent.metainfo import write_atomic
+from docket.torrent.metainfo import PieceHasher, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,11 @@ class RegistryServices:
         return SeedSpec(digest=digest, torrent=self.store.torrent_path(digest), blob=self.store.blob_path(digest),
                         workdir=self.store.seeder_dir(digest))
 
-    def _build_torrent(self, digest: str):  # -> TorrentMeta
+    def _build_torrent(self, digest: str, pieces: PieceHasher | None = None):  # -> TorrentMeta
+        """From the piece hashes computed while the upload streamed in when they fit the blob, else from the file."""
+        if pieces is not None and pieces.usable(self.store.blob_path(digest).stat().st_size):
+            return pieces.write_torrent(self.announce_url, out=self.store.torrent_path(digest),
+                                        name=f"{digest_hex(digest)}.tar")
         return build_torrent(self.store.blob_path(digest), self.announce_url, out=self.store.torrent_path(digest),
                              threads=self.config.hash_threads, name=f"{digest_hex(digest)}.tar")
 
@@ -320,11 +324,11 @@ class RegistryServices:
             raise ServiceUnavailable(f"could not start a seeder for {digest}: {error or 'ctorrent failed'}",
                                      "see the registry log; the push can be retried")
 
-    def _ensure_torrent_locked(self, s: Session, blob: Blob) -> bool:
+    def _ensure_torrent_locked(self, s: Session, blob: Blob, pieces: PieceHasher | None = None) -> bool:
         """Build the torrent of a seeded blob when it has none (caller holds the blob lock); True if changed."""
         if not blob.seeded or (blob.info_hash is not None and self.store.torrent_path(blob.digest).is_file()):
             return False
-        meta = self._build_torrent(blob.digest)
+        meta = self._build_torrent(blob.digest, pieces)
         blob.info_hash, blob.piece_length = meta.info_hash, meta.piece_length
         return True
 
@@ -349,7 +353,7 @@ class RegistryServices:
                     blob.kind = KIND_LAYER  # the same bytes are now also used as a layer: seed them
                 if blob.unreferenced_at is not None:
                     blob.unreferenced_at = now  # uploaded again for a coming manifest: a fresh grace period
-            self._ensure_torrent_locked(s, blob)
+            self._ensure_torrent_locked(s, blob, upload.pieces)
             with self.tag_lock:
                 s.commit()
             answer = blob_answer(blob)
@@ -383,7 +387,7 @@ class RegistryServices:
                 if resolved in copied:
                     digest = copied[resolved]
                 else:
-                    part = stack.enter_context(self.store.upload())
+                    part = stack.enter_context(self.store.upload(pieces=True, expected_size=size))
                     while chunk := f.read(chunk_size):
                         part.write(chunk)
                     if part.size != size:

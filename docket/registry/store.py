@@ -22,6 +22,7 @@ from typing import Any
 
 from docket.errors import DocketError, InvalidRequest
 from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
+from docket.torrent.metainfo import PieceHasher
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,13 @@ class Upload:
         self.algorithm = self._sha.name
         self.size = size
         self.committed = False
+        self.pieces: PieceHasher | None = None  # torrent piece hashes, fed by write()
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
         self._sha.update(chunk)
+        if self.pieces is not None:
+            self.pieces.update(chunk)
         self.size += len(chunk)
 
     def finish(self) -> str:
@@ -165,11 +169,14 @@ class BlobStore:
 
     # -- writing --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def upload(self, algorithm: str = "sha256") -> Iterator[Upload]:
+    def upload(self, algorithm: str = "sha256", *, pieces: bool = False,
+               expected_size: int | None = None) -> Iterator[Upload]:
         """A temp file in uploads/, hashed with ``algorithm``; removed on failure or when the caller did not commit
         it."""
         fd, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=self.uploads_dir)
         up = Upload(Path(name), fd, algorithm)
+        if pieces:  # the .torrent's SHA1 pieces while receiving: no second read of the blob
+            up.pieces = PieceHasher(expected_size)
         try:
             yield up
         finally:
