@@ -12,6 +12,7 @@ REF=docket-demo/hello:v1
 
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+unset DOCKET_DOCKERD_PID  # set below only if this script starts a dockerd: never stop one it did not start
 eval "$(DOCKET_DOCKERD_DIR="$DEMO_DIR/dockerd" scripts/dockerd.sh)"
 
 registry_pid=""

@@ -43,8 +43,16 @@ def test_demo_command_pushes_and_pulls(docker_host: str, tmp_path: Path):
         pytest.skip("demo needs scripts/setup.sh (apt) to install itself")
     env = {**os.environ, "DOCKER_HOST": docker_host, "DEMO_EXIT": "1", "DEMO_DIR": str(tmp_path / "demo"),
            "DOCKET_PORT": str(free_port()), "DOCKET_TRACKER_PORT": str(free_port())}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, env=env, timeout=600)
+    # .ci/run exports the pid of the dockerd it started: the demo must never stop a daemon it did not start
+    bystander = subprocess.Popen(["sleep", "600"])
+    env["DOCKET_DOCKERD_PID"] = str(bystander.pid)
+    try:
+        result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert bystander.poll() is None, "demo.sh stopped a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     assert "hello from a docket pull" in result.stdout
     assert "docket-demo/hello:v1" in result.stdout
