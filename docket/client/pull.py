@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 HASH_CHUNK = 1024 * 1024
 DIR_MODE = 0o700
-SELF_WINDOW = 20.0  # seconds after completion during which our own tracker entry may still say incomplete
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
 TRANSPORTS = ("auto", "p2p", "http")
 DEFAULT_FALLBACK_AFTER = 20.0  # s without swarm progress; ctorrent retries a failed tracker announce every ~15 s
@@ -579,13 +578,15 @@ def ensure_space(directory: Path, files: list[tuple[Path, int]]) -> None:
 
 class _SeedPolicy:
     """Seed until ``seed_time`` after completion, or earlier once the tracker's scrape shows, twice in a row, no
-    incomplete peer but us.
+    incomplete peer at all (ourselves included: our entry turns complete at our next announce, ~15 s later).
 
     Across hosts the scrape lags (ctorrent announces "completed" only at its next regular announce), so there a
     pull usually seeds the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no downloading
     peer connected; in the swarm benchmark it fired on finished peers while stragglers still needed them (all
     pulls gone at 28-29 s, the last host done at 21.6-22.3 s instead of 14.5-14.8 s: benchmarks/README.md, tuning
-    runs C and D), so it was removed.
+    runs C and D), so it was removed. So was counting one incomplete peer as "probably us" for 20 s after
+    completion: with one straggler left, every finished peer took the straggler for itself and left (all pulls
+    gone at 29.7 s, the straggler done at 23.4 s instead of ~14.5 s: benchmarks/README.md, run 3).
     """
 
     def __init__(self, puller: Puller, meta: TorrentMeta, completed_at: float, proc: Any = None) -> None:
@@ -596,25 +597,6 @@ class _SeedPolicy:
         self.zero_polls = 0
         self.next_scrape = 0.0
         self.completed_at = completed_at
-        self.replies_at_completion: int | None = None
-
-    def _self_pending(self, now: float) -> bool:
-        """Is one of the tracker's "incomplete" peers still us?
-
-        Our ctorrent stays a leecher at the tracker until its first announce after completion (seen: ~15 s
-        later, ctorrent's minimum announce interval). That announce moves the reply counter ("E:x,N") shown
-        in the status lines, which lag one line behind: the baseline is taken from a status line that already
-        shows every piece. Only trusted for SELF_WINDOW seconds, so a miscount never lasts.
-        """
-        if now - self.completed_at > SELF_WINDOW:
-            return False
-        st = getattr(self._proc if self._proc is not None else self.p.proc, "status", None)
-        replies = getattr(st, "tracker_replies", None)
-        if replies is None or not getattr(st, "total", 0) or st.have < st.total:
-            return False
-        if self.replies_at_completion is None:
-            self.replies_at_completion = replies
-        return replies == self.replies_at_completion
 
     def done(self) -> bool:
         now = time.monotonic()
@@ -624,10 +606,8 @@ class _SeedPolicy:
             self.next_scrape = now + self.p.opts.scrape_interval
             try:
                 res = self.p._scrape(self.meta.announce, self.meta.info_hash)
-                others = res.incomplete - (1 if self._self_pending(now) else 0)
-                log.debug("scrape %s: complete=%s incomplete=%s (others %s)", self.meta.info_hash, res.complete,
-                          res.incomplete, others)
-                self.zero_polls = self.zero_polls + 1 if others <= 0 else 0
+                log.debug("scrape %s: complete=%s incomplete=%s", self.meta.info_hash, res.complete, res.incomplete)
+                self.zero_polls = self.zero_polls + 1 if res.incomplete <= 0 else 0
             except Exception as exc:  # noqa: BLE001 - unknown is not "nobody"
                 log.debug("scrape failed: %s", exc)
                 self.zero_polls = 0
