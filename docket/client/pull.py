@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import math
 import os
@@ -39,7 +38,6 @@ from docket.torrent.metainfo import TorrentMeta, read_torrent
 log = logging.getLogger(__name__)
 
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
-HASH_CHUNK = 1024 * 1024
 DIR_MODE = 0o700
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
 TRANSPORTS = ("auto", "p2p", "http")
@@ -144,15 +142,9 @@ def check_torrent(meta: TorrentMeta, record: ImageRecord) -> None:
 
 
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done)
-    return "sha256:" + h.hexdigest()
+    from docket.client.http_fetch import digest_file
+
+    return digest_file(path, "sha256", progress)
 
 
 def ensure_dir(path: Path) -> Path:
