@@ -346,7 +346,21 @@ def test_http_resumes_a_partial_layer_with_range(registry_server, image_factory,
     assert image_factory.run(ref) == marker
 
 
-class _RefusingTracker:
+class _LoopbackServer:
+    """A threaded HTTP server for one handler class on a free loopback port; ``close()`` stops it."""
+
+    def _serve(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _RefusingTracker(_LoopbackServer):
     """An HTTP tracker that answers every announce and scrape with a failure: reachable, but no swarm."""
 
     def __init__(self) -> None:
@@ -363,14 +377,7 @@ class _RefusingTracker:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(H)
 
 
 @pytest.mark.e2e
@@ -400,7 +407,7 @@ def test_auto_falls_back_when_the_swarm_gives_nothing(image_factory, docket_cli,
         tracker.close()
 
 
-class _CorruptingProxy:
+class _CorruptingProxy(_LoopbackServer):
     """Forwards to the registry; flips one byte in the body of every blob download (not torrents, not JSON)."""
 
     def __init__(self, upstream: str) -> None:
@@ -427,14 +434,7 @@ class _CorruptingProxy:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(H)
 
 
 @pytest.mark.e2e

@@ -225,17 +225,9 @@ class TarStream:
         if info is not self._current:
             raise ValueError(f"{info.name} is not the current member of the tar stream")
         while self._left > 0:
-            parts: list[memoryview] = []
-            got = 0
-            want = min(self.out_chunk, self._left)
-            while got < want:
-                piece = self._take(want - got)
-                if not piece:
-                    raise tarfile.ReadError(f"unexpected end of the tar stream in {info.name!r}")
-                parts.append(piece)
-                got += len(piece)
-            self._left -= got
-            yield parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+            chunk = self._read_exact(min(self.out_chunk, self._left), repr(info.name))
+            self._left -= len(chunk)
+            yield chunk
 
 
 NUL_BLOCK = bytes(BLOCK)

@@ -341,6 +341,16 @@ def open_tag(s: Session, repository: str, tag: str) -> tuple[Image, set[str], st
     return image, old, old_manifest
 
 
+def drop_tag(s: Session, image: Image) -> str | None:
+    """Delete a tag's row; the blobs only it used become unreferenced. Returns the manifest it pointed at."""
+    used, manifest = image_digests(image), image.manifest_digest
+    s.delete(image)
+    s.flush()
+    for digest in sorted(used):
+        mark_if_unreferenced(s, digest)
+    return manifest
+
+
 def close_tag(s: Session, image: Image, old: set[str], old_manifest: str | None) -> None:
     """After a tag moved: what it used before and nothing uses now becomes unreferenced (GC after the grace)."""
     s.flush()
@@ -617,14 +627,9 @@ class ManifestService:
                             "delete the index first", detail={"digest": digest, "indexes": parents})
             images = s.scalars(_image_query().where(Image.repository == repository,
                                                     Image.manifest_digest == digest)).all()
-            used: set[str] = set()
             for image in images:
-                used |= image_digests(image)
-                s.delete(image)
-            s.flush()
+                drop_tag(s, image)
             drop_manifest_row(s, row)
-            for blob_digest in sorted(used):
-                mark_if_unreferenced(s, blob_digest)
             s.commit()
         log.info("deleted manifest %s@%s and its %d tag(s)", repository, digest, len(images))
 

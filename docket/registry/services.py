@@ -169,12 +169,6 @@ def _image_query() -> Any:
                                  selectinload(Image.layers).selectinload(ImageLayer.blob))
 
 
-def _image_digests(image: Image) -> set[str]:
-    from docket.registry.manifests import image_digests
-
-    return image_digests(image)
-
-
 def rfc3339(value: datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
@@ -525,19 +519,14 @@ class RegistryServices:
     def delete_tag(self, repository: str, tag: str) -> None:
         """The tag goes; a manifest docket wrote for it goes too unless another tag or an index uses it (a V2
         manifest stays until DELETE /v2/<name>/manifests/<digest>); blobs nothing uses become unreferenced."""
-        from docket.registry.manifests import drop_docket_manifest_if_unused
+        from docket.registry.manifests import drop_docket_manifest_if_unused, drop_tag, image_digests
 
         with self.tag_lock, self.db.session() as s:
             image = s.scalars(_image_query().where(Image.repository == repository, Image.tag == tag)).one_or_none()
             if image is None:
                 raise NotFound(f"no image {repository}:{tag} in this registry")
-            digests = _image_digests(image)
-            old_manifest = image.manifest_digest
-            s.delete(image)
-            s.flush()
-            for digest in sorted(digests):
-                _mark_if_unreferenced(s, digest)
-            drop_docket_manifest_if_unused(s, repository, old_manifest)
+            digests = image_digests(image)
+            drop_docket_manifest_if_unused(s, repository, drop_tag(s, image))
             s.commit()
         log.info("deleted tag %s:%s (blobs %s kept until GC)", repository, tag, ", ".join(sorted(digests)))
 
@@ -556,9 +545,3 @@ class RegistryServices:
             raise NotFound(f"blob {digest} is a {blob.kind} blob: it has no torrent",
                            "download it over plain HTTP: GET /api/v1/blobs/<digest>")
         return blob
-
-
-def _mark_if_unreferenced(session: Session, digest: str) -> None:
-    from docket.registry.manifests import mark_if_unreferenced
-
-    mark_if_unreferenced(session, digest)
