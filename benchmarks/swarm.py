@@ -62,6 +62,15 @@ import docket.client.cli as cli
 import docket.client.pull, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
 if os.environ.get("DOCKET_BENCH_NO_EARLY_STOP"):  # --no-early-stop: seed the full --seed-time, whoever is left
     docket.client.pull._SeedPolicy.done = lambda self: time.monotonic() >= self.deadline
+_trace = open(sys.argv[3] + ".trace", "w", buffering=1)  # per-host progress: wall time, then ctorrent's status
+_line = docket.torrent.ctorrent.CtorrentProcess._line
+def _traced(self, raw, _line=_line):
+    _line(self, raw)
+    st = docket.torrent.ctorrent.parse_status_line(raw.decode("utf-8", "replace").strip())
+    if st is not None:
+        _trace.write("%.3f %d %d %d %d %d %.0f %.0f\n" % (time.time(), st.have, st.total, st.seeds, st.leechers,
+                                                        st.swarm, st.down_kbps, st.up_kbps))
+docket.torrent.ctorrent.CtorrentProcess._line = _traced
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
@@ -99,6 +108,9 @@ class HostResult:
     bytes: int = 0
     sha256_ok: bool = False
     error: str = ""
+    # docket only: ctorrent's status about once a second, [s since the round's start, pieces had, pieces total,
+    # seeds connected, leechers connected, swarm size, down KB/s, up KB/s]; shows when and why a host fell behind
+    progress: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +132,19 @@ class RoundResult:
     docket_all_exited_s: float | None = None  # until every `docket pull` exited (seeding for stragglers included)
     docket_median_s: float | None = None  # the median host's done_at (the max is set by stragglers)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average before the round, after it
+
+
+def read_trace(path: Path, t0_wall: float) -> list[list[float]]:
+    """The pull wrapper's progress trace, times made relative to the round's start."""
+    rows = []
+    try:
+        for line in path.read_text().splitlines():
+            f = line.split()
+            if len(f) == 8:
+                rows.append([round(float(f[0]) - t0_wall, 2), *(int(x) for x in f[1:6]), float(f[6]), float(f[7])])
+    except (OSError, ValueError):
+        pass
+    return rows
 
 
 def log(msg: str) -> None:
@@ -444,6 +469,7 @@ class Bench:
                 started = float((rdir / f"start-{i}").read_text())
                 res.seconds = float(summary["seconds"])
                 res.done_at = started - t0_wall + res.seconds
+                res.progress = read_trace(rdir / f"start-{i}.trace", t0_wall)
                 res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layer, via BitTorrent
                 layer = image_layer(record)
                 blob = rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]

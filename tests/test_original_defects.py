@@ -265,6 +265,9 @@ def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, do
             if line.startswith("Seeding"):
                 break
         assert pull.poll() is None, "".join(seen)
+        # the finished download's ctorrent was replaced by a fresh seeder (CtorrentProcess.reseed) on its port
+        logs = list((tmp_path / "fast" / "torrents").glob("*/ctorrent.log"))
+        assert logs and max(log.read_text(errors="replace").count("Listening on 127.0.0.23:") for log in logs) == 2
         slow = CtorrentProcess(torrent, tmp_path / "slow" / "image.tar", workdir=tmp_path / "slow",
                                listen_ip="127.0.0.24", extra_args=["-D", "100"])
         with slow:

@@ -430,3 +430,45 @@ def test_ctorrent_input_errors(tmp_path: Path) -> None:
     build_torrent(data, "http://127.0.0.1:1/announce", out=meta_path)
     with pytest.raises(InvalidRequest):  # seed_only needs the data on disk
         CtorrentProcess(meta_path, tmp_path / "absent", workdir=tmp_path, seed_only=True).start()
+
+
+def test_reseed_replaces_a_finished_download_with_a_seeder(tmp_path: Path, opentracker: Opentracker,
+                                                           payload) -> None:
+    """reseed(): the old pid ends, a seeder takes its address and port (the tracker's entry turns complete), and it
+    alone serves a later leecher once the original seeder is gone."""
+    need("ctorrent")
+    data, torrent, meta = payload
+    out = tmp_path / "leech" / "out.bin"
+    seeder = CtorrentProcess(torrent, data, workdir=tmp_path / "seed", listen_ip=SEED_IP, seed_only=True)
+    leecher = CtorrentProcess(torrent, out, workdir=tmp_path / "leech", listen_ip=LEECH_IP,
+                              log_path=tmp_path / "leecher.log")
+    with seeder, leecher:
+        seeder.wait_listening(10)
+        port = leecher.wait_listening(10)
+        with pytest.raises(RuntimeError):
+            leecher.reseed()  # not finished yet: nothing to seed
+        assert leecher.alive()
+        assert leecher.wait_complete(30), leecher.tail()
+        t0 = time.monotonic()
+        replacement = leecher.reseed()
+        elapsed = time.monotonic() - t0
+        seeder.stop(timeout=0.5)
+    with replacement:  # stopped whatever fails below
+        assert elapsed < 5  # two SIGTERMs in a row: no wait for the tracker
+        assert leecher.pid is not None and pid_gone(leecher.pid) and not leecher.alive()
+        assert replacement.pid != leecher.pid and replacement.seed_only and "-f" in replacement.args()
+        assert replacement.wait_listening(10) == port and replacement.listen_ip == LEECH_IP
+        assert replacement.completed.is_set() and replacement.completed_at == leecher.completed_at
+        with pytest.raises(RuntimeError):
+            leecher.reseed()  # stopped: only once
+        # the replacement announced the leecher's address and port as complete: no incomplete entry is left
+        assert wait_until(lambda: (lambda r: r.incomplete == 0 and r.complete >= 1)(
+            scrape(opentracker.announce_url, meta.info_hash)), 30, 0.2, "the leecher's entry turned complete")
+        later = tmp_path / "later" / "out.bin"
+        with CtorrentProcess(torrent, later, workdir=tmp_path / "later", listen_ip=THIRD_IP) as third:
+            assert third.wait_complete(30), third.tail()
+            third.stop(timeout=0.5)
+        assert sha256(later) == sha256(data)
+        replacement.stop(timeout=0.5)
+    assert replacement.pid is not None and pid_gone(replacement.pid)
+    assert (tmp_path / "leecher.log").read_text(errors="replace").count("Listening on") == 2  # one log, both runs

@@ -300,6 +300,8 @@ class Puller:
                     result.peer_ip = self._transfer(record, meta, torrent, blob, workdir)
                     if self.opts.seed_time <= 0:
                         self._stop_ctorrent()
+                    else:
+                        self._reseed()
                     self._verify(blob, record, workdir)
             fetch = self.http_fetch
             http = fetch.received if fetch else 0
@@ -541,6 +543,16 @@ class Puller:
             time.sleep(self.opts.poll_interval)
         self._stop_ctorrent()
 
+    def _reseed(self) -> None:
+        """Swap the finished download's ctorrent for a fresh seeder (CtorrentProcess.reseed says why)."""
+        proc = self.proc
+        if proc is None or not proc.completed.is_set() or not proc.alive() or not hasattr(proc, "reseed"):
+            return
+        try:
+            self.proc = proc.reseed()
+        except Exception as exc:  # noqa: BLE001 - the blob is downloaded; only seeding is lost
+            log.warning("could not restart ctorrent as a seeder: %s", exc)
+
     def _stop_ctorrent(self) -> None:
         # The first SIGTERM makes ctorrent announce "stopped" and then linger (seen: > 5 s); the second ends it.
         if self.proc is not None:
@@ -570,10 +582,11 @@ def ensure_space(directory: Path, files: list[tuple[Path, int]]) -> None:
 
 class _SeedPolicy:
     """Seed until ``seed_time`` after completion, or earlier once the tracker's scrape shows, twice in a row, no
-    incomplete peer at all (ourselves included: our entry turns complete at our next announce, ~15 s later).
+    incomplete peer at all (ourselves included: the seeder that replaces our finished download announces our
+    address and port as complete at once, see CtorrentProcess.reseed).
 
-    Across hosts the scrape lags (ctorrent announces "completed" only at its next regular announce), so there a
-    pull usually seeds the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no downloading
+    Before that replacement the scrape lagged (ctorrent announces "completed" only at its next regular announce),
+    so across hosts a pull seeded the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no downloading
     peer connected; in the swarm benchmark it fired on finished peers while stragglers still needed them (all
     pulls gone at 28-29 s, the last host done at 21.6-22.3 s instead of 14.5-14.8 s: benchmarks/README.md, tuning
     runs C and D), so it was removed. So was counting one incomplete peer as "probably us" for 20 s after

@@ -161,6 +161,7 @@ class _Job:
     last_have: int = -1  # pieces ctorrent had at the last progress
     last_progress: float = 0.0
     fallback_reason: str | None = None
+    reseed: threading.Thread | None = None  # replacing the finished download's ctorrent with a seeder
 
     @property
     def bitfield(self) -> Path:
@@ -284,6 +285,7 @@ class LayerPull:
                     if opts.seed_time <= 0:
                         self._stop_all()
                     self._verify(record, fetched)
+                    self._join_reseeds()
             completed_at = max((getattr(j.proc, "completed_at", None) or time.monotonic() for j in fetched),
                                default=time.monotonic())
             blobs = {layer.diff_id: blobs_dir / layer.hex for layer in empty}
@@ -436,6 +438,7 @@ class LayerPull:
                     if proc.completed.is_set():
                         job.done = True
                         got += job.layer.size
+                        self._reseed_async(job)
                         continue
                     st = proc.status
                     if st is not None and st.total:
@@ -565,6 +568,26 @@ class LayerPull:
             time.sleep(self.p.opts.poll_interval)
         self._stop_all()
 
+    def _reseed_async(self, job: _Job) -> None:
+        """Swap a finished layer's ctorrent for a fresh seeder (CtorrentProcess.reseed says why), in the background."""
+        if self.p.opts.seed_time <= 0 or job.reseed is not None or not hasattr(job.proc, "reseed") \
+                or not job.proc.alive():
+            return
+
+        def run() -> None:
+            try:
+                job.proc = job.proc.reseed()
+            except Exception as exc:  # noqa: BLE001 - the layer is downloaded; only seeding is lost
+                log.warning("could not restart ctorrent as a seeder for layer %s: %s", job.layer.digest, exc)
+
+        job.reseed = threading.Thread(target=run, name=f"reseed-{job.layer.hex[:12]}", daemon=True)
+        job.reseed.start()
+
+    def _join_reseeds(self) -> None:
+        for job in self.jobs:
+            if job.reseed is not None:
+                job.reseed.join()
+
     def _stop_async(self, job: _Job) -> None:
         if getattr(job, "_stopping", None) is None:
             t = threading.Thread(target=self._stop_one, args=(job,), daemon=True)
@@ -580,6 +603,7 @@ class LayerPull:
 
     def _stop_all(self) -> None:
         """Stop every ctorrent we started, in parallel (each stop can take a few seconds), and every HTTP fetch."""
+        self._join_reseeds()  # else a seeder could start after we stopped everything
         threads, fetches = [], []
         for job in self.jobs:
             if job.fetch is not None and job.fetch.thread is not None:

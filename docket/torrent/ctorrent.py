@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -51,6 +52,28 @@ def find_ctorrent() -> str:
     if not path:
         raise ToolMissing("ctorrent is not installed", hint=INSTALL_HINT)
     return path
+
+
+# ctorrent (dnh3.3.2) listens on the first free port from 2706 down to 2106 unless given -p.
+DEFAULT_PORTS = range(2706, 2105, -1)
+
+
+def free_listen_port(ip: str | None) -> int | None:
+    """The port ctorrent would choose by itself (the first free one of DEFAULT_PORTS on ``ip``), or None.
+
+    Why choose it for ctorrent: only with an explicit -p does it set SO_REUSEADDR on its listening socket, which
+    its accepted connections inherit; without it, the TIME_WAIT connections of a stopped ctorrent keep its port
+    from a replacement (reseed) for a minute, and the tracker would list the old port as a stale downloader.
+    ctorrent still moves down to the next free port itself if another process takes this one first.
+    """
+    for port in DEFAULT_PORTS:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((ip or "0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    return None
 
 
 def env_extra_args() -> list[str]:
@@ -188,6 +211,8 @@ class CtorrentProcess:
         if self.seed_only and not self.save_as.is_file():
             raise InvalidRequest(f"cannot seed {self.save_as}: file missing")
         self.save_as.parent.mkdir(parents=True, exist_ok=True)
+        if self.port is None:
+            self.port = free_listen_port(self.listen_ip)
         args = self.args()
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +356,37 @@ class CtorrentProcess:
             stop_child(proc, timeout, (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL))
             self._join_reader(5.0)
             log.info("ctorrent pid %d stopped", proc.pid)
+
+    def reseed(self, timeout: float = 5.0) -> CtorrentProcess:
+        """Replace this finished download with a fresh seeding process (-f) on the same address and port.
+
+        Why: a ctorrent that finishes keeps the choking it chose as a downloader until its next unchoke round,
+        every 10 s from its start; pulls started together have those rounds at the same moments, so a host that
+        every peer choked at one round waited up to 10 s with 15 finished peers idle (benchmarks/README.md,
+        "Stragglers"). A new process connects to the whole swarm again, and each peer still downloading asks it
+        for data ("interested"), which ctorrent answers at once while it has fewer than 4 peers unchoked.
+        Two SIGTERMs in a row make ctorrent close every connection, save its bitfield and exit without waiting
+        for the tracker; the new process announces the same address and port as complete.
+        """
+        if not self.completed.is_set():
+            raise RuntimeError("reseed() needs a finished download")
+        port = self.listen_port or self.port
+        with self._stop_lock:
+            proc = self._proc
+            if proc is None or self._stopped:
+                raise RuntimeError("reseed() of a stopped ctorrent")
+            self._stopped = True
+            stop_child(proc, timeout, (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL), gap=0.05)
+            self._join_reader(5.0)
+        new = CtorrentProcess(self.torrent, self.save_as, workdir=self.workdir, listen_ip=self.listen_ip, port=port,
+                              seed_only=True, exit_hours=self.exit_hours, cache_mb=self.cache_mb,
+                              max_peers=self.max_peers, min_peers=self.min_peers, log_path=self.log_path,
+                              extra_args=self.extra_args)
+        new.completed_at = self.completed_at
+        new.completed.set()  # a seeder has every piece; -f prints no "Download complete."
+        new.start()
+        log.info("ctorrent pid %d replaced by seeder pid %s for %s", proc.pid, new.pid, self.torrent.name)
+        return new
 
     def _join_reader(self, timeout: float) -> None:
         if self._reader is not None and self._reader is not threading.current_thread():

@@ -53,9 +53,12 @@ def stop_orphan(pid_file: Path, program: str, marker: str, timeout: float = 5.0)
 
 
 def stop_child(proc: subprocess.Popen, timeout: float,
-               signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL)) -> None:
-    """Send ``signals`` in turn to our child, waiting ``timeout`` after each (10 s after SIGKILL)."""
-    for sig in signals:
+               signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL), gap: float | None = None) -> None:
+    """Send ``signals`` in turn to our child, waiting ``timeout`` after each (10 s after SIGKILL).
+
+    ``gap``: wait only that long after the first signal (then ``timeout`` after the others).
+    """
+    for i, sig in enumerate(signals):
         if proc.poll() is not None:
             return
         try:
@@ -63,7 +66,7 @@ def stop_child(proc: subprocess.Popen, timeout: float,
         except ProcessLookupError:
             return
         try:
-            proc.wait(10.0 if sig == signal.SIGKILL else timeout)
+            proc.wait(10.0 if sig == signal.SIGKILL else gap if i == 0 and gap is not None else timeout)
             return
         except subprocess.TimeoutExpired:
             log.info("pid %d still running %.0f s after %s", proc.pid, timeout, signal.Signals(sig).name)
