@@ -108,9 +108,13 @@ class HostResult:
     bytes: int = 0
     sha256_ok: bool = False
     error: str = ""
-    # docket only: ctorrent's status about once a second, [s since the round's start, pieces had, pieces total,
-    # seeds connected, leechers connected, swarm size, down KB/s, up KB/s]; shows when and why a host fell behind
+    # docket only: ctorrent's status as the pull saw it, [s since the round's start, pieces had, pieces total,
+    # seeds connected, leechers connected, swarm size, down KB/s, up KB/s]. ctorrent prints it about once a second
+    # but not while its loop is idle, and late near the end: for exact timing use `link`.
     progress: list[list[float]] = field(default_factory=list)
+    # docket only: the kernel's byte counters of this host's link, every ~0.25 s: [s since the round's start,
+    # MB received, MB sent] (wire bytes, headers included): when a host's download ran at the link's rate or stalled
+    link: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -132,6 +136,41 @@ class RoundResult:
     docket_all_exited_s: float | None = None  # until every `docket pull` exited (seeding for stragglers included)
     docket_median_s: float | None = None  # the median host's done_at (the max is set by stragglers)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average before the round, after it
+
+
+class LinkSampler:
+    """Samples every client's link counters (the bridge ports: tx = the host's download) in a thread."""
+
+    def __init__(self, lab: Lab, n: int, t0: float, interval: float = 0.25) -> None:
+        self.lab, self.n, self.t0, self.interval = lab, n, t0, interval
+        self.rows: dict[int, list[list[float]]] = {i: [] for i in range(n)}
+        self.base: dict[int, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="link-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic() - self.t0
+            try:
+                out = subprocess.run(["ip", "-n", self.lab.br, "-s", "-j", "link", "show"], capture_output=True,
+                                     text=True, timeout=5, check=True).stdout
+                links = {d["ifname"]: d["stats64"] for d in json.loads(out) if "stats64" in d}
+            except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+                links = {}
+            for i in range(self.n):
+                st = links.get(f"p{i + 1}")  # p0 is the registry
+                if st is None:
+                    continue
+                down, up = st["tx"]["bytes"], st["rx"]["bytes"]
+                b = self.base.setdefault(i, (down, up))
+                self.rows[i].append([round(t, 2), round((down - b[0]) / 1e6, 2), round((up - b[1]) / 1e6, 2)])
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[int, list[list[float]]]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.rows
 
 
 def read_trace(path: Path, t0_wall: float) -> list[list[float]]:
@@ -460,7 +499,11 @@ class Bench:
             time.sleep(0.01)
         t0_wall, t0 = time.time(), time.monotonic()
         go.touch()
-        self.last_exit = max(self._await(procs, t0, f"docket N={n}"))
+        sampler = LinkSampler(self.lab, n, t0)
+        try:
+            self.last_exit = max(self._await(procs, t0, f"docket N={n}"))
+        finally:
+            links = sampler.stop()
         hosts = []
         for i, p in enumerate(procs):
             res = HostResult(host=self.lab.client_ips[i], ok=False, seconds=0.0, done_at=0.0)
@@ -470,6 +513,7 @@ class Bench:
                 res.seconds = float(summary["seconds"])
                 res.done_at = started - t0_wall + res.seconds
                 res.progress = read_trace(rdir / f"start-{i}.trace", t0_wall)
+                res.link = links.get(i, [])
                 res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layer, via BitTorrent
                 layer = image_layer(record)
                 blob = rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]

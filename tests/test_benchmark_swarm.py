@@ -76,4 +76,10 @@ def test_small_swarm_run(tmp_path: Path) -> None:
         assert h["bytes"] == r["size_bytes"]
         assert 0 < h["done_at"] < 120
     assert {h["host"] for h in r["docket_hosts"]} == {"198.18.0.11", "198.18.0.12"}
+    for h in r["docket_hosts"]:
+        # the kernel's counters of the host's link: the whole layer came in over it (wire bytes >= payload)
+        assert h["link"] and h["link"][-1][1] * 1e6 >= r["size_bytes"], h["link"][-3:]
+        assert [row[0] for row in h["link"]] == sorted(row[0] for row in h["link"])
+        # ctorrent's status as the pull saw it: ends with every piece
+        assert h["progress"] and h["progress"][-1][1] == h["progress"][-1][2] > 0, h["progress"][-3:]
     assert (cfg.out / "results.csv").read_text().startswith("n,")
