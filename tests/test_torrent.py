@@ -292,6 +292,10 @@ def test_opentracker_whitelist_sighup_stop(tmp_path: Path, opentracker: Opentrac
     assert not announce_ok(opentracker.announce_url, h2)
     opentracker.set_whitelist([h2.upper()])  # normalised to lower case
     assert wait_until(lambda: announce_ok(opentracker.announce_url, h2), 5, 0.02, "h2 whitelisted")
+    spaces = "20" * 20  # 0x20 bytes: sent as "+" (a plus to opentracker) they were never accepted
+    opentracker.set_whitelist([h2, spaces])
+    assert wait_until(lambda: announce_ok(opentracker.announce_url, spaces), 5, 0.02, "hash of 0x20 bytes")
+    opentracker.set_whitelist([h2])
     assert wait_until(lambda: not announce_ok(opentracker.announce_url, h1), 5, 0.02, "h1 removed")
     opentracker.set_whitelist([])  # empty list must really remove (opentracker ignores empty files)
     assert wait_until(lambda: not announce_ok(opentracker.announce_url, h2), 5, 0.02, "h2 removed")

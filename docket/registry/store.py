@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -47,6 +48,13 @@ class LocationError(DocketError):
     status, code, exit_code = 500, "LOCATION_UNUSABLE", 10
 
 
+# Chunks this big are hashed (sha256 and the torrent's SHA1 pieces) on a worker thread while the request thread
+# reads and writes the next ones: one thread doing all of it ran at ~1 core and set the speed of a big push
+# (benchmarks/README.md, throughput). hashlib releases the GIL for buffers this big.
+PIPELINE_MIN = 64 * 1024
+PIPELINE_DEPTH = 8  # chunks queued for the worker (with 1 MiB chunks: at most 8 MiB more memory per upload)
+
+
 class Upload:
     """A temp file being received: write chunks, read ``digest``/``size``; removed unless committed."""
 
@@ -60,30 +68,66 @@ class Upload:
         self.size = size
         self.committed = False
         self.pieces: PieceHasher | None = None  # torrent piece hashes, fed by write()
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
+        if self._queue is None and len(chunk) >= PIPELINE_MIN:
+            self._queue = queue.Queue(PIPELINE_DEPTH)
+            self._worker = threading.Thread(target=self._hash_queued, name="upload-hash", daemon=True)
+            self._worker.start()
+        if self._queue is not None:
+            self._queue.put(chunk)
+        else:
+            self._hash(chunk)
+        self.size += len(chunk)
+
+    def _hash(self, chunk: bytes) -> None:
         self._sha.update(chunk)
         if self.pieces is not None:
             self.pieces.update(chunk)
-        self.size += len(chunk)
+
+    def _hash_queued(self) -> None:
+        assert self._queue is not None
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hash(chunk)
+                except BaseException as exc:  # noqa: BLE001 - raised in the request thread by _drain()
+                    self._error = exc
+
+    def _drain(self) -> None:
+        """Wait until every written byte is hashed (the digest, the pieces and a V2 session's hasher are whole)."""
+        if self._worker is not None and self._queue is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = self._queue = None
+        if self._error is not None:
+            raise self._error
 
     def finish(self) -> str:
         """Flush and fsync; the bytes are on disk when this returns. Returns the digest."""
         self._file.flush()
-        os.fsync(self._file.fileno())
+        os.fsync(self._file.fileno())  # while the worker hashes the last chunks
+        self._drain()
         self._file.close()
         return self.digest
 
     def close(self) -> None:
         """Flush and close without fsync and without removing the file (a V2 upload session's chunk)."""
+        self._drain()
         self._file.close()
 
     @property
     def digest(self) -> str:
+        self._drain()
         return f"{self.algorithm}:{self._sha.hexdigest()}"
 
     def discard(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._drain()
         with contextlib.suppress(OSError):
             self._file.close()
         if not self.committed:

@@ -156,8 +156,11 @@ def announce_ok(announce_url: str, info_hash: str, timeout: float = 5.0,
     peer_id = b"-DK0001-" + secrets.token_hex(6).encode()
     params = {"info_hash": raw, "peer_id": peer_id, "port": 1, "uploaded": 0, "downloaded": 0, "left": 0,
               "compact": 1, "numwant": 0}
-    reply = _get(announce_url, urllib.parse.urlencode(params), timeout, session)
+    # quote, not urlencode's default quote_plus: opentracker reads "+" as a plus sign, so a hash with a 0x20 byte
+    # (~7.5 % of them) was never "accepted" and the registry waited its whole timeout on every such layer
+    reply = _get(announce_url, urllib.parse.urlencode(params, quote_via=urllib.parse.quote), timeout, session)
     if b"failure reason" in reply:
         return False
-    _get(announce_url, urllib.parse.urlencode({**params, "event": "stopped"}), timeout, session)
+    _get(announce_url, urllib.parse.urlencode({**params, "event": "stopped"}, quote_via=urllib.parse.quote), timeout,
+         session)
     return True
