@@ -4,7 +4,8 @@
 
 Needs a Docker daemon (DOCKER_HOST) and ctorrent/opentracker. Builds an image of SIZE MiB offline
 (busybox + random data), starts a real docket-registry on free loopback ports, then times in one run:
-`docker save > /dev/null`, `docker save -o` (into a new file: the export plus storing it once), `docket push`, `docket pull --no-load` (the BitTorrent transfer + sha256 check),
+`docker save > /dev/null`, `docker save -o` (into a new file: the export plus storing it once), `docket push`,
+`docket pull --no-load` (the BitTorrent transfer + sha256 check),
 `docker load` of the same tarball, and `docket pull` (transfer + load). Prints the ratios and the peak RSS of
 the client and the registry; with --cpu-profile also the cores dockerd and the registry use during the save and
 the push. Removes everything it made.

@@ -586,8 +586,8 @@ class _SeedPolicy:
     address and port as complete at once, see CtorrentProcess.reseed).
 
     Before that replacement the scrape lagged (ctorrent announces "completed" only at its next regular announce),
-    so across hosts a pull seeded the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no downloading
-    peer connected; in the swarm benchmark it fired on finished peers while stragglers still needed them (all
+    so across hosts a pull seeded the whole ``seed_time``. An earlier rule also stopped when our ctorrent had no
+    downloading peer connected; in the swarm benchmark it fired on finished peers while stragglers still needed them (all
     pulls gone at 28-29 s, the last host done at 21.6-22.3 s instead of 14.5-14.8 s: benchmarks/README.md, tuning
     runs C and D), so it was removed. So was counting one incomplete peer as "probably us" for 20 s after
     completion: with one straggler left, every finished peer took the straggler for itself and left (all pulls
