@@ -301,7 +301,7 @@ class Puller:
                     if self.opts.seed_time <= 0:
                         self._stop_ctorrent()
                     else:
-                        self._reseed()
+                        self.proc = reseeded(self.proc, record.digest)
                     self._verify(blob, record, workdir)
             fetch = self.http_fetch
             http = fetch.received if fetch else 0
@@ -543,21 +543,23 @@ class Puller:
             time.sleep(self.opts.poll_interval)
         self._stop_ctorrent()
 
-    def _reseed(self) -> None:
-        """Swap the finished download's ctorrent for a fresh seeder (CtorrentProcess.reseed says why)."""
-        proc = self.proc
-        if proc is None or not proc.completed.is_set() or not proc.alive() or not hasattr(proc, "reseed"):
-            return
-        try:
-            self.proc = proc.reseed()
-        except Exception as exc:  # noqa: BLE001 - the blob is downloaded; only seeding is lost
-            log.warning("could not restart ctorrent as a seeder: %s", exc)
-
     def _stop_ctorrent(self) -> None:
         # The first SIGTERM makes ctorrent announce "stopped" and then linger (seen: > 5 s); the second ends it.
         if self.proc is not None:
             with contextlib.suppress(Exception):
                 self.proc.stop(timeout=STOP_WAIT)
+
+
+def reseeded(proc: Any, digest: str) -> Any:
+    """``proc`` (a finished download's ctorrent) swapped for a fresh seeder (CtorrentProcess.reseed says why);
+    ``proc`` itself when it cannot be: not finished, gone, or a test double. A failure only loses the seeding."""
+    if proc is None or not proc.completed.is_set() or not proc.alive() or not hasattr(proc, "reseed"):
+        return proc
+    try:
+        return proc.reseed()
+    except Exception as exc:  # noqa: BLE001 - the blob is downloaded; only seeding is lost
+        log.warning("could not restart ctorrent as a seeder for %s: %s", digest, exc)
+        return proc
 
 
 def ensure_space(directory: Path, files: list[tuple[Path, int]]) -> None:

@@ -570,15 +570,13 @@ class LayerPull:
 
     def _reseed_async(self, job: _Job) -> None:
         """Swap a finished layer's ctorrent for a fresh seeder (CtorrentProcess.reseed says why), in the background."""
-        if self.p.opts.seed_time <= 0 or job.reseed is not None or not hasattr(job.proc, "reseed") \
-                or not job.proc.alive():
+        from docket.client.pull import reseeded
+
+        if self.p.opts.seed_time <= 0 or job.reseed is not None:
             return
 
         def run() -> None:
-            try:
-                job.proc = job.proc.reseed()
-            except Exception as exc:  # noqa: BLE001 - the layer is downloaded; only seeding is lost
-                log.warning("could not restart ctorrent as a seeder for layer %s: %s", job.layer.digest, exc)
+            job.proc = reseeded(job.proc, job.layer.digest)
 
         job.reseed = threading.Thread(target=run, name=f"reseed-{job.layer.hex[:12]}", daemon=True)
         job.reseed.start()
