@@ -1,7 +1,10 @@
 """The registry's HTTP API (docs/http-api.md) as Python calls; server errors become ``docket.errors``.
 
-One ``requests.Session`` per client, a (connect, read) timeout on every call, uploads streamed from an
-iterable of chunks (chunked transfer encoding: no temporary copy, never the whole tarball in memory).
+One ``requests.Session`` per client, a (connect, read) timeout on every read and a deadline on every whole
+request (deadline.py: a server that trickles bytes cannot hold a command), every reply read with a size cap
+(``MAX_REPLY``), uploads streamed from an iterable of chunks (chunked transfer encoding: no temporary copy, never
+the whole tarball in memory). Text the registry sends (error messages, hints) is escaped before it can reach a
+terminal (``printable``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import requests
 
 from docket import __version__
 from docket import errors
+from docket.client.deadline import DeadlineExceeded, DeadlineSession, expired, progress
 from docket.client.http_fetch import BLOB_DIGEST_RE
+from docket.client.progress import printable
 from docket.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,10 @@ DEFAULT_HOST = "http://127.0.0.1"
 DEFAULT_PORT = 8000
 CONNECT_TIMEOUT = 5.0
 MAX_TORRENT_BYTES = 4 * 1024 * 1024
+MAX_REPLY = 8 * 1024 * 1024  # a record (1,000 layers: ~0.5 MB), a push's answer, an error body
+MAX_LIST_REPLY = 64 * 1024 * 1024  # `docket images`: every record of the registry
+MAX_ERROR_REPLY = 64 * 1024
+BLOB_CHUNK = 256 * 1024  # a blob download fails when one chunk takes longer than --timeout (deadline.py)
 API = "/api/v1"
 
 _BY_CODE: dict[str, type[errors.DocketError]] = {}
@@ -75,10 +84,10 @@ def _error_from_response(resp: requests.Response, what: str) -> errors.DocketErr
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict) and isinstance(err.get("message"), str):
         cls = _BY_CODE.get(str(err.get("code")), _BY_STATUS.get(resp.status_code, errors.DocketError))
-        hint = err.get("hint") if isinstance(err.get("hint"), str) else None
-        return cls(err["message"], hint)
+        hint = printable(err["hint"]) if isinstance(err.get("hint"), str) else None
+        return cls(printable(err["message"]), hint)
     cls = _BY_STATUS.get(resp.status_code, errors.DocketError)
-    text = (resp.text or "").strip().replace("\n", " ")[:200]
+    text = printable((resp.text or "").strip().replace("\n", " ")[:200])
     msg = f"{what}: the registry answered HTTP {resp.status_code} {resp.reason or ''}".rstrip()
     if text:
         msg += f" ({text})"
@@ -116,7 +125,7 @@ class RegistryClient:
         self.read_timeout = read_timeout
         self.push_timeout = max(push_timeout, read_timeout)
         self.connect_timeout = connect_timeout
-        self.session = session or requests.Session()
+        self.session = session or DeadlineSession(read_timeout)
         self.session.headers["User-Agent"] = f"docket/{__version__}"
         self.has_token = bool(token)
         if token:
@@ -142,12 +151,23 @@ class RegistryClient:
     # -- plumbing ---------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, what: str, *, read_timeout: float | None = None,
-                 ok: tuple[int, ...] = (200,), **kw: Any) -> requests.Response:
+                 ok: tuple[int, ...] = (200,), deadline: float | None = None, limit: int = MAX_REPLY,
+                 stream: bool = False, **kw: Any) -> requests.Response:
+        """One request within ``deadline`` seconds (default: the read timeout) from start to the last byte.
+
+        Without ``stream`` the body is read here, refused past ``limit`` bytes (decoded: a gzip bomb stops at
+        the limit); with ``stream`` the caller reads it, the deadline still running until it closes the response.
+        """
         url = self.url + path
         timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        total = deadline or read_timeout or self.read_timeout
+        if isinstance(self.session, DeadlineSession):
+            kw["deadline"] = total
         try:
             # verify passed per request: a session-level verify loses to REQUESTS_CA_BUNDLE (requests#3829)
-            resp = self.session.request(method, url, timeout=timeout, verify=self.session.verify, **kw)
+            resp = self.session.request(method, url, timeout=timeout, verify=self.session.verify, stream=True, **kw)
+        except DeadlineExceeded as exc:
+            raise self._deadline_error(what, total) from exc
         except requests.exceptions.SSLError as exc:
             raise _tls_error(exc, what, self.url, self.ca_bundle) from exc
         except requests.exceptions.ConnectTimeout as exc:
@@ -168,6 +188,7 @@ class RegistryClient:
             raise errors.ServiceUnavailable(f"{what}: request to {url} failed: {exc}") from exc
         if resp.status_code not in ok:
             try:
+                resp._content = self._read(resp, MAX_ERROR_REPLY, what, truncate=True)
                 err = _error_from_response(resp, what)
                 if isinstance(err, errors.Unauthorized) and not isinstance(err, errors.Forbidden):
                     err = errors.Unauthorized(
@@ -178,11 +199,44 @@ class RegistryClient:
                 raise err
             finally:
                 resp.close()
+        if not stream:
+            with resp:
+                resp._content = self._read(resp, limit, what)
         return resp
+
+    def _deadline_error(self, what: str, seconds: float) -> errors.ServiceUnavailable:
+        return errors.ServiceUnavailable(
+            f"{what}: the registry at {self.url} did not answer within {seconds:g} s (the whole answer, not "
+            "just its first bytes)",
+            "the registry is overloaded or misbehaving; retry, or raise --timeout")
+
+    def _read(self, resp: requests.Response, limit: int, what: str, truncate: bool = False) -> bytes:
+        """The body, at most ``limit`` bytes after decoding (more: IntegrityError, or cut when ``truncate``)."""
+        buf = bytearray()
+        try:
+            for chunk in resp.iter_content(64 * 1024):
+                buf += chunk
+                if len(buf) > limit:
+                    if truncate:
+                        return bytes(buf[:limit])
+                    raise errors.IntegrityError(
+                        f"{what}: the registry's answer is larger than {limit} bytes; refused",
+                        "the registry is broken or hostile; nothing was written")
+        except requests.exceptions.RequestException as exc:
+            if expired(resp):
+                raise self._deadline_error(what, resp.watch.seconds) from exc  # type: ignore[attr-defined]
+            raise errors.TransferError(f"{what}: the connection to {self.url} broke: {exc}",
+                                       "retry; check the registry's log") from exc
+        if expired(resp):  # a shutdown mid-body can look like the end of a body without a length
+            raise self._deadline_error(what, resp.watch.seconds)  # type: ignore[attr-defined]
+        return bytes(buf)
 
     def _json(self, resp: requests.Response, what: str) -> Any:
         try:
             return resp.json()
+        except RecursionError as exc:
+            raise errors.IntegrityError(f"{what}: the registry's answer nests JSON too deeply to read; refused",
+                                        "the registry is broken or hostile") from exc
         except ValueError as exc:
             raise errors.ServiceUnavailable(f"{what}: the registry at {self.url} sent a reply that is not JSON",
                                             "is --host/--port pointing at a docket-registry?") from exc
@@ -207,7 +261,7 @@ class RegistryClient:
 
     def list_images(self) -> list[dict[str, Any]]:
         what = "listing images"
-        body = self._json(self._request("GET", f"{API}/images", what), what)
+        body = self._json(self._request("GET", f"{API}/images", what, limit=MAX_LIST_REPLY), what)
         images = body.get("images") if isinstance(body, dict) else None
         if not isinstance(images, list):
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}",
@@ -219,18 +273,7 @@ class RegistryClient:
         if not BLOB_DIGEST_RE.match(digest):
             raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
         what = f"fetching the torrent of {digest}"
-        resp = self._request("GET", f"{API}/blobs/{digest}/torrent", what, stream=True)
-        with resp:
-            buf = bytearray()
-            try:
-                for chunk in resp.iter_content(64 * 1024):
-                    buf += chunk
-                    if len(buf) > MAX_TORRENT_BYTES:
-                        raise errors.IntegrityError(f"{what}: the torrent is larger than 4 MiB",
-                                                    "the registry sent something that is not a torrent")
-            except requests.exceptions.RequestException as exc:
-                raise errors.TransferError(f"{what}: {exc}") from exc
-        return bytes(buf)
+        return self._request("GET", f"{API}/blobs/{digest}/torrent", what, limit=MAX_TORRENT_BYTES).content
 
     def tracker(self) -> dict[str, Any]:
         what = "asking for the tracker"
@@ -272,6 +315,7 @@ class RegistryClient:
                         continue
                     sent += len(chunk)
                     yield chunk
+                    progress()  # the upload moves: the request's deadline counts from the last chunk
                     if progress_cb:
                         progress_cb(sent)
             except BaseException as exc:  # noqa: BLE001 - remembered and re-raised below
@@ -324,25 +368,16 @@ class RegistryClient:
         if not BLOB_DIGEST_RE.match(digest):
             raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
         what = f"fetching {digest}"
-        resp = self._request("GET", f"{API}/blobs/{digest}", what, stream=True)
-        with resp:
-            buf = bytearray()
-            try:
-                for chunk in resp.iter_content(64 * 1024):
-                    buf += chunk
-                    if len(buf) > limit:
-                        raise errors.IntegrityError(f"{what}: larger than {limit} bytes",
-                                                    "the registry sent something that is not an image config")
-            except requests.exceptions.RequestException as exc:
-                raise errors.TransferError(f"{what}: {exc}") from exc
-        return bytes(buf)
+        return self._request("GET", f"{API}/blobs/{digest}", what, limit=limit).content
 
     def iter_blob(self, digest: str, start: int = 0, end: int | None = None,
-                  chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+                  chunk_size: int = BLOB_CHUNK) -> Iterator[bytes]:
         """The bytes ``[start, end)`` of a blob, streamed (``Range`` when not the whole blob).
 
         A server that ignores ``Range`` (200 instead of 206) still works: the bytes before ``start`` are skipped.
-        Nothing after ``end`` is yielded. Network failures become TransferError (the caller resumes).
+        Nothing after ``end`` is yielded. Network failures become TransferError (the caller resumes). The deadline
+        is on progress: the headers and then every ``chunk_size`` bytes must arrive within the read timeout
+        (60 s: at least ~4 KiB/s), however large the blob.
         """
         if not BLOB_DIGEST_RE.match(digest):
             raise errors.IntegrityError(f"the registry sent an invalid digest {digest!r}")
@@ -351,7 +386,8 @@ class RegistryClient:
         ranged = start > 0 or end is not None
         if ranged:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        resp = self._request("GET", f"{API}/blobs/{digest}", what, ok=(200, 206), stream=True, headers=headers)
+        resp = self._request("GET", f"{API}/blobs/{digest}", what, ok=(200, 206), stream=True, headers=headers,
+                             deadline=self.read_timeout)
         with resp:
             skip = 0
             if resp.status_code == 206:
@@ -364,6 +400,7 @@ class RegistryClient:
             left = None if end is None else end - start
             try:
                 for chunk in resp.iter_content(chunk_size):
+                    resp.watch.extend()  # type: ignore[attr-defined]
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
@@ -377,8 +414,16 @@ class RegistryClient:
                     if left == 0:
                         return
             except requests.exceptions.RequestException as exc:
+                if expired(resp):
+                    raise errors.TransferError(
+                        f"{what}: the registry at {self.url} sent less than {chunk_size} bytes in "
+                        f"{resp.watch.seconds:g} s", "a retry resumes from what was received") from exc  # type: ignore[attr-defined]
                 raise errors.TransferError(f"{what}: the connection to {self.url} failed: {exc}",
                                            "a retry resumes from what was received") from exc
+            if expired(resp):
+                raise errors.TransferError(f"{what}: the registry at {self.url} sent less than {chunk_size} bytes "
+                                           f"in {resp.watch.seconds:g} s",  # type: ignore[attr-defined]
+                                           "a retry resumes from what was received")
 
     def check_manifest_push_allowed(self, ref: Reference) -> None:
         """A bodiless manifest PUT: 401/403 when the token may not push (before streaming any layer)."""

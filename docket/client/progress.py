@@ -27,6 +27,20 @@ def human_bytes(n: float | int | None) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
+def printable(text: str, limit: int = 2000) -> str:
+    """Remote text made safe for a terminal: control and format characters (ESC, CR, newline, bidi overrides)
+    as ``\\x1b``-style escapes, at most ``limit`` characters. A registry or tracker must not clear the screen,
+    retitle the window, hide text or print a fake success line."""
+    out = []
+    for ch in text[:limit]:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out) + ("..." if len(text) > limit else "")
+
+
 class Task(Protocol):
     def update(self, completed: int, rate: float | None = None) -> None: ...
     def describe(self, description: str) -> None: ...
