@@ -111,20 +111,50 @@ class DocketGroup(click.Group):
         except errors.DocketError as exc:
             if _wants_traceback(ctx):
                 raise
-            err = click.ClickException(str(exc))
+            err = click.ClickException(terminal_safe(str(exc)))
             err.exit_code = exc.exit_code or 1
+            raise err from exc
+        except PermissionError as exc:  # a file or directory of ours we may not write (not a bug of docket's)
+            if _wants_traceback(ctx):
+                raise
+            err = click.ClickException(terminal_safe(
+                f"permission denied: {exc.filename or exc}\n  hint: check the permissions of --location "
+                "(DOCKET_LOCATION) and of -o/--output, or choose other paths"))
+            err.exit_code = EXIT_UNEXPECTED
             raise err from exc
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if _wants_traceback(ctx):
                 raise
-            err = click.ClickException(
-                f"unexpected {type(exc).__name__}: {exc}\n  hint: rerun with --traceback and report it")
+            err = click.ClickException(terminal_safe(
+                f"unexpected {type(exc).__name__}: {exc}\n  hint: rerun with --traceback and report it"))
             err.exit_code = EXIT_UNEXPECTED
             raise err from exc
         finally:
             obj = ctx.obj
             if isinstance(obj, AppContext):
                 obj.close()
+
+
+def terminal_safe(text: str) -> str:
+    """Our own message lines kept, every other control character escaped: the last guard before the terminal
+    for remote text that reached a message unescaped (progress.printable escapes it where it comes in)."""
+    from docket.client.progress import printable
+
+    return "\n".join(printable(line, 100_000) for line in text.split("\n"))
+
+
+def raise_open_files_limit() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one (as Go programs do at start): a pull of many layers holds a
+    lock file per layer and pipes to its ctorrents."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
+    except (ValueError, OSError):
+        pass
 
 
 def _wants_traceback(ctx: click.Context) -> bool:
@@ -331,8 +361,10 @@ def images(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"No images in the registry at {app.registry.url}.", err=True)
         return
     if app.config.quiet:
+        from docket.client.progress import printable
+
         for r in records:
-            app.out(str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}"))
+            app.out(printable(str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}"), 300))
         return
     rows = [image_row(r) for r in records]
     headers = ("REPOSITORY:TAG", "IMAGE ID", "SIZE", "CREATED", "DIGEST")
@@ -385,10 +417,12 @@ def readable_time(created: Any) -> str:
 def image_row(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
     from docket.client.progress import human_bytes
 
-    ref = str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}")
+    from docket.client.progress import printable
+
+    ref = printable(str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}"), 300)
     size = r.get("size")
-    return (ref, _short(r.get("image_id")), human_bytes(size) if isinstance(size, int) else "?",
-            _ago(r.get("created")), _short_digest(r.get("digest")))
+    return (ref, printable(_short(r.get("image_id"))), human_bytes(size) if isinstance(size, int) else "?",
+            printable(_ago(r.get("created")), 100), printable(_short_digest(r.get("digest"))))
 
 
 def _short_digest(digest: Any) -> str:
@@ -412,6 +446,8 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)  # a closed terminal: unwind and stop our ctorrents, as SIGTERM does
+    raise_open_files_limit()
     try:
         cli.main(args=argv, prog_name="docket")
     except KeyboardInterrupt:  # outside a subcommand (e.g. while parsing)

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 # Layer digests: sha256 (docker save, our pushes) or sha512; file names use the hex of whichever it is.
 DIGEST_HEX_LEN = {"sha256": 64, "sha512": 128}
-BLOB_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+BLOB_DIGEST_RE = re.compile(r"\A(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
 READ_CHUNK = 1024 * 1024
+MAX_BLOB_SIZE = 1 << 50  # 1 PiB: a size beyond it is not an image or a layer, whatever a registry says
+TORRENT_OVERHEAD = 64 * 1024  # a torrent is its piece hashes (20 bytes a piece) plus a few hundred bytes
 MAX_PARALLEL = 4  # concurrent HTTP blob downloads per pull: the registry serves everyone else too
 _PARALLEL = threading.BoundedSemaphore(MAX_PARALLEL)
 
@@ -68,6 +70,35 @@ def piece_hashes(torrent: bytes) -> list[bytes] | None:
     if not isinstance(pieces, bytes) or len(pieces) % 20:
         return None
     return [pieces[i:i + 20] for i in range(0, len(pieces), 20)]
+
+
+def check_torrent_size(torrent: bytes, pieces: int, what: str) -> None:
+    """A torrent much larger than its piece hashes need is padding a hostile registry made us hold in memory."""
+    if len(torrent) > 20 * pieces + TORRENT_OVERHEAD:
+        raise errors.IntegrityError(f"the torrent of {what} is {len(torrent)} bytes for {pieces} pieces; refused",
+                                    "the registry is broken or hostile; nothing was downloaded")
+
+
+def verified_bytes(path: Path, size: int, piece_length: int, hashes: list[bytes] | None, bitfield: bytes) -> int:
+    """Bytes of the pieces ctorrent's saved ``bitfield`` marks as present that also match their hash on disk:
+    what a resumed download really had (a poisoned piece is fetched again, so it is not "resumed")."""
+    if not hashes or piece_length <= 0 or len(bitfield) != (len(hashes) + 7) // 8:
+        return 0
+    total = 0
+    try:
+        with open(path, "rb") as f:
+            for i, expected in enumerate(hashes):
+                if not bitfield[i // 8] & (0x80 >> (i % 8)):
+                    continue
+                start = i * piece_length
+                length = min(piece_length, size - start)
+                f.seek(start)
+                data = f.read(length)
+                if len(data) == length and hashlib.sha1(data).digest() == expected:  # noqa: S324 - BitTorrent v1
+                    total += length
+    except OSError:
+        return 0
+    return total
 
 
 @dataclass(frozen=True)

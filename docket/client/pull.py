@@ -28,20 +28,23 @@ from docket import errors
 import requests
 
 from docket.client.api import RegistryClient
-from docket.client.http_fetch import HttpFetch, piece_hashes
+from docket.client.deadline import DeadlineSession
+from docket.client.http_fetch import MAX_BLOB_SIZE, HttpFetch, check_torrent_size, piece_hashes
 from docket.client.dockerops import DockerOps
 from docket.client.peer import choose_peer_ip
-from docket.client.progress import Reporter, SilentReporter
+from docket.client.progress import Reporter, SilentReporter, printable
 from docket.reference import DIGEST_RE, Reference
 from docket.torrent.metainfo import TorrentMeta, read_torrent
 
 log = logging.getLogger(__name__)
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
 DIR_MODE = 0o700
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
 TRANSPORTS = ("auto", "p2p", "http")
 DEFAULT_FALLBACK_AFTER = 20.0  # s without swarm progress; ctorrent retries a failed tracker announce every ~15 s
+TRACKER_DEADLINE = 5.0  # a whole scrape of the tracker (connect and each read: 2 s)
+PIDFILE = "ctorrent.pid"  # in a blob's work directory: the pid of the ctorrent writing it (an orphan's too)
 _BOILERPLATE = ("META INFO", "Announce:", "Piece length:", "Created with:", "Creation date:", "FILES INFO", "<1> ",
                 "Total:", "Creating file", "Press 'h'", "End of input reached", "Input channel is now off")
 
@@ -75,7 +78,7 @@ class ImageRecord:
             raise bad("image_id")
         if not isinstance(info_hash, str) or not _HEX40.match(info_hash.lower()):
             raise bad("info_hash")
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_BLOB_SIZE:
             raise bad("size")
         return cls(ref=ref, image_id=image_id, digest=digest, size=size, info_hash=info_hash.lower(),
                    created=str(data.get("created") or ""))
@@ -154,13 +157,27 @@ def ensure_dir(path: Path) -> Path:
     except OSError as exc:
         raise errors.DocketError(f"cannot create directory {path}: {exc.strerror}",
                                  "choose another --location or fix its permissions") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise errors.DocketError(f"cannot write in {path}: permission denied",
+                                 "choose another --location (DOCKET_LOCATION) or fix its permissions")
     return path
 
 
 @contextlib.contextmanager
 def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
-    """One downloader per blob per host: a second pull waits, then finds the verified file."""
-    with open(path, "a+b") as f:
+    """One downloader per blob per host: a second pull waits, then finds the verified file.
+
+    Holding the lock, the ctorrent a killed earlier pull left writing this blob (its pid in ``PIDFILE``, its
+    command line naming this work directory) is stopped: two writers must never share the file.
+    """
+    from docket.torrent.processes import stop_orphan
+
+    try:
+        f = open(path, "a+b")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise errors.DocketError(f"cannot open {path}: {exc.strerror or exc}",
+                                 "choose another --location (DOCKET_LOCATION) or fix its permissions") from exc
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -168,6 +185,8 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
                 raise
             reporter.info(f"Another docket pull is fetching {what}; waiting for it")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        if stop_orphan(path.parent / PIDFILE, "ctorrent", str(path.parent)):
+            reporter.info(f"Stopped a ctorrent an interrupted pull left running on {what}")
         try:
             yield
         finally:
@@ -222,6 +241,7 @@ class Puller:
         self.proc: Any = None
         self.fallback_reason: str | None = None  # why HTTP took over (tarball format; layers keep their own)
         self.http_fetch: HttpFetch | None = None
+        self._tracker_http: DeadlineSession | None = None
 
     def warn(self, text: str) -> None:
         """A warning line (the reporter's ``warning`` when it has one)."""
@@ -265,6 +285,8 @@ class Puller:
 
     def pull(self, ref: Reference) -> PullResult:
         start = time.monotonic()
+        if self.opts.output:  # before any download, not after it
+            self.opts.output = check_output_path(self.opts.output)
         self.reporter.info(f"Pulling {ref} from the Docket registry at {self.api.url}")
         data = self.api.get_image(ref)
         if data.get("format") == "layers":
@@ -281,6 +303,7 @@ class Puller:
         torrent = self.api.get_torrent(record.digest)
         meta = read_torrent(torrent)
         check_torrent(meta, record)
+        check_torrent_size(torrent, meta.pieces, record.digest)
         if self.opts.load:
             if self.docker is None:
                 raise errors.InvalidRequest("no Docker client to load the image into")
@@ -401,14 +424,17 @@ class Puller:
             return self._ctorrent_factory(**kw)
         from docket.torrent.ctorrent import CtorrentProcess
 
-        return CtorrentProcess(**kw)
+        # dies with the pull (SIGKILL, SIGHUP, a crash); its pid lets the next pull stop it if it outlives us anyway
+        return CtorrentProcess(**kw, die_with_parent=True, pid_file=Path(kw["workdir"]) / PIDFILE)
 
     def _scrape(self, announce: str, info_hash: str) -> Any:
         if self._scraper is not None:
             return self._scraper(announce, info_hash)
         from docket.torrent.tracker import scrape
 
-        return scrape(announce, info_hash, timeout=2.0)
+        if self._tracker_http is None:  # no registry token here: this session only talks to the tracker
+            self._tracker_http = DeadlineSession(TRACKER_DEADLINE)
+        return scrape(announce, info_hash, timeout=2.0, session=self._tracker_http)
 
     def _diagnosis(self) -> str:
         """What ctorrent's last status says about why nothing arrives."""
@@ -416,7 +442,7 @@ class Puller:
         st = getattr(proc, "status", None)
         refused = getattr(proc, "tracker_failure", None)
         if refused:
-            return f"; the tracker refused the announce: {refused}"
+            return f"; the tracker refused the announce: {printable(refused, 300)}"
         if st is None:
             return ""
         failures, replies = getattr(st, "tracker_failures", 0), getattr(st, "tracker_replies", 0)
@@ -431,7 +457,7 @@ class Puller:
         with contextlib.suppress(Exception):
             if self.proc is not None:
                 tail = [ln for ln in self.proc.tail(40) if ln.strip() and not ln.startswith(_BOILERPLATE)][-8:]
-        said = ("\n  ctorrent said:\n    " + "\n    ".join(tail)) if tail else ""
+        said = ("\n  ctorrent said:\n    " + "\n    ".join(printable(ln, 300) for ln in tail)) if tail else ""
         return errors.TransferError(f"{message} (tracker {meta.announce}){self._diagnosis()}{said}", hint)
 
     def _download(self, record: ImageRecord, meta: TorrentMeta, torrent_path: Path, blob: Path,

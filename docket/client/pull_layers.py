@@ -13,6 +13,7 @@ ctorrent factory, scraper and helpers so both formats behave alike (locks, cache
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from docket import errors
-from docket.client.http_fetch import BLOB_DIGEST_RE, HttpFetch, digest_algorithm, digest_file, piece_hashes
+from docket.client.http_fetch import (BLOB_DIGEST_RE, MAX_BLOB_SIZE, HttpFetch, check_torrent_size,
+                                      digest_algorithm, digest_file, piece_hashes, verified_bytes)
 from docket.client.layers import load_entries, present_prefix, tar_stream
 from docket.client.peer import choose_peer_ip
 from docket.reference import Reference
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_CONFIG = 64 * 1024 * 1024
+MAX_LAYERS = 1000  # the registry's own limit (docket/registry/api.py); Docker stops at 127
+MAX_TRANSFERS = 3  # layers downloading at once (ctorrent or HTTP), as docker's max-concurrent-downloads
+MAX_SEEDERS = 32  # finished layers' ctorrents kept seeding at once; later ones stop when they finish
 FETCH_JOIN = 10.0  # seconds to wait for a cancelled HTTP fetch thread at the end of a pull
 _HEX40_LEN = 40
 
@@ -82,7 +87,8 @@ class LayeredRecord:
             return obj
 
         def size_of(obj: Any, field: str, allow_zero: bool = False) -> int:
-            if not isinstance(obj, int) or isinstance(obj, bool) or obj < 0 or (obj == 0 and not allow_zero):
+            if not isinstance(obj, int) or isinstance(obj, bool) or obj < 0 or (obj == 0 and not allow_zero) \
+                    or obj > MAX_BLOB_SIZE:
                 raise bad(field, obj)
             return obj
 
@@ -92,6 +98,9 @@ class LayeredRecord:
         layers_raw = data.get("layers")
         if not isinstance(layers_raw, list):  # an empty list is a valid image (a manifest with no layers)
             raise bad("layers", layers_raw)
+        if len(layers_raw) > MAX_LAYERS:  # before any work per layer: threads, files, requests
+            raise errors.IntegrityError(f"the registry's record for {ref} lists {len(layers_raw)} layers; the limit "
+                                        f"is {MAX_LAYERS}", "the registry is broken or hostile; nothing was fetched")
         layers = []
         for i, item in enumerate(layers_raw):
             if not isinstance(item, dict):
@@ -114,13 +123,22 @@ class LayeredRecord:
         config_digest = digest_of(config.get("digest"), "config.digest")
         if config_digest != image_id:
             raise bad("config.digest (differs from image_id)", config_digest)
-        return cls(ref=ref, image_id=image_id, digest=digest_of(data.get("digest"), "digest"),
-                   size=size_of(data.get("size"), "size"), config_digest=config_digest,
-                   config_size=size_of(config.get("size"), "config.size"), layers=tuple(layers))
+        config_size = size_of(config.get("size"), "config.size")
+        if config_size > MAX_CONFIG:
+            raise bad(f"config.size (the limit is {MAX_CONFIG})", config_size)
+        size = size_of(data.get("size"), "size")
+        unique = {layer.digest: layer.size for layer in layers}
+        if size not in (config_size + sum(layer.size for layer in layers), config_size + sum(unique.values())):
+            raise bad("size (not the config's and the layers' sizes added up)", size)
+        return cls(ref=ref, image_id=image_id, digest=digest_of(data.get("digest"), "digest"), size=size,
+                   config_digest=config_digest, config_size=config_size, layers=tuple(layers))
 
 
 def check_config(record: LayeredRecord, config: bytes) -> list[str]:
     """The config came over plain HTTP: its digest must be the image id, its diff_ids the layers' diff_ids."""
+    if len(config) != record.config_size:
+        raise errors.IntegrityError(f"the config of {record.ref} is {len(config)} bytes, the registry's record "
+                                    f"says {record.config_size}", "the registry is inconsistent or hostile")
     algo = digest_algorithm(record.config_digest)
     got = f"{algo}:{hashlib.new(algo, config).hexdigest()}"
     if got != record.config_digest:
@@ -128,7 +146,7 @@ def check_config(record: LayeredRecord, config: bytes) -> list[str]:
                                     "the config was altered in transit or the registry is corrupt")
     try:
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise errors.IntegrityError(f"the config of {record.ref} has no rootfs.diff_ids") from exc
     if diff_ids != [layer.diff_id for layer in record.layers]:
         raise errors.IntegrityError(f"the config of {record.ref} lists other layers than the registry's record",
@@ -162,6 +180,7 @@ class _Job:
     last_progress: float = 0.0
     fallback_reason: str | None = None
     reseed: threading.Thread | None = None  # replacing the finished download's ctorrent with a seeder
+    started: bool = False  # taken from the queue of the transfer pool
 
     @property
     def bitfield(self) -> Path:
@@ -197,6 +216,13 @@ def bitfield_bytes(path: Path, meta: TorrentMeta) -> int | None:
     have = [i for i in range(meta.pieces) if raw[i // 8] & (0x80 >> (i % 8))]
     last = meta.length - (meta.pieces - 1) * meta.piece_length
     return sum(last if i == meta.pieces - 1 else meta.piece_length for i in have)
+
+
+def _read_bitfield(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def write_output(entries: list, output: Path) -> Path:
@@ -263,6 +289,7 @@ class LayerPull:
             torrent = p.api.get_torrent(layer.digest)  # also in http mode: its piece hashes check a resumed file
             meta = read_torrent(torrent)
             check_layer_torrent(meta, layer, ref)
+            check_torrent_size(torrent, meta.pieces, f"layer {layer.digest}")
             self.jobs.append(_Job(layer, meta, torrent, blobs_dir / layer.hex,
                                   ensure_dir(location / "torrents" / layer.hex)))
         result = PullResult(ref=str(ref), digest=record.digest, image_id=record.image_id, bytes=record.size,
@@ -403,31 +430,41 @@ class LayerPull:
             via = f" as peer {peer_ip}" if peer_ip else ""
             p.reporter.info(f"Downloading {len(jobs)} layer(s) of {record.ref} ({total} bytes) through "
                             f"BitTorrent{via}")
-        started = time.monotonic()
-        for job in jobs:
-            job.last_progress = started
+        def start(job: _Job) -> None:
+            job.started = True
+            job.last_progress = time.monotonic()
             if job.layer.size == 0:  # nothing to transfer; ctorrent cannot make a 0-byte torrent anyway
                 job.blob.write_bytes(b"")
                 job.done = True
-                continue
+                return
             if mode == "http":
                 self._http(job)
-                continue
+                return
             torrent_path = job.workdir / f"{job.layer.hex}.torrent"
             _atomic_write(torrent_path, job.torrent)
-            job.resumed = bitfield_bytes(job.bitfield, job.meta) or 0
+            bitfield = _read_bitfield(job.bitfield)
+            if bitfield:  # count only the pieces that really verify: a poisoned one is fetched again
+                job.resumed = verified_bytes(job.blob, job.layer.size, job.meta.piece_length,
+                                             piece_hashes(job.torrent), bitfield)
             if job.resumed:
                 p.reporter.info(f"Resuming layer {job.layer.digest}: {job.resumed} bytes already downloaded")
             job.proc = p._new_ctorrent(torrent=torrent_path, save_as=job.blob, workdir=job.workdir,
                                        listen_ip=peer_ip, port=opts.peer_port, exit_hours=exit_hours,
                                        log_path=job.workdir / "ctorrent.log")
             job.proc.start()
+
+        # a bounded pool: MAX_TRANSFERS layers at a time, in the image's order (threads, processes, files bounded)
+        waiting = collections.deque(jobs)
         last_total, last_progress = -1, time.monotonic()
         with p.reporter.task(f"Downloading {record.ref}", total or None) as task:
             while True:
+                while waiting and sum(1 for j in jobs if j.started and not j.done) < MAX_TRANSFERS:
+                    start(waiting.popleft())
                 now = time.monotonic()
                 got, rate = 0, 0.0
                 for job in jobs:
+                    if not job.started:
+                        continue
                     if job.done:
                         got += job.layer.size
                         continue
@@ -471,7 +508,7 @@ class LayerPull:
                 if got > last_total:
                     last_total, last_progress = got, now
                 if now - last_progress > opts.stall_timeout:
-                    stuck = next(j for j in jobs if not j.done)
+                    stuck = next(j for j in jobs if j.started and not j.done)
                     p.proc = stuck.proc
                     if stuck.fetch is not None:
                         raise errors.TransferError(
@@ -574,6 +611,11 @@ class LayerPull:
 
         if self.p.opts.seed_time <= 0 or job.reseed is not None:
             return
+        seeding = sum(1 for j in self.jobs if j is not job and j.done and j.proc is not None and j.fetch is None
+                      and j.proc.alive())
+        if seeding >= MAX_SEEDERS:  # enough processes seed for this pull already: this one stops
+            self._stop_async(job)
+            return
 
         def run() -> None:
             job.proc = reseeded(job.proc, job.layer.digest)
@@ -600,18 +642,25 @@ class LayerPull:
             job.proc.stop(timeout=STOP_WAIT)
 
     def _stop_all(self) -> None:
-        """Stop every ctorrent we started, in parallel (each stop can take a few seconds), and every HTTP fetch."""
+        """Stop every ctorrent we started, all at once from this thread (no thread per process: cleanup must work
+        when no new thread can be started), and every HTTP fetch."""
+        from docket.client.pull import STOP_WAIT
+
         self._join_reseeds()  # else a seeder could start after we stopped everything
-        threads, fetches = [], []
+        fetches = []
         for job in self.jobs:
             if job.fetch is not None and job.fetch.thread is not None:
-                job.fetch.cancel.set()  # seen between chunks; a blocked read ends with the read timeout
+                job.fetch.cancel.set()  # seen between chunks; a blocked read ends at its deadline
                 fetches.append(job.fetch.thread)
-            if job.proc is not None:
-                t = threading.Thread(target=self._stop_one, args=(job,), daemon=True)
-                t.start()
-                threads.append(t)
-        for t in threads:
-            t.join()
+        procs = [job.proc for job in self.jobs if job.proc is not None]
+        if procs and all(hasattr(proc, "_claim") for proc in procs):
+            from docket.torrent.ctorrent import stop_many
+
+            stop_many(procs, STOP_WAIT)
+        else:  # test doubles
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.stop(timeout=STOP_WAIT)
+        deadline = time.monotonic() + FETCH_JOIN
         for t in fetches:
-            t.join(FETCH_JOIN)
+            t.join(max(0.0, deadline - time.monotonic()))

@@ -25,7 +25,7 @@ from typing import Any
 from docket import errors
 from docket.client.api import RegistryClient
 from docket.client.layers import classify_member, member_chunks, open_stream
-from docket.client.progress import Reporter, SilentReporter
+from docket.client.progress import Reporter, SilentReporter, printable
 from docket.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -100,14 +100,14 @@ class LayerPusher:
             assert result.config is not None
             reply = self.api.upload_blob("config", [result.config], digest=image_id)
             if reply.get("digest") != image_id:
-                raise errors.IntegrityError(f"the registry stored the config as {reply.get('digest')}, "
+                raise errors.IntegrityError(f"the registry stored the config as {printable(str(reply.get('digest')), 200)}, "
                                             f"expected {image_id}")
         record = self.api.put_manifest(ref, image_id, diff_ids)
         uploaded = first.uploaded
         sizes = {**remote, **uploaded}
         unique = list(dict.fromkeys(diff_ids))
         return PushResult(
-            ref=str(ref), digest=str(record.get("digest", "?")), image_id=image_id, layers=len(unique),
+            ref=str(ref), digest=printable(str(record.get("digest", "?")), 200), image_id=image_id, layers=len(unique),
             layers_uploaded=len([d for d in unique if d in uploaded]),
             bytes_uploaded=sum(uploaded.values()),
             bytes_skipped=sum(sizes.get(d, 0) for d in unique if d not in uploaded),

@@ -8,6 +8,7 @@ ctorrent can never block on a full stdout.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import re
@@ -20,11 +21,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Sequence
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
 from docket.torrent.metainfo import ipv4_address
-from docket.torrent.processes import stop_child
+from docket.torrent.processes import popen_tied, record_pid, stop_child, stop_children
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,12 @@ class CtorrentProcess:
         min_peers: int | None = None,
         log_path: Path | None = None,
         extra_args: list[str] | None = None,
+        die_with_parent: bool = False,
+        pid_file: Path | None = None,
     ) -> None:
+        """``die_with_parent``: the kernel kills ctorrent when this process ends (a pull's downloads; never the
+        registry's seeders, which outlive the request thread that starts them). ``pid_file``: our pid is written
+        there, so a later run can stop an orphan writer of the same file (processes.stop_orphan)."""
         self.torrent = Path(torrent).absolute()
         self.save_as = Path(save_as).absolute()
         self.workdir = Path(workdir).absolute()
@@ -159,6 +165,8 @@ class CtorrentProcess:
         self.min_peers = min_peers
         self.log_path = Path(log_path) if log_path else None
         self.extra_args = list(extra_args or [])
+        self.die_with_parent = die_with_parent
+        self.pid_file = Path(pid_file) if pid_file else None
         if listen_ip is not None:
             ipv4_address(listen_ip, "listen_ip")  # ctorrent is IPv4 only
         self.bitfield = self.workdir / f"{self.torrent.stem}.bf"
@@ -218,8 +226,9 @@ class CtorrentProcess:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed by the reader thread
         log.debug("starting %s", args)
+        popen = popen_tied if self.die_with_parent else subprocess.Popen
         try:
-            self._proc = subprocess.Popen(
+            self._proc = popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 cwd=self.workdir, close_fds=True,
             )
@@ -227,8 +236,13 @@ class CtorrentProcess:
             if self._log_file:
                 self._log_file.close()
                 self._log_file = None
-            raise ServiceUnavailable(f"cannot start ctorrent: {exc}", hint=INSTALL_HINT) from exc
+            raise ServiceUnavailable(f"cannot start ctorrent: {exc}", hint=_start_hint(exc)) from exc
         self.pid = self._proc.pid
+        if self.pid_file is not None:
+            try:
+                record_pid(self.pid_file, self.pid)
+            except OSError as exc:
+                log.warning("cannot record ctorrent pid %d in %s: %s", self.pid, self.pid_file, exc)
         self.started_at = time.monotonic()
         self._reader = threading.Thread(target=self._read, name=f"ctorrent-{self.pid}", daemon=True)
         self._reader.start()
@@ -381,12 +395,21 @@ class CtorrentProcess:
         new = CtorrentProcess(self.torrent, self.save_as, workdir=self.workdir, listen_ip=self.listen_ip, port=port,
                               seed_only=True, exit_hours=self.exit_hours, cache_mb=self.cache_mb,
                               max_peers=self.max_peers, min_peers=self.min_peers, log_path=self.log_path,
-                              extra_args=self.extra_args)
+                              extra_args=self.extra_args, die_with_parent=self.die_with_parent,
+                              pid_file=self.pid_file)
         new.completed_at = self.completed_at
         new.completed.set()  # a seeder has every piece; -f prints no "Download complete."
         new.start()
         log.info("ctorrent pid %d replaced by seeder pid %s for %s", proc.pid, new.pid, self.torrent.name)
         return new
+
+    def _claim(self) -> subprocess.Popen[bytes] | None:
+        """Mark this process as being stopped by the caller; its Popen, or None when someone else stops it."""
+        with self._stop_lock:
+            if self._proc is None or self._stopped:
+                return None
+            self._stopped = True
+            return self._proc
 
     def _join_reader(self, timeout: float) -> None:
         if self._reader is not None and self._reader is not threading.current_thread():
@@ -409,3 +432,24 @@ class CtorrentProcess:
 
     def __repr__(self) -> str:
         return f"<CtorrentProcess pid={self.pid} {self.torrent.name} ip={self.listen_ip} port={self.listen_port}>"
+
+
+def _start_hint(exc: OSError) -> str:
+    """What to do when ctorrent cannot be started: only a missing program means "install it"."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return "too many open files: raise the limit (ulimit -n) or pull fewer layers at once"
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        return "the system cannot start more processes or threads right now (ulimit -u, memory); retry"
+    if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+        return INSTALL_HINT
+    return f"{exc.strerror or exc}; check the system's limits and the ctorrent installation"
+
+
+def stop_many(procs: Sequence[CtorrentProcess], timeout: float = 5.0) -> None:
+    """Stop many ctorrents from the calling thread, all at once (processes.stop_children): no thread per process,
+    so it works when no new thread can be started (the cleanup of a pull that ran out of them)."""
+    claimed = [(p, popen) for p in procs if (popen := p._claim()) is not None]
+    stop_children([popen for _, popen in claimed], timeout)
+    for p, popen in claimed:
+        p._join_reader(1.0)
+        log.info("ctorrent pid %d stopped", popen.pid)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 
 from docket.errors import InvalidRequest, ServiceUnavailable
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
 MAX_REPLY = 1024 * 1024
 
 
@@ -102,8 +103,13 @@ def _get(url: str, query: str, timeout: float, session: requests.Session | None)
         r = getter(full, timeout=timeout, stream=True)
         try:
             body = r.raw.read(MAX_REPLY + 1, decode_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(exc) from exc
         finally:
             r.close()
+        watch = getattr(r, "watch", None)  # a DeadlineSession's: the reply may have been cut at its deadline
+        if watch is not None and watch.expired:
+            raise requests.Timeout(f"no complete reply within {watch.seconds:g} s")
     except requests.RequestException as exc:
         raise ServiceUnavailable(f"tracker {url} is not reachable: {exc}",
                                  hint="is opentracker running? (docket-registry starts it)") from exc
@@ -122,7 +128,10 @@ def _get(url: str, query: str, timeout: float, session: requests.Session | None)
 
 def scrape(announce_url: str, info_hash: str, *, timeout: float = 5.0,
            session: requests.Session | None = None) -> ScrapeResult:
-    """Seeder/leecher counts for one torrent. Unknown (or not whitelisted) hashes count as all zeros."""
+    """Seeder/leecher counts for one torrent. Unknown (or not whitelisted) hashes count as all zeros.
+
+    ``timeout`` is per read; a whole-request deadline needs a session that has one (docket.client.deadline's).
+    """
     raw = _check_hash(info_hash)
     url = scrape_url(announce_url)
     reply = _get(url, "info_hash=" + urllib.parse.quote_from_bytes(raw, safe=""), timeout, session)
