@@ -5,14 +5,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, request, send_file
-from werkzeug.exceptions import ClientDisconnected
+import re
 
-from docket.errors import DocketError, InvalidRequest, TooLarge
+from flask import Response, current_app, jsonify, request, send_file
+from werkzeug.exceptions import ClientDisconnected, RequestedRangeNotSatisfiable
+
+from docket.errors import DocketError, InvalidRequest, NotFound, TooLarge
 
 
 class LengthRequired(DocketError):
     status, code, exit_code = 411, "LENGTH_REQUIRED", 2
+
+
+class RequestTimeout(DocketError):
+    """A body that arrived slower than the server's deadlines (docket/registry/server.py): nothing is stored."""
+
+    status, code, exit_code = 408, "REQUEST_TIMEOUT", 8
+
+
+def too_slow(exc: BaseException) -> RequestTimeout | None:
+    """A RequestTimeout when a read of the body failed by a deadline (werkzeug wraps it in ClientDisconnected)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return RequestTimeout(f"the request body arrived too slowly: {seen}",
+                                  "send it again over a faster link, or ask the operator about --body-min-rate")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def human(n: int) -> str:
@@ -51,15 +70,20 @@ def receive(up: Any, length: int | None, what: str, *, allow_empty: bool = False
     """Stream the request body into ``up`` (hashed while written), enforcing the announced length and the limit on
     ``up.size`` (which counts what ``up`` held before). ``finish``: fsync and close ``up`` at the end."""
     config = _config()
-    limit = config.max_upload_size
+    with current_app.extensions["docket"].uploads.activity.active():  # a push in progress: GC holds its blobs
+        _receive(up, length, what, config.max_upload_size, config.chunk_size, allow_empty)
+    if finish:
+        up.finish()
+
+
+def _receive(up: Any, length: int | None, what: str, limit: int, chunk_size: int, allow_empty: bool) -> None:
     stream = request.stream
-    chunk_size = config.chunk_size
     start = up.size
     while True:
         try:
             chunk = stream.read(chunk_size)
         except (ClientDisconnected, OSError) as exc:
-            raise InvalidRequest(
+            raise too_slow(exc) or InvalidRequest(
                 f"request body ended after {up.size - start} of {length if length is not None else '?'} bytes",
                 "the client disconnected or timed out; push again",
             ) from exc
@@ -74,11 +98,64 @@ def receive(up: Any, length: int | None, what: str, *, allow_empty: bool = False
                              "the client disconnected; push again")
     if received == 0 and not allow_empty:
         raise InvalidRequest("empty request body", f"the body must be the {what}")
-    if finish:
-        up.finish()
 
 
 BLOB_MAX_AGE = 365 * 24 * 3600  # blobs are immutable: cache them forever
+# one RFC 9110 byte-range-spec: "first-last", "first-" or "-suffix" (digits only, whole string)
+_RANGE_SPEC = re.compile(r"\A(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))\Z")
+
+
+class RangeNotSatisfiable(DocketError):
+    """A download's Range that does not overlap the blob (416). Not an upload code: the spec has none for
+    downloads (distribution answers them in plain text), so both APIs use this one."""
+
+    status, code, exit_code = 416, "RANGE_NOT_SATISFIABLE", 2
+
+
+def _ignore_range(size: int) -> bool:
+    """RFC 9110 14.2: a Range in a unit other than bytes MUST be ignored, and an invalid one MAY be; several
+    ranges of which one overlaps the blob are served as the whole blob (200, which the RFC allows, rather than
+    multipart/byteranges). True when the Range header is to be ignored; single ranges are left to werkzeug
+    (206 or 416)."""
+    value = request.headers.get("Range")
+    if value is None:
+        return False
+    unit, eq, specs = value.partition("=")
+    if not eq or unit.strip(" \t").lower() != "bytes":
+        return True
+    parsed = []
+    for item in specs.split(","):
+        m = _RANGE_SPEC.match(item.strip(" \t"))
+        if m is None:
+            return True  # not a byte-range-spec: an invalid Range, ignored
+        first, last, suffix = m.groups()
+        if first is not None and last and int(last) < int(first):
+            return True  # last before first: invalid (RFC 9110 14.1.1), ignored
+        parsed.append((first, suffix))
+    if len(parsed) == 1:
+        return False
+    return any((first is not None and int(first) < size) or (suffix is not None and int(suffix) > 0)
+               for first, suffix in parsed)
+
+
+def _range_not_satisfiable(size: int) -> Response:
+    """416 with ``Content-Range: bytes */<size>`` (RFC 9110), in the error shape of the API asked."""
+    exc = RangeNotSatisfiable(f"the requested range is outside the blob's {size} bytes",
+                              "ask for bytes=<first>-<last> with first below the size")
+    if request.path.startswith("/v2/"):
+        from docket.registry.v2.errors import v2_error_body
+
+        body = v2_error_body(exc)
+        body["errors"][0]["detail"] = {"size": size, "range": request.headers.get("Range", "")[:200]}
+    else:
+        from docket.registry import error_body
+
+        body = error_body(exc.code, exc.message, exc.hint)
+    resp = jsonify(body)
+    resp.status_code = 416
+    resp.headers["Content-Range"] = f"bytes */{size}"
+    resp.headers["Accept-Ranges"] = "bytes"
+    return resp
 
 
 class _ReleaseOnClose:
@@ -103,16 +180,32 @@ class _ReleaseOnClose:
 
 
 def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | None = None) -> Response:
-    """A stored blob as the answer (GET or HEAD; Range, If-None-Match by send_file), held against GC while it is
-    being sent. A HEAD renews an unreferenced blob's grace period: the client skips uploading what exists."""
+    """A stored blob as the answer (GET or HEAD; a single byte Range: 206/416, other Ranges ignored (200);
+    If-None-Match: 304), held against GC while it is being sent. A HEAD renews an unreferenced blob's grace
+    period: the client skips uploading what exists. A blob deleted meanwhile is a NotFound: the file is opened
+    here, so a download that has started keeps its bytes even when the blob is deleted."""
     from docket.registry.blobops import keep_for_existence_check
 
     if request.method == "HEAD":
+        sv.uploads.activity.touch()  # a client checking what to push: part of a push in progress
         keep_for_existence_check(sv, digest)
+    path = sv.store.blob_path(digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
-        resp = send_file(sv.store.blob_path(digest), mimetype="application/octet-stream", conditional=True,
-                         etag=digest, max_age=BLOB_MAX_AGE, download_name=download_name)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError as exc:
+            raise NotFound(f"no blob {digest} in this registry", "it was deleted; push it again") from exc
+        if _ignore_range(size):
+            request.environ.pop("HTTP_RANGE", None)
+        try:
+            resp = send_file(path, mimetype="application/octet-stream", conditional=True,
+                             etag=digest, max_age=BLOB_MAX_AGE, download_name=download_name)
+        except RequestedRangeNotSatisfiable:
+            sv.downloads.release(digest)
+            return _range_not_satisfiable(size)
+        except FileNotFoundError as exc:
+            raise NotFound(f"no blob {digest} in this registry", "it was deleted; push it again") from exc
     except BaseException:
         sv.downloads.release(digest)
         raise

@@ -20,6 +20,7 @@ from types import FrameType
 import click
 
 from docket.errors import DocketError
+from docket.registry.gc import check_grace
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
 
 log = logging.getLogger("docket.registry")
@@ -95,7 +96,8 @@ def _fail(exc: DocketError) -> None:
 @click.option("--gc-interval", envvar="DOCKET_GC_INTERVAL", show_envvar=True, type=click.FloatRange(0),
               default=30.0, help="Seconds between garbage collection passes (0 disables GC).")
 @click.option("--gc-grace", envvar="DOCKET_GC_GRACE", show_envvar=True, type=click.FloatRange(0), default=600.0,
-              help="Seconds an unreferenced blob is kept before GC may delete it.")
+              help="Seconds an unreferenced blob is kept before GC may delete it (at least 60; blobs of a push "
+                   "in progress are kept until it ends).")
 @click.option("--scrub-interval", envvar="DOCKET_SCRUB_INTERVAL", show_envvar=True, type=click.FloatRange(0),
               default=3600.0, help="Seconds between passes that re-hash every blob to catch corruption (the first "
                                    "pass runs in the background at start-up; 0 disables scrubbing).")
@@ -138,7 +140,7 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 advertise_address=advertise_address, seed_address=seed_address,
                                 tracker_port=tracker_port, bind=bind, port=port,
                                 threads=threads, max_upload_size=max_upload_size, seeding=seeding,
-                                gc_interval=gc_interval, gc_grace=gc_grace,
+                                gc_interval=gc_interval, gc_grace=check_grace(gc_grace),
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 tls_cert=cert, tls_key=key)
         serve(config)

@@ -5,8 +5,12 @@ manifest row is stored in it or lists it as config or layer (docs/v2.md). Each p
 docket wrote for ``docket push`` tags that are gone (origin "docket", untagged, listed by no index in their
 repository); manifests pushed through /v2 stay until ``DELETE /v2/<name>/manifests/<digest>``, as the spec expects.
 A blob is deleted only when all of these hold: it has been unreferenced for longer than the grace period
-(``--gc-grace``), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it
-(someone still downloading over BitTorrent needs our seeder). Then, under the blob's lock: stop its seeder,
+(``--gc-grace``, at least MIN_GRACE), it did not become unreferenced during the push activity still going on
+(``uploads.PushActivity``: a push uploads its blobs, then the manifest that references them, however long that
+takes), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it (someone
+still downloading over BitTorrent needs our seeder). Those last two waits are bounded by ``max_wait``: anyone can
+announce an info hash to the tracker, and an announce or a trickled download must not pin a blob forever (a
+download already running keeps the file it opened). Then, under the blob's lock: stop its seeder,
 remove it from the whitelist, delete the DB row (committed), then the files. A crash between the row and the
 files leaves orphan files, which start-up removes; the reverse order could leave rows pointing at nothing.
 """
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from docket.errors import DocketError
+from docket.errors import DocketError, InvalidRequest
 from docket.registry.periodic import Periodic
 from docket.registry.blobops import drop_blob_locked
 from docket.registry.models import Blob, utcnow
@@ -29,12 +33,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MIN_GRACE = 60.0  # seconds: shorter, and a blob could go between a client's HEAD (or upload) and its manifest
+MAX_WAIT = 3600.0  # seconds GC waits for downloads (HTTP or the swarm) of a blob it may delete
+
+
+def check_grace(grace: float) -> float:
+    """``--gc-grace`` below MIN_GRACE is refused up front (a grace of 0 let GC delete a blob between its upload
+    and the manifest that references it, failing the push)."""
+    if grace < MIN_GRACE:
+        raise InvalidRequest(f"--gc-grace {grace:g} is shorter than a push can take: GC could delete a blob "
+                             "between its upload and the manifest that references it",
+                             f"use --gc-grace {MIN_GRACE:g} or more (default 600)")
+    return grace
+
 
 class GarbageCollector:
-    def __init__(self, services: RegistryServices, *, interval: float = 30.0, grace: float = 600.0) -> None:
+    def __init__(self, services: RegistryServices, *, interval: float = 30.0, grace: float = 600.0,
+                 max_wait: float = MAX_WAIT) -> None:
         self.services = services
         self.interval = interval
         self.grace = grace
+        self.max_wait = timedelta(seconds=max_wait)
+        self._busy_since: dict[str, datetime] = {}  # digest -> when GC first found it being downloaded
         self._worker = Periodic("blob-gc", interval, self.run_once)
         self._stop = self._worker.stopping
 
@@ -51,47 +71,58 @@ class GarbageCollector:
         uploads = getattr(sv, "uploads", None)
         if uploads is not None:
             uploads.expire()  # /v2 upload sessions idle too long (docs/v2.md, "Blobs and uploads")
-        cutoff = (now or utcnow()) - timedelta(seconds=self.grace)
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=self.grace)
+        pushing = uploads.activity.since(now) if uploads is not None else None
+        if pushing is not None and pushing < cutoff:
+            cutoff = pushing  # blobs unreferenced since a push in progress began wait for its manifest
         with sv.db.session() as s:
             candidates = list(s.scalars(select(Blob.digest).where(Blob.unreferenced_at.is_not(None),
-                                                                  Blob.unreferenced_at <= cutoff)))
+                                                                  Blob.unreferenced_at < cutoff)))
         deleted: list[str] = []
         for digest in candidates:
             if self._stop.is_set():
                 break
             with sv.blob_locks.hold(digest):
-                if self._collect(digest, cutoff):
+                if self._collect(digest, cutoff, now):
                     deleted.append(digest)
+        for digest in set(self._busy_since) - set(candidates):
+            del self._busy_since[digest]  # referenced again, or gone
         return deleted
 
-    def _collect(self, digest: str, cutoff: datetime) -> bool:
+    def _collect(self, digest: str, cutoff: datetime, now: datetime) -> bool:
         sv = self.services
-        if sv.downloads.count(digest):
-            log.debug("gc: %s has HTTP downloads in flight; later", digest)
-            return False
         with sv.db.session() as s:
             blob = s.get(Blob, digest)
-            if blob is None or blob.unreferenced_at is None or blob.unreferenced_at > cutoff:
+            if blob is None or blob.unreferenced_at is None or blob.unreferenced_at >= cutoff:
                 return False
             info_hash = blob.info_hash  # None for config blobs: no torrent, no seeder, no swarm
-        if info_hash is not None and not self._swarm_idle(digest, info_hash):
-            return False
+        busy = "HTTP downloads in flight" if sv.downloads.count(digest) else None
+        if busy is None and info_hash is not None:
+            busy = self._swarm_busy(digest, info_hash)
+        if busy is not None:
+            first = self._busy_since.setdefault(digest, now)
+            if now - first < self.max_wait:
+                log.info("gc: %s has %s; later", digest, busy)
+                return False
+            log.warning("gc: %s still has %s after %.0f s; deleting it anyway (downloads already running keep "
+                        "their open file)", digest, busy, (now - first).total_seconds())
         if not drop_blob_locked(sv, digest, info_hash):  # re-referenced meanwhile: kept (and re-seeded)
             return False
+        self._busy_since.pop(digest, None)
         log.info("gc: deleted blob %s (info hash %s)", digest, info_hash)
         return True
 
-    def _swarm_idle(self, digest: str, info_hash: str) -> bool:
-        """True when no BitTorrent peer is still downloading; unknown (tracker down) counts as busy."""
+    def _swarm_busy(self, digest: str, info_hash: str) -> str | None:
+        """Why the swarm still needs our seeder (peers downloading; unknown, as when the tracker is down,
+        counts as busy), or None."""
         sv = self.services
         if not sv.config.seeding:
-            return True  # no swarm: P2P is disabled in this registry
+            return None  # no swarm: P2P is disabled in this registry
         try:
             result = sv.tracker.scrape(info_hash)
         except DocketError as exc:
-            log.info("gc: cannot scrape tracker for %s (%s); keeping it for now", digest, exc.message)
-            return False
+            return f"an unknown swarm (cannot scrape the tracker: {exc.message})"
         if result.incomplete:
-            log.info("gc: %s still has %d downloading peer(s); later", digest, result.incomplete)
-            return False
-        return True
+            return f"{result.incomplete} downloading peer(s)"
+        return None

@@ -18,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -44,8 +45,8 @@ from docket.registry.models import (
     utcnow,
 )
 from docket.registry.v2.errors import (
+    DeleteRefused,
     DigestInvalid,
-    InUse,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestUnknown,
@@ -74,6 +75,13 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 IMAGE_CONFIGS = frozenset({DOCKER_CONFIG, OCI_CONFIG})
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"  # docket layers: uncompressed, digest = diff_id
+# non-distributable ("foreign") layers: fetched from their ``urls``, so a manifest may list them without the blob
+DOCKER_FOREIGN_LAYERS = frozenset({"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                                   "application/vnd.docker.image.rootfs.foreign.diff.tar"})
+OCI_NONDISTRIBUTABLE_LAYERS = frozenset({"application/vnd.oci.image.layer.nondistributable.v1.tar",
+                                         "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                                         "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
+FOREIGN_LAYERS = DOCKER_FOREIGN_LAYERS | OCI_NONDISTRIBUTABLE_LAYERS
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 ORIGIN_V2, ORIGIN_DOCKET = "v2", "docket"
 
@@ -90,6 +98,13 @@ class Descriptor:
     digest: str
     size: int
     artifact_type: str | None = None
+    urls: tuple[str, ...] = ()
+
+    @property
+    def foreign(self) -> bool:
+        """A non-distributable layer with URLs: its bytes live elsewhere (as distribution, the registry does not
+        need them); without URLs it is an ordinary blob that must be pushed."""
+        return self.media_type in FOREIGN_LAYERS and bool(self.urls)
 
 
 @dataclass(frozen=True)
@@ -114,8 +129,12 @@ class ParsedManifest:
 
     @property
     def blobs(self) -> list[Descriptor]:
-        """Config, then layers: the blobs that must be in the store."""
-        return ([self.config] if self.config is not None else []) + list(self.layers)
+        """Config, then layers: the blobs that must be in the store (not foreign layers)."""
+        return ([self.config] if self.config is not None else []) + [d for d in self.layers if not d.foreign]
+
+    @property
+    def has_foreign_layers(self) -> bool:
+        return any(d.foreign for d in self.layers)
 
     @property
     def refs(self) -> list[tuple[str, str]]:
@@ -164,7 +183,25 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     artifact_type = obj.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise _invalid(f"{where}.artifactType is not a string", field=where)
-    return Descriptor(media_type, digest, size, artifact_type)
+    return Descriptor(media_type, digest, size, artifact_type, _urls(obj.get("urls"), media_type, where))
+
+
+def _urls(value: Any, media_type: str, where: str) -> tuple[str, ...]:
+    """A descriptor's ``urls``: absolute http(s) URLs without a fragment (as distribution checks them); a Docker
+    foreign layer must have some (it cannot be pushed as a blob)."""
+    if value is None:
+        if media_type in DOCKER_FOREIGN_LAYERS:
+            raise _invalid(f"{where} is a foreign layer without urls", field=where)
+        return ()
+    if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
+        raise _invalid(f"{where}.urls is not a list of strings", field=where)
+    for url in value:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment or len(url) > 2048:
+            raise _invalid(f"{where}.urls has {url[:200]!r}, not an http(s) URL without a fragment", field=where)
+    if not value and media_type in DOCKER_FOREIGN_LAYERS:
+        raise _invalid(f"{where} is a foreign layer without urls", field=where)
+    return tuple(value)
 
 
 def _descriptors(value: Any, where: str) -> tuple[Descriptor, ...]:
@@ -374,10 +411,20 @@ class ManifestService:
         self.sv = services
 
     # -- push ---------------------------------------------------------------------------------------------------
-    def put(self, repository: str, reference: str, raw: bytes, content_type: str | None) -> ParsedManifest:
-        """PUT /v2/<name>/manifests/<reference>: check, store the bytes, the row, then point the tag."""
+    def put(self, repository: str, reference: str, raw: bytes, content_type: str | None,
+            tags: tuple[str, ...] = (), digest: str | None = None) -> ParsedManifest:
+        """PUT /v2/<name>/manifests/<reference>: check, store the bytes, the row, then point the tags: the
+        reference's and ``tags`` (``?tag=``, checked by the caller), in one transaction. ``digest`` (``?digest=``
+        of a push by tag) names the digest the bytes must have, and so its algorithm (sha512 stays sha512)."""
         sv = self.sv
         tag, wanted = split_reference(reference)
+        if digest is not None:
+            if wanted is not None and digest != wanted:
+                raise DigestInvalid(f"?digest={digest[:200]} differs from the digest {wanted} in the URL",
+                                    detail={"digest": digest[:200]})
+            wanted = digest
+        all_tags = tuple(dict.fromkeys(((tag,) if tag is not None else ()) + tuple(tags)))
+        tag = all_tags[0] if all_tags else None
         algorithm = wanted.split(":", 1)[0] if wanted else "sha256"
         parsed = parse_manifest(raw, content_type, algorithm)
         if wanted is not None and parsed.digest != wanted:
@@ -411,11 +458,11 @@ class ManifestService:
             with sv.tag_lock, sv.db.session() as s:
                 self._check_children(s, repository, parsed)  # GC may have dropped one meanwhile
                 save_manifest_row(s, repository, parsed, ORIGIN_V2)
-                if tag is not None:
-                    self._point_tag(s, repository, tag, parsed, image_config)
+                for each in all_tags:
+                    self._point_tag(s, repository, each, parsed, image_config)
                 s.commit()
         log.info("v2 push %s@%s (%s, %d bytes)%s", repository, parsed.digest, parsed.media_type, parsed.size,
-                 f" tagged {tag}" if tag else "")
+                 f" tagged {', '.join(all_tags)}" if all_tags else "")
         return parsed
 
     def _check_children(self, s: Session, repository: str, parsed: ParsedManifest) -> None:
@@ -430,8 +477,8 @@ class ManifestService:
         listing one diff_id per layer. Anything else is an artifact (never an error)."""
         config = parsed.config
         if parsed.is_index or config is None or config.media_type not in IMAGE_CONFIGS \
-                or config.size > MAX_CONFIG_BYTES:
-            return None
+                or config.size > MAX_CONFIG_BYTES or parsed.has_foreign_layers:
+            return None  # foreign layers: not in the store, so no torrents; docket pull refuses such a tag
         try:
             body = json.loads(self.sv.store.blob_path(config.digest).read_bytes())
             diff_ids = body["rootfs"]["diff_ids"]
@@ -623,8 +670,8 @@ class ManifestService:
                 raise ManifestUnknown(f"no manifest {digest} in repository {repository}", detail={"digest": digest})
             parents = parent_indexes(s, repository, digest)
             if parents:
-                raise InUse(f"manifest {digest} is listed by the index {parents[0]} in {repository}",
-                            "delete the index first", detail={"digest": digest, "indexes": parents})
+                raise DeleteRefused(f"manifest {digest} is listed by the index {parents[0]} in {repository}",
+                                    "delete the index first", detail={"digest": digest, "indexes": parents})
             images = s.scalars(_image_query().where(Image.repository == repository,
                                                     Image.manifest_digest == digest)).all()
             for image in images:

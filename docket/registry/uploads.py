@@ -7,6 +7,10 @@ committed size and the session takes the new size and hash only when the chunk w
 write cuts off anything a failed request left. Sessions live in this process only: a restart forgets them and
 start-up empties uploads/. Sessions idle longer than ``timeout`` are removed by ``expire()`` (called when a
 session is opened and from the GC loop).
+
+``PushActivity`` tells GC since when uploads have been going on without a pause (open sessions, bodies being
+received by either API): a push uploads its blobs before the manifest that references them, so a blob that became
+unreferenced during that run is kept whatever ``--gc-grace`` says, for at most ``max_hold``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from docket.registry.models import utcnow
 from docket.registry.store import BlobStore, Upload
 from docket.registry.v2.errors import BlobUploadUnknown, V2Error
 
@@ -31,8 +37,65 @@ MAX_SESSIONS = 1024
 HASH_CHUNK = 1024 * 1024
 
 
+PUSH_PAUSE = 120.0  # seconds without any upload that end a run of push activity (a push's manifest comes sooner)
+PUSH_MAX_HOLD = 6 * 3600.0  # GC keeps a run's blobs at most this long, however long uploads go on
+
+
 class TooManyUploads(V2Error):
     status, code = 429, "TOOMANYREQUESTS"
+
+
+class PushActivity:
+    """Uploads in progress (open /v2 sessions, request bodies being received) and since when they have run
+    without a pause of more than ``pause`` seconds. Wall-clock times: GC compares them with ``unreferenced_at``.
+    The hold is bounded (``max_hold``) so that uploads that never stop (a busy registry, or someone trickling a
+    session forever) delay GC but cannot pin blobs forever."""
+
+    def __init__(self, *, pause: float = PUSH_PAUSE, max_hold: float = PUSH_MAX_HOLD,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.pause = timedelta(seconds=pause)
+        self.max_hold = timedelta(seconds=max_hold)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active = 0
+        self._since: datetime | None = None
+        self._last: datetime | None = None
+
+    def begin(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._active == 0 and (self._last is None or now - self._last > self.pause):
+                self._since = now  # a new run
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active = max(self._active - 1, 0)
+            self._last = self._clock()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+        finally:
+            self.end()
+
+    def touch(self) -> None:
+        """A moment of push activity (a blob mounted, or found by HEAD, for a coming manifest)."""
+        self.begin()
+        self.end()
+
+    def since(self, now: datetime | None = None) -> datetime | None:
+        """Start of the current run (at most ``max_hold`` before ``now``); None when nothing was uploaded for
+        longer than the pause."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            if self._since is None:
+                return None
+            if self._active == 0 and (self._last is None or now - self._last > self.pause):
+                return None
+            return max(self._since, now - self.max_hold)
 
 
 @dataclass(eq=False)
@@ -63,11 +126,12 @@ class UploadSessions:
     """Every open upload session of this process."""
 
     def __init__(self, store: BlobStore, *, timeout: float = 3600.0, max_sessions: int = MAX_SESSIONS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, activity: PushActivity | None = None) -> None:
         self.store = store
         self.timeout = timeout
         self.max_sessions = max_sessions
         self._clock = clock
+        self.activity = activity or PushActivity()  # an open session is a push in progress
         self._sessions: dict[str, UploadSession] = {}
         self._guard = threading.Lock()
 
@@ -86,6 +150,7 @@ class UploadSessions:
             path = self.store.create_session_file(session_id)
             session = UploadSession(session_id, name, path, touched=self._clock())
             self._sessions[session_id] = session
+            self.activity.begin()
         log.debug("upload %s opened for %s", session_id, name)
         return session
 
@@ -162,8 +227,10 @@ class UploadSessions:
     def _forget(self, session: UploadSession) -> None:
         session.closed = True
         with self._guard:
-            if self._sessions.get(session.id) is session:
-                del self._sessions[session.id]
+            if self._sessions.get(session.id) is not session:
+                return
+            del self._sessions[session.id]
+        self.activity.end()
 
     def expire(self, now: float | None = None) -> list[str]:
         """Remove sessions idle for longer than ``timeout`` (a session busy with a request is left alone);
@@ -195,4 +262,4 @@ class UploadSessions:
                     self.discard(session)
 
 
-__all__ = ["TooManyUploads", "UploadSession", "UploadSessions"]
+__all__ = ["PushActivity", "TooManyUploads", "UploadSession", "UploadSessions"]

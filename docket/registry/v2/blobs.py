@@ -25,8 +25,8 @@ from docket.registry.v2 import bp, validate_name
 from docket.registry.v2.errors import (
     BlobUnknown,
     BlobUploadInvalid,
+    DeleteRefused,
     DigestInvalid,
-    InUse,
     RangeInvalid,
     SizeInvalid,
     V2Error,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from docket.registry.uploads import UploadSession
 
 # the spec's Content-Range is "<start>-<end>"; "bytes <start>-<end>/<total>" (RFC 9110) is accepted too
-CONTENT_RANGE_RE = re.compile(r"^\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*$")
+CONTENT_RANGE_RE = re.compile(r"\A\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*\Z")
 
 
 class V2LengthRequired(V2Error):
@@ -85,14 +85,16 @@ def get_blob(name: str, digest: str) -> Response:
                           detail={"digest": digest})
     try:
         sv.get_blob(get_session(), digest)
-    except NotFound as exc:
+        return send_blob(sv, digest, "Docker-Content-Digest")
+    except NotFound as exc:  # unknown, or deleted between the row and the file
         raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc
-    return send_blob(sv, digest, "Docker-Content-Digest")
 
 
 @bp.delete("/<path:name>/blobs/<digest>")
-def delete_blob(name: str, digest: str) -> tuple[str, int]:
-    """202 when deleted; 409 while a tag or manifest uses it (or a download of it is in flight)."""
+def delete_blob(name: str, digest: str) -> Any:
+    """202 when deleted; 405 (the spec's codes for this route are 202, 404 and 405) while a tag or manifest uses
+    it: blobs are shared by every repository, so deleting one a manifest lists would break that manifest. A
+    download in flight keeps the bytes it has opened and does not stop the delete."""
     validate_name(name)
     digest = _digest(digest)
     sv = services()
@@ -103,14 +105,11 @@ def delete_blob(name: str, digest: str) -> tuple[str, int]:
                 raise BlobUnknown(f"no blob {digest} in this registry", detail={"digest": digest})
             refs = count_references(s, digest)
             info_hash = blob.info_hash
-        if refs:
-            raise InUse(f"blob {digest} is in use: {refs} tag(s) or manifest(s) reference it",
-                        "delete the manifests that use it first", detail={"digest": digest, "references": refs})
-        if sv.downloads.count(digest):
-            raise InUse(f"blob {digest} is being downloaded", "retry the delete later", detail={"digest": digest})
-        if not drop_blob_locked(sv, digest, info_hash, require_unreferenced_mark=False):
-            raise InUse(f"blob {digest} is in use", "delete the manifests that use it first",
-                        detail={"digest": digest})
+        if refs or not drop_blob_locked(sv, digest, info_hash, require_unreferenced_mark=False):
+            exc = DeleteRefused(f"blob {digest} is in use: {refs or 'a'} tag(s) or manifest(s) reference it",
+                                "delete the manifests that use it; GC then removes the blob after --gc-grace",
+                                detail={"digest": digest, "references": refs})
+            return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD"}
     sv.scrubber.clear(digest)
     return "", 202
 
@@ -145,6 +144,7 @@ def start_upload(name: str) -> tuple[str, int, dict[str, str]]:
         source = request.args.get("from")
         if source is not None:
             validate_name(source)
+        sv.uploads.activity.touch()  # part of a push in progress (GC holds the blobs of one)
         with sv.blob_locks.hold(digest):
             mounted = keep_blob_locked(sv, digest)
         if mounted:

@@ -83,6 +83,13 @@ class InUse(V2Error):
     status, code = 409, "DENIED"
 
 
+class DeleteRefused(V2Error):
+    """A DELETE this registry does not do while something references the target (a blob a manifest lists, a
+    manifest an index lists): 405, one of the codes the spec allows for both DELETE routes (202/404/400/405)."""
+
+    status, code = 405, "UNSUPPORTED"
+
+
 def v2_error_body(exc: DocketError) -> dict[str, Any]:
     code = exc.code if isinstance(exc, V2Error) else SPEC_CODES.get(exc.code, exc.code)
     message = exc.message if not exc.hint else f"{exc.message} (hint: {exc.hint})"

@@ -10,21 +10,59 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Response, current_app, jsonify, request
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected
 
 from docket.errors import InvalidRequest
+from docket.registry.bodies import too_slow
 from docket.registry.db import get_session
 from docket.registry.store import validate_digest
 from docket.registry.v2 import bp, validate_name
-from docket.registry.v2.errors import DigestInvalid, ManifestInvalid, V2Error
+from docket.registry.v2.errors import DeleteRefused, DigestInvalid, ManifestInvalid, V2Error, v2_error_body
 
 MAX_PAGE = 1000  # ``n`` above this is served as this many, with a Link to the rest
+MAX_TAG_PARAMS = 100  # ``?tag=`` values of one PUT (the draft asks for at least 10; more: 414)
 
 
 class PaginationInvalid(V2Error):
     """distribution's code for a bad ``n`` (the OCI spec has none of its own)."""
 
     status, code = 400, "PAGINATION_NUMBER_INVALID"
+
+
+class TooManyTags(V2Error):
+    """The distribution-spec draft: a registry MAY answer 414 to more ``tag`` parameters than it accepts."""
+
+    status, code = 414, "TAG_INVALID"
+
+
+def _tag_params() -> tuple[str, ...]:
+    """``?tag=a&tag=b`` (distribution-spec draft, end-7b): each a valid tag, at most MAX_TAG_PARAMS."""
+    from docket.reference import TAG_RE
+
+    tags = tuple(request.args.getlist("tag"))
+    if len(tags) > MAX_TAG_PARAMS:
+        raise TooManyTags(f"{len(tags)} tag parameters; this registry accepts up to {MAX_TAG_PARAMS} in one PUT",
+                          "push the rest with further PUTs", detail={"count": len(tags), "limit": MAX_TAG_PARAMS})
+    for tag in tags:
+        if not TAG_RE.fullmatch(tag):
+            raise ManifestInvalid(f"invalid tag parameter {tag[:200]!r}",
+                                  "a tag is 1-128 of A-Z a-z 0-9 _ . - and does not start with . or -",
+                                  detail={"tag": tag[:200]})
+    return tags
+
+
+def _digest_param() -> str | None:
+    """``?digest=`` on a push by tag (as regclient and olareg do): the digest, and so the algorithm, the manifest
+    is stored under."""
+    value = request.args.get("digest")
+    if value is None:
+        return None
+    try:
+        return validate_digest(value)
+    except InvalidRequest as exc:
+        raise DigestInvalid(f"invalid digest parameter {value[:200]!r}", "sha256: and 64 lowercase hex digits, or "
+                            "sha512: and 128", detail={"digest": value[:200]}) from exc
 
 
 def _core() -> Any:
@@ -41,7 +79,7 @@ def _read_body() -> bytes:
     try:
         raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
     except (ClientDisconnected, OSError) as exc:
-        raise ManifestInvalid("the request body ended early", "send the manifest again") from exc
+        raise too_slow(exc) or ManifestInvalid("the request body ended early", "send the manifest again") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(f"manifest exceeds the limit of {MAX_MANIFEST_BYTES} bytes (4 MiB)",
                                detail={"limit": MAX_MANIFEST_BYTES})
@@ -51,13 +89,18 @@ def _read_body() -> bytes:
 
 
 @bp.put("/<path:name>/manifests/<reference>")
-def put_manifest(name: str, reference: str) -> tuple[str, int, dict[str, str]]:
+def put_manifest(name: str, reference: str) -> tuple[str, int, Headers]:
+    """201; ``?tag=`` (repeatable) tags it too, each confirmed by an ``OCI-Tag`` header; ``?digest=`` keeps the
+    requested digest algorithm for a push by tag."""
     validate_name(name)
+    tags, digest = _tag_params(), _digest_param()
     raw = _read_body()
-    parsed = _core().put(name, reference, raw, request.headers.get("Content-Type"))
-    headers = {"Location": f"/v2/{name}/manifests/{parsed.digest}", "Docker-Content-Digest": parsed.digest}
+    parsed = _core().put(name, reference, raw, request.headers.get("Content-Type"), tags=tags, digest=digest)
+    headers = Headers({"Location": f"/v2/{name}/manifests/{parsed.digest}", "Docker-Content-Digest": parsed.digest})
     if parsed.subject is not None:
         headers["OCI-Subject"] = parsed.subject.digest
+    for tag in dict.fromkeys(tags):
+        headers.add("OCI-Tag", tag)
     return "", 201, headers
 
 
@@ -68,13 +111,17 @@ def get_manifest(name: str, reference: str) -> Response:
     resp = Response(body, content_type=row.media_type)
     resp.headers["Docker-Content-Digest"] = row.digest
     resp.set_etag(row.digest)
-    return resp
+    return resp.make_conditional(request)  # If-None-Match: the digest -> 304
 
 
 @bp.delete("/<path:name>/manifests/<reference>")
-def delete_manifest(name: str, reference: str) -> tuple[str, int]:
+def delete_manifest(name: str, reference: str) -> Any:
+    """202; 405 (a code the spec allows here) for a manifest an index of the repository lists."""
     validate_name(name)
-    _core().delete(name, reference)
+    try:
+        _core().delete(name, reference)
+    except DeleteRefused as exc:
+        return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD, PUT"}
     return "", 202
 
 
@@ -87,7 +134,7 @@ def _page(items: list[str], path: str) -> tuple[list[str], dict[str, str]]:
     if raw_n is not None and raw_n != "":
         if not raw_n.isascii() or not raw_n.isdigit():
             raise PaginationInvalid(f"n must be a non-negative integer, not {raw_n[:50]!r}", detail={"n": raw_n[:50]})
-        n = int(raw_n)
+        n = int(raw_n) if len(raw_n) <= 18 else MAX_PAGE  # 5,000 digits: int() raises ValueError (a 500)
         if n == 0:
             return [], {}
     n = min(n, MAX_PAGE)
