@@ -31,6 +31,11 @@ class InvalidRequest(DocketError):
     status, code, exit_code = 400, "INVALID_REQUEST", 2
 
 
+class InvalidJSON(InvalidRequest):
+    """A JSON document from the network that docket will not hold: not strict UTF-8 JSON, ambiguous (duplicate
+    keys), non-standard (NaN), too deep, too big, or numbers out of range (docket/jsonstrict.py)."""
+
+
 class InvalidImage(DocketError):
     """An uploaded or downloaded tarball is not a usable ``docker save`` archive."""
 

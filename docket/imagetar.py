@@ -14,7 +14,6 @@ digest its name promises.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import re
 import tarfile
@@ -22,16 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from docket.errors import InvalidImage
+from docket import jsonstrict
+from docket.errors import InvalidImage, InvalidJSON
+from docket.limits import MAX_LAYERS
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 MAX_LINK_DEPTH = 16
 _HEX64 = re.compile(r"[a-f0-9]{64}")
-_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+_DIGEST = re.compile(r"\Asha256:[a-f0-9]{64}\Z")
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})?$"
+    r"\A(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(Z|z|[+-]\d{2}:\d{2})?\Z"
 )
 
 
@@ -54,15 +56,20 @@ class ImageInfo:
 
 def config_diff_ids(config_bytes: bytes) -> tuple[str, ...]:
     """``rootfs.diff_ids`` of an image config (raises InvalidImage when absent or malformed)."""
-    try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"image config is not valid JSON: {exc}") from exc
+    config = _strict_json(config_bytes, "image config")
     rootfs = config.get("rootfs") if isinstance(config, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIGEST.match(d) for d in diff_ids):
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and _DIGEST.fullmatch(d) for d in diff_ids):
         raise _bad("image config has no valid rootfs.diff_ids list")
     return tuple(diff_ids)
+
+
+def _strict_json(raw: bytes, what: str) -> Any:
+    """The strict parser (docket/jsonstrict.py) for a document inside a pushed tarball: InvalidImage when refused."""
+    try:
+        return jsonstrict.loads(raw, what=what)
+    except InvalidJSON as exc:
+        raise _bad(exc.message) from exc
 
 
 def _bad(message: str, hint: str | None = None) -> InvalidImage:
@@ -171,10 +178,7 @@ def inspect_image_tar(path: Path) -> ImageInfo:
                            "upload the output of `docker save` (Docker 1.10 or newer)")
             manifest_info = _resolve(members, "manifest.json")
             raw = _read_member(tar, manifest_info, MAX_MANIFEST_BYTES, "manifest.json")
-            try:
-                manifest = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise _bad(f"manifest.json is not valid JSON: {exc}") from exc
+            manifest = _strict_json(raw, "manifest.json")
             if not isinstance(manifest, list) or len(manifest) != 1 or not isinstance(manifest[0], dict):
                 raise _bad("manifest.json must list exactly one image",
                            "push one image per tag: `docker save` a single repository:tag")
@@ -190,6 +194,9 @@ def inspect_image_tar(path: Path) -> ImageInfo:
                 raise _bad("manifest.json entry has no Layers list")
             if repo_tags is not None and not all(isinstance(x, str) for x in repo_tags):
                 raise _bad("manifest.json RepoTags must be strings")
+            if len(layers) > MAX_LAYERS:  # the limit of both registry APIs (docket/limits.py), before any copying
+                raise _bad(f"manifest.json lists {len(layers)} layers; the limit is {MAX_LAYERS}",
+                           "docker itself stops at 127 layers")
             for layer in layers:
                 _resolve(members, layer)
             config_bytes = _read_member(tar, _resolve(members, config_name), MAX_CONFIG_BYTES, "image config")
@@ -201,10 +208,7 @@ def inspect_image_tar(path: Path) -> ImageInfo:
     if named and named.group(0) != config_hex:
         raise _bad(f"image config {config_name!r} does not match its digest (got sha256:{config_hex})",
                    "the tarball is corrupted")
-    try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"image config is not valid JSON: {exc}") from exc
+    config = _strict_json(config_bytes, "image config")
     if not isinstance(config, dict):
         raise _bad("image config is not a JSON object")
     return ImageInfo(

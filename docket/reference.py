@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 from docket.errors import InvalidReference
 
+# Patterns are anchored with \A and \Z (never ^ and $: "$" also matches before a trailing newline, so "v1\n"
+# passed as a tag and broke headers later); callers use fullmatch all the same.
 # distribution/reference grammar: path components of lowercase alphanumerics joined by separators
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 # an optional registry host (with port) as the first component, as Docker allows
 _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)"
-REPOSITORY_RE = re.compile(rf"^{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+REPOSITORY_RE = re.compile(rf"\A{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*\Z")
+TAG_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+DIGEST_RE = re.compile(r"\Asha256:[a-f0-9]{64}\Z")
 # what the registry stores: the OCI distribution spec's registered algorithms (the V2 API accepts both)
-ANY_DIGEST_RE = re.compile(r"^(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+ANY_DIGEST_RE = re.compile(r"\A(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
 DIGEST_ALGORITHMS = ("sha256", "sha512")
 MAX_REPOSITORY = 255
 DEFAULT_TAG = "latest"
@@ -42,7 +44,7 @@ def validate_repository(repository: str) -> str:
         raise InvalidReference(
             f"repository name is {len(repository)} characters long; the limit is {MAX_REPOSITORY}"
         )
-    if not REPOSITORY_RE.match(repository):
+    if not REPOSITORY_RE.fullmatch(repository):
         raise InvalidReference(
             f"invalid repository name {repository!r}",
             "use lowercase letters, digits and single separators (. _ -), components joined by /",
@@ -53,7 +55,7 @@ def validate_repository(repository: str) -> str:
 def validate_tag(tag: str) -> str:
     if not tag:
         raise InvalidReference("empty tag", "leave the tag out for :latest, or give one after the colon")
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise InvalidReference(
             f"invalid tag {tag!r}",
             "a tag is 1-128 of A-Z a-z 0-9 _ . - and does not start with . or -",
@@ -74,6 +76,6 @@ def parse_reference(text: str) -> Reference:
     colon = text.rfind(":")
     if colon > slash:  # a colon after the last slash separates the tag (not a host:port)
         repository, tag = text[:colon], text[colon + 1 :]
-        if DIGEST_RE.match(text):
+        if DIGEST_RE.fullmatch(text):
             raise InvalidReference(f"{text!r} is a digest, not an image reference")
     return Reference(validate_repository(repository), validate_tag(tag))

@@ -23,7 +23,10 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from docket import jsonstrict
+from docket.errors import InvalidJSON
 from docket.imagetar import MAX_CONFIG_BYTES, parse_created
+from docket.limits import MAX_LAYERS
 from docket.reference import ANY_DIGEST_RE, TAG_RE
 from docket.registry.models import (
     FORMAT_ARTIFACT,
@@ -153,12 +156,12 @@ def split_reference(reference: str) -> tuple[str | None, str | None]:
     """``<reference>`` of a manifest URL -> (tag, None) or (None, digest). A tag never holds ':', so anything with
     one is a digest: DIGEST_INVALID when it is not sha256/sha512; MANIFEST_INVALID for a malformed tag."""
     if ":" in reference:
-        if not ANY_DIGEST_RE.match(reference):
+        if not ANY_DIGEST_RE.fullmatch(reference):
             raise DigestInvalid(f"invalid digest {reference[:200]!r}",
                                 "a digest is sha256: and 64 lowercase hex digits, or sha512: and 128",
                                 detail={"digest": reference[:200]})
         return None, reference
-    if not TAG_RE.match(reference):
+    if not TAG_RE.fullmatch(reference):
         raise ManifestInvalid(f"invalid tag {reference[:200]!r}",
                               "a tag is 1-128 of A-Z a-z 0-9 _ . - and does not start with . or -",
                               detail={"tag": reference[:200]})
@@ -176,7 +179,7 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(media_type, str) or not media_type:
         raise _invalid(f"{where}.mediaType is missing or not a string", field=where)
-    if not isinstance(digest, str) or not ANY_DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
         raise _invalid(f"{where}.digest {str(digest)[:200]!r} is not a sha256 or sha512 digest", field=where)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise _invalid(f"{where}.size is missing or not a non-negative integer", field=where)
@@ -207,7 +210,23 @@ def _urls(value: Any, media_type: str, where: str) -> tuple[str, ...]:
 def _descriptors(value: Any, where: str) -> tuple[Descriptor, ...]:
     if not isinstance(value, list):
         raise _invalid(f"{where} is not a list", field=where)
+    if len(value) > MAX_LAYERS:  # the limit /api/v1 and the client share (docket/limits.py): before any work
+        raise _invalid(f"{where} lists {len(value)} descriptors; the limit is {MAX_LAYERS}", field=where,
+                       count=len(value), limit=MAX_LAYERS)
     return tuple(_descriptor(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _check_unambiguous(body: dict[str, Any], media_type: str) -> None:
+    """A document is an index or an image manifest, never both (CVE-2021-41190: without ``mediaType`` a reader
+    could take it for either). As distribution does: an image manifest with ``manifests``, or an index with
+    ``config`` or ``layers``, is invalid whatever its media type says."""
+    if media_type in INDEXES:
+        extra = [k for k in ("config", "layers") if k in body]
+        if extra:
+            raise _invalid(f"an image index must not have {' or '.join(extra)} (is it an image manifest?)",
+                           field=extra[0])
+    elif "manifests" in body:
+        raise _invalid("an image manifest must not have manifests (is it an index?)", field="manifests")
 
 
 def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha256") -> ParsedManifest:
@@ -223,10 +242,10 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
     if ct not in GENERIC_TYPES and ct not in MANIFEST_TYPES:
         raise Unsupported(f"unsupported manifest media type {ct[:200]!r}",
                           "send one of " + ", ".join(sorted(MANIFEST_TYPES)), detail={"mediaType": ct[:200]})
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _invalid(f"manifest is not valid JSON: {exc}") from exc
+    try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
+        body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
+    except InvalidJSON as exc:
+        raise _invalid(exc.message) from exc
     if not isinstance(body, dict):
         raise _invalid("manifest is not a JSON object")
     version = body.get("schemaVersion")
@@ -250,6 +269,7 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
         if body_type is not None and body_type != ct:
             raise _invalid(f"the manifest's mediaType {body_type[:200]!r} does not match Content-Type {ct!r}",
                            field="mediaType")
+    _check_unambiguous(body, media_type)
     subject = _descriptor(body["subject"], "subject") if body.get("subject") is not None else None
     artifact_type = body.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
@@ -467,10 +487,14 @@ class ManifestService:
 
     def _check_children(self, s: Session, repository: str, parsed: ParsedManifest) -> None:
         for desc in parsed.manifests:
-            if find_manifest(s, repository, desc.digest) is None:
+            child = find_manifest(s, repository, desc.digest)
+            if child is None:
                 raise ManifestBlobUnknown(f"the index lists manifest {desc.digest}, which is not in {repository}",
                                           "push every child manifest (by digest) to this repository before the "
                                           "index", detail={"digest": desc.digest})
+            if child.size != desc.size:  # sizes are summed into the tag's size: only true ones
+                raise _invalid(f"the index says manifest {desc.digest} has {desc.size} bytes; it has {child.size}",
+                               digest=desc.digest)
 
     def _image_config(self, parsed: ParsedManifest) -> ImageConfig | None:
         """The image config when docket can pull this manifest: an image manifest whose config is an image config
@@ -480,12 +504,12 @@ class ManifestService:
                 or config.size > MAX_CONFIG_BYTES or parsed.has_foreign_layers:
             return None  # foreign layers: not in the store, so no torrents; docket pull refuses such a tag
         try:
-            body = json.loads(self.sv.store.blob_path(config.digest).read_bytes())
+            body = jsonstrict.loads(self.sv.store.blob_path(config.digest).read_bytes(), what="image config")
             diff_ids = body["rootfs"]["diff_ids"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, InvalidJSON, KeyError, TypeError):
             return None
         if not isinstance(diff_ids, list) or len(diff_ids) != len(parsed.layers) \
-                or not all(isinstance(d, str) and ANY_DIGEST_RE.match(d) for d in diff_ids):
+                or not all(isinstance(d, str) and ANY_DIGEST_RE.fullmatch(d) for d in diff_ids):
             return None
         return ImageConfig(body, diff_ids)
 

@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = "upload-"
 SESSION_PREFIX = "session-"  # V2 upload sessions: uploads/session-<uuid4> (docket/registry/uploads.py)
-_SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_SESSION_ID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
 
 def validate_digest(digest: str) -> str:
     """``sha256:<64 hex>`` or ``sha512:<128 hex>`` (lowercase) or InvalidRequest (digests become paths: strict)."""
-    if not isinstance(digest, str) or not ANY_DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
         raise InvalidRequest(f"invalid digest {digest!r}", "a digest is sha256: followed by 64 lowercase hex digits "
                              "(or sha512: and 128)")
     return digest
@@ -228,7 +228,7 @@ class BlobStore:
 
     def session_path(self, session_id: str) -> Path:
         """``uploads/session-<uuid4>``; anything but a lowercase uuid4 is refused (ids come from URLs)."""
-        if not isinstance(session_id, str) or not _SESSION_ID_RE.match(session_id):
+        if not isinstance(session_id, str) or not _SESSION_ID_RE.fullmatch(session_id):
             raise InvalidRequest(f"invalid upload session id {session_id[:100]!r}", "ids are lowercase uuid4s")
         return self.uploads_dir / f"{SESSION_PREFIX}{session_id}"
 

@@ -19,12 +19,12 @@ bp = Blueprint("v2", __name__, url_prefix="/v2")
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
 # the spec's <name>: path components of lowercase alphanumerics and separators, no host part
-NAME_RE = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
+NAME_RE = re.compile(r"\A[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z")
 MAX_NAME = 255
 
 
 def validate_name(name: str) -> str:
-    if len(name) > MAX_NAME or not NAME_RE.match(name):
+    if len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
         raise NameInvalid(f"invalid repository name {name[:300]!r}",
                           "lowercase letters, digits and separators (. _ __ -), components joined by /",
                           detail={"name": name[:300]})

@@ -90,7 +90,23 @@ class DeleteRefused(V2Error):
     status, code = 405, "UNSUPPORTED"
 
 
+# errors raised outside any view's DocketErrors (werkzeug's own, the request-shape checks, an unexpected exception),
+# by HTTP status: the spec's code where one fits, distribution's UNKNOWN for server errors, else UNSUPPORTED
+HTTP_STATUS_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN",
+                     405: "UNSUPPORTED", 411: "SIZE_INVALID", 413: "SIZE_INVALID", 416: "BLOB_UPLOAD_INVALID",
+                     429: "TOOMANYREQUESTS", 431: "UNSUPPORTED"}
+
+
+def v2_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    """The one error shape under /v2: ``{"errors": [{"code", "message", "detail"}]}``."""
+    return {"errors": [{"code": code, "message": message, "detail": detail}]}
+
+
+def v2_status_code(status: int) -> str:
+    return HTTP_STATUS_CODES.get(status, "UNKNOWN" if status >= 500 else "UNSUPPORTED")
+
+
 def v2_error_body(exc: DocketError) -> dict[str, Any]:
     code = exc.code if isinstance(exc, V2Error) else SPEC_CODES.get(exc.code, exc.code)
     message = exc.message if not exc.hint else f"{exc.message} (hint: {exc.hint})"
-    return {"errors": [{"code": code, "message": message, "detail": getattr(exc, "detail", None)}]}
+    return v2_body(code, message, getattr(exc, "detail", None))
