@@ -15,7 +15,7 @@ from docket.reference import validate_repository, validate_tag
 from docket.registry.bodies import check_body_headers as _check_body_headers
 from docket.registry.bodies import human as _human
 from docket.registry.bodies import receive as _receive
-from docket.registry.bodies import send_blob
+from docket.registry.bodies import send_blob, too_slow
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
@@ -95,7 +95,7 @@ def _manifest_body() -> tuple[str, list[str]]:
     try:
         raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
     except (ClientDisconnected, OSError) as exc:
-        raise InvalidRequest("the request body ended early", "send the manifest again") from exc
+        raise too_slow(exc) or InvalidRequest("the request body ended early", "send the manifest again") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
         raise TooLarge(f"manifest exceeds {_human(MAX_MANIFEST_BYTES)}")
     hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'

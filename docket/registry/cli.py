@@ -25,7 +25,6 @@ from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_
 
 log = logging.getLogger("docket.registry")
 
-MAX_HEADER_BYTES = 64 * 1024  # cheroot answers 413/414 (plain text) beyond this; the app's JSON limit is lower
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 
 
@@ -92,7 +91,18 @@ def _fail(exc: DocketError) -> None:
 @click.option("--max-upload-size", envvar="DOCKET_MAX_UPLOAD_SIZE", show_envvar=True, type=ByteSize(),
               default="20GiB", help="Largest accepted image tarball.")
 @click.option("--threads", envvar="DOCKET_THREADS", show_envvar=True, type=click.IntRange(1, 1024), default=16,
-              help="HTTP worker threads.")
+              help="HTTP worker threads kept ready; more start when all are busy, up to --max-threads.")
+@click.option("--max-threads", envvar="DOCKET_MAX_THREADS", show_envvar=True, type=click.IntRange(1, 4096),
+              default=256, help="Most HTTP worker threads (a body being received holds one).")
+@click.option("--header-timeout", envvar="DOCKET_HEADER_TIMEOUT", show_envvar=True,
+              type=click.FloatRange(0.1, 3600), default=10.0,
+              help="Seconds a client has to send a request's line and headers (and the TLS handshake); then the "
+                   "connection is closed. Waiting for them holds no thread.")
+@click.option("--body-timeout", envvar="DOCKET_BODY_TIMEOUT", show_envvar=True, type=click.FloatRange(0.1, 3600),
+              default=20.0, help="A request body must bring --body-min-rate bytes per second over each window of "
+                                 "this many seconds (at least one byte), else it is answered 408 and dropped.")
+@click.option("--body-min-rate", envvar="DOCKET_BODY_MIN_RATE", show_envvar=True, type=ByteSize(), default="1KiB",
+              help="Slowest accepted request body, in bytes per second (averaged over --body-timeout).")
 @click.option("--gc-interval", envvar="DOCKET_GC_INTERVAL", show_envvar=True, type=click.FloatRange(0),
               default=30.0, help="Seconds between garbage collection passes (0 disables GC).")
 @click.option("--gc-grace", envvar="DOCKET_GC_GRACE", show_envvar=True, type=click.FloatRange(0), default=600.0,
@@ -121,6 +131,7 @@ def _fail(exc: DocketError) -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
+         max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
          gc_interval: float, gc_grace: float, scrub_interval: float, seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
          tls_cert: Path | None, tls_key: Path | None) -> None:
@@ -140,6 +151,8 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 advertise_address=advertise_address, seed_address=seed_address,
                                 tracker_port=tracker_port, bind=bind, port=port,
                                 threads=threads, max_upload_size=max_upload_size, seeding=seeding,
+                                max_threads=max_threads, header_timeout=header_timeout,
+                                body_timeout=body_timeout, body_min_rate=body_min_rate,
                                 gc_interval=gc_interval, gc_grace=check_grace(gc_grace),
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 tls_cert=cert, tls_key=key)
@@ -203,25 +216,27 @@ def check_tls(cert: Path | None, key: Path | None) -> tuple[Path | None, Path | 
 
 def serve(config: RegistryConfig) -> None:
     """Bind, start tracker + seeders + GC, serve until SIGTERM/SIGINT, then stop everything."""
-    from cheroot import wsgi
-
     from docket.registry import create_app
+    from docket.registry.server import Deadlines, LazyTLSAdapter, Server
 
+    if config.max_threads < config.threads:
+        raise DocketError(f"--max-threads {config.max_threads} is below --threads {config.threads}",
+                          "--threads is how many workers are kept ready, --max-threads how many may run")
     app = create_app(config)
     services = app.extensions["docket"]
     services.preflight()
+    deadlines = Deadlines(header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+                          body_min_rate=config.body_min_rate)
+    tls = None if config.tls_cert is None or config.tls_key is None else (str(config.tls_cert), str(config.tls_key))
     # request_queue_size is the listen() backlog: cheroot's default of 5 drops connections when a deploy's
     # hosts arrive at once (seen: pushes answered by a bare connection close under 50 concurrent clients).
-    server = wsgi.Server((config.bind, config.port), app, numthreads=config.threads,
-                         server_name="docket-registry", timeout=60, shutdown_timeout=10,
-                         request_queue_size=1024)
-    server.max_request_header_size = MAX_HEADER_BYTES  # request line + headers; cheroot's default is unlimited
+    server = Server((config.bind, config.port), app, deadlines=deadlines, min_threads=config.threads,
+                    max_threads=config.max_threads, server_name="docket-registry", shutdown_timeout=10,
+                    request_queue_size=1024)
     scheme = "http"
-    if config.tls_cert is not None and config.tls_key is not None:
-        from cheroot.ssl.builtin import BuiltinSSLAdapter
-
+    if tls is not None:
         try:
-            server.ssl_adapter = BuiltinSSLAdapter(str(config.tls_cert), str(config.tls_key))
+            server.ssl_adapter = LazyTLSAdapter(*tls)
         except Exception as exc:  # noqa: BLE001 - ssl.SSLError, OSError, ValueError
             raise DocketError(f"cannot set up TLS with {config.tls_cert}: {exc}",
                               "check --tls-cert and --tls-key") from exc

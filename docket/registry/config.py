@@ -27,6 +27,11 @@ class RegistryConfig:
     bind: str = "0.0.0.0"
     port: int = 8000
     threads: int = 16
+    # HTTP server deadlines and pool growth (docket/registry/server.py): slow clients must not hold every thread
+    max_threads: int = 256
+    header_timeout: float = 10.0
+    body_timeout: float = 20.0
+    body_min_rate: int = 1024  # bytes per second, averaged over each body_timeout window
     max_upload_size: int = 20 * GIB
     seeding: bool = True  # False: no ctorrent seeders and no tracker process (unit tests with test_client)
     gc_interval: float = 30.0

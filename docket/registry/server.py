@@ -1,0 +1,292 @@
+"""docket-registry's HTTP server: cheroot, with deadlines so that slow or idle clients cannot hold every worker.
+
+Plain cheroot hands each new connection to a worker thread that then blocks reading the request: as many connections
+as ``--threads`` that sent half a request line, or trickled a body, left no thread for anyone else; with TLS, one
+silent client stopped the accepting thread itself for the whole socket timeout (the handshake ran there, blocking).
+Here, on top of cheroot's own connection manager and thread pool:
+
+* the TLS handshake and the request head (request line and headers) are read without a thread: the connection
+  manager's selector thread reads whatever has arrived, non-blocking, and hands a connection to a worker only once
+  its whole head is buffered. A head not complete ``header_timeout`` seconds after the connection was accepted (or
+  after its first byte, on a kept-alive connection) gets the connection closed;
+* a body must keep arriving: each window of ``body_timeout`` seconds must bring ``body_min_rate * body_timeout``
+  bytes (at least one). Otherwise the read raises :class:`BodyTimeout`, the app answers 408 (nothing is stored) and
+  the connection is closed;
+* the worker pool grows when every worker is busy, up to ``max_threads``, and shrinks back to ``min_threads``.
+
+Bodies still stream to the app as they arrive (a push hashes while it receives; nothing is buffered to disk first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cheroot import connections, errors, server, wsgi
+from cheroot.makefile import MakeFile, StreamReader
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+from cheroot.workers import threadpool
+
+log = logging.getLogger("docket.registry.server")
+
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; cheroot answers 413/414 (plain text) beyond this
+HEAD_BUFFER = MAX_HEADER_BYTES + 1024  # a connection's read buffer holds any acceptable head whole
+TRIM_INTERVAL = 10.0  # seconds between shrinking the pool back towards min_threads
+
+READY, WAIT, CLOSED = "ready", "wait", "closed"
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a client may take. Defaults are generous for a slow link and short for an idle socket."""
+
+    header_timeout: float = 10.0  # TLS handshake + request line + headers
+    body_timeout: float = 20.0  # length of a body window; also the longest wait for one byte of body
+    body_min_rate: int = 1024  # bytes per second a body must average over each window (0: any byte will do)
+    idle_timeout: float = 60.0  # a kept-alive connection between requests; a blocked send
+
+    @property
+    def body_min_bytes(self) -> int:
+        return max(1, int(self.body_min_rate * self.body_timeout))
+
+
+class BodyTimeout(TimeoutError):
+    """A request body arrived slower than the deadlines allow. ``args[0]`` is cheroot's "timed out" (so cheroot
+    answers 408 itself if the app lets it through); ``str()`` says what was too slow."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("timed out")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class _DeadlineSocketIO(socket.SocketIO):
+    """The raw reader under a connection's buffer: non-blocking while the selector gathers the head; in a worker,
+    blocking with the body-progress deadline (each read waits at most until the current window ends)."""
+
+    def __init__(self, sock: socket.socket, deadlines: Deadlines) -> None:
+        super().__init__(sock, "rb")
+        self.deadlines = deadlines
+        self.eof = False
+        self.expired: BodyTimeout | None = None
+        self._window_start: float | None = None
+        self._window_bytes = 0
+
+    def new_request(self) -> None:
+        self.expired, self._window_start, self._window_bytes = None, None, 0
+
+    def readinto(self, b: Any) -> int | None:
+        self._checkClosed()
+        self._checkReadable()
+        if self._sock.gettimeout() == 0.0:  # the selector thread gathering a head
+            try:
+                n = self._sock.recv_into(b)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return None
+            self.eof = self.eof or (n == 0 and len(b) > 0)
+            return n
+        if self.expired is not None:
+            raise self.expired
+        d = self.deadlines
+        while True:
+            now = time.monotonic()
+            if self._window_start is None:
+                self._window_start = now
+            left = self._window_start + d.body_timeout - now
+            if left <= 0:
+                if self._window_bytes < d.body_min_bytes:
+                    self.expired = BodyTimeout(
+                        f"the request body brought {self._window_bytes} bytes in {d.body_timeout:g} s; this registry "
+                        f"needs at least {d.body_min_bytes} (--body-min-rate {d.body_min_rate} B/s over "
+                        f"--body-timeout {d.body_timeout:g} s)")
+                    raise self.expired
+                self._window_start, self._window_bytes = now, 0
+                continue
+            self._sock.settimeout(left)
+            try:
+                n = self._sock.recv_into(b)
+            except TimeoutError:
+                continue  # the window is over: judged at the top of the loop
+            finally:
+                self._sock.settimeout(d.idle_timeout)
+            self._window_bytes += n
+            return n
+
+
+class _Reader(StreamReader):
+    """cheroot's socket reader over :class:`_DeadlineSocketIO`, with room for a whole request head."""
+
+    def __init__(self, sock: socket.socket, deadlines: Deadlines) -> None:
+        super(StreamReader, self).__init__(_DeadlineSocketIO(sock, deadlines), HEAD_BUFFER)
+        self.bytes_read = 0
+
+
+class _Request(server.HTTPRequest):
+    def send_headers(self) -> None:
+        if self.conn.rfile.raw.expired is not None:
+            self.close_connection = True  # the rest of a too-slow body is not waited for (cheroot would read it)
+        super().send_headers()
+
+
+class _Connection(server.HTTPConnection):
+    """A connection that collects its request head in the selector thread (:meth:`advance`) before a worker runs
+    it."""
+
+    RequestHandlerClass = _Request
+
+    def __init__(self, srv: Server, sock: socket.socket, makefile: Any = MakeFile) -> None:
+        def files(s: socket.socket, mode: str = "r", bufsize: int = -1) -> Any:
+            return _Reader(s, srv.deadlines) if "r" in mode else makefile(s, mode, bufsize)
+
+        super().__init__(srv, sock, files)
+        self.deadlines = srv.deadlines
+        self.handshaken = not isinstance(sock, ssl.SSLSocket)
+        self.wants = selectors.EVENT_READ
+        self.head_deadline: float | None = time.time() + srv.deadlines.header_timeout
+
+    def communicate(self) -> bool:
+        self.rfile.raw.new_request()
+        return bool(super().communicate())
+
+    def advance(self) -> str:
+        """Read what has arrived without blocking. READY: the whole head is buffered (or the buffer is full, which
+        cheroot answers with 413/414); WAIT: park until more arrives; CLOSED: the peer left or the TLS failed."""
+        sock = self.socket
+        try:
+            sock.settimeout(0.0)
+            if not self.handshaken:
+                state = self._handshake()
+                if state != READY:
+                    return state
+            seen = -1
+            while True:
+                head = self.rfile.peek(HEAD_BUFFER)
+                if b"\n\r\n" in head or b"\n\n" in head or len(head) >= HEAD_BUFFER:
+                    return READY
+                if self.rfile.raw.eof:
+                    return CLOSED
+                if len(head) == seen:
+                    if head and self.head_deadline is None:  # a kept-alive connection began a request
+                        self.head_deadline = time.time() + self.deadlines.header_timeout
+                    return WAIT
+                seen = len(head)
+        except (OSError, ValueError):
+            return CLOSED
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(self.deadlines.idle_timeout)
+
+    def _handshake(self) -> str:
+        sock: Any = self.socket
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.wants = selectors.EVENT_READ
+            return WAIT
+        except ssl.SSLWantWriteError:
+            self.wants = selectors.EVENT_WRITE
+            return WAIT
+        except ssl.SSLError as exc:
+            if "http request" in str(exc).lower():  # plain HTTP on the HTTPS port: say so, as cheroot does
+                msg = b"The client sent a plain HTTP request, but this server only speaks HTTPS on this port."
+                with contextlib.suppress(OSError):
+                    socket.socket.send(sock, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(msg), msg))
+            return CLOSED
+        self.handshaken = True
+        self.wants = selectors.EVENT_READ
+        self.ssl_env = self.server.ssl_adapter.get_environ(sock)
+        return READY
+
+
+class _Connections(connections.ConnectionManager):
+    """cheroot's connection manager, which also parks connections whose head is incomplete, each with its own
+    deadline."""
+
+    def wait(self, conn: _Connection) -> None:
+        self._selector.register(conn.socket.fileno(), conn.wants, data=conn)
+
+    def _expire(self, threshold: float) -> None:
+        now = time.time()
+        late = [(fd, conn) for fd, conn in self._selector.connections if conn is not self.server and (
+            (conn.last_used or 0) < threshold if conn.head_deadline is None else conn.head_deadline < now)]
+        heads = 0
+        for fd, conn in late:
+            self._selector.unregister(fd)
+            heads += conn.head_deadline is not None
+            conn.close()
+        if heads:
+            log.debug("closed %d connection(s) whose request head did not arrive within %g s", heads,
+                      self.server.deadlines.header_timeout)
+        self.server.requests.trim()
+
+
+class _Pool(threadpool.ThreadPool):
+    """cheroot's pool, grown by one worker whenever a connection arrives and none is idle (up to ``max``), trimmed
+    back towards ``min`` every TRIM_INTERVAL: a slow body holds its thread until its deadline, and nobody else should
+    wait for that."""
+
+    _last_trim = 0.0
+
+    def put(self, obj: Any) -> None:
+        if len(self._threads) < self.max and self.idle <= self.qsize:
+            self._threads.append(self._spawn_worker())  # not grow(): it sleeps 0.1 s until the thread is ready
+        super().put(obj)
+
+    def trim(self) -> None:
+        now = time.monotonic()
+        if now - self._last_trim < TRIM_INTERVAL:
+            return
+        self._last_trim = now
+        extra = min(self.idle, len(self._threads) - self.min)
+        if extra > 0:
+            self.shrink(extra)
+
+
+class LazyTLSAdapter(BuiltinSSLAdapter):
+    """cheroot's adapter runs the TLS handshake in the accepting thread, blocking; here it is only set up, and
+    :meth:`_Connection.advance` drives it without blocking."""
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, str]]:
+        try:
+            return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), {}
+        except OSError as exc:
+            raise errors.FatalSSLAlert(*exc.args) from exc
+
+
+class Server(wsgi.Server):
+    """cheroot's WSGI server with the deadlines above (for HTTPS, set ``ssl_adapter`` to a LazyTLSAdapter)."""
+
+    ConnectionClass = _Connection
+
+    def __init__(self, bind_addr: tuple[str, int], app: Any, *, deadlines: Deadlines, min_threads: int,
+                 max_threads: int, **kwargs: Any) -> None:
+        super().__init__(bind_addr, app, numthreads=min_threads, max=max_threads,
+                         timeout=int(deadlines.idle_timeout), **kwargs)
+        self.deadlines = deadlines
+        self.requests = _Pool(self, min=min_threads, max=max_threads)
+        self.max_request_header_size = MAX_HEADER_BYTES  # cheroot's default is unlimited
+
+    def prepare(self) -> None:
+        super().prepare()
+        plain, self._connections = self._connections, _Connections(self)
+        plain._selector.close()
+
+    def process_conn(self, conn: _Connection) -> None:
+        """Hand ``conn`` to a worker once its request head is in; until then park it (no thread held)."""
+        state = conn.advance()
+        if state == READY:
+            conn.head_deadline = None
+            super().process_conn(conn)
+        elif state == WAIT and self.ready:
+            self._connections.wait(conn)
+        else:
+            conn.close()
