@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
 DIR_MODE = 0o700
+# an /v2 "artifact" whose type is an image config: an image docket cannot pull (e.g. non-distributable layers)
+IMAGE_CONFIG_TYPES = frozenset({"application/vnd.docker.container.image.v1+json",
+                                "application/vnd.oci.image.config.v1+json"})
 STOP_WAIT = 2.0  # seconds between ctorrent's first SIGTERM and the next
 TRANSPORTS = ("auto", "p2p", "http")
 DEFAULT_FALLBACK_AFTER = 20.0  # s without swarm progress; ctorrent retries a failed tracker announce every ~15 s
@@ -294,8 +297,11 @@ class Puller:
 
             return LayerPull(self).run(ref, data, start)
         if data.get("format") in ("index", "artifact"):
+            kind = data.get("artifact_type") or data.get("media_type") or "unknown type"
             what = "a multi-platform image index" if data["format"] == "index" else \
-                f"an OCI artifact ({data.get('artifact_type') or data.get('media_type') or 'unknown type'})"
+                f"an OCI artifact ({kind})" if kind not in IMAGE_CONFIG_TYPES else \
+                "an image whose layers are not all in the registry (non-distributable layers fetched from other " \
+                "URLs) or not all listed by its config"
             raise errors.InvalidRequest(
                 f"{ref} is {what} pushed through the registry's /v2 API; docket pulls single-platform images only",
                 f"use a standard client: docker pull / skopeo copy / oras pull <registry host:port>/{ref}")

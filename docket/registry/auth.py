@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
+import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +31,44 @@ V2_SERVICE = "docket-registry"
 ANONYMOUS = "anonymous"  # the token an anonymous client gets where reads are open: it allows reads only
 CLIENT_HINT = ("give the docket client a token with DOCKET_TOKEN (or DOCKET_TOKEN_FILE, or --token); "
                "it is sent as `Authorization: Bearer <token>`")
+
+
+TORRENT_SECRET_NAME = "torrent-secret"
+
+
+def torrent_secret(location: Path) -> bytes:
+    """The registry's random torrent secret, made on first use (``<location>/torrent-secret``, mode 0600).
+
+    Registries with read tokens put ``torrent_source(secret, digest)`` into every torrent's info dict, so an info
+    hash cannot be computed from a layer's content: only token holders, who are given the torrents, learn it.
+    Deleting the file and restarting gives every torrent a new info hash (the old ones stop working)."""
+    path = Path(location) / TORRENT_SECRET_NAME
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            return bytes.fromhex(text)
+        log.warning("%s is malformed; making a new torrent secret (every info hash changes)", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}",
+                             "check its permissions, or delete it to make a new one") from exc
+    secret = secrets.token_bytes(32)
+    tmp = path.with_name(f".{TORRENT_SECRET_NAME}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("made a new torrent secret in %s", path)
+    return secret
+
+
+def torrent_source(secret: bytes, digest: str) -> str:
+    """The info dict ``source`` of the blob ``digest``: a per-blob HMAC, so knowing one torrent (a token holder
+    does) tells nothing about the info hash of any other."""
+    return "docket-" + hmac.new(secret, digest.encode("ascii"), hashlib.sha256).hexdigest()[:40]
 
 
 def read_token_file(path: str | Path) -> list[str]:
@@ -75,6 +116,17 @@ class TokenAuth:
     @property
     def enabled(self) -> bool:
         return bool(self._push or self._read)
+
+    def may_read(self) -> bool:
+        """Whether the current request may see what reads show (for open paths such as /healthz): always where
+        reads are open, else only with a valid read or push token."""
+        if not self._read:
+            return True
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        raw = _token_from(scheme, value.strip())
+        if raw is None:
+            return False
+        return _matches(raw, self._push) | _matches(raw, self._read)  # both compared, whatever the first says
 
     def init_app(self, app) -> None:  # noqa: ANN001 - Flask
         app.extensions["docket_auth"] = self

@@ -41,7 +41,7 @@ from docket.registry.seeder import SeederSupervisor, SeedSpec, reap_orphans
 from docket.registry.store import BlobStore, Upload, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
 from docket.torrent import build_torrent, find_ctorrent
-from docket.torrent.metainfo import PieceHasher, write_atomic
+from docket.torrent.metainfo import PieceHasher, retarget_torrent
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class RegistryServices:
             ExternalTracker(config.tracker)
             if config.tracker
             else ManagedTracker(config.advertise_address, config.tracker_port, self.store.tracker_dir,
-                                enabled=config.seeding)
+                                enabled=config.seeding, private=bool(config.read_tokens))
         )
         self.seeders: SeederSupervisor | None = (
             SeederSupervisor(listen_ip=config.seeder_ip,
@@ -215,6 +215,20 @@ class RegistryServices:
         """Directories and schema; safe to call from create_app (starts no processes)."""
         self.store.ensure_layout()
         self.db.migrate()
+        if self.config.read_tokens:  # info hashes nobody can compute from content (README "Access control")
+            from docket.registry.auth import torrent_secret
+
+            self._torrent_secret = torrent_secret(self.config.location)
+
+    _torrent_secret: bytes | None = None
+
+    def torrent_source(self, digest: str) -> str | None:
+        """The info dict ``source`` of ``digest``'s torrent: a per-blob secret with read tokens, else none."""
+        if self._torrent_secret is None:
+            return None
+        from docket.registry.auth import torrent_source
+
+        return torrent_source(self._torrent_secret, digest)
 
     def preflight(self) -> None:
         """Fail early, with the install hint, when a tool the serve command needs is missing."""
@@ -278,23 +292,25 @@ class RegistryServices:
                         b.info_hash, b.piece_length = meta.info_hash, meta.piece_length
                         changed = True
                 else:
-                    self._retarget_torrent(tpath)
+                    meta = self._retarget_torrent(tpath, b.digest)
+                    if meta is not None and meta.info_hash != b.info_hash:  # a secret added or renewed
+                        log.info("blob %s: info hash %s -> %s", b.digest, b.info_hash, meta.info_hash)
+                        b.info_hash, b.piece_length = meta.info_hash, meta.piece_length
+                        changed = True
             if changed:
                 s.commit()
             return blobs
 
-    def _retarget_torrent(self, path: Path) -> None:
+    def _retarget_torrent(self, path: Path, digest: str):  # -> TorrentMeta | None
+        """The current announce URL and, with read tokens, the blob's secret source (pieces kept: no re-read)."""
         try:
-            t = torf.Torrent.read(path)
-            if [list(tier) for tier in t.trackers] == [[self.announce_url]]:
-                return
-            t.trackers = [self.announce_url]
-            data = t.dump()
+            meta = retarget_torrent(path, self.announce_url, self.torrent_source(digest))
         except (torf.TorfError, OSError) as exc:
             log.error("cannot read torrent %s: %s", path, exc)
-            return
-        write_atomic(path, data)
-        log.info("torrent %s now announces to %s", path.name, self.announce_url)
+            return None
+        if meta is not None:
+            log.info("torrent %s now announces to %s", path.name, self.announce_url)
+        return meta
 
     def seed_spec(self, digest: str) -> SeedSpec:
         return SeedSpec(digest=digest, torrent=self.store.torrent_path(digest), blob=self.store.blob_path(digest),
@@ -304,9 +320,10 @@ class RegistryServices:
         """From the piece hashes computed while the upload streamed in when they fit the blob, else from the file."""
         if pieces is not None and pieces.usable(self.store.blob_path(digest).stat().st_size):
             return pieces.write_torrent(self.announce_url, out=self.store.torrent_path(digest),
-                                        name=f"{digest_hex(digest)}.tar")
+                                        name=f"{digest_hex(digest)}.tar", source=self.torrent_source(digest))
         return build_torrent(self.store.blob_path(digest), self.announce_url, out=self.store.torrent_path(digest),
-                             threads=self.config.hash_threads, name=f"{digest_hex(digest)}.tar")
+                             threads=self.config.hash_threads, name=f"{digest_hex(digest)}.tar",
+                             source=self.torrent_source(digest))
 
     # -- operations -----------------------------------------------------------------------------------------
     def _seed(self, digest: str, info_hash: str) -> None:

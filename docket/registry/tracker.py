@@ -17,6 +17,9 @@ whitelist in sync with ``GET /api/v1/tracker/whitelist``, for example every 10 s
 
 Until a new hash is in the external whitelist the tracker refuses announces for it; seeders and leechers retry,
 so a push becomes downloadable over BitTorrent within one sync period (plain HTTP blob download works at once).
+
+Private (a registry with read tokens): the managed opentracker runs behind a guard (docket/torrent/guard.py) that
+answers announces and single-torrent scrapes only, never stats or a full scrape, which would list every info hash.
 """
 
 from __future__ import annotations
@@ -91,11 +94,13 @@ class ManagedTracker:
 
     managed = True
 
-    def __init__(self, bind_ip: str, port: int, workdir: Path, *, enabled: bool = True) -> None:
+    def __init__(self, bind_ip: str, port: int, workdir: Path, *, enabled: bool = True,
+                 private: bool = False) -> None:
         self.bind_ip = bind_ip
         self.port = port
         self.workdir = Path(workdir)
         self.enabled = enabled  # False in unit tests: the whitelist is kept but no process is run
+        self.private = private  # read tokens: no stats, no full scrape (a guard in front of opentracker)
         self.announce_url = f"http://{bind_ip}:{port}/announce"
         self._hashes: set[str] = set()
         self._lock = threading.RLock()
@@ -132,7 +137,7 @@ class ManagedTracker:
         self.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.workdir.chmod(0o755)  # opentracker drops to nobody inside this chroot
         proc = Opentracker(self.bind_ip, self.port, self.workdir, admin_ip=self.bind_ip,
-                           log_path=self.workdir.parent / "tracker.log")
+                           log_path=self.workdir.parent / "tracker.log", guarded=self.private)
         proc.start(sorted(self._hashes))
         self._proc = proc
         if proc.pid is not None:
@@ -213,7 +218,8 @@ class ManagedTracker:
         return scrape(self.announce_url, info_hash)
 
     def check(self) -> dict[str, Any]:
-        result: dict[str, Any] = {"managed": True, "announce_url": self.announce_url, "enabled": self.enabled}
+        result: dict[str, Any] = {"managed": True, "announce_url": self.announce_url, "enabled": self.enabled,
+                                  "private": self.private}
         if not self.enabled:
             result["ok"] = True
             return result

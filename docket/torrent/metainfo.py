@@ -23,7 +23,7 @@ MIN_PIECE = 64 * 1024  # small pieces spread through a swarm sooner (benchmarks/
 MAX_PIECE = 4 * 1024 * 1024  # ctorrent's limit
 MAX_PIECES = 2048
 CREATED_BY = "docket-registry"
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,12 @@ def build_torrent(
     piece_size: int | None = None,
     threads: int = 2,
     name: str | None = None,
+    source: str | None = None,
 ) -> TorrentMeta:
-    """Hash ``path`` into a single-file torrent at ``out`` (written atomically) and describe it."""
+    """Hash ``path`` into a single-file torrent at ``out`` (written atomically) and describe it.
+
+    ``source`` goes into the info dict (torf's ``source`` field): a secret there makes the info hash something
+    nobody can compute from the content alone (registries with read tokens, see README "Access control")."""
     path = Path(path)
     out = Path(out)
     if not path.is_file():
@@ -98,6 +102,8 @@ def build_torrent(
     t.creation_date = None  # reproducible info hash and bytes for the same content
     if name:
         t.name = name
+    if source:
+        t.source = source
     t.generate(threads=threads)
     data = t.dump()
     write_atomic(out, data)
@@ -167,7 +173,7 @@ class PieceHasher:
         tail = self._sha.copy().digest() if self._fill else b""
         return bytes(self._digests) + tail
 
-    def torrent(self, announce_url: str, name: str) -> torf.Torrent:
+    def torrent(self, announce_url: str, name: str, source: str | None = None) -> torf.Torrent:
         """The torf.Torrent that ``build_torrent`` would make (same keys, same values, no file needed)."""
         if not self.usable():
             raise InvalidRequest("cannot make a torrent from these piece hashes",
@@ -179,16 +185,41 @@ class PieceHasher:
         info["piece length"] = self.piece_size
         info["length"] = self.length
         info["pieces"] = self.pieces()
+        if source:
+            t.source = source
         return t
 
-    def write_torrent(self, announce_url: str, *, out: Path, name: str) -> TorrentMeta:
+    def write_torrent(self, announce_url: str, *, out: Path, name: str, source: str | None = None) -> TorrentMeta:
         """Write the .torrent to ``out`` atomically and describe it, as ``build_torrent`` does."""
-        t = self.torrent(announce_url, name)
+        t = self.torrent(announce_url, name, source)
         write_atomic(Path(out), t.dump())
         meta = _meta(t)
         log.debug("built torrent %s from streamed piece hashes (%d pieces of %d)", meta.info_hash, meta.pieces,
                   meta.piece_length)
         return meta
+
+
+def torrent_source(path: Path) -> str | None:
+    """The info dict's ``source`` of the .torrent at ``path`` (None when it has none)."""
+    return torf.Torrent.read(path, validate=False).source
+
+
+def retarget_torrent(path: Path, announce_url: str, source: str | None) -> TorrentMeta | None:
+    """Rewrite the .torrent at ``path`` in place to announce to ``announce_url`` and carry ``source`` in its info
+    dict (None: leave the source as it is). The pieces are kept, so no byte of the blob is read again; changing the
+    source changes the info hash. Returns the new description, or None when nothing had to change."""
+    t = torf.Torrent.read(path)
+    changed = False
+    if [list(tier) for tier in t.trackers] != [[announce_url]]:
+        t.trackers = [announce_url]
+        changed = True
+    if source is not None and t.source != source:
+        t.source = source
+        changed = True
+    if not changed:
+        return None
+    write_atomic(Path(path), t.dump())
+    return _meta(t)
 
 
 def read_torrent(data: bytes) -> TorrentMeta:

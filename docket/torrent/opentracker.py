@@ -2,6 +2,10 @@
 
 As root opentracker refuses to run unless it drops privileges (``-u nobody``) and it chroots to ``-d workdir``:
 the whitelist path given with ``-w`` is therefore relative to the workdir, which must be readable by nobody.
+
+``guarded=True`` (registries with read tokens): opentracker listens on a free port of 127.0.0.1 only and a
+``TrackerGuard`` (docket/torrent/guard.py) takes the public address: announces and single-torrent scrapes pass,
+stats and the full scrape (which this build gives to anyone and cannot turn off) do not.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
+from docket.torrent.guard import TrackerGuard
 from docket.torrent.metainfo import ipv4_address
 from docket.torrent.processes import stop_child
 
@@ -55,6 +60,24 @@ def _normalise(info_hashes: Iterable[str]) -> list[str]:
     return out
 
 
+INNER_IP = "127.0.0.1"  # guarded: opentracker's own address (the guard connects from 127.64.0.0/10)
+
+
+def _free_port(ip: str) -> int:
+    """A TCP port free on ``ip`` now that is also free for UDP (opentracker opens both)."""
+    for _ in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((ip, port))
+            except OSError:
+                continue
+        return port
+    raise ServiceUnavailable(f"no free port on {ip} for opentracker")
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -67,11 +90,14 @@ class Opentracker:
     """One opentracker child on ``bind_ip:port`` (TCP, plus UDP on the same port), whitelist in ``workdir``."""
 
     def __init__(self, bind_ip: str, port: int, workdir: Path, *, admin_ip: str | None = None,
-                 log_path: Path | None = None, udp_port: int | None = None) -> None:
+                 log_path: Path | None = None, udp_port: int | None = None, guarded: bool = False) -> None:
         ipv4_address(bind_ip, "bind_ip")  # opentracker (Debian build) is IPv4 only
         self.bind_ip = bind_ip
         self.port = int(port)
         self.udp_port = int(udp_port) if udp_port is not None else self.port
+        self.guarded = guarded
+        self._guard: TrackerGuard | None = None
+        self._inner_port: int | None = None  # guarded: opentracker's own port on 127.0.0.1
         self.workdir = Path(workdir).absolute()
         self.admin_ip = admin_ip
         self.log_path = Path(log_path) if log_path else None
@@ -96,12 +122,22 @@ class Opentracker:
     def whitelist(self) -> list[str]:
         return list(self._hashes)
 
+    @property
+    def _listen(self) -> tuple[str, int]:
+        """Where opentracker itself listens: the public address, or 127.0.0.1 behind the guard."""
+        if self.guarded:
+            assert self._inner_port is not None
+            return INNER_IP, self._inner_port
+        return self.bind_ip, self.port
+
     def args(self) -> list[str]:
-        a = [find_opentracker(), "-i", self.bind_ip, "-p", str(self.port), "-P", str(self.udp_port),
-             "-d", str(self.workdir), "-w", WHITELIST_NAME]
+        ip, port = self._listen
+        udp = port if self.guarded else self.udp_port
+        a = [find_opentracker(), "-i", ip, "-p", str(port), "-P", str(udp), "-d", str(self.workdir), "-w",
+             WHITELIST_NAME]
         if os.geteuid() == 0:
             a += ["-u", "nobody"]
-        if self.admin_ip:
+        if self.admin_ip and not self.guarded:  # guarded: no stats for anyone (mode=tpbs is a full scrape too)
             a += ["-A", self.admin_ip]
         return a
 
@@ -132,6 +168,9 @@ class Opentracker:
         if _port_open(self.bind_ip, self.port):  # else we would mistake another server for ours
             raise ServiceUnavailable(f"cannot start opentracker: {self.bind_ip}:{self.port} is already in use",
                                      hint="choose another --tracker-port")
+        if self.guarded:
+            self._inner_port = _free_port(INNER_IP)
+        listen_ip, listen_port = self._listen
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o755)  # nobody must read the whitelist inside the chroot
         with self._lock:
@@ -151,21 +190,30 @@ class Opentracker:
         self._reader = threading.Thread(target=self._read, name=f"opentracker-{self.pid}", daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
-        while not _port_open(self.bind_ip, self.port):
+        while not _port_open(listen_ip, listen_port):
             if self._proc.poll() is not None:
                 self._reader.join(2)
                 self._proc = None
                 raise ServiceUnavailable(
-                    f"opentracker exited at start (port {self.bind_ip}:{self.port} busy?): {self.tail_text()}")
+                    f"opentracker exited at start (port {listen_ip}:{listen_port} busy?): {self.tail_text()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServiceUnavailable(f"opentracker did not listen on {self.bind_ip}:{self.port} "
+                raise ServiceUnavailable(f"opentracker did not listen on {listen_ip}:{listen_port} "
                                          f"within {timeout}s: {self.tail_text()}")
             time.sleep(0.05)
         if self._proc.poll() is not None:
             self._reader.join(2)
             self._proc = None
             raise ServiceUnavailable(f"opentracker exited at start: {self.tail_text()}")
+        if self.guarded:
+            guard = TrackerGuard((self.bind_ip, self.port), (listen_ip, listen_port))
+            try:
+                guard.start()
+            except OSError as exc:
+                self.stop()
+                raise ServiceUnavailable(f"cannot listen on {self.bind_ip}:{self.port}: {exc.strerror or exc}",
+                                         hint="choose another --tracker-port") from exc
+            self._guard = guard
         log.info("opentracker pid %d on %s (%d whitelisted)", self.pid, self.announce_url, len(hashes))
 
     def _read(self) -> None:
@@ -206,10 +254,14 @@ class Opentracker:
         self.set_whitelist([*self._hashes, *info_hashes])
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        guard_ok = not self.guarded or (self._guard is not None and self._guard.alive())
+        return self._proc is not None and self._proc.poll() is None and guard_ok
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, wait, SIGKILL; our pid only. Idempotent."""
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.stop()
         proc = self._proc
         if proc is None:
             return
