@@ -307,7 +307,7 @@ class CtorrentProcess:
         if line.startswith(_TRACKER_FAILURE):
             reason = line[len(_TRACKER_FAILURE):].strip()
             if reason != self.tracker_failure:
-                log.warning("ctorrent pid %s: tracker refused announce: %s", self.pid, reason)
+                log.warning("ctorrent pid %s: tracker refused announce: %r", self.pid, reason)  # %r: remote text
             self.tracker_failure = reason
             return
         m = _LISTEN_RE.search(line)
