@@ -194,12 +194,7 @@ class _Connection(server.HTTPConnection):
         except ssl.SSLWantWriteError:
             self.wants = selectors.EVENT_WRITE
             return WAIT
-        except ssl.SSLError as exc:
-            if "http request" in str(exc).lower():  # plain HTTP on the HTTPS port: say so, as cheroot does
-                msg = b"The client sent a plain HTTP request, but this server only speaks HTTPS on this port."
-                with contextlib.suppress(OSError):
-                    socket.socket.send(sock, b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-                                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(msg), msg))
+        except OSError:  # ssl.SSLError included: plain HTTP on the HTTPS port is closed unanswered, as before
             return CLOSED
         self.handshaken = True
         self.wants = selectors.EVENT_READ
