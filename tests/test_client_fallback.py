@@ -126,7 +126,7 @@ def test_record_allows_an_empty_layer_without_torrent_and_no_layers_at_all():
         LayeredRecord.from_json(Reference("team/app", "v1"),
                                 dict(rec, layers=[{"digest": sha(b"x"), "size": 1, "info_hash": None}]))
     bare = json.dumps({"rootfs": {"type": "layers", "diff_ids": []}}).encode()
-    none = dict(rec, image_id=sha(bare), config={"digest": sha(bare), "size": len(bare)}, layers=[])
+    none = dict(rec, image_id=sha(bare), config={"digest": sha(bare), "size": len(bare)}, layers=[], size=len(bare))
     assert check_config(LayeredRecord.from_json(Reference("team/app", "v1"), none), bare) == []
 
 
