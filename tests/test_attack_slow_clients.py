@@ -221,6 +221,36 @@ def test_trickled_body_gets_408_and_nothing_is_stored(registry: Registry, case: 
            "connection closed, nothing stored")
 
 
+def test_a_download_read_too_slowly_is_cut_off(registry: Registry) -> None:
+    """The sibling on the way out: a client that requests a blob and then hardly reads held its thread for as long
+    as it liked."""
+    blob = os.urandom(32 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    resp = requests.post(f"{registry.url}/api/v1/blobs?kind=layer", data=blob, timeout=120,
+                         headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code in (200, 201), resp.text
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small buffers: the server's sends block
+    sock.settimeout(15)
+    try:
+        sock.connect(("127.0.0.1", registry.port))
+        sock.sendall(f"GET /api/v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        start = time.monotonic()
+        got = sock.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200"), got[:100]
+        time.sleep(BODY_TIMEOUT + 3)  # read nothing while the server waits to send
+        data, closed = _read_until_closed(sock, 30)
+        got += data
+    finally:
+        sock.close()
+    assert len(got) < len(blob), "the whole blob was sent to a client that did not read"
+    assert closed - start < BODY_TIMEOUT + 15
+    requests.get(registry.url + "/healthz", timeout=10).raise_for_status()
+    record("slow clients", "blob GET read at almost nothing (receive buffer 4 KiB, no reads)",
+           f"connection cut after {len(got)} of {len(blob)} bytes (--body-timeout {BODY_TIMEOUT:g}, "
+           "--body-min-rate 1KiB); its thread freed")
+
+
 def test_a_large_push_still_streams(registry: Registry) -> None:
     data = os.urandom(64 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()

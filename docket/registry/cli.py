@@ -99,10 +99,11 @@ def _fail(exc: DocketError) -> None:
               help="Seconds a client has to send a request's line and headers (and the TLS handshake); then the "
                    "connection is closed. Waiting for them holds no thread.")
 @click.option("--body-timeout", envvar="DOCKET_BODY_TIMEOUT", show_envvar=True, type=click.FloatRange(0.1, 3600),
-              default=20.0, help="A request body must bring --body-min-rate bytes per second over each window of "
-                                 "this many seconds (at least one byte), else it is answered 408 and dropped.")
+              default=20.0, help="For each this many seconds spent waiting for a client, a request body must "
+                                 "bring (a response must take) --body-min-rate bytes per second, at least one "
+                                 "byte; else a request is answered 408 and dropped, a response cut off.")
 @click.option("--body-min-rate", envvar="DOCKET_BODY_MIN_RATE", show_envvar=True, type=ByteSize(), default="1KiB",
-              help="Slowest accepted request body, in bytes per second (averaged over --body-timeout).")
+              help="Slowest accepted client, in bytes per second (over each --body-timeout of waiting).")
 @click.option("--gc-interval", envvar="DOCKET_GC_INTERVAL", show_envvar=True, type=click.FloatRange(0),
               default=30.0, help="Seconds between garbage collection passes (0 disables GC).")
 @click.option("--gc-grace", envvar="DOCKET_GC_GRACE", show_envvar=True, type=click.FloatRange(0), default=600.0,

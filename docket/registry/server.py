@@ -9,9 +9,10 @@ Here, on top of cheroot's own connection manager and thread pool:
   manager's selector thread reads whatever has arrived, non-blocking, and hands a connection to a worker only once
   its whole head is buffered. A head not complete ``header_timeout`` seconds after the connection was accepted (or
   after its first byte, on a kept-alive connection) gets the connection closed;
-* a body must keep arriving: each window of ``body_timeout`` seconds must bring ``body_min_rate * body_timeout``
-  bytes (at least one). Otherwise the read raises :class:`BodyTimeout`, the app answers 408 (nothing is stored) and
-  the connection is closed;
+* a body must keep moving: for each ``body_timeout`` seconds spent waiting for the client, ``body_min_rate *
+  body_timeout`` bytes (at least one) must have come in. Otherwise the read raises :class:`BodyTimeout`, the app
+  answers 408 (nothing is stored) and the connection is closed. Responses are held to the same rate: a client that
+  reads a download too slowly gets its connection closed;
 * the worker pool grows when every worker is busy, up to ``max_threads``, and shrinks back to ``min_threads``.
 
 Bodies still stream to the app as they arrive (a push hashes while it receives; nothing is buffered to disk first).
@@ -20,6 +21,7 @@ Bodies still stream to the app as they arrive (a push hashes while it receives; 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import selectors
 import socket
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cheroot import connections, errors, server, wsgi
-from cheroot.makefile import MakeFile, StreamReader
+from cheroot.makefile import MakeFile, StreamReader, StreamWriter
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
@@ -47,8 +49,8 @@ class Deadlines:
     """How long a client may take. Defaults are generous for a slow link and short for an idle socket."""
 
     header_timeout: float = 10.0  # TLS handshake + request line + headers
-    body_timeout: float = 20.0  # length of a body window; also the longest wait for one byte of body
-    body_min_rate: int = 1024  # bytes per second a body must average over each window (0: any byte will do)
+    body_timeout: float = 20.0  # seconds of waiting for the client per window; also the longest wait for one byte
+    body_min_rate: int = 1024  # bytes per second of waiting a body must move, per window (0: any byte will do)
     idle_timeout: float = 60.0  # a kept-alive connection between requests; a blocked send
 
     @property
@@ -57,8 +59,8 @@ class Deadlines:
 
 
 class BodyTimeout(TimeoutError):
-    """A request body arrived slower than the deadlines allow. ``args[0]`` is cheroot's "timed out" (so cheroot
-    answers 408 itself if the app lets it through); ``str()`` says what was too slow."""
+    """A body moved slower than the deadlines allow. ``args[0]`` is cheroot's "timed out" (so cheroot answers 408
+    itself if the app lets it through); ``str()`` says what was too slow."""
 
     def __init__(self, detail: str) -> None:
         super().__init__("timed out")
@@ -68,20 +70,60 @@ class BodyTimeout(TimeoutError):
         return self.detail
 
 
-class _DeadlineSocketIO(socket.SocketIO):
-    """The raw reader under a connection's buffer: non-blocking while the selector gathers the head; in a worker,
-    blocking with the body-progress deadline (each read waits at most until the current window ends)."""
+class _Progress:
+    """Bytes moved against seconds spent waiting for the peer, in windows of ``body_timeout`` seconds of waiting:
+    only the client's slowness counts, not the app's own pauses between reads or writes."""
 
-    def __init__(self, sock: socket.socket, deadlines: Deadlines) -> None:
-        super().__init__(sock, "rb")
-        self.deadlines = deadlines
-        self.eof = False
+    def __init__(self, deadlines: Deadlines, what: str) -> None:
+        self.deadlines, self.what = deadlines, what
         self.expired: BodyTimeout | None = None
-        self._window_start: float | None = None
-        self._window_bytes = 0
+        self.waited, self.moved = 0.0, 0
 
-    def new_request(self) -> None:
-        self.expired, self._window_start, self._window_bytes = None, None, 0
+    def reset(self) -> None:
+        self.expired, self.waited, self.moved = None, 0.0, 0
+
+    def run(self, sock: socket.socket, op: Any, b: Any) -> int:
+        """``op(b)`` (recv_into or send) on the blocking ``sock``, waiting at most what is left of the window."""
+        if self.expired is not None:
+            raise self.expired
+        d = self.deadlines
+        while True:
+            left = d.body_timeout - self.waited
+            if left <= 0:
+                if self.moved < d.body_min_bytes:
+                    self.expired = BodyTimeout(
+                        f"{self.what} moved {self.moved} bytes in {d.body_timeout:g} s; this registry needs at "
+                        f"least {d.body_min_bytes} (--body-min-rate {d.body_min_rate} B/s over --body-timeout "
+                        f"{d.body_timeout:g} s)")
+                    raise self.expired
+                self.waited, self.moved = 0.0, 0
+                continue
+            current = sock.gettimeout()
+            if not current or abs(current - left) > 1.0:  # few settimeout calls (each is a syscall); <= 1 s late
+                sock.settimeout(left)
+            start = time.monotonic()
+            try:
+                n = op(b)
+            except TimeoutError:
+                continue  # the window's waiting time is spent: judged at the top of the loop
+            finally:
+                self.waited += time.monotonic() - start
+            self.moved += n
+            return int(n)
+
+
+class _DeadlineSocketIO(socket.SocketIO):
+    """The raw stream under a connection's buffers: reads non-blocking while the selector gathers a head; in a
+    worker, reads and writes that must keep making progress (:class:`_Progress`)."""
+
+    def __init__(self, sock: socket.socket, deadlines: Deadlines, mode: str) -> None:
+        super().__init__(sock, mode)
+        self.eof = False
+        self.progress = _Progress(deadlines, "the request body" if "r" in mode else "the response")
+
+    @property
+    def expired(self) -> BodyTimeout | None:
+        return self.progress.expired
 
     def readinto(self, b: Any) -> int | None:
         self._checkClosed()
@@ -93,40 +135,29 @@ class _DeadlineSocketIO(socket.SocketIO):
                 return None
             self.eof = self.eof or (n == 0 and len(b) > 0)
             return n
-        if self.expired is not None:
-            raise self.expired
-        d = self.deadlines
-        while True:
-            now = time.monotonic()
-            if self._window_start is None:
-                self._window_start = now
-            left = self._window_start + d.body_timeout - now
-            if left <= 0:
-                if self._window_bytes < d.body_min_bytes:
-                    self.expired = BodyTimeout(
-                        f"the request body brought {self._window_bytes} bytes in {d.body_timeout:g} s; this registry "
-                        f"needs at least {d.body_min_bytes} (--body-min-rate {d.body_min_rate} B/s over "
-                        f"--body-timeout {d.body_timeout:g} s)")
-                    raise self.expired
-                self._window_start, self._window_bytes = now, 0
-                continue
-            self._sock.settimeout(left)
-            try:
-                n = self._sock.recv_into(b)
-            except TimeoutError:
-                continue  # the window is over: judged at the top of the loop
-            finally:
-                self._sock.settimeout(d.idle_timeout)
-            self._window_bytes += n
-            return n
+        return self.progress.run(self._sock, self._sock.recv_into, b)
+
+    def write(self, b: Any) -> int | None:
+        self._checkClosed()
+        self._checkWritable()
+        return self.progress.run(self._sock, self._sock.send, b)
 
 
 class _Reader(StreamReader):
     """cheroot's socket reader over :class:`_DeadlineSocketIO`, with room for a whole request head."""
 
     def __init__(self, sock: socket.socket, deadlines: Deadlines) -> None:
-        super(StreamReader, self).__init__(_DeadlineSocketIO(sock, deadlines), HEAD_BUFFER)
+        super(StreamReader, self).__init__(_DeadlineSocketIO(sock, deadlines, "rb"), HEAD_BUFFER)
         self.bytes_read = 0
+
+
+class _Writer(StreamWriter):
+    """cheroot's socket writer over :class:`_DeadlineSocketIO`: a client that reads a response too slowly frees its
+    thread too."""
+
+    def __init__(self, sock: socket.socket, deadlines: Deadlines, bufsize: int) -> None:
+        super(StreamWriter, self).__init__(_DeadlineSocketIO(sock, deadlines, "wb"), bufsize)
+        self.bytes_written = 0
 
 
 class _Request(server.HTTPRequest):
@@ -143,8 +174,9 @@ class _Connection(server.HTTPConnection):
     RequestHandlerClass = _Request
 
     def __init__(self, srv: Server, sock: socket.socket, makefile: Any = MakeFile) -> None:
-        def files(s: socket.socket, mode: str = "r", bufsize: int = -1) -> Any:
-            return _Reader(s, srv.deadlines) if "r" in mode else makefile(s, mode, bufsize)
+        def files(s: socket.socket, mode: str = "r", bufsize: int = io.DEFAULT_BUFFER_SIZE) -> Any:
+            # cheroot's makefile (plain or TLS) makes these same classes over a plain SocketIO
+            return _Reader(s, srv.deadlines) if "r" in mode else _Writer(s, srv.deadlines, bufsize)
 
         super().__init__(srv, sock, files)
         self.deadlines = srv.deadlines
@@ -153,7 +185,8 @@ class _Connection(server.HTTPConnection):
         self.head_deadline: float | None = time.time() + srv.deadlines.header_timeout
 
     def communicate(self) -> bool:
-        self.rfile.raw.new_request()
+        self.rfile.raw.progress.reset()
+        self.wfile.raw.progress.reset()
         return bool(super().communicate())
 
     def advance(self) -> str:
