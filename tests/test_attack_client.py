@@ -593,3 +593,25 @@ def test_verified_bytes_counts_only_pieces_that_verify(tmp_path: Path) -> None:
     assert verified_bytes(blob, len(data), meta.piece_length, hashes, bytes([0b10000000])) == 65536
     record("client", "resumed file with a poisoned piece its bitfield marks present",
            "bytes_resumed counts only the pieces whose SHA-1 matches (the poisoned one is fetched again)")
+
+
+def test_too_many_open_files_gets_its_own_hint(hostile: Hostile, tmp_path: Path, reap_ctorrents: None) -> None:
+    """200 layers under a hard limit of 64 open files: the error says so, not "install ctorrent"."""
+    import errno
+    import resource
+
+    from docket.torrent.ctorrent import INSTALL_HINT, _start_hint
+
+    rec, _ = layered_image(hostile, tmp_path, f"http://127.0.0.1:{free_port()}/announce", 200, size=70_000)
+    hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
+    res = subprocess.run(docket_cmd(tmp_path / "client", *cli_args(hostile, "pull", "--no-load", "--transport", "p2p",
+                                                                    "evil:latest")),
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert res.returncode == 1, res.stderr
+    assert "Too many open files" in res.stderr and "raise the limit (ulimit -n)" in res.stderr
+    assert "install" not in res.stderr and "unexpected" not in res.stderr
+    assert "ulimit -n" in _start_hint(OSError(errno.EMFILE, "Too many open files"))
+    assert _start_hint(OSError(errno.ENOENT, "No such file")) == INSTALL_HINT
+    record("client", "200 layers with a hard limit of 64 open files",
+           "exit 1 'Too many open files' with the hint 'raise the limit (ulimit -n)', not 'install ctorrent'")

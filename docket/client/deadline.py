@@ -7,7 +7,7 @@ down when the watch's deadline passes; the blocked read then fails at once and t
 ``DeadlineExceeded`` (a ``requests`` Timeout). A connection given back to the pool leaves its watch first, so a
 late deadline never touches the next request on the same connection.
 
-Two kinds of deadline (README, "Timeouts"):
+Two kinds of deadline (README, "Limits against a broken or hostile registry or tracker"):
 - small replies (records, torrents, the config, tracker scrapes): a fixed total, ``Watch(seconds)``;
 - blob downloads: a deadline on progress: the caller calls ``Watch.extend(seconds)`` after each chunk, so a
   download of any size goes on while chunks keep arriving in time, and a trickle ends within one window.

@@ -178,8 +178,7 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
     try:
         f = open(path, "a+b")  # noqa: SIM115 - closed below
     except OSError as exc:
-        raise errors.DocketError(f"cannot open {path}: {exc.strerror or exc}",
-                                 "choose another --location (DOCKET_LOCATION) or fix its permissions") from exc
+        raise errors.DocketError(f"cannot open {path}: {exc.strerror or exc}", local_error_hint(exc)) from exc
     with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,6 +193,15 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def local_error_hint(exc: OSError) -> str:
+    """What to do about a local file operation that failed, by its errno (never "install ctorrent")."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return "too many open files: raise the limit (ulimit -n) or pull an image with fewer layers"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space, or point --location (DOCKET_LOCATION) at a larger disk"
+    return "choose another --location (DOCKET_LOCATION) or fix its permissions"
 
 
 def check_output_path(output: Path) -> Path:
@@ -284,6 +292,7 @@ class Puller:
         torrent = self.api.get_torrent(record.digest)
         meta = read_torrent(torrent)
         check_torrent(meta, record)
+        check_torrent_size(torrent, meta.pieces, record.digest)
         return record, torrent, meta
 
     def pull(self, ref: Reference) -> PullResult:
