@@ -144,6 +144,26 @@ def test_range_headers_follow_rfc_9110(client, app, prefix):
            "overlapping: 416 RANGE_NOT_SATISFIABLE (no upload code), Content-Range bytes */LEN")
 
 
+def test_range_on_a_torrent_download(client):
+    """The sibling download route: /api/v1/blobs/<digest>/torrent follows the same Range rules."""
+    data = bytes(range(256)) * 400
+    resp = client.post(f"/api/v1/blobs?kind=layer&digest={sha(data)}", data=data,
+                       headers={"Content-Type": "application/octet-stream"})
+    assert resp.status_code == 201, resp.get_data(as_text=True)
+    whole = client.get(f"/api/v1/blobs/{sha(data)}/torrent").data
+    for header in ("items=0-5", "bytes=9-3", "bytes=0-5,10-15"):
+        resp = client.get(f"/api/v1/blobs/{sha(data)}/torrent", headers={"Range": header})
+        assert (resp.status_code, resp.data) == (200, whole), header
+    resp = client.get(f"/api/v1/blobs/{sha(data)}/torrent", headers={"Range": "bytes=0-9"})
+    assert (resp.status_code, resp.data) == (206, whole[:10])
+    resp = client.get(f"/api/v1/blobs/{sha(data)}/torrent", headers={"Range": f"bytes={len(whole)}-"})
+    assert resp.status_code == 416 and resp.get_json()["error"]["code"] == "RANGE_NOT_SATISFIABLE"
+    assert resp.headers["Content-Range"] == f"bytes */{len(whole)}"
+    record("conformance", "Range on a .torrent download (/api/v1/blobs/<digest>/torrent)",
+           "same rules as blobs: unknown unit, invalid and multi-range: 200 whole file; one range 206; past the end "
+           "416 RANGE_NOT_SATISFIABLE")
+
+
 def test_range_on_a_real_registry(tmp_path):
     """The same over cheroot (a real docket-registry process): what a client on the wire sees."""
     server = RegistryServer(location=tmp_path / "registry", port=free_port(), tracker_port=free_port(),

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from sqlalchemy import select
-from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, TooLarge
@@ -15,7 +15,7 @@ from docket.reference import validate_repository, validate_tag
 from docket.registry.bodies import check_body_headers as _check_body_headers
 from docket.registry.bodies import human as _human
 from docket.registry.bodies import receive as _receive
-from docket.registry.bodies import send_blob, too_slow
+from docket.registry.bodies import send_blob, send_ranged_file, too_slow
 from docket.registry.db import get_session
 from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
 from docket.registry.store import digest_hex, validate_digest
@@ -170,8 +170,8 @@ def get_torrent(digest: str) -> Response:
     validate_digest(digest)
     sv = services()
     blob = sv.get_torrent_blob(get_session(), digest)
-    resp = send_file(sv.store.torrent_path(digest), mimetype="application/x-bittorrent", conditional=True,
-                     etag=blob.info_hash, max_age=0, download_name=f"{digest_hex(digest)}.torrent")
+    resp = send_ranged_file(sv.store.torrent_path(digest), mimetype="application/x-bittorrent", etag=blob.info_hash,
+                            max_age=0, download_name=f"{digest_hex(digest)}.torrent")  # Range per RFC 9110
     resp.headers["Docket-Info-Hash"] = blob.info_hash
     return resp
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from pathlib import Path
+from typing import Any
 
 from flask import Response, current_app, jsonify, request, send_file
 from werkzeug.exceptions import ClientDisconnected, RequestedRangeNotSatisfiable
@@ -140,7 +140,7 @@ def _ignore_range(size: int) -> bool:
 
 def _range_not_satisfiable(size: int) -> Response:
     """416 with ``Content-Range: bytes */<size>`` (RFC 9110), in the error shape of the API asked."""
-    exc = RangeNotSatisfiable(f"the requested range is outside the blob's {size} bytes",
+    exc = RangeNotSatisfiable(f"no requested range overlaps the {size} bytes here",
                               "ask for bytes=<first>-<last> with first below the size")
     if request.path.startswith("/v2/"):
         from docket.registry.v2.errors import v2_error_body
@@ -179,6 +179,20 @@ class _ReleaseOnClose:
                 on_close()
 
 
+def send_ranged_file(path: Path, *, mimetype: str, etag: str, max_age: int,
+                     download_name: str | None = None) -> Response:
+    """``send_file`` (If-None-Match: 304) with Range as RFC 9110 wants it (``_ignore_range``) and a 416 in the
+    API's error shape. Raises FileNotFoundError for a missing file."""
+    size = path.stat().st_size
+    if _ignore_range(size):
+        request.environ.pop("HTTP_RANGE", None)
+    try:
+        return send_file(path, mimetype=mimetype, conditional=True, etag=etag, max_age=max_age,
+                         download_name=download_name)
+    except RequestedRangeNotSatisfiable:
+        return _range_not_satisfiable(size)
+
+
 def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | None = None) -> Response:
     """A stored blob as the answer (GET or HEAD; a single byte Range: 206/416, other Ranges ignored (200);
     If-None-Match: 304), held against GC while it is being sent. A HEAD renews an unreferenced blob's grace
@@ -189,26 +203,19 @@ def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | Non
     if request.method == "HEAD":
         sv.uploads.activity.touch()  # a client checking what to push: part of a push in progress
         keep_for_existence_check(sv, digest)
-    path = sv.store.blob_path(digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError as exc:
-            raise NotFound(f"no blob {digest} in this registry", "it was deleted; push it again") from exc
-        if _ignore_range(size):
-            request.environ.pop("HTTP_RANGE", None)
-        try:
-            resp = send_file(path, mimetype="application/octet-stream", conditional=True,
-                             etag=digest, max_age=BLOB_MAX_AGE, download_name=download_name)
-        except RequestedRangeNotSatisfiable:
-            sv.downloads.release(digest)
-            return _range_not_satisfiable(size)
-        except FileNotFoundError as exc:
-            raise NotFound(f"no blob {digest} in this registry", "it was deleted; push it again") from exc
+        resp = send_ranged_file(sv.store.blob_path(digest), mimetype="application/octet-stream", etag=digest,
+                                max_age=BLOB_MAX_AGE, download_name=download_name)
+    except FileNotFoundError as exc:
+        sv.downloads.release(digest)
+        raise NotFound(f"no blob {digest} in this registry", "it was deleted; push it again") from exc
     except BaseException:
         sv.downloads.release(digest)
         raise
+    if resp.status_code == 416:
+        sv.downloads.release(digest)  # no file in this answer
+        return resp
     # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
     resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
     resp.headers[digest_header] = digest
