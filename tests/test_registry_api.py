@@ -422,7 +422,7 @@ def test_healthz_ok_without_seeding(client, image):
     body = resp.get_json()
     assert resp.status_code == 200, body
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"database", "blob_store", "tracker", "seeders"}
+    assert set(body["checks"]) == {"database", "blob_store", "disk_space", "tracker", "seeders"}
     assert body["checks"]["blob_store"]["blobs"] == 3  # layer + config + V2 manifest
 
 

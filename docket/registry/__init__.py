@@ -70,6 +70,13 @@ def _http_error(exc: HTTPException) -> Response:
 
 
 def _unexpected(exc: Exception) -> tuple[Response, int]:
+    from docket.registry.storage import storage_error
+
+    translated = storage_error(exc)  # a full disk (507), a read-only or failing volume or database (503)
+    if translated is not None:
+        log.error("storage failure in %s %s: %s", request.method, request.path,
+                  str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return _docket_error(translated)
     log.exception("unhandled error")
     return jsonify(error_body("INTERNAL", "internal error in the registry", "see the registry log")), 500
 

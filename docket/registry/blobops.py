@@ -21,9 +21,9 @@ def drop_blob_locked(sv: RegistryServices, digest: str, info_hash: str | None, *
                      require_unreferenced_mark: bool = True) -> bool:
     """Remove one blob, in GC's safe order: stop its seeder and drop it from the tracker's whitelist, then (under
     the tag lock, re-checking that nothing references it) delete the row and commit, then the files. A crash
-    between row and files leaves orphan files that start-up removes; the reverse order could leave rows pointing
-    at nothing. Returns False, re-seeding it, when it turned out to be referenced (or, with
-    ``require_unreferenced_mark``, as GC wants, when it is no longer marked unreferenced)."""
+    between row and files leaves orphan files that start-up adopts as unreferenced (GC takes them again); the
+    reverse order could leave rows pointing at nothing. Returns False, re-seeding it, when it turned out to be
+    referenced (or, with ``require_unreferenced_mark``, as GC wants, when it is no longer marked unreferenced)."""
     if info_hash is not None:
         if sv.seeders is not None:
             sv.seeders.remove(digest)

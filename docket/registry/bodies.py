@@ -63,6 +63,7 @@ def check_body_headers(what: str, *, already: int = 0, allow_empty: bool = False
                        "ask the operator to raise --max-upload-size")
     if length == 0 and not allow_empty:
         raise InvalidRequest("empty request body", f"the body must be the {what}")
+    current_app.extensions["docket"].require_space(length or 0)  # 507 before any byte is written
     return length
 
 

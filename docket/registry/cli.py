@@ -112,6 +112,12 @@ def _fail(exc: DocketError) -> None:
 @click.option("--scrub-interval", envvar="DOCKET_SCRUB_INTERVAL", show_envvar=True, type=click.FloatRange(0),
               default=3600.0, help="Seconds between passes that re-hash every blob to catch corruption (the first "
                                    "pass runs in the background at start-up; 0 disables scrubbing).")
+@click.option("--min-free-space", envvar="DOCKET_MIN_FREE_SPACE", show_envvar=True, type=ByteSize(), default="1GiB",
+              help="Free space kept on the registry's volumes: below it /healthz is degraded and uploads are "
+                   "refused with 507 (reads, deletes and GC go on). 0: only a full disk counts.")
+@click.option("--adopt-orphans", is_flag=True, envvar="DOCKET_ADOPT_ORPHANS", show_envvar=True, default=False,
+              help="Register blob files the database has no row for (after a lost or replaced database) instead of "
+                   "refusing to start; they are kept until a tag that uses them is deleted.")
 @click.option("--seeding/--no-seeding", envvar="DOCKET_SEEDING", show_envvar=True, default=True,
               help="Seed blobs over BitTorrent (--no-seeding: plain HTTP only, no tracker or ctorrent).")
 @click.option("--auth-token", "auth_tokens", multiple=True, metavar="TOKEN",
@@ -133,7 +139,8 @@ def _fail(exc: DocketError) -> None:
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
          max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
-         gc_interval: float, gc_grace: float, scrub_interval: float, seeding: bool, auth_tokens: tuple[str, ...],
+         gc_interval: float, gc_grace: float, scrub_interval: float, min_free_space: int, adopt_orphans: bool,
+         seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
          tls_cert: Path | None, tls_key: Path | None) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
@@ -156,6 +163,7 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 body_timeout=body_timeout, body_min_rate=body_min_rate,
                                 gc_interval=gc_interval, gc_grace=check_grace(gc_grace),
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
+                                min_free_space=min_free_space, adopt_orphans=adopt_orphans,
                                 tls_cert=cert, tls_key=key)
         serve(config)
     except DocketError as exc:

@@ -47,6 +47,10 @@ class RegistryConfig:
     max_header_bytes: int = 16 * 1024  # larger request headers -> 431 (JSON); cheroot's own cap is 64 KiB
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # below this much free space /healthz is degraded and uploads are refused (507); 0 disables (docs: README)
+    min_free_space: int = GIB
+    # start-up registers blob files the database does not know (a lost or replaced database) instead of refusing
+    adopt_orphans: bool = False
 
     def with_overrides(self, **overrides: object) -> RegistryConfig:
         """A copy with some fields replaced (unknown names raise TypeError)."""

@@ -13,9 +13,13 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from flask import Flask, current_app, g
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
+
+from docket.errors import DocketError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,31 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+class DatabaseUnusable(DocketError):
+    """The database cannot be opened, checked or migrated at start-up (damaged, locked, read-only)."""
+
+    status, code, exit_code = 503, "DATABASE_UNUSABLE", 8
+
+
+RESTORE_HINT = ("restore it from a backup (the blob files were not touched), or move it aside and start with "
+                "--adopt-orphans to register the blobs again (tags must then be pushed again)")
+
+
+def _unusable(where: str, exc: BaseException) -> DatabaseUnusable:
+    """One line saying what is wrong with the database at ``where``, and what to do about it."""
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    lower = reason.lower()
+    if "locked" in lower or "busy" in lower:
+        hint = "another process holds it (another docket-registry on this location?): stop it, or retry"
+    elif "readonly" in lower or "read-only" in lower or "unable to open" in lower:
+        hint = "make the database file and its directory writable by this user"
+    elif "disk is full" in lower:
+        hint = "free space on its volume"
+    else:
+        hint = RESTORE_HINT
+    return DatabaseUnusable(f"cannot use the database {where}: {reason}", hint)
+
+
 class Database:
     """One engine and session factory per app; never a module-level global."""
 
@@ -58,9 +87,44 @@ class Database:
         self.engine = make_engine(url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def where(self) -> str:
+        """The database for messages: the SQLite file, or the URL without its password."""
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database:
+            return self.engine.url.database
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def check(self) -> None:
+        """Start-up: the database opens and (SQLite) passes ``PRAGMA quick_check``; DatabaseUnusable with a hint
+        otherwise, before anything reads or writes it (a damaged file must not become 500s on every request)."""
+        try:
+            with self.engine.connect() as conn:
+                if self.engine.dialect.name == "sqlite":
+                    rows = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+                    if rows != ["ok"]:
+                        problems = [line for row in rows for line in str(row).splitlines()
+                                    if line.strip() and not line.startswith("***")]
+                        raise DatabaseUnusable(f"the database {self.where} is damaged: quick_check found "
+                                               f"{len(problems)} problem(s), first: {problems[0] if problems else '?'}",
+                                               RESTORE_HINT)
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")  # writable and not locked by another process
+                    conn.exec_driver_sql("ROLLBACK")
+                else:
+                    conn.execute(text("SELECT 1"))
+        except sa_exc.SQLAlchemyError as exc:
+            raise _unusable(self.where, exc) from exc
+
     def migrate(self) -> None:
-        """Upgrade the schema to the newest revision (idempotent)."""
-        self.upgrade("head")
+        """Check the database, then upgrade the schema to the newest revision (idempotent); DatabaseUnusable when
+        it cannot (damaged, locked, read-only)."""
+        self.check()
+        try:
+            self.upgrade("head")
+        except sa_exc.SQLAlchemyError as exc:
+            raise _unusable(self.where, exc) from exc
+        except CommandError as exc:  # e.g. a revision this version does not know: written by a newer docket
+            raise DatabaseUnusable(f"cannot migrate the database {self.where}: {str(exc).splitlines()[0]}",
+                                   "run the docket-registry version that wrote it, or restore a backup") from exc
 
     def upgrade(self, revision: str) -> None:
         """Upgrade to ``revision``. SQLite rebuilds a table to change a column (alembic batch mode): foreign key

@@ -12,7 +12,8 @@ still downloading over BitTorrent needs our seeder). Those last two waits are bo
 announce an info hash to the tracker, and an announce or a trickled download must not pin a blob forever (a
 download already running keeps the file it opened). Then, under the blob's lock: stop its seeder,
 remove it from the whitelist, delete the DB row (committed), then the files. A crash between the row and the
-files leaves orphan files, which start-up removes; the reverse order could leave rows pointing at nothing.
+files leaves orphan files, which start-up adopts as unreferenced rows (it never deletes them); the reverse order
+could leave rows pointing at nothing.
 """
 
 from __future__ import annotations

@@ -62,6 +62,23 @@ def _blob_store(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str,
     return result
 
 
+def _disk_space(sv: Any) -> dict[str, Any]:
+    """Free space on the volumes the registry writes; degraded below ``--min-free-space`` (uploads are refused
+    there too, with 507), so an orchestrator sees a filling disk before pushes fail."""
+    from docket.registry.storage import free_bytes, human
+
+    minimum = sv.config.min_free_space
+    try:
+        free = free_bytes(sv.storage_paths())
+    except OSError as exc:
+        return {"ok": False, "error": f"cannot read free space: {exc.strerror or exc}"}
+    result: dict[str, Any] = {"ok": free >= minimum and free > 0, "free_bytes": free, "min_free_bytes": minimum}
+    if not result["ok"]:
+        result["error"] = (f"{human(free)} free, below the {human(minimum)} of --min-free-space: uploads are refused"
+                           if free else "no free space left: uploads are refused")
+    return result
+
+
 def _scrub_summary(sv: Any) -> dict[str, Any]:
     last = sv.scrubber.last_pass
     return {"interval": sv.scrubber.interval, "passes": sv.scrubber.passes,
@@ -101,6 +118,7 @@ def healthz() -> tuple[Response, int]:
     checks = {
         "database": _database(sv),
         "blob_store": _blob_store(sv, blobs),
+        "disk_space": _disk_space(sv),
         "tracker": tracker,
         "seeders": _seeders(sv, blobs),
     }

@@ -23,15 +23,18 @@ import torf
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from docket.errors import InvalidImage, InvalidRequest, NotFound, ServiceUnavailable
+from docket.errors import DocketError, InvalidImage, InvalidRequest, NotFound, ServiceUnavailable
 from docket.imagetar import MAX_CONFIG_BYTES, ImageInfo, config_diff_ids, inspect_image_tar, iter_layers, parse_created
 from docket.registry.config import RegistryConfig
 from docket.registry.db import Database
 from docket.registry.models import (
     FORMAT_LAYERS,
     FORMAT_TARBALL,
+    KIND_BLOB,
     KIND_CONFIG,
     KIND_LAYER,
+    KIND_MANIFEST,
+    SEEDED_KINDS,
     Blob,
     Image,
     ImageLayer,
@@ -44,6 +47,36 @@ from docket.torrent import build_torrent, find_ctorrent
 from docket.torrent.metainfo import PieceHasher, retarget_torrent
 
 log = logging.getLogger(__name__)
+
+
+ORPHAN_ADOPT_LIMIT = 16  # blob files without a row that start-up adopts by itself (see _adopt_orphans)
+
+
+class OrphanBlobs(DocketError):
+    """Start-up found blob files the database does not know: a lost, emptied or replaced database."""
+
+    status, code, exit_code = 500, "DATABASE_MISMATCH", 11
+
+
+def _guess_kind(path: Path, size: int) -> str:
+    """The kind of an adopted blob file from its bytes: an image config, a V2 manifest, other JSON, else a layer
+    (seeded: a docket push that finds it skips the upload and needs it as a layer)."""
+    if size <= MAX_CONFIG_BYTES:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            if head == b"{":
+                raw = head + f.read()
+                try:
+                    config_diff_ids(raw)
+                    return KIND_CONFIG
+                except InvalidImage:
+                    pass
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    return KIND_LAYER
+                return KIND_MANIFEST if isinstance(doc, dict) and "schemaVersion" in doc else KIND_BLOB
+    return KIND_LAYER
 
 
 class DownloadCounter:
@@ -265,18 +298,19 @@ class RegistryServices:
         self.started = False
 
     def reconcile(self) -> list[Blob]:
-        """Bring files and rows together after a crash: orphan files go, missing torrents are rebuilt,
-        torrents get the current announce URL (the info hash does not depend on it)."""
+        """Bring files and rows together after a crash: blob files without a row are kept (adopted, or start-up is
+        refused: ``_adopt_orphans``), missing torrents are rebuilt, torrents get the current announce URL (the info
+        hash does not depend on it). Nothing here deletes a blob: the database's view is not trusted that far."""
         with self.db.session() as s:
             blobs = list(s.scalars(select(Blob)))
             known = {b.digest for b in blobs}
-            for digest in self.store.list_blob_digests():
-                if digest not in known:
-                    log.warning("removing blob %s: no database row (a push was interrupted)", digest)
-                    self.store.delete(digest)
+            orphans = [d for d in self.store.list_blob_digests() if d not in known and self.store.has_blob(d)]
+            if orphans:
+                blobs.extend(self._adopt_orphans(s, orphans, len(known)))
+                known.update(orphans)
             for torrent in self.store.torrents_dir.glob("*.torrent"):
                 algorithm = "sha512" if len(torrent.stem) == 128 else "sha256"
-                if f"{algorithm}:{torrent.stem}" not in known:
+                if f"{algorithm}:{torrent.stem}" not in known:  # derived data: rebuilt from its blob if needed
                     torrent.unlink(missing_ok=True)
             changed = False
             for b in blobs:
@@ -300,6 +334,51 @@ class RegistryServices:
             if changed:
                 s.commit()
             return blobs
+
+    def _adopt_orphans(self, s: Session, orphans: list[str], known: int) -> list[Blob]:
+        """Blob files the database has no row for. A push interrupted between placing its file and committing its
+        row leaves a few (at most one per request thread): they get rows, unreferenced, so GC reclaims them after
+        the grace period unless a push uses them. Many, or any beside a database that knows no blob at all, mean
+        the database was lost, emptied or replaced: refuse to start (every blob would otherwise be gone), unless
+        ``--adopt-orphans`` says to register them all, kept until a tag that uses them is deleted."""
+        where = f"{len(orphans)} blob file(s) under {self.store.blobs_root}"
+        limit = max(ORPHAN_ADOPT_LIMIT, self.config.threads)
+        if not self.config.adopt_orphans and (known == 0 or len(orphans) > limit):
+            state = "has no record of any blob, but" if known == 0 else f"knows {known} blob(s), but"
+            raise OrphanBlobs(
+                f"the database {self.db.where} {state} {where} have no row: refusing to start (nothing was deleted)",
+                "restore the database from a backup, or start once with --adopt-orphans to register the blobs "
+                "again (they are kept; tags must be pushed again, their unchanged blobs are not re-uploaded)")
+        keep = self.config.adopt_orphans
+        adopted = []
+        now = utcnow()
+        for digest in orphans:
+            path = self.store.blob_path(digest)
+            size = path.stat().st_size
+            kind = _guess_kind(path, size)
+            blob = Blob(digest=digest, size=size, kind=kind, created_at=now, unreferenced_at=None if keep else now)
+            s.add(blob)
+            adopted.append(blob)
+            log.warning("blob %s (%d bytes) had no database row: registered as a %s blob%s", digest, size, kind,
+                        " (kept)" if keep else ", unreferenced (GC reclaims it unless a push uses it)")
+        with self.tag_lock:
+            s.commit()
+        log.warning("adopted %s", where)
+        return adopted
+
+    def require_space(self, nbytes: int) -> None:
+        """NoSpace (507) unless ``nbytes`` more leave ``--min-free-space`` free on every volume the registry writes."""
+        from docket.registry.storage import require_space
+
+        require_space(self.storage_paths(), nbytes, self.config.min_free_space)
+
+    def storage_paths(self) -> list[Path]:
+        """Where the registry writes: blobs, uploads, torrents and the SQLite file (may be separate mounts)."""
+        paths = [self.store.blobs_root, self.store.uploads_dir, self.store.torrents_dir]
+        database = self.db.engine.url.database if self.db.engine.dialect.name == "sqlite" else None
+        if database and database != ":memory:":
+            paths.append(Path(database).parent)
+        return paths
 
     def _retarget_torrent(self, path: Path, digest: str):  # -> TorrentMeta | None
         """The current announce URL and, with read tokens, the blob's secret source (pieces kept: no re-read)."""
@@ -335,6 +414,18 @@ class RegistryServices:
             raise ServiceUnavailable(f"could not start a seeder for {digest}: {error or 'ctorrent failed'}",
                                      "see the registry log; the push can be retried")
 
+    def _settle_external(self, seeds: list[tuple[str, str]]) -> None:
+        """External tracker: before the tag is visible, wait (bounded) until the tracker accepts these layers, and
+        restart the seeders it does not list: they announced while it still refused them (docket-tracker polls
+        every few seconds) and would retry only ~15 s later, while the first pulls found no seeder."""
+        if not isinstance(self.tracker, ExternalTracker) or self.seeders is None or not seeds:
+            return
+        unseeded = set(self.tracker.settle(h for _, h in seeds))
+        late = [digest for digest, info_hash in seeds if info_hash in unseeded]
+        if late:
+            log.info("re-announcing %d seeder(s) the tracker refused before it accepted their hashes", len(late))
+            self.seeders.reannounce(late)
+
     def _ensure_torrent_locked(self, s: Session, blob: Blob, pieces: PieceHasher | None = None) -> bool:
         """Build the torrent of a seeded blob when it has none (caller holds the blob lock); True if changed."""
         if not blob.seeded or (blob.info_hash is not None and self.store.torrent_path(blob.digest).is_file()):
@@ -350,7 +441,29 @@ class RegistryServices:
         digest = upload.digest
         if self.scrubber.is_damaged(digest):  # the stored file is bad: the verified upload replaces it
             self.store.blob_path(digest).unlink(missing_ok=True)
+        with self.db.session() as s:
+            had_row = s.get(Blob, digest) is not None
         self.store.commit(upload, digest)
+        try:
+            answer, created = self._store_row_locked(upload, digest, kind)
+        except BaseException:
+            if not had_row and not self._has_row(digest):  # the row did not commit (a full disk, a failing
+                self.store.delete(digest)                       # database): no blob file without its row
+            raise
+        if answer["kind"] in SEEDED_KINDS:
+            assert answer["info_hash"] is not None
+            self._seed(digest, answer["info_hash"])
+        return answer, created
+
+    def _has_row(self, digest: str) -> bool:
+        try:
+            with self.db.session() as s:
+                return s.get(Blob, digest) is not None
+        except Exception:  # noqa: BLE001 - the database is failing: the commit we are cleaning up after did too
+            return False
+
+    def _store_row_locked(self, upload: Upload, digest: str, kind: str) -> tuple[dict[str, Any], bool]:
+        """The row (and torrent) of a blob whose file is in place; returns (answer, created)."""
         self.scrubber.clear(digest)
         with self.db.session() as s:
             blob = s.get(Blob, digest)
@@ -367,11 +480,7 @@ class RegistryServices:
             self._ensure_torrent_locked(s, blob, upload.pieces)
             with self.tag_lock:
                 s.commit()
-            answer = blob_answer(blob)
-        if blob.seeded:
-            assert blob.info_hash is not None
-            self._seed(digest, blob.info_hash)
-        return answer, created
+            return blob_answer(blob), created
 
     def store_blob(self, upload: Upload, kind: str) -> tuple[dict[str, Any], bool]:
         """``POST /api/v1/blobs``: store one finished (fsynced, hashed) upload as a blob of ``kind``."""
@@ -386,6 +495,7 @@ class RegistryServices:
         config's diff_id at its position) -> layer blobs and config blob stored and seeded -> manifest committed.
         Nothing is stored unless every layer matches; the caller deletes the temporary tarball."""
         info: ImageInfo = inspect_image_tar(upload.path)
+        self.require_space(upload.size)  # the layers are copied out of the tarball: about its size again
         diff_ids = info.diff_ids
         if len(diff_ids) != len(info.layers):
             raise InvalidImage(f"manifest.json lists {len(info.layers)} layer(s) but the image config's "
@@ -467,6 +577,7 @@ class RegistryServices:
             for digest, info_hash in seeds:
                 assert info_hash is not None
                 self._seed(digest, info_hash)
+            self._settle_external(seeds)  # type: ignore[arg-type]
             if v2 is None:  # a blob arrived after the first look: rare, so its lock is taken out of order here
                 v2 = self.manifests.docket_manifest_for(config_digest, layers)
                 assert v2 is not None  # every blob is present (checked above, locked)
