@@ -15,6 +15,7 @@ edges; each face may re-raise it with its own code).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -24,8 +25,12 @@ from docket.errors import InvalidJSON
 from docket.limits import INT64_MAX, INT64_MIN, MAX_JSON_DEPTH
 
 _BOM = b"\xef\xbb\xbf"
-# the tokens that matter for nesting: an escape pair (so an escaped quote is skipped), a quote, a bracket
-_NESTING_TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
+# nesting is measured on the brackets left after removing escape pairs (so an escaped quote ends nothing), then
+# strings (linear: without escapes a string is a quote, non-quotes, a quote), then everything else
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _MAX_INT_CHARS = 20  # "-9223372036854775808"
 
@@ -35,28 +40,17 @@ def _fail(what: str, problem: str, hint: str | None = None) -> InvalidJSON:
 
 
 def check_depth(text: str, limit: int = MAX_JSON_DEPTH, what: str = "JSON document") -> None:
-    """Refuse nesting deeper than ``limit`` without parsing (one pass over quotes, escapes and brackets; stops at
-    the first bracket too deep). Brackets inside strings do not count. On invalid JSON the result does not matter:
-    the parser refuses it at the same place."""
+    """Refuse nesting deeper than ``limit`` without parsing, in C-speed passes (no Python loop per character: 4 MiB
+    of brackets take a fraction of a second): drop escape pairs, then strings, then everything but brackets, then
+    the deepest running sum. Brackets inside strings do not count. On invalid JSON (a stray quote) the result may be
+    off: the parser refuses such a document anyway, and ``loads`` turns a RecursionError into InvalidJSON."""
     if text.count("[") + text.count("{") <= limit:
         return
-    depth = 0
-    in_string = False
-    for m in _NESTING_TOKENS.finditer(text):
-        token = m.group()
-        if token[0] == "\\":
-            continue
-        if token == '"':
-            in_string = not in_string
-        elif in_string:
-            continue
-        elif token in "[{":
-            depth += 1
-            if depth > limit:
-                raise _fail(what, f"nests deeper than {limit} levels (at character {m.start()})",
-                            "no manifest or image config nests that deep")
-        else:
-            depth -= 1
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    steps = memoryview(brackets.encode("ascii").translate(_STEPS)).cast("b")  # +1 opens, -1 closes
+    depth = max(itertools.accumulate(steps), default=0)
+    if depth > limit:
+        raise _fail(what, f"nests deeper than {limit} levels ({depth})", "no manifest or image config nests that deep")
 
 
 def _pairs(what: str):  # noqa: ANN202 - a json hook
