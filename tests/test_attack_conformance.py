@@ -207,11 +207,25 @@ def test_manifests_honour_if_none_match(client):
         assert (resp.status_code, resp.data) == (200, raw)
         resp = client.get(f"/v2/app/manifests/{ref}", headers={"If-None-Match": "*"})
         assert resp.status_code == 304
+    # the /api/v1 face: docket's canonical manifest JSON of a docket push
+    data = layer_tar(b"v1")
+    config1 = json.dumps({"architecture": "amd64", "os": "linux",
+                          "rootfs": {"type": "layers", "diff_ids": [sha(data)]}}).encode()
+    for blob, kind in ((data, "layer"), (config1, "config")):
+        assert client.post(f"/api/v1/blobs?kind={kind}&digest={sha(blob)}", data=blob,
+                           headers={"Content-Type": "application/octet-stream"}).status_code == 201
+    assert client.put("/api/v1/repositories/app/manifests/v2",
+                      json={"config": sha(config1), "layers": [sha(data)]}).status_code == 201
+    resp = client.get("/api/v1/repositories/app/manifests/v2")
+    v1_digest = resp.headers["Docket-Content-Digest"]
+    assert resp.headers["ETag"] == f'"{v1_digest}"'
+    resp = client.get("/api/v1/repositories/app/manifests/v2", headers={"If-None-Match": f'"{v1_digest}"'})
+    assert (resp.status_code, resp.data) == (304, b"")
     for prefix in ("/v2/app/blobs", "/api/v1/blobs"):  # blobs already did, under both APIs
         resp = client.get(f"{prefix}/{layers[0]['digest']}", headers={"If-None-Match": f'"{layers[0]["digest"]}"'})
         assert resp.status_code == 304
     record("conformance", "If-None-Match with the manifest's digest (GET and HEAD, by tag and by digest)",
-           "304 without a body, ETag and Docker-Content-Digest kept; another ETag: 200 with the manifest")
+           "304 without a body, ETag and Docker-Content-Digest kept (/api/v1's manifest too); another ETag: 200")
 
 
 # -- ?tag= and OCI-Tag --------------------------------------------------------------------------------------------

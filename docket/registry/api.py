@@ -131,7 +131,8 @@ def get_manifest(repository: str, tag: str) -> Response:
     body, digest = services().get_manifest(get_session(), repository, tag)
     resp = Response(body, mimetype="application/json")
     resp.headers["Docket-Content-Digest"] = digest
-    return resp
+    resp.set_etag(digest)
+    return resp.make_conditional(request)  # If-None-Match: the digest -> 304, as under /v2
 
 
 @bp.get("/repositories/<path:repository>/tags/<tag>")
