@@ -32,12 +32,21 @@ _HTTP_CODES = {
 }
 
 
-# werkzeug's own errors under /v2 (a route that does not exist, a method not allowed) in the spec's codes
-_V2_HTTP_CODES = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 416: "BLOB_UPLOAD_INVALID", 401: "UNAUTHORIZED"}
-
-
 def error_body(code: str, message: str, hint: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "hint": hint}}
+
+
+def _error(status: int, code: str, message: str, hint: str | None = None,
+           v2_code: str | None = None) -> tuple[Response, int]:
+    """An error raised outside any view, in the body of the API the request is for: under /v2 always the spec's
+    ``{"errors": [...]}`` with ``v2_code`` or a spec code for ``status`` (docket/registry/v2/errors.py), else
+    /api/v1's."""
+    if _is_v2():
+        from docket.registry.v2.errors import v2_body, v2_status_code
+
+        message = message if not hint else f"{message} (hint: {hint})"
+        return jsonify(v2_body(v2_code or v2_status_code(status), message)), status
+    return jsonify(error_body(code, message, hint)), status
 
 
 def _is_v2() -> bool:
@@ -59,9 +68,10 @@ def _http_error(exc: HTTPException) -> Response:
     resp = exc.get_response()
     status = exc.code or 500
     code = _HTTP_CODES.get(status, f"HTTP_{status}")
-    if _is_v2():
-        code = _V2_HTTP_CODES.get(status, code)
-        body = {"errors": [{"code": code, "message": exc.description or exc.name, "detail": None}]}
+    if _is_v2():  # a route that does not exist, a method not allowed, werkzeug's 413/431 ...
+        from docket.registry.v2.errors import v2_body, v2_status_code
+
+        body = v2_body(v2_status_code(status), exc.description or exc.name)
     else:
         body = error_body(code, exc.description or exc.name)
     resp.set_data(jsonify(body).get_data())
@@ -78,20 +88,37 @@ def _unexpected(exc: Exception) -> tuple[Response, int]:
                   str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return _docket_error(translated)
     log.exception("unhandled error")
-    return jsonify(error_body("INTERNAL", "internal error in the registry", "see the registry log")), 500
+    return _error(500, "INTERNAL", "internal error in the registry", "see the registry log")
 
 
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _control_in_path(path: str, pos: int) -> tuple[Response, int]:
+    """400 for a control character in the path, with the code of what that segment is (a digest, a tag, a name)."""
+    parts = path[:pos].split("/")
+    before = parts[-2] if len(parts) > 1 else ""
+    digest = before in ("blobs", "referrers") or (before == "manifests" and ":" in path[pos - len(parts[-1]):])
+    v1_code, v2_code = ("INVALID_REQUEST", "DIGEST_INVALID") if digest else \
+        ("INVALID_REFERENCE", "MANIFEST_INVALID" if before == "manifests" else "NAME_INVALID")
+    return _error(400, v1_code, f"the path holds a control character: {path[:200]!r}",
+                  "names, tags and digests never hold control characters (newline, tab, NUL ...)", v2_code=v2_code)
 
 
 def _check_request_shape(limit: int):
     """Refuse, before any view runs, headers over ``limit`` bytes (431 as JSON: cheroot only has a plain-text
-    413 at its larger cap) and malformed query strings (400: no endpoint takes one, so it is a client bug)."""
+    413 at its larger cap), malformed query strings (400: no endpoint takes one, so it is a client bug), and control
+    characters in the path (400: no name, tag or digest holds one; routing would answer 404 for some, and "v1\n"
+    once became a tag)."""
     def check() -> tuple[Response, int] | None:
+        control = _CONTROL.search(request.path)
+        if control:
+            return _control_in_path(request.path, control.start())
         size = sum(len(k) + len(v) + 4 for k, v in request.headers.items())
         if size > limit:
-            return jsonify(error_body("HEADERS_TOO_LARGE", f"request headers are {size} bytes; the limit is {limit}",
-                                      "send fewer or shorter headers (cookies?)")), 431
+            return _error(431, "HEADERS_TOO_LARGE", f"request headers are {size} bytes; the limit is {limit}",
+                          "send fewer or shorter headers (cookies?)")
         query = request.query_string
         if query:
             try:
@@ -100,8 +127,8 @@ def _check_request_shape(limit: int):
             except UnicodeDecodeError:
                 malformed = True
             if malformed:
-                return jsonify(error_body("INVALID_REQUEST", "malformed query string (bad percent-encoding or not "
-                                          "UTF-8)", "percent-encode query parameters as UTF-8")), 400
+                return _error(400, "INVALID_REQUEST", "malformed query string (bad percent-encoding or not UTF-8)",
+                              "percent-encode query parameters as UTF-8")
         return None
     return check
 

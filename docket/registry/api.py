@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -10,7 +9,9 @@ from sqlalchemy import select
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
-from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, TooLarge
+from docket import jsonstrict
+from docket.errors import DocketError, IntegrityError, InvalidJSON, InvalidRequest, NotFound, TooLarge
+from docket.limits import MAX_LAYERS  # the one limit of /api/v1, /v2 and the client
 from docket.reference import validate_repository, validate_tag
 from docket.registry.bodies import check_body_headers as _check_body_headers
 from docket.registry.bodies import human as _human
@@ -27,7 +28,6 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 ACCEPTED_TYPES = {"application/x-tar", "application/tar", "application/octet-stream"}
 MANIFEST_TYPES = {"application/json", "application/vnd.docket.manifest.v1+json"}
 MAX_MANIFEST_BYTES = 1024 * 1024
-MAX_LAYERS = 1000  # Docker itself stops at 127
 UPLOAD_KINDS = (KIND_LAYER, KIND_CONFIG)
 
 
@@ -99,10 +99,10 @@ def _manifest_body() -> tuple[str, list[str]]:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise TooLarge(f"manifest exceeds {_human(MAX_MANIFEST_BYTES)}")
     hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"manifest is not valid JSON: {exc}", hint) from exc
+    try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
+        body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
+    except InvalidJSON as exc:
+        raise InvalidJSON(exc.message, hint) from exc
     if not isinstance(body, dict) or not isinstance(body.get("config"), str) or \
             not isinstance(body.get("layers"), list) or not all(isinstance(x, str) for x in body["layers"]):
         raise InvalidRequest("manifest must be an object with a config digest and a list of layer digests", hint)
