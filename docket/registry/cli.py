@@ -25,7 +25,7 @@ from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_
 
 log = logging.getLogger("docket.registry")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*\Z", re.IGNORECASE)
 
 
 class ByteSize(click.ParamType):

@@ -11,7 +11,7 @@ from docket.errors import InvalidRequest
 
 GIB = 1024**3
 DEFAULT_LOCATION = Path("/var/local/docket")
-_HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})$")
+_HOSTPORT = re.compile(r"\A(?P<host>[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})\Z")
 
 
 @dataclass(frozen=True)
