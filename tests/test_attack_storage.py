@@ -417,6 +417,17 @@ def test_disk_full_mid_write_is_507_and_nothing_half_committed(tmp_path: Path) -
                    "PATCH)", "507 INSUFFICIENT_STORAGE in each API's shape; no partial file in blobs/ or uploads/, "
                    "the session keeps its last complete size")
 
+            # a layer that fills the disk to the last page: its bytes fit, its torrent (or row) does not
+            exact = os.urandom(shutil.disk_usage(location).free)
+            _assert_v1_507(requests.post(f"{server.url}/api/v1/blobs", params={"kind": "layer"},
+                                         data=_chunked(exact), timeout=60))
+            assert not (location / "blobs" / "sha256" / _blob_digest(exact)[7:]).exists()
+            assert not (location / "torrents" / f"{_blob_digest(exact)[7:]}.torrent").exists()
+            assert _uploads_files(location) == [] and _snapshot(location) == before
+            assert requests.head(f"{server.url}/api/v1/blobs/{_blob_digest(exact)}", timeout=10).status_code == 404
+            record(AREA, "a layer whose bytes fit exactly but whose torrent and row do not",
+                   "507; the blob file already moved into blobs/ is removed again (no file without a row)")
+
             # completely full: health degraded; a manifest (the tag's commit) fails whole
             filler2 = _fill(location, 0, "filler2")
             status_code, health = _health(server)

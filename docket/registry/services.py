@@ -449,6 +449,7 @@ class RegistryServices:
         except BaseException:
             if not had_row and not self._has_row(digest):  # the row did not commit (a full disk, a failing
                 self.store.delete(digest)                       # database): no blob file without its row
+                log.warning("blob %s: its torrent or row could not be written; its file was removed again", digest)
             raise
         if answer["kind"] in SEEDED_KINDS:
             assert answer["info_hash"] is not None
