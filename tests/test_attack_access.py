@@ -7,12 +7,15 @@ attacker, and a real `docket pull` through BitTorrent for the token holder (READ
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -111,13 +114,12 @@ def announce_query(info_hash: str, port: int = 6881, left: int = 0) -> str:
                                   quote_via=urllib.parse.quote)
 
 
-def handshake(port: int, info_hash: str, host: str = "127.0.0.2", source: str = ATTACKER_IP) -> bytes:
-    """A BitTorrent handshake from ``source``; what the seeder sends back before closing or within 5 s."""
+def handshake(port: int, host: str = "127.0.0.2", source: str = ATTACKER_IP) -> bytes:
+    """Connect from ``source``, send nothing, and return what the seeder sends within 3 s."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((source, 0))
-        s.settimeout(5)
+        s.settimeout(3)
         s.connect((host, port))
-        s.sendall(b"\x13BitTorrent protocol" + bytes(8) + bytes.fromhex(info_hash) + b"-XX0001-" + os.urandom(6))
         data = bytearray()
         try:
             while len(data) < 68:
@@ -128,6 +130,48 @@ def handshake(port: int, info_hash: str, host: str = "127.0.0.2", source: str = 
         except (TimeoutError, ConnectionResetError):
             pass
     return bytes(data)
+
+
+def fetch_block(port: int, info_hash: str, pieces: int, host: str = "127.0.0.2", source: str = ATTACKER_IP,
+                deadline: float = 20.0) -> bytes | None:
+    """Be a leecher on the peer wire: handshake for ``info_hash``, an empty bitfield, "interested", then request
+    the first 16 KiB block once unchoked. The block, or None when the seeder closes or never serves it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((source, 0))
+        s.settimeout(deadline)
+        s.connect((host, port))
+        end = time.monotonic() + deadline
+        buf = bytearray()
+
+        def need(n: int) -> None:
+            while len(buf) < n:
+                s.settimeout(max(0.1, end - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise EOFError
+                buf.extend(chunk)
+
+        try:
+            s.sendall(b"\x13BitTorrent protocol" + bytes(8) + bytes.fromhex(info_hash) + b"-XX0001-" + os.urandom(12))
+            need(68)
+            if buf[28:48] != bytes.fromhex(info_hash):
+                return None
+            del buf[:68]
+            s.sendall(struct.pack(">IB", 1 + -(-pieces // 8), 5) + bytes(-(-pieces // 8)))  # bitfield: nothing
+            s.sendall(struct.pack(">IB", 1, 2))  # interested
+            while time.monotonic() < end:
+                need(4)
+                n = struct.unpack(">I", buf[:4])[0]
+                need(4 + n)
+                msg = bytes(buf[4:4 + n])
+                del buf[:4 + n]
+                if msg[:1] == b"\x01":  # unchoke
+                    s.sendall(struct.pack(">IBIII", 13, 6, 0, 0, 16384))
+                elif msg[:1] == b"\x07":  # piece
+                    return msg[9:]
+        except (EOFError, TimeoutError, OSError):
+            return None
+    return None
 
 
 def public_info_hash(content: bytes, digest: str, tmp: Path) -> str:
@@ -198,12 +242,28 @@ def test_announce_with_a_hash_computed_from_the_content_is_refused(private: Priv
 
 def test_peer_wire_with_a_computed_hash_gets_no_piece(private: Private, tmp_path: Path):
     public = public_info_hash(private.content, private.digest, tmp_path)
+    pieces = read_torrent(requests.get(f"{private.server.url}/api/v1/blobs/{private.digest}/torrent",
+                                       headers=auth(READ), timeout=10).content).pieces
     for port in private.seeder_ports:
-        assert handshake(port, public) == b""  # ctorrent closes without answering: no bitfield, no piece
-        answer = handshake(port, private.info_hash)  # control: the true hash is answered
-        assert len(answer) >= 68 and answer[28:48] == bytes.fromhex(private.info_hash), answer[:68]
-    record("access", "BitTorrent handshake to the seeder with the computed info hash (no token)",
-           "connection closed without a handshake: no bitfield, no piece; the true hash is answered")
+        assert fetch_block(port, public, pieces) is None
+        # control: the true hash (a token holder's) is served the layer's bytes on the same port
+        assert fetch_block(port, private.info_hash, pieces, source="127.0.0.10") == private.content[:16384]
+    record("access", "peer-wire request to the seeder with the info hash computed from the layer's bytes",
+           "closed at the handshake: no piece; the true hash on the same port gets the layer's first block")
+
+
+def test_a_seeder_port_tells_its_info_hash_to_whoever_connects(private: Private):
+    """The limit README "Access control and HTTPS" states: ctorrent sends its handshake (with the info hash) as
+    soon as a connection is accepted, before reading the other side's. Whoever reaches a seeder port can learn
+    that torrent's hash and download it, so seeders must listen only on the fleet's network (--seed-address)."""
+    port = private.seeder_ports[0]
+    told = wait_until(lambda: handshake(port, source="127.0.0.11")[28:48], timeout=10, what="ctorrent's handshake")
+    assert told == bytes.fromhex(private.info_hash)
+    status, body = raw_http("127.0.0.1", private.server.tracker_port, f"/announce?{announce_query(told.hex())}")
+    assert status == 200 and b"5:peers" in body  # with the learnt hash the tracker lists the seeders
+    record("access", "stranger connects to a seeder port and sends nothing (known limit of ctorrent)",
+           "ctorrent sends its handshake first: that torrent's info hash leaks, and with it the layer; "
+           "hence seeders belong on a private network (--seed-address)")
 
 
 def _openapi_gets(p: Private) -> list[str]:
@@ -331,3 +391,39 @@ def test_token_holder_pulls_through_bittorrent(image: ImageFactory, tmp_path: Pa
     record("access", "docket pull with a read token from a read-token registry (guarded tracker, secret hashes)",
            f"pulled through BitTorrent ({summary['bytes_from_peers']} bytes from peers, 0 over HTTP); "
            "without a token: refused")
+
+
+def test_guard_logic_unit():
+    """The guard's pure parts: query filtering (no full scrape, no unknown parameters), the address map both ways,
+    and the peer list rewritten from mapped to real addresses (unknown ones dropped)."""
+    from docket.torrent.guard import AddressMap, bencode, filter_query, unmap_peers
+    from docket.torrent.tracker import bdecode
+
+    assert filter_query(b"info_hash=%AA&port=1&lognet=1.2.3.4&ip=9.9.9.9", frozenset({b"info_hash", b"port"})) \
+        == b"info_hash=%AA&port=1"
+    assert filter_query(b"", frozenset({b"info_hash"})) is None  # "/scrape?" must not become a full scrape
+    assert filter_query(b"x=1 HTTP/1.0\r\n", frozenset({b"x"})) is None
+    addresses = AddressMap()
+    a, b = addresses.mapped("198.18.0.5"), addresses.mapped("10.0.0.7")
+    assert a != b and a.startswith("127.") and addresses.mapped("198.18.0.5") == a and addresses.real(b) == "10.0.0.7"
+    unknown = socket.inet_aton("127.99.0.1") + b"\x00\x01"  # an address the map never gave out
+    peers = socket.inet_aton(a) + b"\x1a\xe1" + unknown + socket.inet_aton(b) + b"\x00\x02"
+    reply = bdecode(unmap_peers(bencode({b"interval": 1800, b"peers": peers}), addresses))
+    assert reply[b"peers"] == socket.inet_aton("198.18.0.5") + b"\x1a\xe1" + socket.inet_aton("10.0.0.7") + b"\x00\x02"
+    failure = b"d14:failure reason63:Requested download is not authorized for use with this tracker.e"
+    assert unmap_peers(failure, addresses) == failure
+    small = AddressMap(ipaddress.IPv4Network("127.200.0.0/30"))  # two usable addresses
+    first = small.mapped("1.1.1.1")
+    small.mapped("2.2.2.2")
+    assert small.mapped("3.3.3.3") == first and small.real(first) == "3.3.3.3" and len(small) == 2
+
+
+def test_torrent_source_is_per_blob_and_secret(tmp_path: Path):
+    from docket.registry.auth import torrent_secret, torrent_source
+
+    secret = torrent_secret(tmp_path)
+    assert torrent_secret(tmp_path) == secret and (tmp_path / "torrent-secret").stat().st_mode & 0o777 == 0o600
+    one, two = torrent_source(secret, "sha256:" + "a" * 64), torrent_source(secret, "sha256:" + "b" * 64)
+    assert one != two and one.startswith("docket-") and secret.hex() not in one
+    (tmp_path / "torrent-secret").unlink()
+    assert torrent_secret(tmp_path) != secret  # deleting the file renews every info hash

@@ -165,6 +165,10 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 min_free_space=min_free_space, adopt_orphans=adopt_orphans,
                                 tls_cert=cert, tls_key=key)
+        if read and seeding:
+            log.warning("read tokens protect the HTTP API and the tracker, not the peer wire: a seeder tells its "
+                        "info hash to whoever connects (ctorrent), so keep %s (--seed-address) on a network only "
+                        "your hosts reach (README: Access control and HTTPS)", config.seeder_ip)
         serve(config)
     except DocketError as exc:
         _fail(exc)

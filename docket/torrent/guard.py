@@ -80,7 +80,7 @@ class AddressMap:
             if len(self._by_real) < self._size:
                 m = str(ipaddress.IPv4Address(self._first + len(self._by_real)))
             else:
-                old, m = self._by_real.popitem(last=False)
+                _, m = self._by_real.popitem(last=False)
                 del self._by_mapped[m]
             self._by_real[real] = m
             self._by_mapped[m] = real
