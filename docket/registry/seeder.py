@@ -153,10 +153,33 @@ class SeederSupervisor:
         with self._lock:
             seeders = list(self._table.values())
         log.info("restarting all %d seeder(s)", len(seeders))
+        # in parallel, as in stop(): a seeder that uploaded recently ignores SIGTERM for its 5 s grace, and one
+        # after another they kept the last seeder away from the (restarted) tracker for 5 s per seeder
+        stoppers = [threading.Thread(target=self._stop_one, args=(s,), kwargs={"forget": False}, daemon=True)
+                    for s in seeders]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=60)
         for s in seeders:
-            self._stop_one(s, forget=False)
             s.restarts += 1
             self._start_one(s)
+
+    def reannounce(self, digests: list[str]) -> None:
+        """Restart these seeders so each announces again now (their first announce was refused by an external
+        tracker that had not whitelisted them yet; ctorrent retries only every ~15 s). In the background: a
+        ctorrent that contacted the tracker recently takes its 5 s SIGTERM grace to stop. A leecher that announced
+        meanwhile is in the new seeder's first peer list, which it connects to at once."""
+        with self._lock:
+            seeders = [self._table[d] for d in digests if d in self._table]
+
+        def restart(s: _Seeder) -> None:
+            self._stop_one(s)
+            s.restarts += 1
+            self._start_one(s)
+
+        for s in seeders:
+            threading.Thread(target=restart, args=(s,), name=f"reannounce-{s.spec.digest[-12:]}", daemon=True).start()
 
     def digests(self) -> list[str]:
         with self._lock:

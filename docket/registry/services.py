@@ -219,7 +219,7 @@ class RegistryServices:
         )
         self.seeders: SeederSupervisor | None = (
             SeederSupervisor(listen_ip=config.seeder_ip,
-                             tracker=self.tracker if isinstance(self.tracker, ManagedTracker) else None)
+                             tracker=self.tracker)  # external: re-announce when it restarts
             if config.seeding else None
         )
         self.downloads = DownloadCounter()

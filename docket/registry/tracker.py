@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -37,6 +38,7 @@ from docket.errors import ServiceUnavailable
 from docket.registry.config import parse_host_port
 from docket.torrent import Opentracker, ScrapeResult, find_opentracker, scrape
 from docket.torrent.processes import record_pid, stop_orphan
+from docket.torrent.tracker import announce_ok
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,33 @@ def tcp_accepts(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class ExternalTracker:
-    """An opentracker someone else runs: we only announce to it, scrape it and check it answers TCP."""
+    """An opentracker someone else runs: we only announce to it, scrape it and check it answers TCP.
+
+    It can restart without us (``docket-tracker`` restarted, its host rebooted): the new opentracker knows no
+    peer, and our seeders would announce again only after the tracker's interval (~30 minutes), so pulls found
+    no seeder. ``needs_restart`` notices (the tracker was unreachable and answers again, or a torrent it listed
+    our seeder for has no seeder any more) and the seeder supervisor then restarts every seeder: each announces
+    at once.
+    """
 
     managed = False
+    CHECK_EVERY = 5.0  # seconds between checks that the tracker still knows our seeders
+    SETTLE_TIMEOUT = 12.0  # a push waits at most this long for the tracker to accept its hashes
 
     def __init__(self, address: str) -> None:
         self.host, self.port = parse_host_port(address)
         self.announce_url = f"http://{self.host}:{self.port}/announce"
+        self._hashes: set[str] = set()
+        self._lock = threading.Lock()
+        self._probe: str | None = None  # an info hash the tracker listed a seeder for
+        self._down = False
+        self._next_check = 0.0
+        self._settle_failed = False
+        self.restarts = 0  # times the tracker was seen to have lost its peers
 
     def start(self, info_hashes: Iterable[str] = ()) -> None:
+        with self._lock:
+            self._hashes = set(info_hashes)
         log.info("using external tracker %s; keep its whitelist in sync with GET /api/v1/tracker/whitelist",
                  self.announce_url)
 
@@ -64,16 +84,93 @@ class ExternalTracker:
         pass
 
     def add(self, info_hash: str) -> None:
-        pass  # the operator's sync job reads the whitelist endpoint
+        with self._lock:  # the operator's sync job (docket-tracker) reads the whitelist endpoint
+            self._hashes.add(info_hash)
 
     def discard(self, info_hash: str) -> None:
-        pass
+        with self._lock:
+            self._hashes.discard(info_hash)
+            if self._probe == info_hash:
+                self._probe = None
 
     def alive(self) -> bool:
         return tcp_accepts(self.host, self.port)
 
     def needs_restart(self) -> bool:
+        """True when the tracker has lost its peer table; checked at most every CHECK_EVERY seconds."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.CHECK_EVERY
+        if not tcp_accepts(self.host, self.port, 1.0):
+            if not self._down:
+                log.warning("external tracker %s does not answer", self.announce_url)
+            self._down = True
+            return False
+        if self._down:
+            self._down = False
+            return self._lost("answers again")
+        with self._lock:
+            probe = self._probe
+            candidates = [probe] if probe else random.sample(sorted(self._hashes), min(3, len(self._hashes)))
+        for info_hash in candidates:
+            try:
+                seeders = scrape(self.announce_url, info_hash, timeout=2.0).complete
+            except Exception:  # noqa: BLE001 - down or odd: the next check decides
+                return False
+            if probe is not None:
+                return seeders == 0 and self._lost(f"lists no seeder for {info_hash} any more")
+            if seeders:
+                with self._lock:
+                    if info_hash in self._hashes:
+                        self._probe = info_hash
+                break
         return False
+
+    def settle(self, info_hashes: Iterable[str], timeout: float | None = None) -> list[str]:
+        """Wait until the tracker accepts every hash (its sync job polled our whitelist), at most ``timeout``
+        seconds; return the accepted ones it lists no seeder for. Their seeders announced while the tracker still
+        refused the hash and retry only every ~15 s: a pull right after the push found no seeder for that long."""
+        hashes = list(dict.fromkeys(info_hashes))
+        left = set(hashes)
+        # after one wait in vain (no sync job follows us), later pushes are not held up again until one succeeds
+        wait = 0.0 if self._settle_failed else self.SETTLE_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while left:
+            for info_hash in sorted(left):
+                try:
+                    if announce_ok(self.announce_url, info_hash, 2.0):
+                        left.discard(info_hash)
+                except ServiceUnavailable:  # down: nothing to wait for (needs_restart re-announces when it is back)
+                    log.warning("external tracker %s cannot be reached; pulls use HTTP until it is back",
+                                self.announce_url)
+                    return []
+                except Exception:  # noqa: BLE001 - an odd answer: retried until the deadline
+                    pass
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        self._settle_failed = bool(left)
+        if left:
+            log.warning("external tracker %s does not accept %d info hash(es) after %.0fs (is docket-tracker "
+                        "following this registry?); pulls wait for it or use HTTP", self.announce_url, len(left),
+                        wait)
+        unseeded = []
+        for info_hash in hashes:
+            if info_hash in left:
+                continue
+            with contextlib.suppress(Exception):
+                if scrape(self.announce_url, info_hash, timeout=2.0).complete == 0:
+                    unseeded.append(info_hash)
+        return unseeded
+
+    def _lost(self, why: str) -> bool:
+        self.restarts += 1
+        with self._lock:
+            self._probe = None
+        log.warning("external tracker %s %s: it has lost its peers (restarted?); every seeder announces again",
+                    self.announce_url, why)
+        return True
 
     def restart(self) -> None:
         pass

@@ -1,0 +1,403 @@
+"""The design card's external tracker, for real: `docket-tracker` on its own host, the registry on another.
+
+Issue 11: `docket-tracker` crashed at every start ("opentracker already running") and no test started it. Here
+every installed program (pyproject [project.scripts]) is started by its entry point, in network namespaces
+(tests/netns.py; 198.18.0.0/15 only): opentracker run by `docket-tracker` on host trk, `docket-registry
+--tracker trk:8940` on host reg, three hosts pulling at once with default flags. Then the tracker is restarted
+while the registry runs, and a new push's info hashes must reach the tracker within its poll interval.
+
+The error paths of `docket-tracker` (missing opentracker, busy port, bad URL, registry down, SIGTERM, a killed
+opentracker) run on loopback. Needs root and iproute2; under CI=true a missing tool fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import IN_CI, need
+from netns import Lab, namespaces
+from procs import free_port, stop_process, tail, wait_until
+from registry_images import build_image_tar
+from robustness_rows import record
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+REG_IP, TRK_IP = "198.18.0.1", "198.18.0.2"
+CLIENTS = {"c1": "198.18.0.11", "c2": "198.18.0.12", "c3": "198.18.0.13"}
+REG_PORT, TRK_PORT = 8000, 8940
+INTERVAL = 5.0  # docket-tracker's default --interval
+REGISTRY = f"http://{REG_IP}:{REG_PORT}"
+
+
+def program(name: str) -> str:
+    """The console script pip installed (pyproject [project.scripts]), next to this interpreter."""
+    path = BIN / name
+    assert path.exists(), f"{name} is not installed beside {sys.executable}: pip install -e ."
+    return str(path)
+
+
+def require_netns() -> None:
+    why = "" if os.geteuid() == 0 else "needs root"
+    for tool in ("ip", "curl", "ctorrent", "opentracker"):
+        if not why and shutil.which(tool) is None:
+            why = f"{tool} is not installed"
+    if why:
+        if IN_CI:
+            pytest.fail(f"external tracker e2e cannot run under CI: {why}")
+        pytest.skip(why)
+
+
+# Runs inside a namespace: poll the tracker until every info hash is accepted (opentracker's whitelist);
+# prints the seconds it took, or exits 1 at the deadline.
+ANNOUNCE_UNTIL_OK = textwrap.dedent("""
+    import sys, time
+    from docket.torrent.tracker import announce_ok
+    url, deadline, hashes = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+    t0 = time.monotonic()
+    left = set(hashes)
+    while left and time.monotonic() - t0 < deadline:
+        for h in sorted(left):
+            try:
+                if announce_ok(url, h, 2.0):
+                    left.discard(h)
+            except Exception:
+                pass
+        time.sleep(0.1)
+    print(round(time.monotonic() - t0, 2))
+    sys.exit(1 if left else 0)
+""")
+
+# `docket pull` as three hosts run it, released together: the CLI's imports first, then a shared start file,
+# so that no host sees layers another host already loaded into the one dockerd they share.
+PULL_TOGETHER = textwrap.dedent("""
+    import os, sys, time
+    ready, go = sys.argv[1], sys.argv[2]
+    from docket.client.cli import main
+    import docket.client.pull, docket.client.pull_layers  # noqa: F401
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    main(sys.argv[3:])
+""")
+
+
+def _curl(lab: Lab, host: str, url: str) -> str:
+    r = lab.run(host, ["curl", "-sS", "--noproxy", "*", "-m", "5", "-f", url], timeout=15)
+    if r.returncode != 0:
+        raise AssertionError(f"curl {url} from {host}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def _whitelist(lab: Lab, host: str = "c1") -> set[str]:
+    return set(_curl(lab, host, f"{REGISTRY}/api/v1/tracker/whitelist").split())
+
+
+def _announce_until_ok(lab: Lab, hashes: set[str], deadline: float) -> float:
+    r = lab.run("c1", [sys.executable, "-c", ANNOUNCE_UNTIL_OK, f"http://{TRK_IP}:{TRK_PORT}/announce",
+                       str(deadline), *sorted(hashes)], timeout=deadline + 30)
+    assert r.returncode == 0, f"tracker did not accept {len(hashes)} info hashes within {deadline}s: {r.stderr}"
+    return float(r.stdout.split()[-1])
+
+
+def _pull_summary(out: Path, log: Path, proc: subprocess.Popen) -> dict:
+    assert proc.returncode == 0, f"docket pull exited {proc.returncode}:\n{tail(log)}"
+    return json.loads(out.read_text().strip().splitlines()[-1])
+
+
+def _all_through_bittorrent(summary: dict, what: str) -> int:
+    """Every layer came from peers: no HTTP fallback, every layer's bytes counted as peer bytes."""
+    assert summary["transport"] == "p2p", (what, summary)
+    assert summary["bytes_from_http"] == 0 and summary["layers_over_http"] == 0, (what, summary)
+    assert summary["fallback_reason"] is None, (what, summary)
+    # the busybox layer may be in the shared dockerd already (other test images have it); the rest is fetched
+    assert summary["layers_cached"] == 0, (what, summary)
+    assert summary["layers_downloaded"] == summary["layers"] - summary["layers_present"] >= 2, (what, summary)
+    for t in summary["layer_transfers"]:
+        assert t["via"] == "p2p" and t["bytes_from_peers"] == t["size"], (what, t)
+    return summary["bytes_from_peers"]
+
+
+def _start_tracker(lab: Lab, log: Path) -> subprocess.Popen:
+    proc = lab.spawn("trk", [program("docket-tracker"), "--registry", REGISTRY, "--port", str(TRK_PORT),
+                             "--bind", TRK_IP], log)
+    wait_until(lambda: proc.poll() is not None or "opentracker pid" in log.read_text(), timeout=30,
+               what="docket-tracker to start opentracker")
+    assert proc.poll() is None, f"docket-tracker exited {proc.returncode}:\n{tail(log)}"
+    return proc
+
+
+def _stop_tracker(lab: Lab, proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM by pid: docket-tracker exits 0 and takes its opentracker with it."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, tail(log)
+    assert "Traceback" not in log.read_text(), tail(log)
+    wait_until(lambda: not lab.pids("trk"), timeout=10, what="nothing left running on the tracker host")
+
+
+@pytest.mark.timeout(300)
+def test_external_tracker_design_card(tmp_path: Path, image_factory, docker_host: str) -> None:
+    require_netns()
+    hosts = {"reg": REG_IP, "trk": TRK_IP, **CLIENTS}
+    env = {"DOCKER_HOST": docker_host}
+    t_start = time.monotonic()
+    lab = Lab("dktr", hosts)
+    try:
+        with lab:
+            # 1. the tracker first: the registry is not up yet, docket-tracker logs that and keeps going
+            tlog = tmp_path / "tracker.log"
+            tracker = _start_tracker(lab, tlog)
+            assert "cannot reach the registry" in tlog.read_text()
+            rlog = tmp_path / "registry.log"
+            registry = lab.spawn("reg", [
+                program("docket-registry"), "--tracker", f"{TRK_IP}:{TRK_PORT}", "--advertise-address", REG_IP,
+                "--bind", REG_IP, "--port", str(REG_PORT), "--location", str(tmp_path / "registry"),
+            ], rlog, env=env)
+            wait_until(lambda: registry.poll() is not None or _curl(lab, "c1", f"{REGISTRY}/healthz"), timeout=60,
+                       what="docket-registry to answer /healthz")
+            assert registry.poll() is None, tail(rlog)
+
+            # 2. a three-layer image, pushed with `docket push` from the registry's host
+            ref, marker = image_factory.build(data_mib=6)
+            before = _whitelist(lab)
+            t_push = time.monotonic()
+            push = lab.run("reg", [program("docket"), "--host", f"http://{REG_IP}", "--port", str(REG_PORT),
+                                   "--location", str(tmp_path / "pusher"), "--quiet", "push", ref, "--json"],
+                           env=env, timeout=120)
+            assert push.returncode == 0, push.stderr
+            pushed_at = time.monotonic()
+            hashes = _whitelist(lab) - before
+            assert len(hashes) >= 3, hashes
+            push_s = pushed_at - t_push
+            # the registry's new whitelist reached the tracker within one poll interval: the push waited for it
+            took = _announce_until_ok(lab, hashes, INTERVAL + 5)
+            assert took < 1.0 and push_s < INTERVAL + 15, (took, push_s)
+            record("tracker", "docket-tracker started for real (issue 11: crashed at every start)",
+                   f"opentracker on its own host; `docket push` returned in {push_s:.1f}s, once the tracker "
+                   f"(poll interval {INTERVAL:g}s) accepted all {len(hashes)} layer hashes")
+            image_factory.remove(ref)  # the clients share one dockerd: each must fetch every layer itself
+
+            # 3. three hosts pull at once, default flags: every layer byte through BitTorrent
+            go = tmp_path / "go"
+            pulls = []
+            for name in CLIENTS:
+                out, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+                pulls.append((name, out, log, lab.spawn(name, [
+                    sys.executable, "-c", PULL_TOGETHER, str(tmp_path / f"ready-{name}"), str(go),
+                    "--host", f"http://{REG_IP}", "--port", str(REG_PORT), "--location", str(tmp_path / name),
+                    "pull", ref, "--json",
+                ], log, env=env, stdout=out)))
+            wait_until(lambda: all((tmp_path / f"ready-{n}").exists() for n in CLIENTS)
+                       or any(p.poll() is not None for *_, p in pulls), timeout=60, what="pulls to be ready")
+            go.touch()
+            t0 = time.monotonic()
+            for _name, _out, log, proc in pulls:
+                proc.wait(180)
+            pull_s = time.monotonic() - t0
+            peer_bytes = [_all_through_bittorrent(_pull_summary(out, log, proc), name)
+                          for name, out, log, proc in pulls]
+            assert image_factory.run(ref) == marker
+            record("tracker", "3 hosts pull at once via the external tracker, default flags",
+                   f"all 3 exit 0 in {pull_s:.1f}s; {peer_bytes[0]} layer bytes each via BitTorrent, 0 over HTTP")
+
+            # 4. the tracker restarts while the registry runs: a later pull still goes through BitTorrent
+            _stop_tracker(lab, tracker, tlog)
+            tracker = _start_tracker(lab, tlog)
+            restarted_at = time.monotonic()
+            assert registry.poll() is None, tail(rlog)
+            image_factory.remove(ref)
+            out, log = tmp_path / "later.json", tmp_path / "later.log"
+            later = lab.spawn("c1", [program("docket"), "--host", f"http://{REG_IP}", "--port", str(REG_PORT),
+                                     "--location", str(tmp_path / "later"), "pull", ref, "--json"],
+                              log, env=env, stdout=out)
+            later.wait(180)
+            _all_through_bittorrent(_pull_summary(out, log, later), "after the tracker restart")
+            record("tracker", "tracker restarted while the registry runs",
+                   f"the restarted opentracker had the whitelist at once; a pull {time.monotonic() - restarted_at:.1f}s"
+                   " after the restart got every layer via BitTorrent")
+
+            # 5. a new push after the restart: its hashes reach the restarted tracker within the interval
+            ref2, _ = image_factory.build(data_mib=1)
+            before = _whitelist(lab)
+            push = lab.run("reg", [program("docket"), "--host", f"http://{REG_IP}", "--port", str(REG_PORT),
+                                   "--location", str(tmp_path / "pusher"), "--quiet", "push", ref2, "--json"],
+                           env=env, timeout=120)
+            assert push.returncode == 0, push.stderr
+            new = _whitelist(lab) - before
+            assert new, "the second image added no info hash"
+            took = _announce_until_ok(lab, new, INTERVAL + 5)
+            record("tracker", "whitelist change after a tracker restart",
+                   f"{len(new)} new hashes accepted {took:.1f}s after the push (interval {INTERVAL:g}s)")
+
+            _stop_tracker(lab, tracker, tlog)
+            stop_process(registry, timeout=30)
+            assert registry.returncode == 0, tail(rlog)
+            assert "Traceback" not in tlog.read_text()
+    finally:
+        left = [ns for ns in namespaces() if ns.startswith(lab.tag)]
+        assert not left, f"namespaces left behind: {left}"
+    print(f"external tracker e2e: {time.monotonic() - t_start:.1f}s")
+
+
+# -- docket-tracker's own error paths and recovery, on loopback --------------------------------------------------
+
+def _tracker_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([program("docket-tracker"), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, code: int, text: str) -> str:
+    """Exit ``code``, ``text`` in the first stderr line (a hint may follow), never a traceback."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and text in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("Usage:", "Try "))]
+    assert 1 <= len(lines) <= 2 and (len(lines) == 1 or lines[1].lstrip().startswith("hint:")), r.stderr
+    return lines[0]
+
+
+@pytest.mark.timeout(120)
+def test_tracker_cli_errors_are_one_line(tmp_path: Path) -> None:
+    need("opentracker")
+    port = free_port()
+    reg = "http://127.0.0.1:1"
+    cases = {
+        "registry URL without a scheme": (["--registry", "registry:8000"], 2, "not an http:// or https:// URL"),
+        "registry URL with a query": (["--registry", "http://r:8000/?x=1"], 2, "base URL"),
+        "registry port out of range": (["--registry", "http://r:99999"], 2, "out of range"),
+        "--bind not IPv4": (["--registry", reg, "--bind", "::1"], 2, "not an IPv4 address"),
+        "--bind not an address of this host": (["--registry", reg, "--bind", "198.18.255.254"], 2,
+                                               "not an address of this host"),
+    }
+    for case, (args, code, text) in cases.items():
+        line = _one_line_error(_tracker_cli(*args, "--port", str(port)), code, text)
+        record("tracker", f"docket-tracker: {case}", f"exit {code}: {line}")
+
+    with socket.socket() as busy:  # our own listener holds the port
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        line = _one_line_error(_tracker_cli("--registry", reg, "--bind", "127.0.0.1", "--port", str(port)), 8,
+                               "already in use")
+    record("tracker", "docket-tracker: port in use", f"exit 8, nothing started: {line}")
+
+    # opentracker missing: hidden in a private mount namespace (/dev/null mounted over it: not executable)
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to hide opentracker")
+    hide = f"mount --bind /dev/null {need('opentracker')} && exec \"$@\""
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", hide, "sh", program("docket-tracker"), "--registry", reg,
+                        "--bind", "127.0.0.1", "--port", str(port)], capture_output=True, text=True, timeout=30)
+    line = _one_line_error(r, 7, "opentracker is not installed")
+    record("tracker", "docket-tracker: opentracker not installed", f"exit 7 with the install hint: {line}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _opentracker_pid(workdir: Path) -> int:
+    pid = int((workdir / "opentracker.pid").read_text())
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"opentracker")
+    return pid
+
+
+def _accepted(announce: str, info_hash: str) -> bool:
+    from docket.torrent.tracker import announce_ok
+
+    return announce_ok(announce, info_hash, 2.0)
+
+
+@pytest.mark.timeout(180)
+def test_tracker_follows_registry_and_survives(tmp_path: Path, registry_server) -> None:
+    """Registry down, opentracker killed, docket-tracker killed: the whitelist in force survives all three."""
+    port = free_port()
+    workdir = tmp_path / "trk"
+    announce = f"http://127.0.0.1:{port}/announce"
+    log = tmp_path / "docket-tracker.log"
+    args = [program("docket-tracker"), "--registry", registry_server.url, "--bind", "127.0.0.1", "--port",
+            str(port), "--interval", "0.5", "--workdir", str(workdir)]
+
+    def started() -> int:
+        return log.read_text().count(", following ") if log.exists() else 0
+
+    def start() -> subprocess.Popen:
+        before = started()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: proc.poll() is not None or started() > before, timeout=30, what="docket-tracker")
+        assert proc.poll() is None, tail(log)
+        return proc
+
+    tarball = tmp_path / "image.tar"
+    build_image_tar(tarball, payload=os.urandom(4096), repo_tag="trk/app:v1")
+    proc = start()
+    try:
+        resp = requests.put(f"{registry_server.url}/api/v1/repositories/trk/app/tags/v1", data=tarball.read_bytes(),
+                            headers={"Content-Type": "application/x-tar"}, timeout=60)
+        assert resp.status_code == 201, resp.text
+        pushed = time.monotonic()
+        hashes = requests.get(f"{registry_server.url}/api/v1/tracker/whitelist", timeout=10).text.split()
+        assert hashes
+        wait_until(lambda: all(_accepted(announce, h) for h in hashes), timeout=5, what="the whitelist to follow")
+        took = time.monotonic() - pushed
+        record("tracker", "docket-tracker follows the registry's whitelist (--interval 0.5)",
+               f"{len(hashes)} hashes accepted {took:.2f}s after the push")
+
+        # opentracker killed (our grandchild, by the pid docket-tracker recorded): started again, same whitelist
+        first = _opentracker_pid(workdir)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: _opentracker_pid(workdir) != first and all(_accepted(announce, h) for h in hashes),
+                   timeout=10, what="opentracker to be started again")
+        assert proc.poll() is None
+        record("tracker", "opentracker killed under docket-tracker",
+               "started again within an interval with the whitelist in force; docket-tracker kept running")
+
+        # the registry goes down: logged once, the whitelist stays
+        registry_server.stop()
+        wait_until(lambda: "cannot reach the registry" in log.read_text(), timeout=10, what="the warning")
+        time.sleep(2)
+        assert log.read_text().count("cannot reach the registry") == 1, tail(log)
+        assert all(_accepted(announce, h) for h in hashes) and proc.poll() is None
+        record("tracker", "registry down while docket-tracker runs",
+               "one warning line, opentracker keeps the last whitelist, docket-tracker keeps polling")
+
+        # docket-tracker killed with SIGKILL: its opentracker is left; the next start stops it (pid file + workdir)
+        orphan = _opentracker_pid(workdir)
+        proc.kill()
+        proc.wait(10)
+        assert _pid_alive(orphan)
+        proc = start()
+        assert not _pid_alive(orphan), "the previous run's opentracker is still running"
+        assert "stopping opentracker pid" in log.read_text(), tail(log)
+        # ... and with the registry still down it serves the whitelist the previous run left in --workdir
+        assert all(_accepted(announce, h) for h in hashes)
+        record("tracker", "docket-tracker SIGKILLed, restarted while the registry is down",
+               "the orphan opentracker is stopped by pid; the new one serves the saved whitelist at once")
+
+        # SIGTERM: exit 0, opentracker stopped, no traceback
+        last = _opentracker_pid(workdir)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, tail(log)
+        assert not _pid_alive(last) and not (workdir / "opentracker.pid").exists()
+        assert "Traceback" not in log.read_text(), tail(log)
+        record("tracker", "docket-tracker SIGTERM", "exit 0; its opentracker stopped by pid; no traceback")
+    finally:
+        stop_process(proc)
+        for pid_file in [workdir / "opentracker.pid"]:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"opentracker"):
+                    os.kill(pid, signal.SIGKILL)
