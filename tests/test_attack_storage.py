@@ -324,6 +324,61 @@ def test_few_orphans_are_adopted_many_refuse_start(pushed, tmp_path: Path) -> No
            f"one: adopted as unreferenced, kept; 17: refuses to start, exit {rc}, nothing deleted")
 
 
+def test_second_registry_on_the_same_location_is_refused(tmp_path: Path) -> None:
+    """Its start-up would empty uploads/ under the first one's pushes and stop the first one's seeders."""
+    first = _server(tmp_path, tmp_path / "registry", name="first")
+    first.start()
+    try:
+        digests = _push(first.url, "app", "v1", [os.urandom(200_000)])
+        before = _snapshot(first.location)
+        seeders = first.health()["checks"]["seeders"]["seeders"]
+        session = requests.post(f"{first.url}/v2/app/blobs/uploads/", timeout=10)  # a push in progress
+        assert session.status_code == 202
+        requests.patch(first.url + session.headers["Location"], data=b"x" * 1000, timeout=10).raise_for_status()
+        second = _server(tmp_path, first.location, name="second")
+        rc, stderr = _start_fails(second)
+        _assert_one_line_error(rc, stderr, "is in use by another docket-registry", f"pid {first.proc.pid}")
+        status, health = _health(first)
+        assert status == 200 and health["checks"]["seeders"]["seeders"].keys() == seeders.keys(), health
+        assert all(health["checks"]["seeders"]["seeders"][d]["pid"] == seeders[d]["pid"] for d in seeders)
+        r = requests.get(first.url + session.headers["Location"], timeout=10)
+        assert r.status_code == 204 and r.headers["Range"] == "0-999"  # the upload in progress is intact
+        assert _snapshot(first.location) == before
+        assert requests.get(f"{first.url}/v2/app/blobs/{digests[0]}", timeout=10).status_code == 200
+    finally:
+        first.stop()
+    record(AREA, "a second docket-registry started on the same --location",
+           f"refuses to start, exit {rc}: 'in use by another docket-registry (pid N)'; the first one's seeders, "
+           "upload sessions and blobs untouched")
+
+
+def test_database_locked_while_serving_is_503_and_leaves_no_file(tmp_path: Path) -> None:
+    """A write lock held past the busy timeout (another process on the database): the upload answers 503 in the
+    API's shape (not a 500), and its blob file, already moved into blobs/, is removed again."""
+    server = _server(tmp_path, tmp_path / "registry", "--no-seeding")
+    server.start()
+    try:
+        holder = sqlite3.connect(server.location / "docket.db", isolation_level=None, timeout=30)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            data = os.urandom(100_000)
+            d = _blob_digest(data)
+            r = requests.post(f"{server.url}/v2/app/blobs/uploads/", params={"digest": d}, data=data, timeout=60)
+        finally:
+            holder.close()
+        assert r.status_code == 503, r.text
+        err = r.json()["errors"][0]
+        assert "database" in err["message"] and "busy" in err["message"], err
+        assert not (server.location / "blobs" / "sha256" / d[7:]).exists()
+        r = requests.post(f"{server.url}/v2/app/blobs/uploads/", params={"digest": d}, data=data, timeout=60)
+        assert r.status_code == 201, r.text
+    finally:
+        server.stop()
+    record(AREA, "database write-locked by another process while a blob is uploaded",
+           "after the 10 s busy timeout: 503 'database is busy' in the /v2 shape; the placed file removed again; "
+           "the retry succeeds")
+
+
 # -- a full disk ---------------------------------------------------------------------------------------------------
 def test_full_disk_is_507_and_health_degraded(tmp_path: Path, docket_cli, image_factory, docker_client) -> None:
     """Below --min-free-space: uploads with a known size are refused before a byte is written (507 in each API's

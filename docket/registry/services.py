@@ -271,8 +271,9 @@ class RegistryServices:
                 self.tracker.preflight()
 
     def start(self) -> None:
-        """Start-up clean-up, then tracker (with the full whitelist), then every seeder, then GC."""
+        """The location's lock, start-up clean-up, then tracker (with the full whitelist), every seeder, GC."""
         self.preflight()
+        self.store.lock()  # before anything touches uploads/, seeders/ or blobs/
         self.store.clean_stale_uploads()
         if self.config.seeding:
             reap_orphans(self.store.seeders_dir)
@@ -296,6 +297,7 @@ class RegistryServices:
             self.seeders.stop()
         self.tracker.stop()
         self.started = False
+        self.store.unlock()
 
     def reconcile(self) -> list[Blob]:
         """Bring files and rows together after a crash: blob files without a row are kept (adopted, or start-up is

@@ -9,6 +9,8 @@ does not exist or holds complete, verified bytes. Names from users never become 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -28,6 +30,7 @@ from docket.torrent.metainfo import PieceHasher
 log = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = "upload-"
+LOCK_FILE = "registry.lock"
 SESSION_PREFIX = "session-"  # V2 upload sessions: uploads/session-<uuid4> (docket/registry/uploads.py)
 _SESSION_ID_RE = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
@@ -147,6 +150,7 @@ class BlobStore:
         self.seeders_dir = self.location / "seeders"
         self.tracker_dir = self.location / "tracker"
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None  # the flock on LOCK_FILE while a registry serves this location
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def ensure_layout(self) -> None:
@@ -163,6 +167,33 @@ class BlobStore:
                 "choose a writable directory with --location (or DOCKET_REGISTRY_LOCATION), or create it and give this "
                 "user write access",
             ) from exc
+
+    def lock(self) -> None:
+        """Hold ``<location>/registry.lock`` (flock) while this process serves: a second registry on the same
+        location would empty uploads/ under the first one's pushes, stop its seeders and run a second GC."""
+        if self._lock_fd is not None:
+            return
+        path = self.location / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LocationError(f"cannot lock {path}: {exc.strerror or exc}",
+                                    "check that this user may write the registry location") from exc
+            raise LocationError(f"registry location {self.location} is in use by another docket-registry "
+                                f"(pid {holder})",
+                                "stop that one first, or give this one its own --location") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def clean_stale_uploads(self) -> int:
         """Remove temp files left by a previous run that died mid-upload."""
