@@ -287,13 +287,17 @@ def test_registry_routes_reveal_nothing_without_a_token(private: Private):
                 assert resp.status_code == 401, (path, resp.status_code)
             for secret in private.secrets:
                 assert secret not in resp.content, (path, resp.content[:300])
+                assert secret.decode("latin-1") not in str(resp.headers), (path, resp.headers)
+        options = requests.options(f"{private.server.url}{path}", timeout=10)  # open to CORS preflights
+        for secret in private.secrets:
+            assert secret not in options.content and secret.decode("latin-1") not in str(options.headers), path
     health = requests.get(f"{private.server.url}/healthz", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     full = requests.get(f"{private.server.url}/healthz", headers=auth(READ), timeout=10).json()
     assert full["checks"]["seeders"]["seeders"][private.digest]["listen_port"] in private.seeder_ports
     assert full["checks"]["tracker"]["private"] is True
-    record("access", f"every GET route of openapi.json ({len(paths)}) without, or with a wrong, token",
-           "401 except /healthz and /openapi.json; no info hash or seeder port in any body")
+    record("access", f"every GET route of openapi.json ({len(paths)}) without, or with a wrong, token; OPTIONS",
+           "401 except /healthz and /openapi.json; no info hash or seeder port in any body or header")
     record("access", "/healthz without a token on a read-token registry",
            "only {\"status\": \"ok\"}; the seeders' digests, pids and ports only with a read or push token")
 
