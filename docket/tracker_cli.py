@@ -235,18 +235,21 @@ class _Follower:
               help="Read (or push) token, when the registry requires tokens for reads.")
 @click.option("--ca-bundle", envvar="DOCKET_CA_BUNDLE", show_envvar=True, default=None,
               type=click.Path(exists=True, dir_okay=False), help="CA certificate(s) for an https:// registry.")
+@click.option("--guard/--no-guard", default=None, envvar="DOCKET_TRACKER_GUARD", show_envvar=True,
+              help="Pass announces and single-torrent scrapes only: no full scrape or /stats listing every info "
+                   "hash (as the managed tracker of a registry with read tokens)  [default: on with --token]")
 def main(registry: str, bind: str, port: int, workdir: Path | None, interval: float, log_level: str,
-         token: str | None, ca_bundle: str | None) -> None:
+         token: str | None, ca_bundle: str | None, guard: bool | None) -> None:
     """Run opentracker and sync its whitelist from a docket-registry."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _serve(registry, bind, port, workdir, interval, token, ca_bundle)
+        _serve(registry, bind, port, workdir, interval, token, ca_bundle, bool(token) if guard is None else guard)
     except DocketError as exc:
         _fail(exc)
 
 
 def _serve(registry: str, bind: str, port: int, workdir: Path | None, interval: float, token: str | None,
-           ca_bundle: str | None) -> None:
+           ca_bundle: str | None, guarded: bool) -> None:
     find_opentracker()  # ToolMissing with the install hint, before anything is created
     temporary = workdir is None
     if workdir is None:
@@ -266,7 +269,7 @@ def _serve(registry: str, bind: str, port: int, workdir: Path | None, interval: 
             session.headers["Authorization"] = f"Bearer {token.strip()}"
         if ca_bundle:
             session.verify = ca_bundle
-        tracker = Opentracker(bind, port, workdir)
+        tracker = Opentracker(bind, port, workdir, guarded=guarded)
         follower = _Follower(tracker, session, registry, interval)
         previous = {s: signal.signal(s, follower.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -281,8 +284,8 @@ def _serve(registry: str, bind: str, port: int, workdir: Path | None, interval: 
             if follower.signal is None:
                 tracker.start(initial)
                 record_pid(workdir / PID_FILE, tracker.pid or 0)
-                log.info("opentracker pid %s on %s:%d (%d whitelisted), following %s every %gs", tracker.pid,
-                         bind, port, len(initial), registry, interval)
+                log.info("opentracker pid %s on %s:%d%s (%d whitelisted), following %s every %gs", tracker.pid,
+                         bind, port, " behind the guard" if guarded else "", len(initial), registry, interval)
                 follower.run()
         finally:
             tracker.stop()

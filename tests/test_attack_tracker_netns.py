@@ -401,3 +401,63 @@ def test_tracker_follows_registry_and_survives(tmp_path: Path, registry_server) 
                 pid = int(pid_file.read_text())
                 if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"opentracker"):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+def test_tracker_of_a_registry_with_read_tokens(tmp_path: Path) -> None:
+    """docket-tracker --token runs opentracker behind the guard: no full scrape or /stats lists the hashes."""
+    need("ctorrent")
+    need("opentracker")
+    from conftest import RegistryServer
+
+    push_token, read_token = "push-" + os.urandom(8).hex(), "read-" + os.urandom(8).hex()
+    server = RegistryServer(location=tmp_path / "registry", port=free_port(), tracker_port=free_port(),
+                            log=tmp_path / "registry.log",
+                            extra_args=["--auth-token", push_token, "--read-token", read_token])
+    server.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        tarball = tmp_path / "image.tar"
+        build_image_tar(tarball, payload=os.urandom(4096), repo_tag="priv/app:v1")
+        resp = requests.put(f"{server.url}/api/v1/repositories/priv/app/tags/v1", data=tarball.read_bytes(),
+                            headers={"Content-Type": "application/x-tar", "Authorization": f"Bearer {push_token}"},
+                            timeout=60)
+        assert resp.status_code == 201, resp.text
+        hashes = requests.get(f"{server.url}/api/v1/tracker/whitelist", timeout=10,
+                              headers={"Authorization": f"Bearer {read_token}"}).text.split()
+        assert hashes
+
+        # without the token: the registry answers 401; logged with the hint, and docket-tracker keeps running
+        port0, log0 = free_port(), tmp_path / "tokenless.log"
+        with open(log0, "ab") as out:
+            procs.append(subprocess.Popen(
+                [program("docket-tracker"), "--registry", server.url, "--bind", "127.0.0.1", "--port", str(port0),
+                 "--interval", "0.5"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if k != "DOCKET_TOKEN"}))
+        wait_until(lambda: "HTTP 401" in log0.read_text(), timeout=30, what="the 401 warning")
+        assert "--token" in log0.read_text() and procs[0].poll() is None, tail(log0)
+        record("tracker", "docket-tracker without the read token of its registry",
+               "one warning: 'the registry refused the whitelist request (HTTP 401)' with the hint --token; "
+               "keeps running")
+
+        port, log = free_port(), tmp_path / "guarded.log"
+        with open(log, "ab") as out:
+            procs.append(subprocess.Popen(
+                [program("docket-tracker"), "--registry", server.url, "--bind", "127.0.0.1", "--port", str(port),
+                 "--interval", "0.5", "--token", read_token], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT))
+        announce = f"http://127.0.0.1:{port}/announce"
+        wait_until(lambda: all(_accepted(announce, h) for h in hashes), timeout=30, what="the guarded tracker")
+        assert "behind the guard" in log.read_text()
+        for path in ("/scrape", "/stats", "/stats?mode=tpbs", "/stats?mode=everything"):
+            r = requests.get(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert r.status_code == 404 and not any(h.encode() in r.content for h in hashes), (path, r.content)
+        record("tracker", "docket-tracker --token (registry with read tokens): full scrape and /stats",
+               "404 for everyone (opentracker behind the guard, as the managed tracker); announces pass")
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(15) == 0
+    finally:
+        for p in procs:
+            stop_process(p)
+        server.stop()

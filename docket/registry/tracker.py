@@ -5,8 +5,9 @@ A new info hash is added and opentracker reloaded (SIGHUP) *before* that blob's 
 first announce is accepted. If opentracker dies, the seeder supervisor restarts it and then every seeder, since a
 fresh tracker has an empty peer table and leechers re-announce only every ~30 minutes.
 
-External (``--tracker HOST:PORT``): you run opentracker (built with a whitelist, as Debian's is) and keep its
-whitelist in sync with ``GET /api/v1/tracker/whitelist``, for example every 10 seconds::
+External (``--tracker HOST:PORT``): ``docket-tracker`` on the tracker host runs opentracker and keeps its whitelist
+in sync with ``GET /api/v1/tracker/whitelist``; with an opentracker of your own (built with a whitelist, as
+Debian's is) do the same, for example every 10 seconds::
 
     while sleep 10; do
       curl -fsS http://REGISTRY:8000/api/v1/tracker/whitelist -o /etc/opentracker/whitelist.new &&
@@ -15,8 +16,10 @@ whitelist in sync with ``GET /api/v1/tracker/whitelist``, for example every 10 s
       fi
     done
 
-Until a new hash is in the external whitelist the tracker refuses announces for it; seeders and leechers retry,
-so a push becomes downloadable over BitTorrent within one sync period (plain HTTP blob download works at once).
+Until a new hash is in the external whitelist the tracker refuses announces for it, and a refused ctorrent retries
+only every ~15 s: so a push waits (bounded) until the tracker accepts its layers and then re-announces the seeders
+it refused (``ExternalTracker.settle``), and a tracker that lost its peers (restarted) makes every seeder announce
+again (``needs_restart``).
 
 Private (a registry with read tokens): the managed opentracker runs behind a guard (docket/torrent/guard.py) that
 answers announces and single-torrent scrapes only, never stats or a full scrape, which would list every info hash.
