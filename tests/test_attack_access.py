@@ -431,3 +431,24 @@ def test_torrent_source_is_per_blob_and_secret(tmp_path: Path):
     assert one != two and one.startswith("docket-") and secret.hex() not in one
     (tmp_path / "torrent-secret").unlink()
     assert torrent_secret(tmp_path) != secret  # deleting the file renews every info hash
+
+
+def test_guard_refuses_to_start_without_loopback(tmp_path: Path):
+    """In a network namespace whose lo is down the guard could not reach its opentracker: a clear error at start
+    (with the fix), not a tracker that answers every announce with 503."""
+    need("ip")
+    name = f"dkacc-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        code = ("import tempfile; from pathlib import Path; from docket.torrent.opentracker import Opentracker\n"
+                "t = Opentracker('127.0.0.1', 6969, Path(tempfile.mkdtemp(dir=%r)), guarded=True)\n"
+                "try:\n    t.start([])\nexcept Exception as e:\n    print(type(e).__name__, e.message, e.hint)\n"
+                "else:\n    t.stop(); print('started')\n") % str(tmp_path)
+        out = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", code], capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    assert out.stdout.startswith("ServiceUnavailable cannot run the tracker guard"), out.stdout + out.stderr
+    assert "ip link set lo up" in out.stdout
+    record("access", "guarded tracker started where the loopback interface is down (fresh network namespace)",
+           "refused at start: 'cannot run the tracker guard ... is the lo interface up?' with the fix as hint")

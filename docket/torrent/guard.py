@@ -223,6 +223,22 @@ class _Server(socketserver.ThreadingTCPServer):
         return _reply(code, body)
 
 
+def check_loopback() -> None:
+    """Raise OSError unless a connection from a mapped address to 127.0.0.1 works (``lo`` can be down in a fresh
+    network namespace): the guard cannot reach its opentracker otherwise."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client.settimeout(2)
+        try:
+            client.bind((str(MAPPED_NET.network_address + 1), 0))
+            client.connect(server.getsockname())
+        except OSError as exc:
+            raise OSError(f"loopback connections from {MAPPED_NET} to 127.0.0.1 fail ({exc.strerror or exc}): "
+                          "is the lo interface up?") from exc
+
+
 class TrackerGuard:
     """Listen on ``listen`` and pass announces and single-torrent scrapes on to opentracker at ``upstream``."""
 

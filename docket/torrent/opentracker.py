@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
-from docket.torrent.guard import TrackerGuard
+from docket.torrent.guard import TrackerGuard, check_loopback
 from docket.torrent.metainfo import ipv4_address
 from docket.torrent.processes import stop_child
 
@@ -169,6 +169,11 @@ class Opentracker:
             raise ServiceUnavailable(f"cannot start opentracker: {self.bind_ip}:{self.port} is already in use",
                                      hint="choose another --tracker-port")
         if self.guarded:
+            try:
+                check_loopback()
+            except OSError as exc:
+                raise ServiceUnavailable(f"cannot run the tracker guard: {exc}",
+                                         hint="bring the loopback interface up: ip link set lo up") from exc
             self._inner_port = _free_port(INNER_IP)
         listen_ip, listen_port = self._listen
         self.workdir.mkdir(parents=True, exist_ok=True)
