@@ -290,6 +290,32 @@ def test_a_trickling_registry_cannot_hold_a_pull(hostile: Hostile, tmp_path: Pat
            f"exit 8 after {took:.1f} s: 'did not answer within {deadline:g} s (the whole answer ...)'")
 
 
+def test_a_trickled_blob_download_ends_by_its_progress_deadline(hostile: Hostile, tmp_path: Path,
+                                                                docket_cli) -> None:
+    """--transport http, the blob at 1 byte/s: each 256 KiB must arrive within --timeout, so the pull fails soon
+    (exit 9, the partial file kept for a retry) instead of running for days."""
+    deadline = 3.0
+    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    hostile.routes.insert(0, (f"/api/v1/blobs/{rec['digest']}", lambda h: None))  # placeholder, replaced below
+
+    def slow_blob(h: BaseHTTPRequestHandler) -> None:
+        if h.path.endswith("/torrent"):
+            send(h, 200, (tmp_path / "t" / (rec["digest"][7:] + ".torrent")).read_bytes(), "application/x-bittorrent")
+            return
+        trickle_body(200, b"\0" * rec["size"])(h)
+    hostile.routes[0] = (f"/api/v1/blobs/{rec['digest']}", slow_blob)
+    hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
+    t0 = time.monotonic()
+    res = docket_cli(*cli_args(hostile, "--timeout", str(deadline), "pull", "--no-load", "--transport", "http",
+                               "evil:latest"), check=False, timeout=120)
+    took = time.monotonic() - t0
+    assert res.returncode == 9, res.stderr
+    assert f"sent less than 262144 bytes in {deadline:g} s" in res.stderr
+    assert took < 4 * deadline + 5, took
+    record("client", f"registry sends a blob at 1 byte/s (--transport http, --timeout {deadline:g})",
+           f"exit 9 after {took:.1f} s: 'sent less than 262144 bytes in {deadline:g} s', partial file kept")
+
+
 def tracker_server(hostile: Hostile, scrape: Handler, announce: Handler | None = None) -> str:
     hostile.route("/scrape", scrape)
     if announce is not None:
@@ -407,7 +433,8 @@ def test_sizes_that_do_not_add_up_are_refused(hostile: Hostile, tmp_path: Path, 
     assert str(50 << 30) not in res.stdout
     if lie != "config longer than its size":  # refused before the config is fetched
         assert not any(s.startswith(f"GET /api/v1/blobs/{rec['image_id']}") for s in hostile.seen), hostile.seen
-    record("client", lie, "exit 6: " + res.stderr.strip().splitlines()[0][7:120])
+    error = next(line for line in res.stderr.splitlines() if line.startswith("Error: "))
+    record("client", lie, "exit 6 before any download: " + error[7:150])
 
 
 # -- work a record can ask for -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import requests
 
 from docket import __version__
 from docket import errors
-from docket.client.deadline import DeadlineExceeded, DeadlineSession, expired, progress
+from docket.client.deadline import DeadlineExceeded, DeadlineSession, expired, extend, progress
 from docket.client.http_fetch import BLOB_DIGEST_RE
 from docket.client.progress import printable
 from docket.reference import Reference
@@ -400,7 +400,7 @@ class RegistryClient:
             left = None if end is None else end - start
             try:
                 for chunk in resp.iter_content(chunk_size):
-                    resp.watch.extend()  # type: ignore[attr-defined]
+                    extend(resp)
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)
@@ -417,13 +417,12 @@ class RegistryClient:
                 if expired(resp):
                     raise errors.TransferError(
                         f"{what}: the registry at {self.url} sent less than {chunk_size} bytes in "
-                        f"{resp.watch.seconds:g} s", "a retry resumes from what was received") from exc  # type: ignore[attr-defined]
+                        f"{self.read_timeout:g} s", "a retry resumes from what was received") from exc
                 raise errors.TransferError(f"{what}: the connection to {self.url} failed: {exc}",
                                            "a retry resumes from what was received") from exc
             if expired(resp):
                 raise errors.TransferError(f"{what}: the registry at {self.url} sent less than {chunk_size} bytes "
-                                           f"in {resp.watch.seconds:g} s",  # type: ignore[attr-defined]
-                                           "a retry resumes from what was received")
+                                           f"in {self.read_timeout:g} s", "a retry resumes from what was received")
 
     def check_manifest_push_allowed(self, ref: Reference) -> None:
         """A bodiless manifest PUT: 401/403 when the token may not push (before streaming any layer)."""

@@ -216,6 +216,13 @@ def progress() -> None:
         watch.extend()
 
 
+def extend(resp: requests.Response) -> None:
+    """A streamed download made progress: its deadline counts again from now (no-op without a watch)."""
+    watch = getattr(resp, "watch", None)
+    if watch is not None:
+        watch.extend()
+
+
 def expired(resp: requests.Response) -> bool:
     """True when the response's deadline passed (its body may have been cut short)."""
     watch = getattr(resp, "watch", None)

@@ -43,6 +43,7 @@ MAX_CONFIG = 64 * 1024 * 1024
 MAX_LAYERS = 1000  # the registry's own limit (docket/registry/api.py); Docker stops at 127
 MAX_TRANSFERS = 3  # layers downloading at once (ctorrent or HTTP), as docker's max-concurrent-downloads
 MAX_SEEDERS = 32  # finished layers' ctorrents kept seeding at once; later ones stop when they finish
+MAX_TORRENT_TOTAL = 256 * 1024 * 1024  # the torrents of one pull, held in memory (1,000 layers: ~40 MB at most)
 FETCH_JOIN = 10.0  # seconds to wait for a cancelled HTTP fetch thread at the end of a pull
 _HEX40_LEN = 40
 
@@ -282,10 +283,15 @@ class LayerPull:
                 raise errors.IntegrityError(f"layer {layer.digest} of {ref} is empty but its digest is not that of "
                                             "no bytes", "the registry's record is inconsistent")
             (blobs_dir / layer.hex).write_bytes(b"")
+        torrent_bytes = 0
         for layer in needed:
             if layer.size == 0:
                 continue
             torrent = p.api.get_torrent(layer.digest)  # also in http mode: its piece hashes check a resumed file
+            torrent_bytes += len(torrent)
+            if torrent_bytes > MAX_TORRENT_TOTAL:
+                raise errors.IntegrityError(f"the torrents of {ref} add up to more than {MAX_TORRENT_TOTAL} bytes; "
+                                            "refused", "the registry is broken or hostile; nothing was downloaded")
             meta = read_torrent(torrent)
             check_layer_torrent(meta, layer, ref)
             check_torrent_size(torrent, meta.pieces, f"layer {layer.digest}")
@@ -429,6 +435,7 @@ class LayerPull:
             via = f" as peer {peer_ip}" if peer_ip else ""
             p.reporter.info(f"Downloading {len(jobs)} layer(s) of {record.ref} ({total} bytes) through "
                             f"BitTorrent{via}")
+
         def start(job: _Job) -> None:
             job.started = True
             job.last_progress = time.monotonic()
@@ -651,10 +658,10 @@ class LayerPull:
             if job.fetch is not None and job.fetch.thread is not None:
                 job.fetch.cancel.set()  # seen between chunks; a blocked read ends at its deadline
                 fetches.append(job.fetch.thread)
-        procs = [job.proc for job in self.jobs if job.proc is not None]
-        if procs and all(hasattr(proc, "_claim") for proc in procs):
-            from docket.torrent.ctorrent import stop_many
+        from docket.torrent.ctorrent import CtorrentProcess, stop_many
 
+        procs = [job.proc for job in self.jobs if job.proc is not None]
+        if all(isinstance(proc, CtorrentProcess) for proc in procs):
             stop_many(procs, STOP_WAIT)
         else:  # test doubles
             for proc in procs:
