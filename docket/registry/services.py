@@ -71,9 +71,11 @@ def _guess_kind(path: Path, size: int) -> str:
                     return KIND_CONFIG
                 except InvalidImage:
                     pass
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
+                try:  # pushed bytes: 100,000 nested brackets must not stop the start-up with a RecursionError
+                    from docket.jsonstrict import loads as strict_loads
+
+                    doc = strict_loads(raw, what="blob")
+                except InvalidRequest:
                     return KIND_LAYER
                 return KIND_MANIFEST if isinstance(doc, dict) and "schemaVersion" in doc else KIND_BLOB
     return KIND_LAYER
