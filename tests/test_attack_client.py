@@ -642,3 +642,51 @@ def test_too_many_open_files_gets_its_own_hint(hostile: Hostile, tmp_path: Path,
     assert _start_hint(OSError(errno.ENOENT, "No such file")) == INSTALL_HINT
     record("client", "200 layers with a hard limit of 64 open files",
            "exit 1 'Too many open files' with the hint 'raise the limit (ulimit -n)', not 'install ctorrent'")
+
+
+def test_cleanup_stops_every_ctorrent_without_a_new_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           reap_ctorrents: None) -> None:
+    """When threads ran out, the old cleanup needed one thread per ctorrent and left them seeding: stop_many (what a
+    layer pull's cleanup calls) works from the calling thread alone."""
+    from docket.torrent.ctorrent import CtorrentProcess, stop_many
+
+    data = os.urandom(100_000)
+    _, meta = torrent_of(tmp_path / "t", data, f"http://127.0.0.1:{free_port()}/announce")
+    hexd = hashlib.sha256(data).hexdigest()
+    procs = [CtorrentProcess(tmp_path / "t" / f"{hexd}.torrent", tmp_path / "t" / hexd, workdir=tmp_path / f"w{i}",
+                             listen_ip=f"127.0.0.{101 + i}", seed_only=True, die_with_parent=True) for i in range(6)]
+    try:
+        for proc in procs:
+            proc.start()
+        assert all(proc.alive() for proc in procs)
+
+        def no_thread(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        t0 = time.monotonic()
+        stop_many(procs, 2.0)
+        took = time.monotonic() - t0
+        monkeypatch.undo()
+        assert not any(proc.alive() for proc in procs)
+        assert not ctorrents_under(tmp_path)
+    finally:
+        monkeypatch.undo()
+        for proc in procs:
+            proc.stop(1.0)
+    record("client", "cleanup of 6 ctorrents while no thread can be started",
+           f"all stopped from the calling thread in {took:.1f} s (signals to all, one wait), none left")
+
+
+def test_escape_sequences_in_image_names_are_escaped(hostile: Hostile, docket_cli) -> None:
+    """`docket images` prints what the registry lists: a tag name that is an escape sequence is shown escaped."""
+    images = {"images": [{"ref": "evil:" + EVIL, "image_id": "sha256:" + "a" * 64, "size": 1,
+                          "created": "\x1b[2J", "digest": "sha256:\x1b]0;t\x07" + "b" * 60}]}
+    hostile.route("/api/v1/images", lambda h: send(h, 200, json.dumps(images).encode()))
+    for args in ([], ["-q"]):
+        res = docket_cli(*cli_args(hostile, *args, "images"), check=False, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert ESC not in res.stdout and "\x07" not in res.stdout and "\r" not in res.stdout
+        assert "evil:\\x1b[2J" in res.stdout
+        assert not any(line.startswith("Pulled and loaded") for line in res.stdout.splitlines())
+    record("client", "escape sequences in the names, dates and digests `docket images` lists",
+           "printed escaped in the table and with -q")
