@@ -1,5 +1,5 @@
 """Layer pull (docs/layers.md, "Client pull"): config over HTTP, only the missing layers through BitTorrent
-(one ctorrent per layer, in parallel), then a generated legacy ``docker load`` stream holding just those.
+(one ctorrent per layer, MAX_TRANSFERS at a time), then a generated legacy ``docker load`` stream holding just those.
 
 Transports (``PullOptions.transport``): "p2p" only BitTorrent; "http" only the registry over HTTP (no ctorrent);
 "auto" BitTorrent, and per layer HTTP (resumed with Range from the pieces already verified on disk) once the swarm
