@@ -7,6 +7,7 @@ Figures at scale (200 connections for 60 s): benchmarks/slow_clients.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -249,6 +250,46 @@ def test_a_download_read_too_slowly_is_cut_off(registry: Registry) -> None:
     record("slow clients", "blob GET read at almost nothing (receive buffer 4 KiB, no reads)",
            f"connection cut after {len(got)} of {len(blob)} bytes (--body-timeout {BODY_TIMEOUT:g}, "
            "--body-min-rate 1KiB); its thread freed")
+
+
+def test_progress_rule_counts_only_time_spent_waiting_for_the_client() -> None:
+    """Unit: the body rule on a socketpair. A peer at 5 bytes/s fails a 100 B/s minimum after one 1 s window; the
+    reader's own pauses (the app hashing or writing) do not count against a peer whose bytes are already there."""
+    from docket.registry.server import BodyTimeout, Deadlines, _Progress
+
+    deadlines = Deadlines(body_timeout=1.0, body_min_rate=100)
+    ours, peer = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.2):
+            with contextlib.suppress(OSError):
+                peer.send(b"x")
+
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        ours.settimeout(60)
+        progress = _Progress(deadlines, "the request body")
+        start = time.monotonic()
+        with pytest.raises(BodyTimeout, match="moved [0-9] bytes in 1 s"):
+            while True:
+                progress.run(ours, ours.recv_into, bytearray(1024))
+        assert 0.9 <= time.monotonic() - start <= 2.5
+        with pytest.raises(BodyTimeout):  # and it stays expired for this request
+            progress.run(ours, ours.recv_into, bytearray(1024))
+        stop.set()
+        feeder.join()
+        peer.sendall(b"y" * 300)
+        progress.reset()
+        assert progress.run(ours, ours.recv_into, bytearray(10)) == 10  # fewer than the window's 100 bytes...
+        time.sleep(1.5)  # ...then the app pauses longer than a window: not the client's fault
+        assert progress.run(ours, ours.recv_into, bytearray(4096)) > 0
+    finally:
+        stop.set()
+        feeder.join()
+        ours.close()
+        peer.close()
 
 
 def test_a_large_push_still_streams(registry: Registry) -> None:
