@@ -504,21 +504,23 @@ def test_a_pull_stops_an_orphan_writer_of_its_blob(hostile: Hostile, tmp_path: P
     workdir = tmp_path / "client" / "torrents" / hexd
     workdir.mkdir(parents=True)
     (workdir / f"{hexd}.torrent").write_bytes((tmp_path / "t" / (hexd + ".torrent")).read_bytes())
-    orphan = subprocess.Popen([find_ctorrent(), "-e", "1", "-s", str(tmp_path / "client" / "blobs" / hexd),
-                               "-b", str(workdir / f"{hexd}.bf"), str(workdir / f"{hexd}.torrent")],
-                              cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    # a real orphan: started by a shell that exits at once, so its parent is no longer anyone of ours
+    argv = [find_ctorrent(), "-e", "1", "-s", str(tmp_path / "client" / "blobs" / hexd),
+            "-b", str(workdir / f"{hexd}.bf"), str(workdir / f"{hexd}.torrent")]
+    out = subprocess.run(["sh", "-c", 'cd "$1" && shift && "$@" </dev/null >/dev/null 2>&1 & echo $!', "sh",
+                          str(workdir), *argv], capture_output=True, text=True, timeout=30, check=True).stdout
+    orphan = int(out.strip())
     try:
-        (workdir / "ctorrent.pid").write_text(f"{orphan.pid}\n")
+        wait_until(lambda: running(orphan) and ctorrents_under(tmp_path), timeout=10, what="the orphan")
+        (workdir / "ctorrent.pid").write_text(f"{orphan}\n")
         res = docket_cli(*cli_args(hostile, "pull", "--no-load", "--transport", "http", "evil:latest"),
                          check=False, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "Stopped a ctorrent an interrupted pull left running" in res.stderr
-        assert orphan.wait(5) is not None
+        assert not running(orphan)
     finally:
-        if orphan.poll() is None:
-            orphan.kill()
-            orphan.wait(5)
+        if running(orphan):
+            os.kill(orphan, signal.SIGKILL)
     record("client", "a ctorrent left writing the blob by an earlier pull (pid file in its work directory)",
            "the next pull stops it before it writes, then downloads and verifies")
 
@@ -690,3 +692,23 @@ def test_escape_sequences_in_image_names_are_escaped(hostile: Hostile, docket_cl
         assert not any(line.startswith("Pulled and loaded") for line in res.stdout.splitlines())
     record("client", "escape sequences in the names, dates and digests `docket images` lists",
            "printed escaped in the table and with -q")
+
+
+def test_a_live_pulls_ctorrent_is_not_taken_for_an_orphan(tmp_path: Path, reap_ctorrents: None) -> None:
+    """A ctorrent whose parent is a running pull (here: this process) keeps seeding when a second pull of the
+    same blob takes the lock."""
+    from docket.client.pull import PIDFILE, stop_orphan_writer
+    from docket.torrent.ctorrent import CtorrentProcess
+
+    data = os.urandom(100_000)
+    torrent_of(tmp_path / "t", data, f"http://127.0.0.1:{free_port()}/announce")
+    hexd = hashlib.sha256(data).hexdigest()
+    workdir = tmp_path / "w"
+    with CtorrentProcess(tmp_path / "t" / f"{hexd}.torrent", tmp_path / "t" / hexd, workdir=workdir,
+                         listen_ip="127.0.0.111", seed_only=True, die_with_parent=True,
+                         pid_file=workdir / PIDFILE) as proc:
+        assert (workdir / PIDFILE).read_text().strip() == str(proc.pid)
+        assert stop_orphan_writer(workdir) is False
+        assert proc.alive()
+    record("client", "a second pull of a blob another running pull still seeds",
+           "the seeding ctorrent (its parent a live pull) is left alone; only orphans are stopped")

@@ -171,10 +171,9 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
     """One downloader per blob per host: a second pull waits, then finds the verified file.
 
     Holding the lock, the ctorrent a killed earlier pull left writing this blob (its pid in ``PIDFILE``, its
-    command line naming this work directory) is stopped: two writers must never share the file.
+    command line naming this work directory, no docket pull its parent) is stopped: two writers must never share
+    the file. A live pull's ctorrent (still seeding after that pull released the lock) is left alone.
     """
-    from docket.torrent.processes import stop_orphan
-
     try:
         f = open(path, "a+b")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -187,12 +186,40 @@ def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
                 raise
             reporter.info(f"Another docket pull is fetching {what}; waiting for it")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        if stop_orphan(path.parent / PIDFILE, "ctorrent", str(path.parent)):
+        if stop_orphan_writer(path.parent):
             reporter.info(f"Stopped a ctorrent an interrupted pull left running on {what}")
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _parent_is_a_pull(pid: int) -> bool:
+    """True when ``pid``'s parent is this process or another running ``docket`` command."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == os.getpid():
+            return True
+        argv = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, StopIteration):
+        return False
+    return any(os.path.basename(a) == b"docket" or a.startswith(b"docket.client") for a in argv)
+
+
+def stop_orphan_writer(workdir: Path) -> bool:
+    """Stop the ctorrent recorded in ``workdir``'s ``PIDFILE`` if it outlived its pull (processes.stop_orphan
+    checks it is a ctorrent naming ``workdir``); True when one was stopped."""
+    from docket.torrent.processes import stop_orphan
+
+    pid_file = workdir / PIDFILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if _parent_is_a_pull(pid):
+        return False
+    return stop_orphan(pid_file, "ctorrent", str(workdir))
 
 
 def local_error_hint(exc: OSError) -> str:
