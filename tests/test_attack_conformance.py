@@ -444,6 +444,38 @@ def test_gc_swarm_wait_is_bounded(app, monkeypatch):
            "GC waits at most 1 h for the swarm, then removes seeder, whitelist entry and blob")
 
 
+def test_anonymous_head_does_not_renew_a_blobs_grace(tmp_path):
+    """With push tokens, a HEAD renews an unreferenced blob's grace only for a client that may push (docker's
+    check before it skips an upload); an anonymous HEAD every few minutes must not keep it forever."""
+    app = create_app(RegistryConfig(location=tmp_path / "registry", seeding=False, gc_interval=0, gc_grace=600,
+                                    tracker_port=6999, auth_tokens=("push-secret",)))
+    sv = app.extensions["docket"]
+    client = app.test_client()
+    push = {"Authorization": "Bearer push-secret"}
+    blobs = [b"checked by a pusher", b"checked anonymously"]
+    for data in blobs:
+        resp = client.post(f"/v2/app/blobs/uploads/?digest={sha(data)}", data=data, headers=push)
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+    old = utcnow() - timedelta(hours=1)
+    with sv.db.session() as s:
+        for data in blobs:
+            s.get(Blob, sha(data)).unreferenced_at = old
+        s.commit()
+    resp = client.head(f"/v2/app/blobs/{sha(blobs[0])}", headers=push)
+    assert resp.status_code == 200
+    resp.close()
+    for _ in range(3):
+        resp = client.head(f"/v2/app/blobs/{sha(blobs[1])}")
+        assert resp.status_code == 200  # reads are open
+        resp.close()
+    try:
+        assert sv.gc.run_once(now=utcnow() + timedelta(minutes=5)) == [sha(blobs[1])]
+    finally:
+        sv.db.dispose()
+    record("gc", "anonymous HEAD of an unreferenced blob, repeated (registry with push tokens)",
+           "does not renew its grace: collected; a HEAD with a push token renews it (docker's pre-push check)")
+
+
 def test_gc_grace_below_the_minimum_is_refused_up_front(tmp_path):
     location = tmp_path / "registry"
     server = RegistryServer(location=location, port=free_port(), tracker_port=free_port(),

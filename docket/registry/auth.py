@@ -128,6 +128,15 @@ class TokenAuth:
             return False
         return _matches(raw, self._push) | _matches(raw, self._read)  # both compared, whatever the first says
 
+    def may_push(self) -> bool:
+        """Whether the current request carries push rights: always where no tokens are set, else only with a push
+        token (GC: only a client that may push can be about to reference a blob it checked with HEAD)."""
+        if not self.enabled:
+            return True
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        raw = _token_from(scheme, value.strip())
+        return raw is not None and _matches(raw, self._push)
+
     def init_app(self, app) -> None:  # noqa: ANN001 - Flask
         app.extensions["docket_auth"] = self
         if self.enabled:

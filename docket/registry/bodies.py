@@ -196,13 +196,15 @@ def send_ranged_file(path: Path, *, mimetype: str, etag: str, max_age: int,
 
 def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | None = None) -> Response:
     """A stored blob as the answer (GET or HEAD; a single byte Range: 206/416, other Ranges ignored (200);
-    If-None-Match: 304), held against GC while it is being sent. A HEAD renews an unreferenced blob's grace
-    period: the client skips uploading what exists. A blob deleted meanwhile is a NotFound: the file is opened
-    here, so a download that has started keeps its bytes even when the blob is deleted."""
+    If-None-Match: 304), held against GC while it is being sent. A HEAD by a client that may push renews an
+    unreferenced blob's grace period: the client skips uploading what exists. A blob deleted meanwhile is a
+    NotFound: the file is opened here, so a download that has started keeps its bytes even when it is deleted."""
     from docket.registry.blobops import keep_for_existence_check
 
-    if request.method == "HEAD":
-        sv.uploads.activity.touch()  # a client checking what to push: part of a push in progress
+    if request.method == "HEAD" and current_app.extensions["docket_auth"].may_push():
+        # a client checking what to push: part of a push in progress. Only one that may push: an anonymous HEAD
+        # every few minutes must not keep an unreferenced blob forever
+        sv.uploads.activity.touch()
         keep_for_existence_check(sv, digest)
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
