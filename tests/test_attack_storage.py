@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from conftest import RegistryServer, need
-from procs import free_port, wait_until
+from procs import free_port, port_open, stop_process, wait_until
 from robustness_rows import record
 
 AREA = "storage"
@@ -123,6 +123,10 @@ def _fill(directory: Path, leave: int, name: str = "filler") -> Path:
 def _health(server: RegistryServer) -> tuple[int, dict]:
     r = requests.get(f"{server.url}/healthz", timeout=10)
     return r.status_code, r.json()
+
+
+def _serving(server: RegistryServer) -> bool:
+    return port_open("127.0.0.1", server.port) and requests.get(f"{server.url}/healthz", timeout=10).status_code > 0
 
 
 def _chunked(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
@@ -491,13 +495,73 @@ def test_disk_full_mid_write_is_507_and_nothing_half_committed(tmp_path: Path) -
                              json={"config": config, "layers": layers}, timeout=30)
             _assert_v1_507(r)
             assert requests.get(f"{server.url}/api/v1/repositories/app/tags/v2", timeout=10).status_code == 404
-            filler2.unlink()
             record(AREA, "disk completely full: /healthz and a manifest push",
                    "/healthz 503 'no free space left' (was 200 with writable true); the manifest push 507, no tag")
+
+            # restarted on the full disk: it serves reads with /healthz degraded, or (when SQLite cannot even
+            # open its journal) refuses in one line whose hint is free space, not "restore a backup"; bytes kept
+            server.stop()
+            restart_log = tmp_path / "restart-full.log"
+            with open(restart_log, "w") as log_file:
+                proc = subprocess.Popen(server.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=log_file)
+            try:
+                wait_until(lambda: proc.poll() is not None or _serving(server), timeout=60, what="start or exit")
+                if proc.poll() is None:
+                    status_code, health = _health(server)
+                    assert status_code == 503 and not health["checks"]["disk_space"]["ok"], health
+                    r = requests.get(f"{server.url}/api/v1/repositories/app/tags/v1", timeout=10)
+                    assert r.status_code == 200, r.text
+                    observed = "serves reads, /healthz 503 disk_space"
+                else:
+                    stderr = restart_log.read_text()
+                    line = _assert_one_line_error(proc.returncode, stderr)
+                    hint = next(h for h in stderr.splitlines() if h.startswith("  hint: "))
+                    assert "free space" in hint and "backup" not in hint, stderr
+                    observed = f"refuses to start, exit {proc.returncode}: {line.split(': ')[-1]}, hint: free space"
+            finally:
+                if proc.poll() is None:
+                    stop_process(proc, timeout=30)
+            assert "Traceback" not in restart_log.read_text()
+            assert _snapshot(location) == before
+            filler2.unlink()
+            server.start()
+            assert _health(server)[0] == 200
+            assert requests.get(f"{server.url}/api/v1/repositories/app/tags/v1", timeout=10).status_code == 200
+            record(AREA, "registry restarted on a completely full disk",
+                   f"{observed}; no traceback, blobs kept; healthy again once space is freed")
         finally:
             server.stop()
             if filler is not None:
                 filler.unlink(missing_ok=True)
+
+
+def test_start_on_a_full_disk_is_one_line_with_the_right_hint(tmp_path: Path) -> None:
+    """Stopped cleanly (no SQLite journal left), then the disk filled: SQLite cannot open its journal and says
+    "disk I/O error"; the hint must be free space, not "restore a backup" (which would lose data)."""
+    with _tmpfs(tmp_path / "fs", "16m") as location:
+        server = _server(tmp_path, location, "--min-free-space", "0", "--no-seeding")
+        server.start()
+        try:
+            _push(server.url, "app", "v1", [os.urandom(300_000)])
+        finally:
+            server.stop()
+        before = _snapshot(location)
+        filler = _fill(location, 0)
+        rc, stderr = _start_fails(server)
+        line = _assert_one_line_error(rc, stderr, "cannot use the database")
+        hint = next(h for h in stderr.splitlines() if h.startswith("  hint: "))
+        assert "free space" in hint and "backup" not in hint, stderr
+        assert _snapshot(location) == before
+        filler.unlink()
+        server.start()
+        try:
+            assert requests.get(f"{server.url}/api/v1/repositories/app/tags/v1", timeout=10).status_code == 200
+        finally:
+            server.stop()
+    record(AREA, "registry started on a completely full disk (stopped cleanly before)",
+           f"refuses to start, exit {rc}: '{line.split(': ')[-1]}', hint: free space on its volume (not 'restore "
+           "a backup'); blobs kept; starts once space is freed")
 
 
 def test_database_volume_full_leaves_no_blob_without_row(tmp_path: Path) -> None:

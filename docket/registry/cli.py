@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from docket.errors import DocketError
 from docket.registry.gc import check_grace
@@ -172,6 +173,11 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
         serve(config)
     except DocketError as exc:
         _fail(exc)
+    except (OSError, SQLAlchemyError) as exc:  # the storage failing during start-up: one line, not a traceback
+        from docket.registry.storage import startup_error
+
+        log.debug("start-up failed", exc_info=True)
+        _fail(startup_error(exc))
 
 
 def _env_list(name: str) -> list[str]:

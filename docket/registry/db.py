@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,11 +73,23 @@ def _unusable(where: str, exc: BaseException) -> DatabaseUnusable:
         hint = "another process holds it (another docket-registry on this location?): stop it, or retry"
     elif "readonly" in lower or "read-only" in lower or "unable to open" in lower:
         hint = "make the database file and its directory writable by this user"
-    elif "disk is full" in lower:
-        hint = "free space on its volume"
+    elif "disk is full" in lower or _volume_full(where):
+        hint = "free space on its volume (the database needs room for its journal); nothing was changed"
+    elif "i/o error" in lower:
+        hint = "the disk reports errors: check it (kernel log) before anything else; " + RESTORE_HINT
     else:
         hint = RESTORE_HINT
     return DatabaseUnusable(f"cannot use the database {where}: {reason}", hint)
+
+
+def _volume_full(where: str) -> bool:
+    """Whether the directory of the SQLite file ``where`` has (almost) no free space: SQLite then reports a full
+    disk as "disk I/O error" when it cannot create its WAL files."""
+    directory = Path(where).parent
+    try:
+        return directory.is_dir() and shutil.disk_usage(directory).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 class Database:

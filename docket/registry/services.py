@@ -317,6 +317,7 @@ class RegistryServices:
                 if f"{algorithm}:{torrent.stem}" not in known:  # derived data: rebuilt from its blob if needed
                     torrent.unlink(missing_ok=True)
             changed = False
+            unseeded: set[str] = set()
             for b in blobs:
                 if not self.store.has_blob(b.digest):
                     log.error("blob %s is missing from %s; its tags cannot be pulled", b.digest, self.store.blobs_root)
@@ -325,7 +326,12 @@ class RegistryServices:
                     continue  # config blobs: plain HTTP only, no torrent
                 tpath = self.store.torrent_path(b.digest)
                 if not tpath.is_file() or b.info_hash is None:
-                    meta = self._build_torrent(b.digest)
+                    try:
+                        meta = self._build_torrent(b.digest)
+                    except OSError as exc:  # a full disk, EIO: serve what is there (HTTP), health says the rest
+                        log.error("cannot build the torrent of blob %s: %s; it is not seeded", b.digest, exc)
+                        unseeded.add(b.digest)
+                        continue
                     if meta.info_hash != b.info_hash:
                         b.info_hash, b.piece_length = meta.info_hash, meta.piece_length
                         changed = True
@@ -337,7 +343,7 @@ class RegistryServices:
                         changed = True
             if changed:
                 s.commit()
-            return blobs
+            return [b for b in blobs if b.digest not in unseeded]
 
     def _adopt_orphans(self, s: Session, orphans: list[str], known: int) -> list[Blob]:
         """Blob files the database has no row for. A push interrupted between placing its file and committing its

@@ -96,3 +96,15 @@ def require_space(paths: Iterable[Path], nbytes: int, reserve: int) -> None:
             message = (f"not enough free space on the registry: {human(free)} free, below the {human(reserve)} it "
                        f"keeps free (--min-free-space)")
         raise NoSpace(message, FULL_HINT)
+
+
+def startup_error(exc: BaseException) -> DocketError:
+    """An OS or database error that stopped start-up, as one line with a hint (the CLI prints it, no traceback)."""
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    translated = storage_error(exc)
+    hint = translated.hint if translated is not None else "run with --log-level debug for the details"
+    error = type(translated)(f"start-up failed: {reason}", hint) if translated is not None else \
+        DocketError(f"start-up failed: {reason}", hint)
+    return error
