@@ -20,20 +20,13 @@ from pathlib import Path
 from sqlalchemy import exc as sa_exc
 
 from docket.errors import DocketError, NoSpace, ServiceUnavailable
+from docket.registry.bodies import human
 
 log = logging.getLogger(__name__)
 
 FULL_HINT = ("free space on the registry's volume (delete tags: GC reclaims their blobs) or grow it; "
              "nothing was stored, so the push can be retried")
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def free_bytes(paths: Iterable[Path]) -> int:
@@ -90,8 +83,10 @@ def require_space(paths: Iterable[Path], nbytes: int, reserve: int) -> None:
     free = free_bytes(paths)
     if free - nbytes < max(reserve, 1):  # with no reserve, still refuse what would fill the disk to the last byte
         if nbytes:
-            message = (f"not enough free space on the registry for {human(nbytes)}: {human(free)} free, and it keeps "
-                       f"{human(reserve)} free (--min-free-space)")
+            keeps = f", and it keeps {human(reserve)} free (--min-free-space)" if reserve else ""
+            message = f"not enough free space on the registry for {human(nbytes)}: {human(free)} free{keeps}"
+        elif free <= 0:
+            message = "the registry's storage is full (0 bytes free)"
         else:
             message = (f"not enough free space on the registry: {human(free)} free, below the {human(reserve)} it "
                        f"keeps free (--min-free-space)")
