@@ -71,6 +71,9 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
                     raise IntegrityError(f"the registry's whitelist is larger than {MAX_WHITELIST_BYTES} bytes")
                 if time.monotonic() > end:
                     raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:.0f}s")
+    except requests.exceptions.SSLError as exc:
+        raise ServiceUnavailable(f"cannot verify the registry's TLS certificate at {registry}",
+                                 "give its CA with --ca-bundle / DOCKET_CA_BUNDLE") from exc
     except requests.RequestException as exc:
         raise ServiceUnavailable(f"cannot reach the registry at {registry}: {type(exc).__name__}") from exc
     hashes = [line.strip().lower() for line in body.decode("ascii", "replace").splitlines() if line.strip()]
