@@ -471,3 +471,17 @@ def test_tracker_of_a_registry_with_read_tokens(tmp_path: Path) -> None:
         for p in procs:
             stop_process(p)
         server.stop()
+
+
+def test_every_installed_program_starts() -> None:
+    """The class of issue 11's crash: each [project.scripts] entry point runs (a new program is covered too);
+    docket, docket-registry and docket-tracker are started for real above, in test_external_tracker_design_card."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"docket", "docket-registry", "docket-tracker"} <= set(scripts)
+    for name in scripts:
+        r = subprocess.run([program(name), "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "Usage:" in r.stdout and "Traceback" not in r.stderr, (name, r.stderr)
+    record("tracker", "every [project.scripts] program starts",
+           f"{', '.join(sorted(scripts))}: --help exits 0; all three run for real in the design-card test")
