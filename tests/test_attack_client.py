@@ -408,12 +408,20 @@ def test_an_endless_record_is_refused_in_bounded_memory(hostile: Hostile, tmp_pa
     record("client", "record of 512 MiB of whitespace", f"exit 6 after 8 MiB read, peak RSS {peak_kb // 1024} MiB")
 
 
-def test_deeply_nested_json_is_refused(hostile: Hostile, tmp_path: Path, docket_cli) -> None:
-    hostile.route(TAG, lambda h: send(h, 200, b"[" * 100_000 + b"]" * 100_000))
+@pytest.mark.parametrize("doc", ["100,000 nested brackets", "duplicate keys"])
+def test_json_the_strict_parser_refuses_is_refused(hostile: Hostile, tmp_path: Path, docket_cli, doc: str) -> None:
+    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    if doc == "duplicate keys":  # two readers could see two records: refused, as the registry refuses manifests
+        body = json.dumps(rec)[:-1].encode() + b', "digest": "sha256:' + b"0" * 64 + b'"}'
+    else:
+        body = b"[" * 100_000 + b"]" * 100_000
+    hostile.route(TAG, lambda h: send(h, 200, body))
     res = docket_cli(*cli_args(hostile, "pull", "--no-load", "evil:latest"), check=False, timeout=60)
     assert res.returncode == 6, res.stderr
-    assert "nests JSON too deeply" in res.stderr and "RecursionError" not in res.stderr
-    record("client", "record of 100,000 nested brackets", "exit 6 'nests JSON too deeply to read; refused'")
+    assert "RecursionError" not in res.stderr and "unexpected" not in res.stderr
+    assert ("nests deeper than 64 levels" if doc != "duplicate keys" else "digest") in res.stderr
+    error = next(line for line in res.stderr.splitlines() if line.startswith("Error: "))
+    record("client", f"record of {doc}", "exit 6 (the shared strict JSON parser): " + error[7:150])
 
 
 @pytest.mark.parametrize("lie", ["record size 50 GiB", "config size 50 GiB", "config longer than its size"])

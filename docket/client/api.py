@@ -232,12 +232,19 @@ class RegistryClient:
         return bytes(buf)
 
     def _json(self, resp: requests.Response, what: str) -> Any:
+        """The answer parsed by the project's strict parser (jsonstrict: depth, duplicate keys, int64, UTF-8).
+
+        Something that is not JSON at all (a proxy's HTML page) is the wrong server (exit 8); a JSON document
+        the parser refuses (100,000 nested brackets, duplicate keys) is a broken or hostile registry (exit 6).
+        """
+        from docket import jsonstrict
+
+        body = resp.content
         try:
-            return resp.json()
-        except RecursionError as exc:
-            raise errors.IntegrityError(f"{what}: the registry's answer nests JSON too deeply to read; refused",
-                                        "the registry is broken or hostile") from exc
-        except ValueError as exc:
+            return jsonstrict.loads(body, what=f"{what}: the registry's answer")
+        except errors.InvalidJSON as exc:
+            if body.lstrip()[:1] in (b"{", b"["):
+                raise errors.IntegrityError(f"{exc.message}; refused", "the registry is broken or hostile") from exc
             raise errors.ServiceUnavailable(f"{what}: the registry at {self.url} sent a reply that is not JSON",
                                             "is --host/--port pointing at a docket-registry?") from exc
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -27,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from docket import errors
+from docket import errors, jsonstrict
 from docket.client.http_fetch import (BLOB_DIGEST_RE, MAX_BLOB_SIZE, HttpFetch, check_torrent_size,
                                       digest_algorithm, digest_file, piece_hashes, verified_bytes)
 from docket.client.layers import load_entries, present_prefix, tar_stream
 from docket.client.peer import choose_peer_ip
+from docket.limits import MAX_LAYERS  # the registry's own limit, one number for both sides
 from docket.reference import Reference
 from docket.torrent.metainfo import TorrentMeta, read_torrent
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_CONFIG = 64 * 1024 * 1024
-MAX_LAYERS = 1000  # the registry's own limit (docket/registry/api.py); Docker stops at 127
 MAX_TRANSFERS = 3  # layers downloading at once (ctorrent or HTTP), as docker's max-concurrent-downloads
 MAX_SEEDERS = 32  # finished layers' ctorrents kept seeding at once; later ones stop when they finish
 MAX_TORRENT_TOTAL = 256 * 1024 * 1024  # the torrents of one pull, held in memory (1,000 layers: ~40 MB at most)
@@ -145,8 +144,8 @@ def check_config(record: LayeredRecord, config: bytes) -> list[str]:
         raise errors.IntegrityError(f"the config of {record.ref} hashes to {got}, expected {record.config_digest}",
                                     "the config was altered in transit or the registry is corrupt")
     try:
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        diff_ids = jsonstrict.loads(config, what=f"the config of {record.ref}")["rootfs"]["diff_ids"]
+    except (errors.InvalidJSON, KeyError, TypeError) as exc:
         raise errors.IntegrityError(f"the config of {record.ref} has no rootfs.diff_ids") from exc
     if diff_ids != [layer.diff_id for layer in record.layers]:
         raise errors.IntegrityError(f"the config of {record.ref} lists other layers than the registry's record",
