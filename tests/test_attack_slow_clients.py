@@ -344,3 +344,14 @@ def test_silent_tls_clients_do_not_stop_an_https_registry(tmp_path: Path) -> Non
         stop_process(reg.proc)
     record("slow clients", "20 silent TCP connections to an HTTPS registry (--threads 4)",
            f"HTTPS request answered in {took:.2f} s; the silent ones closed after --header-timeout")
+
+
+def test_max_threads_below_threads_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "docket.registry.cli", "--bind", "127.0.0.1", "--port",
+                             str(free_port()), "--location", str(tmp_path / "loc"), "--no-seeding",
+                             "--threads", "16", "--max-threads", "4"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "docket-registry: error: --max-threads 4 is below --threads 16" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "loc" / "docket.db").exists()
