@@ -97,8 +97,15 @@ def _check_hash(info_hash: str) -> bytes:
 
 
 def _get(url: str, query: str, timeout: float, session: requests.Session | None) -> Any:
+    """One tracker request. ``timeout`` is per read; without a ``session`` of the caller's, a whole-request
+    deadline of twice that applies too (a tracker that trickles its answer cannot hold the caller)."""
     full = f"{url}{'&' if '?' in url else '?'}{query}"
-    getter = session.get if session is not None else requests.get
+    if session is None:
+        from docket.client.deadline import DeadlineSession
+
+        with DeadlineSession(2 * timeout) as own:
+            return _get(url, query, timeout, own)
+    getter = session.get
     try:
         r = getter(full, timeout=timeout, stream=True)
         try:
@@ -130,7 +137,7 @@ def scrape(announce_url: str, info_hash: str, *, timeout: float = 5.0,
            session: requests.Session | None = None) -> ScrapeResult:
     """Seeder/leecher counts for one torrent. Unknown (or not whitelisted) hashes count as all zeros.
 
-    ``timeout`` is per read; a whole-request deadline needs a session that has one (docket.client.deadline's).
+    ``timeout`` is per read; the whole request ends within twice that, or the deadline of ``session``.
     """
     raw = _check_hash(info_hash)
     url = scrape_url(announce_url)
