@@ -494,7 +494,18 @@ def test_disk_full_mid_write_is_507_and_nothing_half_committed(tmp_path: Path) -
                              json={"config": config, "layers": layers}, timeout=30)
             _assert_v1_507(r)
             assert requests.get(f"{server.url}/api/v1/repositories/app/tags/v2", timeout=10).status_code == 404
-            record(AREA, "disk completely full: /healthz and a manifest push",
+            sizes = {d: int(requests.head(f"{server.url}/v2/app/blobs/{d}", timeout=10).headers["Content-Length"])
+                     for d in [config, *layers]}
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config,
+                           "size": sizes[config]},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": sizes[d]}
+                           for d in layers]}).encode()
+            _assert_v2_507(requests.put(f"{server.url}/v2/app/manifests/v3", data=manifest, timeout=30,
+                                        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
+            assert requests.get(f"{server.url}/v2/app/manifests/v3", timeout=10).status_code == 404
+            record(AREA, "disk completely full: /healthz and a manifest push (/api/v1 and /v2)",
                    "/healthz 503 'no free space left' (was 200 with writable true); the manifest push 507, no tag")
 
             # restarted on the full disk: it serves reads with /healthz degraded, or (when SQLite cannot even
