@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import click
 import requests
 
+from docket.client.deadline import DeadlineExceeded, DeadlineSession
 from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from docket.torrent import Opentracker, find_opentracker
 from docket.torrent.metainfo import ipv4_address
@@ -55,8 +56,11 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
     """
     url = f"{registry.rstrip('/')}/api/v1/tracker/whitelist"
     end = time.monotonic() + deadline
+    # requests' timeout is per read: a DeadlineSession cuts a reply that trickles in (the loop below checks
+    # only between chunks, and a chunk may wait for the rest of a slow body)
+    kwargs: dict[str, float] = {"deadline": deadline} if isinstance(session, DeadlineSession) else {}
     try:
-        with session.get(url, timeout=(min(timeout, 5.0), timeout), stream=True) as resp:
+        with session.get(url, timeout=(min(timeout, 5.0), timeout), stream=True, **kwargs) as resp:
             if resp.status_code in (401, 403):
                 raise Unauthorized(f"the registry refused the whitelist request (HTTP {resp.status_code})",
                                    "give a read token with --token / DOCKET_TOKEN")
@@ -65,12 +69,18 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
             if resp.status_code != 200:
                 raise ServiceUnavailable(f"{url} answered HTTP {resp.status_code}")
             body = bytearray()
-            for chunk in resp.iter_content(64 * 1024):
+            # read1: what has arrived (up to 64 KiB), so the deadline below is checked as bytes trickle in; read()
+            # (and iter_content) would wait for a whole 64 KiB. (The DeadlineSession cannot cut a reply without a
+            # length: urllib3 hands that socket to the response and the watch no longer sees it.)
+            read = getattr(resp.raw, "read1", None) or resp.raw.read
+            while chunk := read(64 * 1024, decode_content=True):
                 body += chunk
                 if len(body) > MAX_WHITELIST_BYTES:
                     raise IntegrityError(f"the registry's whitelist is larger than {MAX_WHITELIST_BYTES} bytes")
                 if time.monotonic() > end:
-                    raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:.0f}s")
+                    raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:g}s")
+    except DeadlineExceeded as exc:
+        raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:g}s") from exc
     except requests.exceptions.SSLError as exc:
         raise ServiceUnavailable(f"cannot verify the registry's TLS certificate at {registry}",
                                  "give its CA with --ca-bundle / DOCKET_CA_BUNDLE") from exc
@@ -267,7 +277,7 @@ def _serve(registry: str, bind: str, port: int, workdir: Path | None, interval: 
         except OSError as exc:
             raise DocketError(f"cannot create --workdir {workdir}: {exc.strerror or exc}") from exc
         check_listen(bind, port)
-        session = requests.Session()
+        session = DeadlineSession(FETCH_DEADLINE)
         if token:
             session.headers["Authorization"] = f"Bearer {token.strip()}"
         if ca_bundle:

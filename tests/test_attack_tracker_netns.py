@@ -485,3 +485,59 @@ def test_every_installed_program_starts() -> None:
         assert r.returncode == 0 and "Usage:" in r.stdout and "Traceback" not in r.stderr, (name, r.stderr)
     record("tracker", "every [project.scripts] program starts",
            f"{', '.join(sorted(scripts))}: --help exits 0; all three run for real in the design-card test")
+
+
+def test_whitelist_fetch_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry that trickles its whitelist, sends too much or sends junk: refused, the caller keeps its list."""
+    import http.server
+    import threading
+
+    from docket import tracker_cli
+    from docket.errors import IntegrityError, ServiceUnavailable
+
+    good = "a" * 40 + "\n"
+    mode = {"kind": "trickle"}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            if mode["kind"] == "trickle":  # one hash a second: each read is quick, the whole never ends
+                for _ in range(30):
+                    self.wfile.write(good.encode())
+                    self.wfile.flush()
+                    time.sleep(1)
+            elif mode["kind"] == "big":
+                self.wfile.write(good.encode() * 3000)
+            else:
+                self.wfile.write(b"\x1b[2J" + good.encode())
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        from docket.client.deadline import DeadlineSession
+
+        with DeadlineSession(tracker_cli.FETCH_DEADLINE) as session:
+            t0 = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match="within 2s"):
+                tracker_cli.fetch_whitelist(session, url, timeout=5, deadline=2)
+            assert time.monotonic() - t0 < 5
+            mode["kind"] = "big"
+            monkeypatch.setattr(tracker_cli, "MAX_WHITELIST_BYTES", 64 * 1024)
+            with pytest.raises(IntegrityError, match="larger than"):
+                tracker_cli.fetch_whitelist(session, url)
+            mode["kind"] = "junk"
+            with pytest.raises(IntegrityError, match="malformed"):
+                tracker_cli.fetch_whitelist(session, url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    record("tracker", "docket-tracker: registry trickles, floods or garbles its whitelist",
+           "whole-request deadline (30 s), 64 MiB cap, 40-hex check: refused with a warning, the whitelist in force "
+           "stays")
