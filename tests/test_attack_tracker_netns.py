@@ -541,3 +541,59 @@ def test_whitelist_fetch_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     record("tracker", "docket-tracker: registry trickles, floods or garbles its whitelist",
            "whole-request deadline (30 s), 64 MiB cap, 40-hex check: refused with a warning, the whitelist in force "
            "stays")
+
+
+def _announce_seeder(announce: str, info_hash: str) -> None:
+    """A peer that says it has everything (left=0) and stays: what a registry seeder's announce leaves."""
+    import urllib.parse
+
+    q = urllib.parse.urlencode({"info_hash": bytes.fromhex(info_hash), "peer_id": b"-DK0001-" + os.urandom(6).hex()
+                                .encode(), "port": 6881, "uploaded": 0, "downloaded": 0, "left": 0, "compact": 1},
+                               quote_via=urllib.parse.quote)
+    assert b"failure" not in requests.get(f"{announce}?{q}", timeout=5).content
+
+
+@pytest.mark.timeout(120)
+def test_registry_notices_an_external_tracker_restart(tmp_path: Path) -> None:
+    """ExternalTracker against a real opentracker: settle() and needs_restart() (the registry's side)."""
+    need("opentracker")
+    from docket.registry.tracker import ExternalTracker
+    from docket.torrent import Opentracker
+
+    wl, other = os.urandom(20).hex(), os.urandom(20).hex()
+    port = free_port()
+    ot = Opentracker("127.0.0.1", port, tmp_path / "ot")
+    ot.start([wl])
+    try:
+        ext = ExternalTracker(f"127.0.0.1:{port}")
+        ext.CHECK_EVERY = 0.0
+        ext.start([wl])
+        # a whitelisted hash nobody seeds: returned, so the registry re-announces its seeder
+        assert ext.settle([wl], timeout=2) == [wl]
+        # a hash the tracker refuses: waited for once (bounded), then not again until one settles
+        t0 = time.monotonic()
+        assert ext.settle([other], timeout=1.0) == []
+        assert 1.0 <= time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        assert ext.settle([other], timeout=1.0) == [] and time.monotonic() - t0 < 1.0
+        # the tracker knows a seeder for wl; restarted, it knows none: needs_restart says so (once)
+        _announce_seeder(ot.announce_url, wl)
+        assert ext.needs_restart() is False  # picks wl as its probe
+        assert ext.needs_restart() is False
+        ot.stop()
+        ot.start([wl])
+        assert ext.needs_restart() is True and ext.restarts == 1
+        assert ext.needs_restart() is False  # no probe yet: nothing to compare
+        # down, then back: also a restart
+        ot.stop()
+        assert ext.needs_restart() is False
+        ot.start([wl])
+        assert ext.needs_restart() is True and ext.restarts == 2
+    finally:
+        ot.stop()
+    ext2 = ExternalTracker(f"127.0.0.1:{free_port()}")  # nothing listens: settle does not wait at all
+    t0 = time.monotonic()
+    assert ext2.settle([wl], timeout=5) == [] and time.monotonic() - t0 < 2
+    record("tracker", "registry with --tracker: the tracker restarts, or refuses a new hash",
+           "restart noticed (answers again after being down, or a torrent it listed a seeder for has none): every "
+           "seeder re-announces; a refusing tracker delays one push by the settle timeout, later ones not")
