@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import click
 import requests
 
-from docket.client.deadline import DeadlineExceeded, DeadlineSession
+from docket.deadline import DeadlineExceeded, DeadlineSession
 from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from docket.torrent import Opentracker, find_opentracker
 from docket.torrent.metainfo import ipv4_address

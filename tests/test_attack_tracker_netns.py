@@ -521,7 +521,7 @@ def test_whitelist_fetch_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        from docket.client.deadline import DeadlineSession
+        from docket.deadline import DeadlineSession
 
         with DeadlineSession(tracker_cli.FETCH_DEADLINE) as session:
             t0 = time.monotonic()

@@ -18,7 +18,7 @@ import requests
 
 from docket import __version__
 from docket import errors
-from docket.client.deadline import DeadlineExceeded, DeadlineSession, expired, extend, progress
+from docket.deadline import DeadlineExceeded, DeadlineSession, expired, extend, progress
 from docket.client.http_fetch import BLOB_DIGEST_RE
 from docket.client.progress import printable
 from docket.reference import Reference

@@ -28,7 +28,7 @@ from docket import errors
 import requests
 
 from docket.client.api import RegistryClient
-from docket.client.deadline import DeadlineSession
+from docket.deadline import DeadlineSession
 from docket.client.http_fetch import MAX_BLOB_SIZE, HttpFetch, check_torrent_size, piece_hashes
 from docket.client.dockerops import DockerOps
 from docket.client.peer import choose_peer_ip

@@ -11,6 +11,7 @@ from typing import Any
 import requests
 import urllib3
 
+from docket.deadline import DeadlineSession
 from docket.errors import InvalidRequest, ServiceUnavailable
 
 _HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
@@ -101,8 +102,6 @@ def _get(url: str, query: str, timeout: float, session: requests.Session | None)
     deadline of twice that applies too (a tracker that trickles its answer cannot hold the caller)."""
     full = f"{url}{'&' if '?' in url else '?'}{query}"
     if session is None:
-        from docket.client.deadline import DeadlineSession
-
         with DeadlineSession(2 * timeout) as own:
             return _get(url, query, timeout, own)
     getter = session.get
