@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "install it with `apt-get install opentracker` (or scripts/install_tracker.sh)"
 WHITELIST_NAME = "whitelist.txt"
 PLACEHOLDER_HASH = "0" * 40
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX40 = re.compile(r"\A[0-9a-f]{40}\Z")
 
 
 def find_opentracker() -> str:
