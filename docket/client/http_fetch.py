@@ -14,10 +14,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from docket import errors
 
@@ -84,21 +84,24 @@ def verified_bytes(path: Path, size: int, piece_length: int, hashes: list[bytes]
     what a resumed download really had (a poisoned piece is fetched again, so it is not "resumed")."""
     if not hashes or piece_length <= 0 or len(bitfield) != (len(hashes) + 7) // 8:
         return 0
-    total = 0
+    present = [i for i in range(len(hashes)) if bitfield[i // 8] & (0x80 >> (i % 8))]
     try:
         with open(path, "rb") as f:
-            for i, expected in enumerate(hashes):
-                if not bitfield[i // 8] & (0x80 >> (i % 8)):
-                    continue
-                start = i * piece_length
-                length = min(piece_length, size - start)
-                f.seek(start)
-                data = f.read(length)
-                if len(data) == length and hashlib.sha1(data).digest() == expected:  # noqa: S324 - BitTorrent v1
-                    total += length
+            return sum(length for _, length, ok in _check_pieces(f, size, piece_length, hashes, present) if ok)
     except OSError:
         return 0
-    return total
+
+
+def _check_pieces(f: BinaryIO, size: int, piece_length: int, hashes: list[bytes],
+                  indexes: Iterable[int]) -> Iterator[tuple[int, int, bool]]:
+    """(start, length, matches its SHA-1) of each piece of ``indexes`` in the open file ``f``."""
+    for i in indexes:
+        start = i * piece_length
+        length = min(piece_length, size - start)
+        f.seek(start)
+        data = f.read(length)
+        ok = len(data) == length and hashlib.sha1(data).digest() == hashes[i]  # noqa: S324 - BitTorrent v1
+        yield start, length, ok
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,8 @@ def plan_resume(path: Path, size: int, piece_length: int, hashes: list[bytes] | 
     runs: list[tuple[int, int]] = []
     valid = 0
     with open(path, "rb") as f:
-        for i, expected in enumerate(hashes):
-            start = i * piece_length
-            length = min(piece_length, size - start)
-            f.seek(start)
-            data = f.read(length)
-            if len(data) == length and hashlib.sha1(data).digest() == expected:  # noqa: S324 - BitTorrent v1
+        for start, length, ok in _check_pieces(f, size, piece_length, hashes, range(pieces)):
+            if ok:
                 valid += length
             elif runs and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], start + length)
