@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,42 @@ class Watch:
 
 
 def _shutdown(conn: Any) -> None:
-    sock = getattr(conn, "sock", None)
-    if sock is None:
-        return
-    try:
-        # socket.socket's own method: SSLSocket.shutdown would also drop its SSL object under a reading thread
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except (OSError, TypeError, ValueError):
-        pass
+    # conn.sock is None while a reply without a length (or an HTTP/1.0 one) is read: http.client gave the socket
+    # to the response. The sockets the connection remembered at connect time still reach it (shutdown works on a
+    # socket whose close() makefile references deferred); the raw one covers a TLS handshake still running.
+    for sock in (getattr(conn, "sock", None), *getattr(conn, "_docket_socks", ())):
+        if sock is None:
+            continue
+        try:
+            # socket.socket's own method: SSLSocket.shutdown would also drop its SSL object under a reading thread
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, TypeError, ValueError):
+            pass
+
+
+class _RememberSocket:
+    """urllib3 connection hooks: keep the sockets a connection opened, for ``_shutdown`` (see there)."""
+
+    _docket_socks: tuple[socket.socket, ...] = ()
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        self._docket_socks = (sock,)
+        return sock
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            self._docket_socks = (*self._docket_socks, sock)
+
+
+class _HTTPConn(_RememberSocket, HTTPConnection):
+    pass
+
+
+class _HTTPSConn(_RememberSocket, HTTPSConnection):
+    pass
 
 
 class _Watchdog:
@@ -151,11 +180,11 @@ class _WatchedPool:
 
 
 class _HTTPPool(_WatchedPool, HTTPConnectionPool):
-    pass
+    ConnectionCls = _HTTPConn
 
 
 class _HTTPSPool(_WatchedPool, HTTPSConnectionPool):
-    pass
+    ConnectionCls = _HTTPSConn
 
 
 _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}

@@ -66,15 +66,38 @@ def free_listen_port(ip: str | None) -> int | None:
     its accepted connections inherit; without it, the TIME_WAIT connections of a stopped ctorrent keep its port
     from a replacement (reseed) for a minute, and the tracker would list the old port as a stale downloader.
     ctorrent still moves down to the next free port itself if another process takes this one first.
+
+    A port handed out here is skipped by the next calls until its ctorrent reports listening on it
+    (``release_port``) or for ``_HANDED_OUT_FOR`` seconds: two ctorrents started back to back would otherwise get
+    the same free port before the first binds it, one would move down by itself, and the tracker would keep the
+    announced-but-never-bound port as a stale "incomplete" peer.
     """
-    for port in DEFAULT_PORTS:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((ip or "0.0.0.0", port))
-            except OSError:
+    now = time.monotonic()
+    with _handed_out_lock:
+        for key in [k for k, until in _handed_out.items() if until <= now]:
+            del _handed_out[key]
+        for port in DEFAULT_PORTS:
+            if port in _handed_out:
                 continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((ip or "0.0.0.0", port))
+                except OSError:
+                    continue
+            _handed_out[port] = now + _HANDED_OUT_FOR
             return port
     return None
+
+
+_HANDED_OUT_FOR = 10.0
+_handed_out: dict[int, float] = {}  # port -> monotonic time until which free_listen_port skips it
+_handed_out_lock = threading.Lock()
+
+
+def release_port(port: int | None) -> None:
+    """The ctorrent given ``port`` is listening (or gone): the probe alone decides about it again."""
+    with _handed_out_lock:
+        _handed_out.pop(port, None)  # type: ignore[arg-type]
 
 
 def env_extra_args() -> list[str]:
@@ -277,6 +300,8 @@ class CtorrentProcess:
         except (OSError, ValueError):
             pass
         finally:
+            if self.listen_port is None:
+                release_port(self.port)  # it never bound the port handed to it
             try:
                 self._proc.wait()
             finally:
@@ -314,6 +339,7 @@ class CtorrentProcess:
         if m:
             self.listen_port = int(m.group(2))
             self.listening.set()
+            release_port(self.port)
         log.debug("ctorrent %s: %s", self.pid, line)
 
     def _push(self, line: str) -> None:

@@ -1,0 +1,128 @@
+"""Red-team pass on the client, the tracker program and the torrent layer (issue 11), after the parallel fixes.
+
+Each test is an attack that got through the integrated build, with the fix's proof: real loopback servers in the
+test process, real ctorrent processes, the real ``docket`` CLI where the user meets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from robustness_rows import record
+
+from docket.deadline import DeadlineExceeded, DeadlineSession
+
+
+# -- a raw loopback server: one function per accepted connection --------------------------------------------------
+
+class RawServer:
+    """Accepts on 127.0.0.1 and runs ``serve(conn)`` in a thread per connection; stops them all on close."""
+
+    def __init__(self, serve) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.serve = serve
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(5)
+            conn.recv(65536)
+            self.serve(conn, self.stop)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def raw_server(serve) -> Iterator[RawServer]:
+    server = RawServer(serve)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _trickle_after(head: bytes):
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(head)
+        while not stop.wait(1.0):  # one byte a second, forever
+            conn.sendall(b"x")
+    return serve
+
+
+@pytest.mark.parametrize("head", [
+    pytest.param(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n", id="http1.0-no-length"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+                 id="http1.1-close-delimited"),
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["read", "stream"])
+def test_a_close_delimited_trickle_is_cut_at_the_deadline(head: bytes, stream: bool) -> None:
+    """http.client hands the socket of a reply without a length to the response (conn.sock is None): the
+    deadline must still reach it."""
+    with raw_server(_trickle_after(head)) as server, DeadlineSession(2.0) as session:
+        t0 = time.monotonic()
+        with pytest.raises(requests.exceptions.RequestException):
+            resp = session.get(f"http://127.0.0.1:{server.port}/record", timeout=(2, 5), stream=stream)
+            for _ in resp.iter_content(1024):
+                pass
+            if resp.watch.expired:  # a stream cut short looks like a short body: the caller checks expired
+                raise DeadlineExceeded("cut")
+        took = time.monotonic() - t0
+    assert took < 3.0, f"a close-delimited trickle took {took:.1f} s against a 2 s deadline"
+    record("client: deadlines", f"a reply without Content-Length ({head.split(b' ')[0].decode()}, "
+           f"{'streamed' if stream else 'read'}) trickled 1 byte/s, 2 s deadline",
+           f"cut after {took:.1f} s (was 6 s: the watchdog found no socket once http.client owned it)")
+
+
+# -- ctorrent ports ---------------------------------------------------------------------------------------------
+
+def test_ctorrents_started_back_to_back_listen_on_the_ports_chosen_for_them(tmp_path: Path) -> None:
+    """free_listen_port probed a port that the previous ctorrent had been given but not yet bound: two got the same
+    one, ctorrent moved one down by itself, and the tracker kept the announced port as a stale peer."""
+    from procs import free_port
+    from docket.torrent.ctorrent import CtorrentProcess, stop_many
+    from docket.torrent.metainfo import build_torrent
+
+    ip = "127.0.0.73"
+    dead_tracker = f"http://127.0.0.1:{free_port()}/announce"
+    procs = []
+    try:
+        for i in range(5):
+            data = tmp_path / f"layer{i}"
+            data.write_bytes(bytes([i]) * 40_000)
+            build_torrent(data, dead_tracker, out=tmp_path / f"layer{i}.torrent")
+            procs.append(CtorrentProcess(tmp_path / f"layer{i}.torrent", data, workdir=tmp_path / f"w{i}",
+                                         listen_ip=ip, seed_only=True))
+        for proc in procs:
+            proc.start()  # back to back: none has bound its port yet
+        chosen = [p.port for p in procs]
+        real = [p.wait_listening(20) for p in procs]
+    finally:
+        stop_many(procs)
+    assert len(set(chosen)) == len(chosen), f"one port handed to two ctorrents: {chosen}"
+    assert real == chosen, f"ctorrent moved off the port announced for it: chose {chosen}, listening {real}"
+    record("torrent: ports", "5 ctorrents started back to back on one IP in one process",
+           f"5 distinct ports, each listening where it was told ({chosen[0]}..{chosen[-1]}); "
+           "before: two got the same port and one moved, a stale tracker entry")
