@@ -70,8 +70,8 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
                 raise ServiceUnavailable(f"{url} answered HTTP {resp.status_code}")
             body = bytearray()
             # read1: what has arrived (up to 64 KiB), so the deadline below is checked as bytes trickle in; read()
-            # (and iter_content) would wait for a whole 64 KiB. (The DeadlineSession cannot cut a reply without a
-            # length: urllib3 hands that socket to the response and the watch no longer sees it.)
+            # (and iter_content) would wait for a whole 64 KiB. The check below also ends a reply that keeps
+            # sending; the DeadlineSession cuts one that stops (with or without a length).
             read = getattr(resp.raw, "read1", None) or resp.raw.read
             while chunk := read(64 * 1024, decode_content=True):
                 body += chunk

@@ -7,7 +7,12 @@ test process, real ctorrent processes, the real ``docket`` CLI where the user me
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -126,3 +131,59 @@ def test_ctorrents_started_back_to_back_listen_on_the_ports_chosen_for_them(tmp_
     record("torrent: ports", "5 ctorrents started back to back on one IP in one process",
            f"5 distinct ports, each listening where it was told ({chosen[0]}..{chosen[-1]}); "
            "before: two got the same port and one moved, a stale tracker entry")
+
+
+# -- remote text on a terminal ------------------------------------------------------------------------------------
+
+def _listing_server(images: dict):
+    body = json.dumps(images).encode()
+
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return serve
+
+
+def _run_on_pty(args: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run a command with stdout and stderr on a pseudo-terminal (the rich table is drawn only for a tty)."""
+    master, slave = os.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "250"}
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        out = bytearray()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=10)
+    finally:
+        os.close(master)
+    return rc, out.decode("utf-8", "replace")
+
+
+def test_rich_markup_in_image_names_is_not_interpreted_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal `docket images` draws a rich table: a registry's '[link=...]' became an OSC 8 hyperlink
+    (an escape sequence the client emitted itself) and '[/]' crashed the listing with a MarkupError."""
+    images = {"images": [
+        {"ref": "[link=https://evil.example]docket/app:latest[/link]", "image_id": "sha256:" + "a" * 64,
+         "size": 1, "created": "[reverse]now", "digest": "sha256:" + "b" * 64},
+        {"ref": "docket/x:[/]", "image_id": "sha256:" + "c" * 64, "size": 2, "created": "", "digest": ""},
+    ]}
+    with raw_server(_listing_server(images)) as server:
+        rc, out = _run_on_pty([sys.executable, "-m", "docket.client.cli", "--location", str(tmp_path / "loc"),
+                               "--host", "http://127.0.0.1", "--port", str(server.port), "images"])
+    assert rc == 0, out
+    assert "\x1b]8" not in out and "evil.example]docket/app" in out, out
+    assert "[/]" in out and "[reverse]" in out
+    record("client: terminal", "rich markup ('[link=...]', '[/]') in the names `docket images` draws on a tty",
+           "shown as text; before: an OSC 8 hyperlink escape emitted, and '[/]' an unexpected MarkupError (exit 1)")

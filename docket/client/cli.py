@@ -19,6 +19,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from docket import __version__, errors
 from docket.reference import Reference, parse_reference
@@ -373,7 +374,7 @@ def images(ctx: click.Context, as_json: bool) -> None:
         for h in headers:
             table.add_column(h, no_wrap=True)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))  # Text: no rich markup ([link=...] would emit OSC 8)
         Console().print(table)
     else:
         for line in plain_table(headers, rows):
