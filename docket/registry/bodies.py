@@ -180,6 +180,15 @@ class _ReleaseOnClose:
                 on_close()
 
 
+def _clamp_suffix(size: int) -> None:
+    """RFC 9110 14.1.2: a suffix range longer than the representation selects all of it (206), which werkzeug
+    calls unsatisfiable (416): ``bytes=-100`` on 11 bytes is sent on as ``bytes=-11``."""
+    spec = request.headers.get("Range", "").partition("=")[2]
+    m = _RANGE_SPEC.match(spec.strip(" \t"))
+    if m is not None and m.group(3) is not None and int(m.group(3)) > size > 0:
+        request.environ["HTTP_RANGE"] = f"bytes=-{size}"
+
+
 def send_ranged_file(path: Path, *, mimetype: str, etag: str, max_age: int,
                      download_name: str | None = None) -> Response:
     """``send_file`` (If-None-Match: 304) with Range as RFC 9110 wants it (``_ignore_range``) and a 416 in the
@@ -187,6 +196,8 @@ def send_ranged_file(path: Path, *, mimetype: str, etag: str, max_age: int,
     size = path.stat().st_size
     if _ignore_range(size):
         request.environ.pop("HTTP_RANGE", None)
+    else:
+        _clamp_suffix(size)
     try:
         return send_file(path, mimetype=mimetype, conditional=True, etag=etag, max_age=max_age,
                          download_name=download_name)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -189,6 +190,9 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     return Descriptor(media_type, digest, size, artifact_type, _urls(obj.get("urls"), media_type, where))
 
 
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f]")  # control characters and spaces: never in a URI (RFC 3986)
+
+
 def _urls(value: Any, media_type: str, where: str) -> tuple[str, ...]:
     """A descriptor's ``urls``: absolute http(s) URLs without a fragment (as distribution checks them); a Docker
     foreign layer must have some (it cannot be pushed as a blob)."""
@@ -199,8 +203,9 @@ def _urls(value: Any, media_type: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
         raise _invalid(f"{where}.urls is not a list of strings", field=where)
     for url in value:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment or len(url) > 2048:
+        parts = urlsplit(url)  # which drops tabs and newlines silently (WHATWG): refused here, as Go's url.Parse does
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment or len(url) > 2048 \
+                or _URL_UNSAFE.search(url):
             raise _invalid(f"{where}.urls has {url[:200]!r}, not an http(s) URL without a fragment", field=where)
     if not value and media_type in DOCKER_FOREIGN_LAYERS:
         raise _invalid(f"{where} is a foreign layer without urls", field=where)
@@ -249,9 +254,9 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
     if not isinstance(body, dict):
         raise _invalid("manifest is not a JSON object")
     version = body.get("schemaVersion")
-    if version == 1:
+    if version == 1 and type(version) is int:
         raise ManifestInvalid(*schema1, detail={"schemaVersion": 1})
-    if version != 2 or isinstance(version, bool):
+    if type(version) is not int or version != 2:  # not 2.0 or true: Go clients cannot read those into an int
         raise _invalid(f"schemaVersion must be 2, not {str(version)[:50]}", field="schemaVersion")
     body_type = body.get("mediaType")
     if body_type is not None and not isinstance(body_type, str):

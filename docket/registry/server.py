@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import re
 import selectors
 import socket
 import ssl
@@ -160,11 +162,107 @@ class _Writer(StreamWriter):
         self.bytes_written = 0
 
 
+class _StrictHeaders(server.HeaderReader):
+    """cheroot's header reader, refusing (400) the framing that request smuggling through a proxy relies on and that
+    cheroot takes leniently: a Content-Length that is not plain digits (``-5`` left the body to be parsed as the
+    next request; ``+5``, ``1_0`` pass ``int()``), a Content-Length or Transfer-Encoding beside another, a header
+    sent twice that must be one (cheroot keeps the last: two Content-Lengths or two Authorizations), whitespace
+    before the colon, obsolete line folding (RFC 9112 5.1, 5.2, 6.1, 6.3)."""
+
+    SINGLE = frozenset({b"Content-Length", b"Host", b"Authorization", b"Transfer-Encoding"})
+
+    def __call__(self, rfile: Any, hdict: Any = None) -> Any:
+        lines: list[bytes] = []
+
+        class _Tap:
+            def readline(self, *args: Any) -> bytes:
+                line = rfile.readline(*args)
+                lines.append(line)
+                return bytes(line)
+
+        hdict = super().__call__(_Tap(), hdict)
+        seen: set[bytes] = set()
+        for line in lines[:-1]:  # the last is the empty line
+            if line[:1] in (b" ", b"\t"):
+                raise ValueError("Obsolete line folding in the headers.")
+            name = line.partition(b":")[0]
+            if name != name.strip(b" \t"):
+                raise ValueError("Whitespace before a header's colon.")
+            key = name.title()
+            if key in self.SINGLE and key in seen:
+                raise ValueError(f"The {key.decode('latin-1')} header is sent more than once.")
+            seen.add(key)
+        length = hdict.get(b"Content-Length")
+        if length is not None and not re.fullmatch(rb"[0-9]{1,19}", length):
+            raise ValueError("Malformed Content-Length Header.")
+        if length is not None and b"Transfer-Encoding" in hdict:
+            raise ValueError("Both Content-Length and Transfer-Encoding: send one.")
+        return hdict
+
+
 class _Request(server.HTTPRequest):
+    header_reader = _StrictHeaders()
+
+    def parse_request(self) -> None:
+        # the head is buffered whole (advance()); its start names the API for an error cheroot answers itself (a
+        # 414 comes before any request line is parsed)
+        with contextlib.suppress(OSError, ValueError):
+            self._head_start = self.conn.rfile.peek(1)[:256]
+        super().parse_request()
+
     def send_headers(self) -> None:
         if self.conn.rfile.raw.expired is not None:
             self.close_connection = True  # the rest of a too-slow body is not waited for (cheroot would read it)
+        if isinstance(self.rfile, server.ChunkedRFile) and not self.rfile.closed:
+            # cheroot drains an unread Content-Length body but not a chunked one: what the app left unread would be
+            # parsed as the next request on this connection (a desync a proxy in front could be smuggled through)
+            self.close_connection = True
         super().send_headers()
+
+    def simple_response(self, status: Any, msg: Any = "") -> None:
+        """cheroot's own answers (400 malformed request line or header, 408, 413 headers too large, 414, 501, 505,
+        500) in the JSON error shape of the API the request is for -- the spec's ``{"errors": [...]}`` under
+        /v2 -- instead of plain text."""
+        code = int(str(status)[:3])
+        if code < 400:
+            super().simple_response(status, msg)
+            return
+        message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg or str(status)[4:])
+        path = _target(getattr(self, "uri", None), getattr(self, "_head_start", b""))
+        body = json.dumps(error_body_for(path, code, message.strip() or str(status)[4:])).encode()
+        self.close_connection = True  # cheroot closes the connection after each of these: say so
+        v2 = "Docker-Distribution-API-Version: registry/2.0\r\n" if _is_v2(path) else ""
+        head = (f"{self.server.protocol} {status}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: application/json\r\n{v2}Connection: close\r\n\r\n")
+        try:
+            self.conn.wfile.write(head.encode("latin-1") + body)
+        except OSError as exc:
+            if exc.args and exc.args[0] not in errors.socket_errors_to_ignore:
+                raise
+
+
+def _target(uri: bytes | None, head: bytes) -> bytes:
+    """The request target: the parsed URI, else the second word of the buffered request line (path only)."""
+    if not uri:
+        words = head.split(b"\n", 1)[0].split(b" ", 2)
+        uri = words[1] if len(words) > 1 else b""
+    if b"://" in uri:  # absolute form
+        uri = b"/" + uri.split(b"://", 1)[1].partition(b"/")[2]
+    return uri.split(b"?", 1)[0]
+
+
+def _is_v2(path: bytes) -> bool:
+    return path == b"/v2" or path.startswith(b"/v2/")
+
+
+def error_body_for(path: bytes, status: int, message: str) -> dict[str, Any]:
+    """The error body of the API ``path`` belongs to, for an answer made outside the app."""
+    from docket.registry import _HTTP_CODES, error_body
+    from docket.registry.v2.errors import v2_body, v2_status_code
+
+    if _is_v2(path):
+        return v2_body("REQUEST_TIMEOUT" if status == 408 else v2_status_code(status), message)  # 408: as the app's
+    return error_body(_HTTP_CODES.get(status, f"HTTP_{status}"), message)
 
 
 class _Connection(server.HTTPConnection):
