@@ -7,10 +7,13 @@ test process, real ctorrent processes, the real ``docket`` CLI where the user me
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import select
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -187,3 +190,145 @@ def test_rich_markup_in_image_names_is_not_interpreted_on_a_terminal(tmp_path: P
     assert "[/]" in out and "[reverse]" in out
     record("client: terminal", "rich markup ('[link=...]', '[/]') in the names `docket images` draws on a tty",
            "shown as text; before: an OSC 8 hyperlink escape emitted, and '[/]' an unexpected MarkupError (exit 1)")
+
+
+# -- the cache and -o ---------------------------------------------------------------------------------------------
+
+class TarballRegistry:
+    """A loopback "registry" serving one tarball image (record, torrent, blob) with a dead tracker in it."""
+
+    def __init__(self, tmp: Path) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from procs import free_port
+        from docket.torrent.metainfo import build_torrent
+
+        self.blob = os.urandom(200_000)
+        self.hex = hashlib.sha256(self.blob).hexdigest()
+        src = tmp / "src" / self.hex
+        src.parent.mkdir(parents=True)
+        src.write_bytes(self.blob)
+        meta = build_torrent(src, f"http://127.0.0.1:{free_port()}/announce", out=tmp / "src" / "t.torrent")
+        record = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "tarball",
+                  "digest": "sha256:" + self.hex, "image_id": "sha256:" + "c" * 64, "info_hash": meta.info_hash,
+                  "size": len(self.blob), "created": ""}
+        routes = {"/api/v1/repositories/evil/tags/latest": json.dumps(record).encode(),
+                  f"/api/v1/blobs/sha256:{self.hex}/torrent": (tmp / "src" / "t.torrent").read_bytes(),
+                  f"/api/v1/blobs/sha256:{self.hex}": self.blob}
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                seen.append(self.path)
+                body = routes.get(self.path.split("?")[0])
+                self.send_response(200 if body is not None else 404)
+                body = body if body is not None else b'{"error": {"code": "NOT_FOUND", "message": "no"}}'
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def args(self, location: Path, *args: str) -> list[str]:
+        return ["--location", str(location), "--host", "http://127.0.0.1", "--port",
+                str(self.server.server_address[1]), *args]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def tarball_registry(tmp_path: Path) -> Iterator[TarballRegistry]:
+    server = TarballRegistry(tmp_path)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_links_planted_in_the_cache_are_not_written_through(tarball_registry: TarballRegistry, tmp_path: Path,
+                                                           docket_cli) -> None:
+    """A shared cache with links at the files a pull writes (the blob, its bitfield, its lock): ctorrent and the
+    HTTP fetch followed them and wrote outside --location. Now the links are removed and the pull works."""
+    loc, outside = tmp_path / "loc", tmp_path / "outside"
+    outside.mkdir()
+    work = loc / "torrents" / tarball_registry.hex
+    work.mkdir(parents=True)
+    (loc / "blobs").mkdir()
+    victims = {loc / "blobs" / tarball_registry.hex: outside / "blob-victim",
+               work / f"{tarball_registry.hex}.bf": outside / "bf-victim",
+               work / "lock": outside / "lock-victim", work / "ctorrent.log": outside / "log-victim"}
+    for link, victim in victims.items():
+        victim.write_bytes(b"precious\n")
+        link.symlink_to(victim)
+    for transport in ("http", "auto"):
+        if transport == "auto":  # the links again, for ctorrent's own writes (-s, -b), then the HTTP fallback
+            shutil.rmtree(loc)
+            work.mkdir(parents=True)
+            (loc / "blobs").mkdir()
+            for link, victim in victims.items():
+                link.symlink_to(victim)
+        res = docket_cli(*tarball_registry.args(loc, "--timeout", "5", "pull", "--no-load", "--transport",
+                                                transport, "--fallback-after", "1", "--seed-time", "0",
+                                                "evil:latest"), check=False, timeout=90)
+        assert res.returncode == 0, (transport, res.stderr)
+        assert all(v.read_bytes() == b"precious\n" for v in victims.values()), (transport, res.stderr)
+        assert sorted(p.name for p in outside.iterdir()) == sorted(v.name for v in victims.values())
+    assert (loc / "blobs" / tarball_registry.hex).read_bytes() == tarball_registry.blob
+    assert not (loc / "blobs" / tarball_registry.hex).is_symlink()
+    record("client: cache", "symbolic links planted at the blob, bitfield, lock and log files in --location",
+           "the links removed before any write, the victims outside untouched, the pull completes; "
+           "before: the HTTP fetch and ctorrent wrote through them")
+
+
+def test_a_linked_cache_directory_is_refused(tarball_registry: TarballRegistry, tmp_path: Path, docket_cli) -> None:
+    loc, outside = tmp_path / "loc", tmp_path / "outside"
+    loc.mkdir()
+    outside.mkdir()
+    (loc / "blobs").symlink_to(outside)
+    res = docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "--transport", "http", "evil:latest"),
+                     check=False, timeout=60)
+    assert res.returncode != 0 and "is a symbolic link" in res.stderr, res.stderr
+    assert list(outside.iterdir()) == []
+    (loc / "blobs").unlink()
+    (loc / "torrents").symlink_to(outside)
+    res = docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "--transport", "http", "evil:latest"),
+                     check=False, timeout=60)
+    assert res.returncode != 0 and "is a symbolic link" in res.stderr, res.stderr
+    assert list(outside.iterdir()) == []
+    record("client: cache", "--location/blobs or --location/torrents a symbolic link to another directory",
+           f"exit {res.returncode}: '... is a symbolic link: docket writes nothing through links in its cache', "
+           "nothing written there")
+
+
+def test_output_edge_cases(tarball_registry: TarballRegistry, tmp_path: Path, docket_cli) -> None:
+    """-o at a fifo (or a device such as /dev/null, as root) would be replaced by the tarball: refused up front.
+    A symbolic link at -o is replaced itself (its target untouched); a directory is refused."""
+    loc = tmp_path / "loc"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    res = docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "-o", str(fifo), "evil:latest"),
+                     check=False, timeout=60)
+    assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and tarball_registry.seen == []
+    res = docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "-o", str(tmp_path), "evil:latest"),
+                     check=False, timeout=60)
+    assert res.returncode == 2 and "is a directory" in res.stderr, res.stderr
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    link = tmp_path / "out.tar"
+    link.symlink_to(target)
+    docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "--transport", "http", "-o", str(link),
+                                      "evil:latest"), timeout=60)
+    assert target.read_bytes() == b"keep" and not link.is_symlink()
+    assert link.read_bytes() == tarball_registry.blob
+    record("client: -o", "-o at a fifo or device, at a directory, at a symbolic link",
+           "fifo/device: exit 2 before any request (before: replaced by the tarball); directory: exit 2; "
+           "a link: the link replaced, its target untouched")

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -166,6 +167,34 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def cache_dir(location: Path, *parts: str) -> Path:
+    """``location/parts...`` created 0700, refused when any part is a symbolic link; symbolic links directly
+    inside it are removed. Why: the cache never makes links, and ctorrent and our writers follow them, so a link
+    planted in a shared cache (``blobs`` -> /etc, ``<hex>.bf`` -> a victim file) would have a pull write outside
+    --location. (--location itself may be a link: the user chose it.)"""
+    path = location
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise errors.DocketError(f"{path} is a symbolic link: docket writes nothing through links in its cache",
+                                     "remove the link (docket creates the directory again) or choose another "
+                                     "--location (DOCKET_LOCATION)")
+    ensure_dir(path)
+    if len(parts) > 1:  # a blob's work directory: every file in it is ours
+        for entry in os.scandir(path):
+            if entry.is_symlink():
+                unlink_link(Path(entry.path))
+    return path
+
+
+def unlink_link(path: Path) -> Path:
+    """Remove a symbolic link at ``path`` (we are about to write there; see cache_dir); ``path`` back."""
+    if path.is_symlink():
+        log.warning("removing the symbolic link %s in the cache: docket writes nothing through links", path)
+        path.unlink()
+    return path
+
+
 @contextlib.contextmanager
 def blob_lock(path: Path, reporter: Reporter, what: str) -> Iterator[None]:
     """One downloader per blob per host: a second pull waits, then finds the verified file.
@@ -239,6 +268,13 @@ def check_output_path(output: Path) -> Path:
                                     "create the directory first or choose another -o/--output")
     if output.is_dir():
         raise errors.InvalidRequest(f"-o/--output {output} is a directory", "give a file name")
+    try:
+        mode = output.lstat().st_mode
+    except FileNotFoundError:
+        return output
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # the tarball would replace a device (/dev/null), a fifo
+        raise errors.InvalidRequest(f"-o/--output {output} exists and is not a regular file",
+                                    "give the name of a new or regular file")
     return output
 
 
@@ -351,9 +387,9 @@ class Puller:
                 raise errors.InvalidRequest("no Docker client to load the image into")
             self.docker.ping()  # fail now, not after the download, if the daemon is down
         location = ensure_dir(self.opts.location)
-        blobs = ensure_dir(location / "blobs")
-        workdir = ensure_dir(location / "torrents" / record.hex)
-        blob = blobs / record.hex
+        blobs = cache_dir(location, "blobs")
+        workdir = cache_dir(location, "torrents", record.hex)
+        blob = unlink_link(blobs / record.hex)
         result = PullResult(ref=str(ref), digest=record.digest, image_id=record.image_id, bytes=record.size,
                             seconds=0.0, loaded=False, output=None, tracker=meta.announce)
         try:

@@ -252,7 +252,7 @@ class LayerPull:
     # -- the whole pull ----------------------------------------------------------------------------------------
 
     def run(self, ref: Reference, data: dict[str, Any], start: float) -> PullResult:
-        from docket.client.pull import PullResult, ensure_dir
+        from docket.client.pull import PullResult, cache_dir, ensure_dir, unlink_link
 
         p, opts, rep = self.p, self.p.opts, self.p.reporter
         record = LayeredRecord.from_json(ref, data)
@@ -274,7 +274,9 @@ class LayerPull:
         if present:
             rep.info(f"{present} of {len(diff_ids)} layers already in Docker ({bytes_present} bytes)")
         location = ensure_dir(opts.location)
-        blobs_dir = ensure_dir(location / "blobs")
+        blobs_dir = cache_dir(location, "blobs")
+        for layer in needed:
+            unlink_link(blobs_dir / layer.hex)
         empty = [layer for layer in needed if layer.size == 0]
         for layer in empty:  # nothing to fetch: the bytes are known, and the digest must be theirs
             if f"{digest_algorithm(layer.digest)}:{hashlib.new(digest_algorithm(layer.digest)).hexdigest()}" \
@@ -295,7 +297,7 @@ class LayerPull:
             check_layer_torrent(meta, layer, ref)
             check_torrent_size(torrent, meta.pieces, f"layer {layer.digest}")
             self.jobs.append(_Job(layer, meta, torrent, blobs_dir / layer.hex,
-                                  ensure_dir(location / "torrents" / layer.hex)))
+                                  cache_dir(location, "torrents", layer.hex)))
         result = PullResult(ref=str(ref), digest=record.digest, image_id=record.image_id, bytes=record.size,
                             seconds=0.0, loaded=False, output=None, format="layers",
                             tracker=self.jobs[0].meta.announce if self.jobs else None)
