@@ -112,8 +112,8 @@ def _control_in_path(path: str, pos: int) -> tuple[Response, int]:
 
 
 def _check_request_shape(limit: int):
-    """Refuse, before any view runs, headers over ``limit`` bytes (431 as JSON: cheroot only has a plain-text
-    413 at its larger cap), malformed query strings (400: no endpoint takes one, so it is a client bug), and control
+    """Refuse, before any view runs, headers over ``limit`` bytes (431: cheroot itself only has a 413, at its
+    larger cap), malformed query strings (400: no endpoint takes one, so it is a client bug), and control
     characters in the path (400: no name, tag or digest holds one; routing would answer 404 for some, and "v1\n"
     once became a tag)."""
     def check() -> tuple[Response, int] | None:

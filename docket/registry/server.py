@@ -39,7 +39,7 @@ from cheroot.workers import threadpool
 
 log = logging.getLogger("docket.registry.server")
 
-MAX_HEADER_BYTES = 64 * 1024  # request line + headers; cheroot answers 413/414 (plain text) beyond this
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; cheroot answers 413/414 beyond this (JSON: _Request)
 HEAD_BUFFER = MAX_HEADER_BYTES + 1024  # a connection's read buffer holds any acceptable head whole
 TRIM_INTERVAL = 10.0  # seconds between shrinking the pool back towards min_threads
 
