@@ -197,7 +197,7 @@ def test_rich_markup_in_image_names_is_not_interpreted_on_a_terminal(tmp_path: P
 class TarballRegistry:
     """A loopback "registry" serving one tarball image (record, torrent, blob) with a dead tracker in it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, announce: str | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         from procs import free_port
@@ -208,11 +208,12 @@ class TarballRegistry:
         src = tmp / "src" / self.hex
         src.parent.mkdir(parents=True)
         src.write_bytes(self.blob)
-        meta = build_torrent(src, f"http://127.0.0.1:{free_port()}/announce", out=tmp / "src" / "t.torrent")
+        meta = build_torrent(src, announce or f"http://127.0.0.1:{free_port()}/announce", out=tmp / "src" / "t.torrent")
+        self.info_hash = meta.info_hash
         record = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "tarball",
                   "digest": "sha256:" + self.hex, "image_id": "sha256:" + "c" * 64, "info_hash": meta.info_hash,
                   "size": len(self.blob), "created": ""}
-        routes = {"/api/v1/repositories/evil/tags/latest": json.dumps(record).encode(),
+        self.routes = routes = {"/api/v1/repositories/evil/tags/latest": json.dumps(record).encode(),
                   f"/api/v1/blobs/sha256:{self.hex}/torrent": (tmp / "src" / "t.torrent").read_bytes(),
                   f"/api/v1/blobs/sha256:{self.hex}": self.blob}
         self.seen: list[str] = []
@@ -332,3 +333,135 @@ def test_output_edge_cases(tarball_registry: TarballRegistry, tmp_path: Path, do
     record("client: -o", "-o at a fifo or device, at a directory, at a symbolic link",
            "fifo/device: exit 2 before any request (before: replaced by the tarball); directory: exit 2; "
            "a link: the link replaced, its target untouched")
+
+
+# -- remote text in narrative lines ---------------------------------------------------------------------------------
+
+def test_an_announce_url_with_escape_sequences_is_refused(tarball_registry: TarballRegistry, tmp_path: Path,
+                                                          docket_cli) -> None:
+    """The .torrent's announce URL reached the warning 'the tracker URL is unreachable' and the result line
+    unescaped: a torrent whose announce holds control characters is refused (exit 6) and nothing is downloaded."""
+    from docket.torrent.metainfo import read_torrent
+
+    torrent_path = f"/api/v1/blobs/sha256:{tarball_registry.hex}/torrent"
+    good = read_torrent(tarball_registry_torrent(tarball_registry)).announce.encode()
+    evil = good + b"\x1b[2J\x1b]0;pwned\x07"
+    raw = tarball_registry_torrent(tarball_registry).replace(b"%d:%s" % (len(good), good),
+                                                              b"%d:%s" % (len(evil), evil))
+    with pytest.raises(Exception, match="control, space or non-ASCII"):
+        read_torrent(raw)
+    tarball_registry.routes[torrent_path] = raw
+    res = docket_cli(*tarball_registry.args(tmp_path / "loc", "pull", "--no-load", "evil:latest"), check=False,
+                     timeout=60)
+    assert res.returncode == 6, res.stderr
+    assert "\x1b" not in res.stderr + res.stdout and "\x07" not in res.stderr + res.stdout
+    assert f"/api/v1/blobs/sha256:{tarball_registry.hex}" not in tarball_registry.seen
+    record("client: terminal", "escape sequences in a .torrent's announce URL (printed in warnings and results)",
+           "exit 6 'torrent announce URL has control, space or non-ASCII characters', no blob request")
+
+
+def tarball_registry_torrent(server: TarballRegistry) -> bytes:
+    return server.routes[f"/api/v1/blobs/sha256:{server.hex}/torrent"]
+
+
+def test_reporter_lines_escape_remote_text() -> None:
+    """Every narrative line (info, warning, task) goes through printable: a future message that quotes remote
+    text cannot reach the terminal raw."""
+    import io
+
+    from docket.client.progress import PlainReporter
+
+    buf = io.StringIO()
+    rep = PlainReporter(buf)
+    rep.info("line one\nfrom remote: \x1b[2J\rPulled and loaded")
+    rep.warning("tracker \x1b]0;t\x07 down")
+    with rep.task("Downloading \x1b[8m", 10) as task:
+        task.update(10)
+    text = buf.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert text.startswith("line one\nfrom remote: \\x1b[2J\\x0dPulled")
+    record("client: terminal", "control characters in any info/warning/progress line of the reporter",
+           "escaped line by line (our own newlines kept)")
+
+
+# -- docket-tracker against a hostile registry ------------------------------------------------------------------
+
+def _chunked_trickle(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    while not stop.wait(0.5):
+        conn.sendall(b"29\r\n" + b"a" * 40 + b"\n\r\n")
+
+
+def _close_delimited_then_silent(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"b" * 40 + b"\n")
+    stop.wait(30)  # the rest of the list never comes
+
+
+def _broken_chunks(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n")
+
+
+@pytest.mark.parametrize("serve,expect", [
+    pytest.param(_chunked_trickle, "within 2s", id="chunked-trickle"),
+    pytest.param(_close_delimited_then_silent, "within 2s", id="close-delimited-cut"),
+    pytest.param(_broken_chunks, "cannot reach the registry", id="broken-chunks"),
+])
+def test_a_hostile_whitelist_is_a_docket_error_not_a_crash(serve, expect: str) -> None:
+    """docket-tracker's follower keeps its whitelist on a DocketError only: a body cut or broken under the raw
+    reads raised urllib3's ProtocolError (docket-tracker died with a traceback), and a close-delimited reply cut
+    at the deadline was taken for a complete (partial) whitelist."""
+    from docket.errors import DocketError
+    from docket.tracker_cli import fetch_whitelist
+
+    with raw_server(serve) as server, DeadlineSession(2.0) as session:
+        t0 = time.monotonic()
+        with pytest.raises(DocketError, match=expect):
+            fetch_whitelist(session, f"http://127.0.0.1:{server.port}", timeout=5, deadline=2.0)
+        took = time.monotonic() - t0
+    assert took < 4.0, took
+    record("docket-tracker", f"registry whitelist: {serve.__name__.strip('_').replace('_', ' ')}",
+           f"a DocketError after {took:.1f} s ('{expect}'), the current whitelist kept; before: urllib3 "
+           "ProtocolError (the tracker program died) or a partial list taken")
+
+
+# -- a peer that serves corrupt pieces --------------------------------------------------------------------------------
+
+def test_a_peer_serving_corrupt_pieces_is_never_loaded(tmp_path: Path, docket_cli) -> None:
+    """The only BitTorrent peer seeds a file of the right size with flipped bytes (ctorrent -f skips its own
+    check). ctorrent drops every piece that fails its SHA-1; with --transport p2p the pull ends with an error and
+    nothing verified; with the default transport the layer comes over HTTP from the registry and verifies."""
+    from procs import free_port
+    from docket.torrent import Opentracker
+    from docket.torrent.ctorrent import CtorrentProcess
+    from docket.torrent.metainfo import build_torrent
+
+    tracker = Opentracker("127.0.0.1", free_port(), tmp_path / "tracker")
+    server = TarballRegistry(tmp_path / "reg", announce=tracker.announce_url)
+    bad = tmp_path / "bad"
+    bad.write_bytes(bytes(b ^ 0xFF for b in server.blob))
+    try:
+        tracker.start([server.info_hash])
+        torrent = tmp_path / "seed.torrent"
+        torrent.write_bytes(tarball_registry_torrent(server))
+        with CtorrentProcess(torrent, bad, workdir=tmp_path / "seedw", listen_ip="127.0.0.74", seed_only=True):
+            loc = tmp_path / "loc"
+            res = docket_cli(*server.args(loc, "pull", "--no-load", "--transport", "p2p", "--stall-timeout", "4",
+                                          "--seed-time", "0", "evil:latest"), check=False, timeout=90,
+                             env={"DOCKET_PEER_IP": "127.0.0.75"})
+            assert res.returncode != 0, res.stderr
+            assert "hash check failed" in res.stderr  # the peer was reached and its pieces refused
+            assert "Downloaded and verified" not in res.stdout
+            blob = loc / "blobs" / server.hex
+            assert not blob.exists() or blob.read_bytes() != bad.read_bytes()
+            p2p_exit = res.returncode
+            res = docket_cli(*server.args(loc, "pull", "--no-load", "--fallback-after", "2", "--seed-time", "0",
+                                          "evil:latest"), check=False, timeout=90,
+                             env={"DOCKET_PEER_IP": "127.0.0.75"})
+            assert res.returncode == 0, res.stderr
+            assert blob.read_bytes() == server.blob
+    finally:
+        tracker.stop()
+        server.close()
+    record("client: peers", "the only peer seeds a same-size file with every byte flipped",
+           f"--transport p2p: exit {p2p_exit}, nothing verified; default transport: over HTTP from the registry, "
+           "verified")

@@ -81,13 +81,13 @@ class AppContext:
         return choose_reporter(self.config.quiet, self.stderr_isatty, self.console)
 
     def out(self, text: str = "") -> None:
-        """Results: stdout."""
-        click.echo(text)
+        """Results: stdout (control characters escaped: results quote remote text, e.g. a fallback reason)."""
+        click.echo(terminal_safe(text))
 
     def info(self, text: str) -> None:
         """Narrative for humans: stderr, silenced by --quiet."""
         if not self.config.quiet:
-            click.echo(text, err=True)
+            click.echo(terminal_safe(text), err=True)
 
     def close(self) -> None:
         for c in (self._registry, self._docker):
@@ -139,9 +139,9 @@ class DocketGroup(click.Group):
 def terminal_safe(text: str) -> str:
     """Our own message lines kept, every other control character escaped: the last guard before the terminal
     for remote text that reached a message unescaped (progress.printable escapes it where it comes in)."""
-    from docket.client.progress import printable
+    from docket.client.progress import printable_lines
 
-    return "\n".join(printable(line, 100_000) for line in text.split("\n"))
+    return printable_lines(text)
 
 
 def raise_open_files_limit() -> None:

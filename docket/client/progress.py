@@ -41,6 +41,12 @@ def printable(text: str, limit: int = 2000) -> str:
     return "".join(out) + ("..." if len(text) > limit else "")
 
 
+def printable_lines(text: str, limit: int = 100_000) -> str:
+    """``printable`` line by line: our own multi-line messages keep their newlines, remote text in them (a
+    tracker URL from a .torrent, a fallback reason) cannot move the cursor or print a line of its own."""
+    return "\n".join(printable(line, limit) for line in text.split("\n"))
+
+
 class Task(Protocol):
     def update(self, completed: int, rate: float | None = None) -> None: ...
     def describe(self, description: str) -> None: ...
@@ -144,28 +150,28 @@ class PlainReporter:
         self.interval = interval
 
     def info(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(printable_lines(text), file=self.out, flush=True)
 
     def warning(self, text: str) -> None:
         """Something the user should know (e.g. the pull switched to HTTP); the pull goes on."""
-        print(f"Warning: {text}", file=self.out, flush=True)
+        print(f"Warning: {printable_lines(text)}", file=self.out, flush=True)
 
     def task(self, description: str, total: int | None) -> Task:
-        return _PlainTask(self.out, description, total, self.interval)  # type: ignore[return-value]
+        return _PlainTask(self.out, printable(description, 500), total, self.interval)  # type: ignore[return-value]
 
 
 class _RichTask(_TaskBase):
     def __init__(self, console: Console, description: str, total: int | None) -> None:
         self.total = total
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TimeRemainingColumn(), console=console, transient=False,
         )
         self.progress.start()
-        self.task_id = self.progress.add_task(description, total=total)
+        self.task_id = self.progress.add_task(printable(description, 500), total=total)
 
     def describe(self, description: str) -> None:
-        self.progress.update(self.task_id, description=description)
+        self.progress.update(self.task_id, description=printable(description, 500))
 
     def update(self, completed: int, rate: float | None = None) -> None:
         if self.total:
@@ -183,10 +189,11 @@ class RichReporter:
         self.console = console
 
     def info(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        self.console.print(printable_lines(text), highlight=False, markup=False, soft_wrap=True)
 
     def warning(self, text: str) -> None:
-        self.console.print(f"Warning: {text}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+        self.console.print(f"Warning: {printable_lines(text)}", style="yellow", highlight=False, markup=False,
+                           soft_wrap=True)
 
     def task(self, description: str, total: int | None) -> Task:
         return _RichTask(self.console, description, total)  # type: ignore[return-value]

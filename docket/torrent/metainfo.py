@@ -243,6 +243,8 @@ def read_torrent(data: bytes) -> TorrentMeta:
     announce = t.metainfo.get("announce")
     if not isinstance(announce, str) or not announce:
         raise IntegrityError("torrent has no announce URL", hint="ctorrent requires an announce key")
+    if not announce.isascii() or not announce.isprintable() or " " in announce:  # it reaches logs and terminals
+        raise IntegrityError(f"torrent announce URL has control, space or non-ASCII characters: {announce[:100]!r}")
     try:
         meta = _meta(t)
     except (ValueError, TypeError, torf.TorfError) as exc:
