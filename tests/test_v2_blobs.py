@@ -334,8 +334,10 @@ def test_session_belongs_to_its_repository(client, app, location):
     assert client.put(f"{loc}?digest={sha(b'abc')}").status_code == 201
 
 
+# Stable ids: parallel (xdist) workers must collect the same test names.
 @pytest.mark.parametrize("session_id", [str(uuid.uuid4()), "not-a-uuid", "..", uuid.uuid4().hex,
-                                        str(uuid.uuid1())])
+                                        str(uuid.uuid1())],
+                         ids=["uuid4", "not-a-uuid", "dot-dot", "uuid4-hex", "uuid1"])
 def test_unknown_session(client, location, session_id):
     url = f"/v2/app/blobs/uploads/{session_id}"
     check_error(client.get(url), 404, "BLOB_UPLOAD_UNKNOWN")
