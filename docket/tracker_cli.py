@@ -27,8 +27,9 @@ from urllib.parse import urlsplit
 
 import click
 import requests
+import urllib3
 
-from docket.deadline import DeadlineExceeded, DeadlineSession
+from docket.deadline import DeadlineExceeded, DeadlineSession, expired
 from docket.errors import DocketError, IntegrityError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from docket.torrent import Opentracker, find_opentracker
 from docket.torrent.metainfo import ipv4_address
@@ -73,12 +74,19 @@ def fetch_whitelist(session: requests.Session, registry: str, timeout: float = 1
             # (and iter_content) would wait for a whole 64 KiB. The check below also ends a reply that keeps
             # sending; the DeadlineSession cuts one that stops (with or without a length).
             read = getattr(resp.raw, "read1", None) or resp.raw.read
-            while chunk := read(64 * 1024, decode_content=True):
-                body += chunk
-                if len(body) > MAX_WHITELIST_BYTES:
-                    raise IntegrityError(f"the registry's whitelist is larger than {MAX_WHITELIST_BYTES} bytes")
-                if time.monotonic() > end:
-                    raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:g}s")
+            try:
+                while chunk := read(64 * 1024, decode_content=True):
+                    body += chunk
+                    if len(body) > MAX_WHITELIST_BYTES:
+                        raise IntegrityError(f"the registry's whitelist is larger than {MAX_WHITELIST_BYTES} bytes")
+                    if time.monotonic() > end:
+                        raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:g}s")
+            except urllib3.exceptions.HTTPError as exc:  # raw reads raise urllib3's own (a cut or broken body)
+                if expired(resp):
+                    raise DeadlineExceeded("cut at the deadline") from exc
+                raise requests.ConnectionError(exc) from exc
+            if expired(resp):  # a reply without a length cut at the deadline ends like a complete one: not a list
+                raise DeadlineExceeded("cut at the deadline")
     except DeadlineExceeded as exc:
         raise ServiceUnavailable(f"the registry did not send its whitelist within {deadline:g}s") from exc
     except requests.exceptions.SSLError as exc:
