@@ -228,3 +228,26 @@ def test_openapi_documents_408_on_every_body_route() -> None:
     assert len(routes) >= 7, routes
     record(AREA, "openapi.json: 408 on routes that take a body",
            f"documented on all {len(routes)} (V2Errors under /v2, Error under /api/v1); was on none")
+
+
+@pytest.mark.parametrize("size_line", [b"zz", b"0x5", b"+5", b"-1", b"1_0", b"5 ", b"a" * 10_000],
+                         ids=["zz", "0x5", "+5", "-1", "1_0", "5-space", "10k-line"])
+def test_malformed_chunk_size_is_400_and_stores_nothing(server: RegistryServer, size_line: bytes) -> None:
+    """cheroot read chunk sizes with int(x, 16): 0x5, +5, 1_0 were taken (a proxy may read them otherwise), -1
+    ended the body, zz was a 500 with a traceback, and the size line had no length limit."""
+    import requests
+
+    loc = requests.post(f"{server.url}/v2/r/blobs/uploads/", timeout=10).headers["Location"]
+    answer = raw(server, f"PATCH {loc} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                 + size_line + b"\r\nhello\r\n0\r\n\r\nGET /v2/_catalog HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = parse(answer)
+    assert status == 400 and headers["connection"] == "close", answer[:300]
+    assert body["errors"][0]["code"] == "BLOB_UPLOAD_INVALID", body
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert requests.get(server.url + loc, timeout=10).headers["Range"] == "0-0"  # nothing stored
+    good = raw(server, f"PATCH {loc} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               .encode() + b"5;ext=1\r\nhello\r\n0\r\n\r\n")
+    assert good.startswith(b"HTTP/1.1 202") and b"\r\nRange: 0-4\r\n" in good, good[:300]
+    record(AREA, f"chunked body with chunk-size line {size_line[:12]!r}{'...' if len(size_line) > 12 else ''}",
+           "400 BLOB_UPLOAD_INVALID, nothing stored, connection closed; a well-formed chunk (with extension) is "
+           "taken after it")

@@ -200,8 +200,59 @@ class _StrictHeaders(server.HeaderReader):
         return hdict
 
 
+# RFC 9112 7.1: chunk-size is hex digits, then optional extensions. cheroot parses it with int(x, 16), which takes
+# 0x5, +5, -1, 1_0 and spaces (a proxy in front may read those differently), and reads the line without a limit
+_CHUNK_SIZE_LINE = re.compile(rb"[0-9A-Fa-f]{1,16}(?:[ \t]*;[^\r\n]*)?\r\n")
+MAX_CHUNK_LINE = 4096
+
+
+class BadChunk(ConnectionError):
+    """A chunked body whose framing is broken: the app's body readers (which catch OSError) answer 400, nothing is
+    stored, and the connection is closed (its framing is lost)."""
+
+
+class _ChunkLines:
+    """The connection's reader as :class:`_StrictChunks` sees it: each line it reads is a chunk-size line (cheroot
+    reads no trailers), checked whole and at most MAX_CHUNK_LINE bytes long."""
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+
+    def readline(self, *args: Any) -> bytes:
+        line = self._rfile.readline(MAX_CHUNK_LINE)
+        if not _CHUNK_SIZE_LINE.fullmatch(line):
+            raise BadChunk(f"malformed chunk-size line {bytes(line[:40])!r} in a chunked body")
+        return bytes(line)
+
+    def read(self, *args: Any) -> bytes:
+        return bytes(self._rfile.read(*args))
+
+
+class _StrictChunks(server.ChunkedRFile):
+    def __init__(self, rfile: Any, maxlen: int, bufsize: int = 8192) -> None:
+        super().__init__(_ChunkLines(rfile), maxlen, bufsize)
+
+    def _fetch(self) -> None:
+        try:
+            super()._fetch()
+        except ValueError as exc:  # cheroot's "Bad chunked transfer coding": an OSError the app answers 400
+            raise BadChunk(str(exc)) from exc
+
+
 class _Request(server.HTTPRequest):
     header_reader = _StrictHeaders()
+
+    def respond(self) -> None:
+        if not self.chunked_read:
+            super().respond()
+            return
+        # cheroot's own respond() for a chunked body, with its chunk sizes read strictly (_StrictChunks)
+        self.rfile = _StrictChunks(self.conn.rfile, self.server.max_request_body_size)
+        self.server.gateway(self).respond()
+        if self.ready:
+            self.ensure_headers_sent()
+        if self.chunked_write:
+            self.conn.wfile.write(b"0\r\n\r\n")
 
     def parse_request(self) -> None:
         # the head is buffered whole (advance()); its start names the API for an error cheroot answers itself (a
