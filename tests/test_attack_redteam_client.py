@@ -465,3 +465,45 @@ def test_a_peer_serving_corrupt_pieces_is_never_loaded(tmp_path: Path, docket_cl
     record("client: peers", "the only peer seeds a same-size file with every byte flipped",
            f"--transport p2p: exit {p2p_exit}, nothing verified; default transport: over HTTP from the registry, "
            "verified")
+
+
+def test_log_lines_escape_remote_text(tmp_path: Path) -> None:
+    """With -v the client logs what ctorrent, trackers and registries said: the log lines are escaped too."""
+    code = ("import logging, sys\n"
+            "from docket.client.cli import main\n"
+            "sys.argv = ['docket', '-vv', '--location', sys.argv[1], 'images']\n"
+            "import docket.client.api as api\n"
+            "api.RegistryClient.list_images = lambda self: logging.getLogger('x').warning("
+            "'remote said %s', '\\x1b[2J\\x1b]0;t\\x07\\rfake') or []\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "loc")], capture_output=True, text=True,
+                         timeout=60)
+    assert "remote said" in res.stderr, res.stderr
+    assert "\x1b" not in res.stderr and "\x07" not in res.stderr and "\r" not in res.stderr
+    record("client: terminal", "control characters in a log line (-v: ctorrent output, tracker and registry text)",
+           "escaped by the log formatter")
+
+
+@pytest.mark.parametrize("entries,expect", [
+    pytest.param(20_000_000, "more than 1000000 objects and arrays", id="60MiB-of-empty-objects"),
+    pytest.param(150_000, "lists 150000 images, more than 100000", id="150k-images"),
+])
+def test_a_listing_of_millions_of_tiny_entries_is_refused(tmp_path: Path, docket_cli, entries: int,
+                                                          expect: str) -> None:
+    """Within the 64 MiB byte cap, '{},' x 20 million took 1.8 GB to parse and `docket images` then drew a
+    row per entry (7 GB, minutes): counted before parsing and after, refused (exit 6)."""
+    body = b'{"images":[' + b"{}," * (entries - 1) + b"{}]}"
+
+    def serve(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    with raw_server(serve) as server:
+        t0 = time.monotonic()
+        res = docket_cli("--host", "http://127.0.0.1", "--port", str(server.port), "images", check=False,
+                         timeout=120, location=tmp_path / "loc")
+        took = time.monotonic() - t0
+    assert res.returncode == 6 and expect in res.stderr, res.stderr
+    assert res.stdout == "" and took < 20, took
+    record("client: sizes", f"`docket images`: a listing of {entries:,} empty objects ({len(body) >> 20} MiB)",
+           f"exit 6 after {took:.1f} s ('{expect}'); before: 1.8 GB to parse, a row each")

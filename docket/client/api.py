@@ -32,6 +32,11 @@ MAX_TORRENT_BYTES = 4 * 1024 * 1024
 MAX_REPLY = 8 * 1024 * 1024  # a record (1,000 layers: ~0.5 MB), a push's answer, an error body
 MAX_LIST_REPLY = 64 * 1024 * 1024  # `docket images`: every record of the registry
 MAX_ERROR_REPLY = 64 * 1024
+# Bytes are capped above, but 64 MiB of "{}," parse into 21 million dicts (1.8 GB, 15 s) and `docket images` then
+# drew a row for each (7 GB). A real listing within 64 MiB has under 500,000 objects and arrays (a layer
+# descriptor alone is ~150 bytes), so these refuse only what no registry sends.
+MAX_JSON_CONTAINERS = 1_000_000
+MAX_IMAGES = 100_000
 BLOB_CHUNK = 256 * 1024  # a blob download fails when one chunk takes longer than --timeout (deadline.py)
 API = "/api/v1"
 
@@ -240,6 +245,10 @@ class RegistryClient:
         from docket import jsonstrict
 
         body = resp.content
+        containers = body.count(b"{") + body.count(b"[")  # C speed, before the parser builds any of them
+        if containers > MAX_JSON_CONTAINERS:
+            raise errors.IntegrityError(f"{what}: the registry's answer holds more than {MAX_JSON_CONTAINERS} "
+                                        "objects and arrays; refused", "the registry is broken or hostile")
         try:
             return jsonstrict.loads(body, what=f"{what}: the registry's answer")
         except errors.InvalidJSON as exc:
@@ -273,6 +282,9 @@ class RegistryClient:
         if not isinstance(images, list):
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}",
                                             "is --host/--port pointing at a docket-registry?")
+        if len(images) > MAX_IMAGES:
+            raise errors.IntegrityError(f"{what}: the registry lists {len(images)} images, more than {MAX_IMAGES}; "
+                                        "refused", "the registry is broken or hostile")
         return [i for i in images if isinstance(i, dict)]
 
     def get_torrent(self, digest: str) -> bytes:

@@ -136,6 +136,14 @@ class DocketGroup(click.Group):
                 obj.close()
 
 
+class SafeFormatter(logging.Formatter):
+    """Log lines quote remote text (ctorrent's output, a tracker's or registry's words): escaped like any other
+    line that reaches the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_safe(super().format(record))
+
+
 def terminal_safe(text: str) -> str:
     """Our own message lines kept, every other control character escaped: the last guard before the terminal
     for remote text that reached a message unescaped (progress.printable escapes it where it comes in)."""
@@ -207,11 +215,13 @@ def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout
         token = read_token_file(token_file)
     config = Config(host=host, port=port, location=loc, quiet=quiet, traceback=traceback, timeout=timeout,
                     verbose=verbose, token=token or None, ca_bundle=str(ca_bundle) if ca_bundle else None)
+    handler = logging.StreamHandler(sys.stderr)
     if verbose:
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, handlers=[handler])
     else:  # library warnings (e.g. a slow ctorrent stop) are noise for a user; failures arrive as errors
-        logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format="docket: %(levelname)s: %(message)s")
+        handler.setFormatter(SafeFormatter("docket: %(levelname)s: %(message)s"))
+        logging.basicConfig(level=logging.ERROR, handlers=[handler])
     ctx.obj = AppContext(config=config, stdout_isatty=sys.stdout.isatty(), stderr_isatty=sys.stderr.isatty())
 
 
