@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from flask import Flask
 
+from docket.registry import RegistryConfig, create_app
 from procs import free_port, managed_process, port_open, stop_process, tail, wait_until
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -234,3 +236,23 @@ def docket_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         return result
 
     return run
+
+
+@pytest.fixture
+def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+    """In-process registry apps under ``tmp_path`` for ``app.test_client()`` tests: no seeding, no GC thread;
+    keyword arguments override the RegistryConfig. Every app made is closed at teardown."""
+    made: list[Flask] = []
+
+    def make(**overrides) -> Flask:
+        settings = {"location": tmp_path / "registry", "seeding": False, "gc_interval": 0, "gc_grace": 600,
+                    "tracker_port": 6999, **overrides}
+        app = create_app(RegistryConfig(**settings))
+        app.config["TESTING"] = True
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.extensions["docket"].uploads.clear()
+        app.extensions["docket"].db.dispose()

@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +25,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from conftest import RegistryServer, need
-from docket.registry import RegistryConfig, create_app
+from conftest import RegistryServer
 from docket.registry.models import Blob, Image, Manifest, utcnow
 from procs import free_port, wait_until
 from registry_images import layer_tar
@@ -47,14 +45,8 @@ UPLOAD_CODES = {"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "RANGE_INVALID"}
 
 # -- helpers ------------------------------------------------------------------------------------------------------
 @pytest.fixture
-def app(tmp_path: Path) -> Flask:
-    config = RegistryConfig(location=tmp_path / "registry", seeding=False, gc_interval=0, gc_grace=600,
-                            tracker_port=6999, max_upload_size=1 << 20)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].uploads.clear()
-    app.extensions["docket"].db.dispose()
+def app(make_app) -> Flask:
+    return make_app(max_upload_size=1 << 20)
 
 
 @pytest.fixture
@@ -280,7 +272,7 @@ def test_push_by_tag_keeps_a_requested_sha512_digest(client, app):
     before = rows(app)
     v2_error(client.put(f"/v2/app/manifests/v3?digest={sha(b'other', 'sha512')}", data=raw,
                         headers={"Content-Type": DOCKER_MANIFEST}), 400, "DIGEST_INVALID")
-    v2_error(client.put(f"/v2/app/manifests/v3?digest=sha512:abc", data=raw,
+    v2_error(client.put("/v2/app/manifests/v3?digest=sha512:abc", data=raw,
                         headers={"Content-Type": DOCKER_MANIFEST}), 400, "DIGEST_INVALID")
     v2_error(client.put(f"/v2/app/manifests/{sha(raw, 'sha512')}?digest={sha(raw)}", data=raw,
                         headers={"Content-Type": DOCKER_MANIFEST}), 400, "DIGEST_INVALID")
@@ -444,11 +436,10 @@ def test_gc_swarm_wait_is_bounded(app, monkeypatch):
            "GC waits at most 1 h for the swarm, then removes seeder, whitelist entry and blob")
 
 
-def test_anonymous_head_does_not_renew_a_blobs_grace(tmp_path):
+def test_anonymous_head_does_not_renew_a_blobs_grace(make_app):
     """With push tokens, a HEAD renews an unreferenced blob's grace only for a client that may push (docker's
     check before it skips an upload); an anonymous HEAD every few minutes must not keep it forever."""
-    app = create_app(RegistryConfig(location=tmp_path / "registry", seeding=False, gc_interval=0, gc_grace=600,
-                                    tracker_port=6999, auth_tokens=("push-secret",)))
+    app = make_app(auth_tokens=("push-secret",))
     sv = app.extensions["docket"]
     client = app.test_client()
     push = {"Authorization": "Bearer push-secret"}

@@ -32,7 +32,6 @@ import docket
 from docket import jsonstrict
 from docket.errors import InvalidJSON
 from docket.limits import MAX_JSON_DEPTH, MAX_LAYERS
-from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, Image, ImageLayer, Manifest, ManifestRef
 from robustness_rows import record
 
@@ -51,13 +50,8 @@ def location(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app(location: Path) -> Flask:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600, tracker_port=6999,
-                            max_upload_size=8 << 20)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].db.dispose()
+def app(make_app, location: Path) -> Flask:
+    return make_app(location=location, max_upload_size=8 << 20)
 
 
 @pytest.fixture

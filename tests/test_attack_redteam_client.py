@@ -433,7 +433,6 @@ def test_a_peer_serving_corrupt_pieces_is_never_loaded(tmp_path: Path, docket_cl
     from procs import free_port
     from docket.torrent import Opentracker
     from docket.torrent.ctorrent import CtorrentProcess
-    from docket.torrent.metainfo import build_torrent
 
     tracker = Opentracker("127.0.0.1", free_port(), tmp_path / "tracker")
     server = TarballRegistry(tmp_path / "reg", announce=tracker.announce_url)

@@ -21,11 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import RegistryServer, need
-from docket.registry import RegistryConfig, create_app
 from procs import free_port
 from robustness_rows import record
 
@@ -50,12 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[FlaskClient]:
-    config = RegistryConfig(location=tmp_path / "registry", seeding=False, gc_interval=0, tracker_port=6999)
-    app: Flask = create_app(config)
-    app.config["TESTING"] = True
-    yield app.test_client()
-    app.extensions["docket"].db.dispose()
+def client(make_app) -> FlaskClient:
+    return make_app().test_client()
 
 
 def raw(srv: RegistryServer, data: bytes, timeout: float = 10.0) -> bytes:
