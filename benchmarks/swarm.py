@@ -46,6 +46,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netns import stop_pids  # noqa: E402 - the tests' namespace clean-up, shared
+
 NET = ipaddress.ip_network("198.18.0.0/15")
 REGISTRY_IP = "198.18.0.1"
 FIRST_CLIENT_IP = ipaddress.ip_address("198.18.0.11")
@@ -276,28 +279,12 @@ class Lab:
                 pids = [int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()]
             except Exception:  # noqa: BLE001
                 pids = []
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + 5
-                while pids and time.monotonic() < deadline:
-                    pids = [p for p in pids if Path(f"/proc/{p}").exists() and _not_zombie(p)]
-                    time.sleep(0.1)
-                if not pids:
-                    break
+            stop_pids(pids)
         for ns in reversed(self.created):
             r = run(["ip", "netns", "del", ns], check=False)
             if r.returncode != 0:
                 log(f"could not delete namespace {ns}: {r.stderr.strip()}")
         self.created.clear()
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def build_image(path: Path, size: int, repo_tag: str) -> str:

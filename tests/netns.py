@@ -30,6 +30,20 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+def stop_pids(pids: list[int], wait: float = 5.0) -> None:
+    """SIGTERM, wait up to ``wait`` s, then SIGKILL: the processes left in a namespace we made (by pid)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.05)
+        if not pids:
+            return
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
@@ -106,17 +120,7 @@ class Lab:
     def close(self) -> None:
         """Stop what still runs in OUR namespaces (TERM, then KILL; by pid), then delete the namespaces."""
         for ns in reversed(self.created):
-            pids = [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()]
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + 5
-                while pids and time.monotonic() < deadline:
-                    pids = [p for p in pids if _alive(p)]
-                    time.sleep(0.05)
-                if not pids:
-                    break
+            stop_pids([int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()])
         errors = []
         for ns in reversed(self.created):
             r = _run(["ip", "netns", "del", ns], check=False)
