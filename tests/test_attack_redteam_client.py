@@ -506,3 +506,20 @@ def test_a_listing_of_millions_of_tiny_entries_is_refused(tmp_path: Path, docket
     assert res.stdout == "" and took < 20, took
     record("client: sizes", f"`docket images`: a listing of {entries:,} empty objects ({len(body) >> 20} MiB)",
            f"exit 6 after {took:.1f} s ('{expect}'); before: 1.8 GB to parse, a row each")
+
+
+def test_a_deeply_nested_error_body_is_a_registry_error_not_a_crash() -> None:
+    """An error answer is parsed by the strict parser too: 60,000 brackets made json.loads raise RecursionError
+    ("unexpected RecursionError", exit 1) instead of reporting the registry's HTTP error."""
+    from docket import errors
+    from docket.client.api import _error_from_response
+
+    resp = requests.models.Response()
+    resp.status_code = 500
+    resp._content = b"[" * 60_000
+    err = _error_from_response(resp, "listing images")
+    assert type(err) is errors.DocketError and "HTTP 500" in str(err)
+    resp.status_code, resp._content = 404, b'{"error":{"code":"NOT_FOUND","message":"no such tag","hint":"h"}}'
+    assert isinstance(_error_from_response(resp, "pulling"), errors.NotFound)
+    record("client", "error answer of 60,000 nested brackets", "reported as the registry's HTTP 500, no "
+                                                               "RecursionError; a well-formed error still maps by code")

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 
 from docket import __version__
-from docket import errors
+from docket import errors, jsonstrict
 from docket.deadline import DeadlineExceeded, DeadlineSession, expired, extend, progress
 from docket.client.http_fetch import BLOB_DIGEST_RE
 from docket.client.progress import printable
@@ -82,9 +82,9 @@ def base_url(host: str | None, port: int | None) -> str:
 def _error_from_response(resp: requests.Response, what: str) -> errors.DocketError:
     """Turn a 4xx/5xx answer into the matching DocketError, keeping the server's message and hint."""
     body: Any = None
-    try:
-        body = resp.json()
-    except ValueError:
+    try:  # the strict parser: a hostile error body (64 KiB of brackets) must not end in a RecursionError
+        body = jsonstrict.loads(resp.content, what=f"{what}: the registry's error answer")
+    except errors.DocketError:
         pass
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict) and isinstance(err.get("message"), str):
@@ -242,8 +242,6 @@ class RegistryClient:
         Something that is not JSON at all (a proxy's HTML page) is the wrong server (exit 8); a JSON document
         the parser refuses (100,000 nested brackets, duplicate keys) is a broken or hostile registry (exit 6).
         """
-        from docket import jsonstrict
-
         body = resp.content
         containers = body.count(b"{") + body.count(b"[")  # C speed, before the parser builds any of them
         if containers > MAX_JSON_CONTAINERS:
