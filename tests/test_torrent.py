@@ -21,6 +21,7 @@ from docket.torrent import (
     read_torrent,
     scrape,
 )
+from docket.torrent.ctorrent import PID_FILE, CtorrentEngine
 from docket.torrent.metainfo import PieceHasher, choose_piece_size
 from docket.torrent.tracker import BdecodeError, announce_ok, bdecode, scrape_url
 from procs import free_port, wait_until
@@ -476,3 +477,39 @@ def test_reseed_replaces_a_finished_download_with_a_seeder(tmp_path: Path, opent
         replacement.stop(timeout=0.5)
     assert replacement.pid is not None and pid_gone(replacement.pid)
     assert (tmp_path / "leecher.log").read_text(errors="replace").count("Listening on") == 2  # one log, both runs
+
+
+def test_ctorrent_engine_seeds_downloads_and_keeps_its_state_in_the_workdir(tmp_path: Path,
+                                                                           opentracker: Opentracker,
+                                                                           payload) -> None:
+    """The TorrentEngine interface (engine.py) through CtorrentEngine: a seed and a download, both started, the
+    pids recorded in their work directories, completion, the saved pieces, forget, stop_all, reap."""
+    need("ctorrent")
+    data, torrent, meta = payload
+    engine = CtorrentEngine(tied=True)
+    seed_dir, leech_dir = tmp_path / "seedw", tmp_path / "leechw"
+    seed_dir.mkdir()
+    leech_dir.mkdir()
+    out = tmp_path / "out.bin"
+    seeder = engine.seed(torrent, data, workdir=seed_dir, listen_ip=SEED_IP)
+    try:
+        assert seeder.completed.is_set() or seeder.alive()
+        assert (seed_dir / PID_FILE).read_text().strip() == str(seeder.pid)
+        seeder.wait_listening(10)
+        leecher = engine.download(torrent, out, workdir=leech_dir, listen_ip=LEECH_IP, seed_hours=1,
+                                  max_download_kbps=100_000)
+        assert "-D" in leecher.args() and leecher.alive()  # type: ignore[attr-defined]
+        assert leecher.completed.wait(30), leecher.tail()
+        assert sha256(out) == sha256(data) and leecher.completed_at is not None
+        leecher.stop(timeout=1)
+        saved = engine.saved_pieces(leech_dir, torrent)
+        assert saved is None or len(saved) == (meta.pieces + 7) // 8
+        engine.forget(leech_dir)
+        assert engine.saved_pieces(leech_dir, torrent) is None and not (leech_dir / PID_FILE).exists()
+        # a live process whose keeper says "ours" is not reaped; without a keeper it is (its pid, its workdir)
+        assert engine.reap(seed_dir, keep=lambda pid: True) is False and seeder.alive()
+        assert engine.reap(seed_dir) is True
+        wait_until(lambda: not seeder.alive(), 10, what="the reaped seeder gone")
+    finally:
+        engine.stop_all([seeder], 1.0)
+    assert not seeder.alive()

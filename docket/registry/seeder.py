@@ -1,11 +1,11 @@
-"""Seeder supervisor: one ``ctorrent`` seeding process per stored blob, kept alive.
+"""Seeder supervisor: one seeding transfer (a ``ctorrent`` process by default) per stored blob, kept alive.
 
 A plain class (no Flask): its own thread wakes about once a second, restarts dead seeders with backoff (the first
 restart is immediate, so a killed seeder is back within ~1-2 s), and restarts a managed tracker that died followed
-by every seeder (a fresh tracker has an empty peer table). ``stop()`` stops the thread, then every ctorrent
-(SIGTERM, wait, SIGKILL, by pid). Each seeder has its own working directory (bitfield file, pid file) under
-``<location>/seeders/<hex>/``; pid files let a registry that was killed with SIGKILL stop its previous seeders at
-the next start instead of leaving them running.
+by every seeder (a fresh tracker has an empty peer table). ``stop()`` stops the thread, then every seeder.
+The BitTorrent engine (docket/torrent/engine.py) is given to the constructor. Each seeder has its own working
+directory under ``<location>/seeders/<hex>/`` where the engine records its pid, so that a registry that was killed
+with SIGKILL stops its previous seeders at the next start (``reap_orphans``) instead of leaving them running.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from docket.registry.periodic import Periodic
-from docket.torrent import CtorrentProcess
-from docket.torrent.processes import record_pid, stop_orphan
+from docket.torrent.ctorrent import CtorrentEngine, CtorrentProcess
+from docket.torrent.engine import TorrentEngine, Transfer
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "ctorrent.pid"
 STABLE_AFTER = 30.0  # a seeder that ran this long resets its failure count
 MAX_BACKOFF = 30.0
 
@@ -46,7 +45,7 @@ class SeedSpec:
 @dataclass
 class _Seeder:
     spec: SeedSpec
-    proc: Any = None  # CtorrentProcess
+    proc: Transfer | None = None
     started_at: float = 0.0
     failures: int = 0
     restarts: int = 0
@@ -65,11 +64,14 @@ class SeederSupervisor:
         tracker: SupervisedTracker | None = None,
         interval: float = 1.0,
         process_factory: Callable[..., Any] = CtorrentProcess,
+        engine: TorrentEngine | None = None,
     ) -> None:
+        """``engine``: the BitTorrent engine seeding (default: ctorrent, its processes made by
+        ``process_factory``, which tests replace)."""
         self.listen_ip = listen_ip
         self.tracker = tracker
         self.interval = interval
-        self._factory = process_factory
+        self.engine = engine or CtorrentEngine(process_factory=process_factory)
         self._table: dict[str, _Seeder] = {}
         self._lock = threading.Lock()
         self._worker = Periodic("seeder-supervisor", interval, self.tick)
@@ -213,9 +215,7 @@ class SeederSupervisor:
             spec = s.spec
             try:
                 spec.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
-                proc = self._factory(spec.torrent, spec.blob, workdir=spec.workdir, listen_ip=self.listen_ip,
-                                     seed_only=True)
-                proc.start()
+                proc = self.engine.seed(spec.torrent, spec.blob, workdir=spec.workdir, listen_ip=self.listen_ip)
             except Exception as exc:  # noqa: BLE001 - retried with backoff by the watcher
                 s.failures += 1
                 s.last_error = str(exc)
@@ -225,9 +225,7 @@ class SeederSupervisor:
             s.proc = proc
             s.started_at = time.monotonic()
             s.last_error = None
-            with contextlib.suppress(OSError):
-                record_pid(spec.workdir / PID_FILE, proc.pid)
-            log.info("seeding %s (ctorrent pid %s on %s)", spec.digest, proc.pid, self.listen_ip)
+            log.info("seeding %s (pid %s on %s)", spec.digest, proc.pid, self.listen_ip)
 
     def _stop_one(self, s: _Seeder, forget: bool = True) -> None:
         with s.lock:
@@ -240,7 +238,7 @@ class SeederSupervisor:
             if forget:
                 s.proc = None
                 with contextlib.suppress(OSError):
-                    (s.spec.workdir / PID_FILE).unlink()
+                    self.engine.forget(s.spec.workdir)
 
 
 def _backoff(failures: int) -> float:
@@ -255,13 +253,13 @@ def _safe_tail(proc: Any) -> list[str]:
         return []
 
 
-def reap_orphans(seeders_dir: Path) -> int:
-    """Stop ctorrent processes a previous registry run started and could not stop (it was SIGKILLed).
+def reap_orphans(seeders_dir: Path, engine: TorrentEngine | None = None) -> int:
+    """Stop the seeders a previous registry run started and could not stop (it was SIGKILLed).
 
-    Only pids recorded in our own pid files whose command line is ctorrent seeding a torrent of this
-    location are signalled.
+    Only pids the engine recorded in a seeder's work directory, still running its program on a torrent of
+    this location (the directory's name in the command line), are signalled.
     """
     if not seeders_dir.is_dir():
         return 0
-    return sum(stop_orphan(pid_file, "ctorrent", pid_file.parent.name)
-               for pid_file in seeders_dir.glob(f"*/{PID_FILE}"))
+    engine = engine or CtorrentEngine()
+    return sum(engine.reap(d, marker=d.name) for d in seeders_dir.iterdir() if d.is_dir())
