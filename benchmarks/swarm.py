@@ -62,9 +62,9 @@ PULL_WRAPPER = r"""
 import os, sys, time
 ready, go, started = sys.argv[1], sys.argv[2], sys.argv[3]
 import docket.client.cli as cli
-import docket.client.pull, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
+import docket.client.pull, docket.client.seeding, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
 if os.environ.get("DOCKET_BENCH_NO_EARLY_STOP"):  # --no-early-stop: seed the full --seed-time, whoever is left
-    docket.client.pull._SeedPolicy.done = lambda self: time.monotonic() >= self.deadline
+    docket.client.seeding.SeedPolicy.done = lambda self: time.monotonic() >= self.deadline
 _trace = open(sys.argv[3] + ".trace", "w", buffering=1)  # per-host progress: wall time, then ctorrent's status
 _line = docket.torrent.ctorrent.CtorrentProcess._line
 def _traced(self, raw, _line=_line):

@@ -154,15 +154,21 @@ def torrent_of(tmp: Path, data: bytes, announce: str) -> tuple[bytes, Any]:
     return out.read_bytes(), meta
 
 
-def tarball_image(server: Hostile, tmp: Path, announce: str, size: int = 300_000) -> dict[str, Any]:
-    """A "tarball" record whose blob, torrent and bytes the hostile server really serves (routes added)."""
+def one_layer_image(server: Hostile, tmp: Path, announce: str, size: int = 300_000) -> dict[str, Any]:
+    """A "layers" record of one layer whose config, blob, torrent and bytes the hostile server really serves
+    (routes added). Its "digest" is the layer's (the client only checks its form): the tests name the blob by it."""
     blob = os.urandom(size)
     torrent, meta = torrent_of(tmp / "t", blob, announce)
     digest = sha256(blob)
-    rec = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "tarball", "digest": digest,
-           "image_id": sha256(b"config"), "info_hash": meta.info_hash, "size": size, "created": ""}
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    image_id = sha256(config)
+    rec = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "layers", "digest": digest,
+           "image_id": image_id, "size": size, "created": "", "config": {"digest": image_id, "size": len(config)},
+           "layers": [{"digest": digest, "diff_id": digest, "size": size, "info_hash": meta.info_hash}]}
     server.route(f"/api/v1/blobs/{digest}/torrent", lambda h: send(h, 200, torrent, "application/x-bittorrent"))
     server.route(f"/api/v1/blobs/{digest}", lambda h: send(h, 200, blob, "application/octet-stream"))
+    server.route(f"/api/v1/blobs/{image_id}", lambda h: send(h, 200, config, "application/octet-stream"))
     return rec
 
 
@@ -266,7 +272,7 @@ def test_a_trickling_registry_cannot_hold_a_pull(hostile: Hostile, tmp_path: Pat
     """One byte a second, in the headers, the record, a .torrent or the config: the pull ends by its deadline."""
     deadline = 3.0
     if what in ("headers", "record", "torrent"):
-        rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+        rec = one_layer_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
     else:
         rec, _ = layered_image(hostile, tmp_path, "http://127.0.0.1:1/announce", 1)
     body = json.dumps(rec).encode()
@@ -295,7 +301,7 @@ def test_a_trickled_blob_download_ends_by_its_progress_deadline(hostile: Hostile
     """--transport http, the blob at 1 byte/s: each 256 KiB must arrive within --timeout, so the pull fails soon
     (exit 9, the partial file kept for a retry) instead of running for days."""
     deadline = 3.0
-    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    rec = one_layer_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
     hostile.routes.insert(0, (f"/api/v1/blobs/{rec['digest']}", lambda h: None))  # placeholder, replaced below
 
     def slow_blob(h: BaseHTTPRequestHandler) -> None:
@@ -328,7 +334,7 @@ def test_a_trickling_tracker_does_not_hold_the_first_check(hostile: Hostile, tmp
     tracker = Hostile()
     try:
         announce = tracker_server(tracker, trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n" + b"d" * 50))
-        rec = tarball_image(hostile, tmp_path, announce)
+        rec = one_layer_image(hostile, tmp_path, announce)
         hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
         t0 = time.monotonic()
         res = docket_cli(*cli_args(hostile, "pull", "--no-load", "--seed-time", "0", "--json", "evil:latest"),
@@ -358,7 +364,7 @@ def test_a_trickling_tracker_does_not_extend_the_seeding(hostile: Hostile, tmp_p
         announce = tracker_server(
             tracker, trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 600\r\n\r\n" + b"d" * 600),
             lambda h: send(h, 200, b"d8:intervali30e5:peers6:" + peers + b"e", "text/plain"))
-        rec = tarball_image(hostile, tmp_path, announce)
+        rec = one_layer_image(hostile, tmp_path, announce)
         hexd = rec["digest"].split(":", 1)[1]
         hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
         with CtorrentProcess(tmp_path / "t" / f"{hexd}.torrent", tmp_path / "t" / hexd, workdir=tmp_path / "seed",
@@ -410,7 +416,7 @@ def test_an_endless_record_is_refused_in_bounded_memory(hostile: Hostile, tmp_pa
 
 @pytest.mark.parametrize("doc", ["100,000 nested brackets", "duplicate keys"])
 def test_json_the_strict_parser_refuses_is_refused(hostile: Hostile, tmp_path: Path, docket_cli, doc: str) -> None:
-    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    rec = one_layer_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
     if doc == "duplicate keys":  # two readers could see two records: refused, as the registry refuses manifests
         body = json.dumps(rec)[:-1].encode() + b', "digest": "sha256:' + b"0" * 64 + b'"}'
     else:
@@ -506,7 +512,7 @@ def test_a_pull_stops_an_orphan_writer_of_its_blob(hostile: Hostile, tmp_path: P
     from docket.torrent.ctorrent import find_ctorrent
 
     tracker = f"http://127.0.0.1:{free_port()}/announce"
-    rec = tarball_image(hostile, tmp_path, tracker)
+    rec = one_layer_image(hostile, tmp_path, tracker)
     hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
     hexd = rec["digest"].split(":", 1)[1]
     workdir = tmp_path / "client" / "torrents" / hexd
@@ -558,7 +564,7 @@ def test_escape_sequences_in_a_tracker_failure_reason_are_escaped(hostile: Hosti
     try:
         announce = tracker_server(tracker, lambda h: send(h, 200, b"d5:filesdee", "text/plain"),
                                   lambda h: send(h, 200, failure, "text/plain"))
-        rec = tarball_image(hostile, tmp_path, announce)
+        rec = one_layer_image(hostile, tmp_path, announce)
         hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
         res = docket_cli(*cli_args(hostile, "pull", "--no-load", "--transport", "p2p", "--stall-timeout", "6",
                                    "evil:latest"), check=False, timeout=120)
@@ -577,7 +583,7 @@ def test_escape_sequences_in_a_tracker_failure_reason_are_escaped(hostile: Hosti
 
 def test_output_in_a_missing_directory_is_refused_before_the_download(hostile: Hostile, tmp_path: Path,
                                                                       docket_cli) -> None:
-    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    rec = one_layer_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
     hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
     res = docket_cli(*cli_args(hostile, "pull", "--no-load", "-o", str(tmp_path / "missing" / "x.tar"),
                                "evil:latest"), check=False, timeout=60)
@@ -590,7 +596,7 @@ def test_output_in_a_missing_directory_is_refused_before_the_download(hostile: H
 def test_an_unwritable_cache_is_a_clear_error(hostile: Hostile, tmp_path: Path) -> None:
     """As an unprivileged user (root writes anywhere): blobs/ that user may not write gives a message, not
     "unexpected PermissionError"."""
-    rec = tarball_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
+    rec = one_layer_image(hostile, tmp_path, "http://127.0.0.1:1/announce")
     hostile.route(TAG, lambda h: send(h, 200, json.dumps(rec).encode()))
     base = Path(tempfile.mkdtemp(prefix="docket-attack-"))  # tmp_path's parents are root's 0700
     try:
@@ -705,8 +711,8 @@ def test_escape_sequences_in_image_names_are_escaped(hostile: Hostile, docket_cl
 def test_a_live_pulls_ctorrent_is_not_taken_for_an_orphan(tmp_path: Path, reap_ctorrents: None) -> None:
     """A ctorrent whose parent is a running pull (here: this process) keeps seeding when a second pull of the
     same blob takes the lock."""
-    from docket.client.pull import PIDFILE, stop_orphan_writer
-    from docket.torrent.ctorrent import CtorrentProcess
+    from docket.client.cache import stop_orphan_writer
+    from docket.torrent.ctorrent import PID_FILE as PIDFILE, CtorrentEngine, CtorrentProcess
 
     data = os.urandom(100_000)
     torrent_of(tmp_path / "t", data, f"http://127.0.0.1:{free_port()}/announce")
@@ -716,7 +722,7 @@ def test_a_live_pulls_ctorrent_is_not_taken_for_an_orphan(tmp_path: Path, reap_c
                          listen_ip="127.0.0.111", seed_only=True, die_with_parent=True,
                          pid_file=workdir / PIDFILE) as proc:
         assert (workdir / PIDFILE).read_text().strip() == str(proc.pid)
-        assert stop_orphan_writer(workdir) is False
+        assert stop_orphan_writer(CtorrentEngine(), workdir) is False
         assert proc.alive()
     record("client", "a second pull of a blob another running pull still seeds",
            "the seeding ctorrent (its parent a live pull) is left alone; only orphans are stopped")

@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -195,7 +196,8 @@ def test_rich_markup_in_image_names_is_not_interpreted_on_a_terminal(tmp_path: P
 # -- the cache and -o ---------------------------------------------------------------------------------------------
 
 class TarballRegistry:
-    """A loopback "registry" serving one tarball image (record, torrent, blob) with a dead tracker in it."""
+    """A loopback "registry" serving a one-layer image (record, config, torrent, blob) with a dead tracker in it.
+    (Named after the whole-tarball image it served before docket pulled layers only: its one layer is the blob.)"""
 
     def __init__(self, tmp: Path, announce: str | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -210,12 +212,17 @@ class TarballRegistry:
         src.write_bytes(self.blob)
         meta = build_torrent(src, announce or f"http://127.0.0.1:{free_port()}/announce", out=tmp / "src" / "t.torrent")
         self.info_hash = meta.info_hash
-        record = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "tarball",
-                  "digest": "sha256:" + self.hex, "image_id": "sha256:" + "c" * 64, "info_hash": meta.info_hash,
-                  "size": len(self.blob), "created": ""}
+        digest = "sha256:" + self.hex
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+        image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+        record = {"repository": "evil", "tag": "latest", "ref": "evil:latest", "format": "layers",
+                  "digest": digest, "image_id": image_id, "size": len(self.blob), "created": "",
+                  "config": {"digest": image_id, "size": len(config)},
+                  "layers": [{"digest": digest, "size": len(self.blob), "info_hash": meta.info_hash}]}
         self.routes = routes = {"/api/v1/repositories/evil/tags/latest": json.dumps(record).encode(),
                   f"/api/v1/blobs/sha256:{self.hex}/torrent": (tmp / "src" / "t.torrent").read_bytes(),
-                  f"/api/v1/blobs/sha256:{self.hex}": self.blob}
+                  f"/api/v1/blobs/sha256:{self.hex}": self.blob, f"/api/v1/blobs/{image_id}": config}
         self.seen: list[str] = []
         seen = self.seen
 
@@ -329,7 +336,8 @@ def test_output_edge_cases(tarball_registry: TarballRegistry, tmp_path: Path, do
     docket_cli(*tarball_registry.args(loc, "pull", "--no-load", "--transport", "http", "-o", str(link),
                                       "evil:latest"), timeout=60)
     assert target.read_bytes() == b"keep" and not link.is_symlink()
-    assert link.read_bytes() == tarball_registry.blob
+    with tarfile.open(link) as tar:  # the docker load tarball, its one layer the blob
+        assert tar.extractfile(next(m for m in tar if m.name.endswith("layer.tar"))).read() == tarball_registry.blob
     record("client: -o", "-o at a fifo or device, at a directory, at a symbolic link",
            "fifo/device: exit 2 before any request (before: replaced by the tarball); directory: exit 2; "
            "a link: the link replaced, its target untouched")

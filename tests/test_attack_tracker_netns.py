@@ -86,7 +86,7 @@ PULL_TOGETHER = textwrap.dedent("""
     import os, sys, time
     ready, go = sys.argv[1], sys.argv[2]
     from docket.client.cli import main
-    import docket.client.pull, docket.client.pull_layers  # noqa: F401
+    import docket.client.pull, docket.client.transfer  # noqa: F401
     open(ready, "w").close()
     while not os.path.exists(go):
         time.sleep(0.005)

@@ -27,9 +27,11 @@ from click.testing import CliRunner
 from conftest import RegistryServer, need
 from docket import errors
 from docket.client.cli import cli
-from docket.client.http_fetch import digest_file, piece_hashes, plan_resume
+from docket.client.digests import digest_file
+from docket.client.http_fetch import piece_hashes, plan_resume
+from docket.torrent.ctorrent import CtorrentEngine
 from docket.client.layers import chain_ids
-from docket.client.pull_layers import LayeredRecord, check_config
+from docket.client.records import LayeredRecord, check_config
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, choose_piece_size
 from procs import free_port, port_open
@@ -214,7 +216,8 @@ def test_auto_falls_back_per_layer_after_no_progress(fake_registry, tmp_path: Pa
                        output=tmp_path / "o.tar")
     FakeTorrentProc.instances.clear()
     puller = Puller(RegistryClient("127.0.0.1", fake_registry.port), None, opts,
-                    ctorrent_factory=lambda **kw: _StuckTorrent({Path(kw["save_as"]).name: b""}, **kw),
+                    engine=CtorrentEngine(process_factory=lambda **kw: _StuckTorrent({Path(kw["save_as"]).name: b""},
+                                                                                     **kw)),
                     scraper=lambda url, ih: type("S", (), {"incomplete": 0, "complete": 0})())
     s = puller.pull(Reference("team/app", "v1")).summary()
     assert s["transport"] == "http" and s["layers_over_http"] == 3
@@ -454,10 +457,10 @@ def test_corrupted_http_response_is_refused(registry_server, image_factory, dock
         image_factory.client.images.get(ref)  # nothing loaded
 
 
-# -- unit: whole-tarball records (images pushed before layers) take the same paths ----------------------------------
+# -- unit: a one-layer image through a scripted ctorrent that dies -----------------------------------------------
 
 
-def test_tarball_record_falls_back_and_resumes_over_http(served, tmp_path: Path):
+def test_one_layer_falls_back_and_resumes_over_http(served, tmp_path: Path):
     canned, data, digest = served
     canned.raw("GET", f"/api/v1/blobs/{digest}", 200, data)  # a server without Range support: bytes skipped
     res = make_puller(canned, tmp_path, data, mode="die", load=False, seed_time=0, fallback_after=30).pull(REF)

@@ -24,9 +24,10 @@ from docket.client.api import RegistryClient
 from docket.client.dockerops import DockerOps
 from docket.client.layers import (TarStream, chain_ids, classify_member, load_entries, present_prefix,
                                   stream_length, tar_stream)
-from docket.client.pull_layers import LayeredRecord, check_config
+from docket.client.records import LayeredRecord, check_config
 from docket.client.push import LayerPusher
 from docket.reference import Reference, parse_reference
+from docket.torrent.ctorrent import CtorrentEngine
 
 
 def sha(data: bytes) -> str:
@@ -554,7 +555,7 @@ def layer_puller(reg: FakeRegistry, tmp_path: Path, by_hex: dict[str, bytes], do
 
     options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
     return Puller(RegistryClient("127.0.0.1", reg.port), docker, options,
-                  ctorrent_factory=lambda **kw: FakeTorrentProc(by_hex, **kw),
+                  engine=CtorrentEngine(process_factory=lambda **kw: FakeTorrentProc(by_hex, **kw)),
                   scraper=lambda url, ih: type("S", (), {"incomplete": 0, "complete": 1})())
 
 

@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import ipaddress
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from docket.client import api as api_mod
 from docket.client import peer
 from docket.client.api import RegistryClient, base_url
 from docket.client.cli import AppContext, cli, default_location, plain_table
-from docket.client.pull import ImageRecord, Puller, PullOptions, check_torrent
+from docket.client.pull import Puller, PullOptions
+from docket.client.records import LayeredRecord, check_layer_torrent
+from docket.torrent.ctorrent import CtorrentEngine
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, read_torrent
 from procs import free_port
@@ -87,7 +90,7 @@ def _handler(canned: Canned) -> type[http.server.BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(payload)
 
-        do_GET = do_PUT = do_DELETE = do_HEAD = _serve
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
 
     return Handler
 
@@ -245,7 +248,7 @@ def test_server_json_errors_become_docket_errors(canned):
                 {"error": {"code": "NOT_FOUND", "message": "no such tag team/app:v1", "hint": "push it first"}})
     canned.json("GET", "/api/v1/images", 503,
                 {"error": {"code": "UNAVAILABLE", "message": "tracker down", "hint": "start opentracker"}})
-    canned.json("PUT", "/api/v1/repositories/big/tags/latest", 413,
+    canned.json("POST", "/api/v1/blobs?kind=layer", 413,
                 {"error": {"code": "TOO_LARGE", "message": "upload exceeds 10 bytes", "hint": None}})
     canned.raw("GET", "/api/v1/blobs/sha256:" + "a" * 64 + "/torrent", 500, b"<html>oops</html>", "text/html")
     client = RegistryClient("http://127.0.0.1", canned.port)
@@ -256,7 +259,7 @@ def test_server_json_errors_become_docket_errors(canned):
         client.list_images()
     assert e.value.message == "tracker down" and e.value.hint == "start opentracker"
     with pytest.raises(errors.TooLarge) as e:
-        client.push_tarball(Reference("big"), iter([b"x" * 100]))
+        client.upload_blob("layer", iter([b"x" * 100]))
     assert "exceeds" in e.value.message
     with pytest.raises(errors.DocketError) as e:
         client.get_torrent("sha256:" + "a" * 64)
@@ -278,8 +281,8 @@ def test_read_timeout_is_applied():
 
 
 def test_push_streams_chunked_and_reports_progress(canned):
-    record = {"ref": "team/app:v1", "digest": "sha256:" + "b" * 64}
-    canned.json("PUT", "/api/v1/repositories/team/app/tags/v1", 201, record)
+    record = {"digest": "sha256:" + "b" * 64, "size": 5000}
+    canned.json("POST", "/api/v1/blobs?kind=layer", 201, record)
     chunks = [bytes([i]) * 1000 for i in range(5)]
     seen: list[int] = []
     produced: list[int] = []
@@ -289,24 +292,24 @@ def test_push_streams_chunked_and_reports_progress(canned):
             produced.append(i)
             yield c
 
-    got = RegistryClient("127.0.0.1", canned.port).push_tarball(Reference("team/app", "v1"), gen(), 5000, seen.append)
+    got = RegistryClient("127.0.0.1", canned.port).upload_blob("layer", gen(), progress_cb=seen.append)
     assert got == record
     req = canned.requests[-1]
     assert req["headers"].get("Transfer-Encoding") == "chunked"
-    assert req["headers"].get("Content-Type") == "application/x-tar"
+    assert req["headers"].get("Content-Type") == "application/octet-stream"
     assert req["body"] == b"".join(chunks)
     assert seen == [1000, 2000, 3000, 4000, 5000]
 
 
 def test_push_export_failure_is_reraised_as_itself(canned):
-    canned.json("PUT", "/api/v1/repositories/app/tags/latest", 201, {})
+    canned.json("POST", "/api/v1/blobs?kind=layer", 201, {})
 
     def gen():
         yield b"x" * 10
         raise errors.ServiceUnavailable("docker died")
 
     with pytest.raises(errors.ServiceUnavailable, match="docker died"):
-        RegistryClient("127.0.0.1", canned.port).push_tarball(Reference("app"), gen())
+        RegistryClient("127.0.0.1", canned.port).upload_blob("layer", gen())
 
 
 # -- images -------------------------------------------------------------------------------------------------
@@ -349,20 +352,26 @@ def blob(tmp_path) -> tuple[Path, bytes]:
     return p, data
 
 
-def make_record(data: bytes, info_hash: str, ref: str = "team/app:v1") -> dict[str, Any]:
+def make_record(canned: Canned, data: bytes, info_hash: str, ref: str = "team/app:v1") -> dict[str, Any]:
+    """A one-layer image whose layer is ``data`` (its config served by ``canned``). The record's "digest" is the
+    layer's: the client only checks its form, and the tests name the blob by it."""
     repo, tag = ref.split(":")
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    return {"repository": repo, "tag": tag, "ref": ref, "image_id": "sha256:" + "c" * 64,
-            "created": "2026-01-01T00:00:00Z", "size": len(data), "digest": digest, "info_hash": info_hash,
-            "piece_length": 262144, "torrent_url": f"/api/v1/blobs/{digest}/torrent",
-            "blob_url": f"/api/v1/blobs/{digest}"}
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+    canned.raw("GET", f"/api/v1/blobs/{image_id}", 200, config)
+    return {"repository": repo, "tag": tag, "ref": ref, "format": "layers", "image_id": image_id,
+            "created": "2026-01-01T00:00:00Z", "size": len(data), "digest": digest,
+            "config": {"digest": image_id, "size": len(config)},
+            "layers": [{"digest": digest, "size": len(data), "info_hash": info_hash}]}
 
 
 def test_info_hash_mismatch_is_refused_before_download(canned, tmp_path, blob):
     path, data = blob
     meta = build_torrent(path, "http://127.0.0.1:1/announce", out=tmp_path / "t.torrent")
     torrent = (tmp_path / "t.torrent").read_bytes()
-    rec = make_record(data, "f" * 40)  # the metadata promises another torrent
+    rec = make_record(canned, data, "f" * 40)  # the metadata promises another torrent
     canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
     canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, torrent, "application/x-bittorrent")
     r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "team/app:v1"])
@@ -371,21 +380,23 @@ def test_info_hash_mismatch_is_refused_before_download(canned, tmp_path, blob):
     assert not (tmp_path / "loc" / "blobs").exists()  # nothing downloaded, nothing created
 
     # and a torrent that matches the hash but not the size
-    bad = dict(rec, info_hash=meta.info_hash, size=len(data) + 1)
+    ref = Reference("team/app", "v1")
+    layer = LayeredRecord.from_json(ref, dict(rec, size=rec["size"] + 1, layers=[
+        dict(rec["layers"][0], info_hash=meta.info_hash, size=len(data) + 1)])).layers[0]
     with pytest.raises(errors.IntegrityError, match="describes"):
-        check_torrent(read_torrent(torrent), ImageRecord.from_json(Reference("team/app", "v1"), bad))
+        check_layer_torrent(read_torrent(torrent), layer, ref)
 
 
 def test_garbage_torrent_and_bad_record_are_integrity_errors(canned, tmp_path, blob):
     _, data = blob
-    rec = make_record(data, "a" * 40)
+    rec = make_record(canned, data, "a" * 40)
     canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
     canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, b"<html>not a torrent</html>")
     r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "team/app:v1"])
     assert r.exit_code == errors.IntegrityError.exit_code, r.output
     for field_name, value in (("digest", "sha256:../../etc"), ("size", -1), ("info_hash", "xyz")):
         with pytest.raises(errors.IntegrityError, match=field_name):
-            ImageRecord.from_json(Reference("a"), dict(rec, **{field_name: value}))
+            LayeredRecord.from_json(Reference("a"), dict(rec, layers=[dict(rec["layers"][0], **{field_name: value})]))
 
 
 def test_pull_unknown_tag_is_not_found(canned, tmp_path):
@@ -465,15 +476,15 @@ def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", s
         return next(scrape_iter)
 
     options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
-    return Puller(RegistryClient("127.0.0.1", canned.port), None, options, ctorrent_factory=factory,
-                  scraper=scraper)
+    return Puller(RegistryClient("127.0.0.1", canned.port), None, options,
+                  engine=CtorrentEngine(process_factory=factory), scraper=scraper)
 
 
 @pytest.fixture
 def served(canned, tmp_path, blob) -> tuple[Canned, bytes, str]:
     path, data = blob
     meta = build_torrent(path, "http://127.0.0.1:6969/announce", out=tmp_path / "t.torrent")
-    rec = make_record(data, meta.info_hash)
+    rec = make_record(canned, data, meta.info_hash)
     canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
     canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, (tmp_path / "t.torrent").read_bytes())
     FakeCtorrent.instances.clear()
@@ -488,20 +499,21 @@ def test_pull_downloads_verifies_and_writes_output(served, tmp_path):
     out = tmp_path / "out.tar"
     res = make_puller(canned, tmp_path, data, load=False, output=out, seed_time=0).pull(REF)
     assert res.digest == digest and res.bytes == len(data) and not res.loaded
-    assert out.read_bytes() == data
+    with tarfile.open(out) as tar:  # the docker load tarball holds the layer
+        assert tar.extractfile(next(m for m in tar if m.name.endswith("layer.tar"))).read() == data
     blob = tmp_path / "loc" / "blobs" / digest.split(":")[1]
     assert blob.read_bytes() == data
     assert (tmp_path / "loc").stat().st_mode & 0o777 == 0o700
     (proc,) = FakeCtorrent.instances
     ip = proc.kw["listen_ip"]  # same-host tracker: a fresh loopback address of our own
     assert ip.startswith("127.") and ip != "127.0.0.1" and proc.stopped
-    assert set(res.summary()) == {"ref", "digest", "image_id", "bytes", "seconds", "loaded", "output", "transport",
-                                  "transport_requested", "bytes_from_http", "fallback_reason"}
+    assert {"ref", "digest", "image_id", "bytes", "seconds", "loaded", "output", "transport", "transport_requested",
+            "bytes_from_http", "fallback_reason"} <= set(res.summary())
     assert res.summary()["transport"] == "p2p" and res.summary()["bytes_from_http"] == 0
 
     # a second pull finds the verified file and starts no ctorrent
     res2 = make_puller(canned, tmp_path, data, load=False, seed_time=0).pull(REF)
-    assert res2.downloaded is False and len(FakeCtorrent.instances) == 1
+    assert res2.extra["layers_cached"] == 1 and len(FakeCtorrent.instances) == 1
 
 
 def test_pull_corrupt_download_is_deleted(served, tmp_path):
@@ -561,3 +573,19 @@ def test_seeding_stops_early_when_no_peer_is_downloading(served, tmp_path):
     proc = FakeCtorrent.instances[-1]
     assert proc.kw["listen_ip"] == "127.0.0.9" and proc.stopped
     assert res.output is None
+
+
+@pytest.mark.parametrize("fmt", ["tarball", None])
+def test_a_whole_tarball_record_asks_to_upgrade_the_registry(canned, tmp_path, fmt):
+    """A registry from before layer-level distribution answers format "tarball" (or no format): this client pulls
+    layers only, and says to upgrade the registry (it converts those images to layers at its next start)."""
+    rec = {"repository": "team/app", "tag": "v1", "ref": "team/app:v1", "image_id": "sha256:" + "c" * 64,
+           "created": "2026-01-01T00:00:00Z", "size": 10, "digest": "sha256:" + "d" * 64, "info_hash": "a" * 40}
+    if fmt:
+        rec["format"] = fmt
+    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
+    r = CliRunner().invoke(cli, [*registry_args(canned, tmp_path), "pull", "--no-load", "team/app:v1"])
+    assert r.exit_code == errors.InvalidRequest.exit_code, r.output
+    assert "whole image tarball" in r.output and "upgrade the registry" in r.output
+    assert [q["path"] for q in canned.requests] == ["/api/v1/repositories/team/app/tags/v1"]  # nothing else asked
+    assert not (tmp_path / "loc").exists()

@@ -19,7 +19,7 @@ import requests
 from docket import __version__
 from docket import errors, jsonstrict
 from docket.deadline import DeadlineExceeded, DeadlineSession, expired, extend, progress
-from docket.client.http_fetch import BLOB_DIGEST_RE
+from docket.client.digests import BLOB_DIGEST_RE
 from docket.client.progress import printable
 from docket.reference import Reference
 
@@ -296,22 +296,6 @@ class RegistryClient:
         what = "asking for the tracker"
         return self._json(self._request("GET", f"{API}/tracker", what), what)
 
-    def _check_push_allowed(self, ref: Reference, what: str) -> None:
-        """Ask before streaming: a PUT with an empty body gets 401/403 if the token may not push, else 400.
-
-        Without this a refused token would only show as a broken connection: the registry answers before it
-        reads the body, and over TLS the client's send then fails instead of reading that answer.
-        """
-        try:
-            self._request("PUT", self._tag_path(ref), what, ok=(400,), data=b"",
-                          headers={"Content-Type": "application/x-tar", "Content-Length": "0"})
-        except errors.Unauthorized:
-            raise
-        except errors.ServiceUnavailable:
-            raise
-        except errors.DocketError:
-            pass  # anything else (an older registry, a proxy): the real push will report it
-
     def _stream_upload(self, method: str, path: str, what: str, chunks: Iterable[bytes],
                        progress_cb: Callable[[int], None] | None, length: int | None = None,
                        **kw: Any) -> requests.Response:
@@ -351,18 +335,6 @@ class RegistryClient:
                     f"{what}: the connection to {self.url} broke after {sent} bytes",
                     "the registry may have refused the upload (size limit?) or stopped; check its log") from exc
             raise
-
-    def push_tarball(self, ref: Reference, chunks: Iterable[bytes], size_hint: int | None = None,
-                     progress_cb: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Push a whole ``docker save`` tarball streamed from ``chunks`` (the registry splits it); the record."""
-        what = f"pushing {ref}"
-        self._check_push_allowed(ref, what)
-        resp = self._stream_upload("PUT", self._tag_path(ref), what, chunks, progress_cb,
-                                   headers={"Content-Type": "application/x-tar"})
-        record = self._json(resp, what)
-        if not isinstance(record, dict):
-            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
-        return record
 
     # -- layers (docs/layers.md) ---------------------------------------------------------------------------
 

@@ -24,6 +24,10 @@ from rich.text import Text
 from docket import __version__, errors
 from docket.reference import Reference, parse_reference
 
+# Start-up time: the modules behind the subcommands (requests, docker, rich.progress, the pull engine) are
+# imported inside the functions that use them, so `docket --help` and a bad reference answer without loading
+# them. These lazy imports are the only ones in docket/client and docket/torrent.
+
 EXIT_INTERRUPTED = 130
 EXIT_UNEXPECTED = 1
 
@@ -336,21 +340,18 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
     if as_json:
         app.out(json.dumps(result.summary()))
     elif not app.config.quiet:
-        what = "Pulled and loaded" if result.loaded else "Downloaded and verified"
-        if result.format == "layers":
-            from docket.client.progress import human_bytes
+        from docket.client.progress import human_bytes
 
-            x = result.extra
-            app.out(f"Downloaded {x['layers_downloaded']} of {x['layers']} layers "
-                    f"({human_bytes(x['bytes_from_peers'])} through BitTorrent, "
-                    f"{human_bytes(x['bytes_from_registry'])} over HTTP); "
-                    f"{x['layers_present']} already in Docker ({human_bytes(x['bytes_present'])})"
-                    + (f", {x['layers_cached']} already downloaded" if x["layers_cached"] else ""))
-            if x.get("layers_over_http") and x.get("transport_requested") == "auto":
-                app.out(f"{x['layers_over_http']} layer(s) came over HTTP from the registry instead of BitTorrent: "
-                        f"{x['fallback_reason']}")
-        elif result.extra.get("transport") in ("http", "p2p+http") and result.extra.get("fallback_reason"):
-            app.out(f"Downloaded over HTTP from the registry instead of BitTorrent: {result.extra['fallback_reason']}")
+        what = "Pulled and loaded" if result.loaded else "Downloaded and verified"
+        x = result.extra
+        app.out(f"Downloaded {x['layers_downloaded']} of {x['layers']} layers "
+                f"({human_bytes(x['bytes_from_peers'])} through BitTorrent, "
+                f"{human_bytes(x['bytes_from_registry'])} over HTTP); "
+                f"{x['layers_present']} already in Docker ({human_bytes(x['bytes_present'])})"
+                + (f", {x['layers_cached']} already downloaded" if x["layers_cached"] else ""))
+        if x.get("layers_over_http") and x.get("transport_requested") == "auto":
+            app.out(f"{x['layers_over_http']} layer(s) came over HTTP from the registry instead of BitTorrent: "
+                    f"{x['fallback_reason']}")
         app.out(f"{what} {result.ref} ({result.image_id}) in {result.seconds:.1f} s")
         if result.output:
             app.out(f"Tarball: {result.output}")
@@ -426,9 +427,7 @@ def readable_time(created: Any) -> str:
 
 
 def image_row(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    from docket.client.progress import human_bytes
-
-    from docket.client.progress import printable
+    from docket.client.progress import human_bytes, printable
 
     ref = printable(str(r.get("ref") or f"{r.get('repository')}:{r.get('tag')}"), 300)
     size = r.get("size")

@@ -14,6 +14,7 @@ import docker.errors
 import requests
 
 from docket import errors
+from docket.client.layers import chain_ids
 from docket.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,6 @@ class DockerOps:
 
     def local_chain_ids(self) -> set[str]:
         """Chain ids of every layer stack the daemon has (all images, intermediate ones too)."""
-        from docket.client.layers import chain_ids
-
         client = self.client
         out: set[str] = set()
         try:

@@ -12,56 +12,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from docket import errors
-
-if TYPE_CHECKING:
-    from docket.client.api import RegistryClient
+from docket.client.api import RegistryClient
+from docket.torrent.tracker import BdecodeError, bdecode
 
 log = logging.getLogger(__name__)
 
-# Layer digests: sha256 (docker save, our pushes) or sha512; file names use the hex of whichever it is.
-DIGEST_HEX_LEN = {"sha256": 64, "sha512": 128}
-BLOB_DIGEST_RE = re.compile(r"\A(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
-READ_CHUNK = 1024 * 1024
-MAX_BLOB_SIZE = 1 << 50  # 1 PiB: a size beyond it is not an image or a layer, whatever a registry says
-TORRENT_OVERHEAD = 64 * 1024  # a torrent is its piece hashes (20 bytes a piece) plus a few hundred bytes
 MAX_PARALLEL = 4  # concurrent HTTP blob downloads per pull: the registry serves everyone else too
 _PARALLEL = threading.BoundedSemaphore(MAX_PARALLEL)
 
 
-def digest_algorithm(digest: str) -> str:
-    """``"sha512"`` for ``"sha512:<hex>"``; refuses algorithms we cannot verify."""
-    algo = digest.split(":", 1)[0]
-    if algo not in DIGEST_HEX_LEN or not BLOB_DIGEST_RE.match(digest):
-        raise errors.IntegrityError(f"unsupported or malformed digest {digest!r}",
-                                    "digests must be sha256:<64 hex> or sha512:<128 hex>")
-    return algo
-
-
-def digest_file(path: Path, algorithm: str = "sha256", progress: Callable[[int], None] | None = None) -> str:
-    """``"<algorithm>:<hex>"`` of the file, read in chunks (never whole in memory)."""
-    h = hashlib.new(algorithm)
-    done = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done)
-    return f"{algorithm}:{h.hexdigest()}"
-
-
 def piece_hashes(torrent: bytes) -> list[bytes] | None:
     """The 20-byte SHA-1 of every piece (``info.pieces``), or None when the torrent has none we can use."""
-    from docket.torrent.tracker import BdecodeError, bdecode
-
     try:
         meta = bdecode(torrent)
         pieces = meta[b"info"][b"pieces"]
@@ -70,13 +38,6 @@ def piece_hashes(torrent: bytes) -> list[bytes] | None:
     if not isinstance(pieces, bytes) or len(pieces) % 20:
         return None
     return [pieces[i:i + 20] for i in range(0, len(pieces), 20)]
-
-
-def check_torrent_size(torrent: bytes, pieces: int, what: str) -> None:
-    """A torrent much larger than its piece hashes need is padding a hostile registry made us hold in memory."""
-    if len(torrent) > 20 * pieces + TORRENT_OVERHEAD:
-        raise errors.IntegrityError(f"the torrent of {what} is {len(torrent)} bytes for {pieces} pieces; refused",
-                                    "the registry is broken or hostile; nothing was downloaded")
 
 
 def verified_bytes(path: Path, size: int, piece_length: int, hashes: list[bytes] | None, bitfield: bytes) -> int:

@@ -26,10 +26,10 @@ from docket import errors
 from docket.client.api import RegistryClient
 from docket.client.layers import classify_member, member_chunks, open_stream
 from docket.client.progress import Reporter, SilentReporter, printable
+from docket.client.records import MAX_CONFIG
 from docket.reference import Reference
 
 log = logging.getLogger(__name__)
-MAX_CONFIG = 64 * 1024 * 1024
 
 
 @dataclass
