@@ -712,7 +712,8 @@ def test_a_live_pulls_ctorrent_is_not_taken_for_an_orphan(tmp_path: Path, reap_c
     """A ctorrent whose parent is a running pull (here: this process) keeps seeding when a second pull of the
     same blob takes the lock."""
     from docket.client.cache import stop_orphan_writer
-    from docket.torrent.ctorrent import PID_FILE as PIDFILE, CtorrentEngine, CtorrentProcess
+    from docket.torrent.ctorrent import CtorrentProcess
+    from docket.torrent.ctorrent_engine import PID_FILE as PIDFILE, CtorrentEngine
 
     data = os.urandom(100_000)
     torrent_of(tmp_path / "t", data, f"http://127.0.0.1:{free_port()}/announce")

@@ -29,7 +29,7 @@ from docket import errors
 from docket.client.cli import cli
 from docket.client.digests import digest_file
 from docket.client.http_fetch import piece_hashes, plan_resume
-from docket.torrent.ctorrent import CtorrentEngine
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.client.layers import chain_ids
 from docket.client.records import LayeredRecord, check_config
 from docket.reference import Reference

@@ -27,7 +27,7 @@ from docket.client.layers import (TarStream, chain_ids, classify_member, load_en
 from docket.client.records import LayeredRecord, check_config
 from docket.client.push import LayerPusher
 from docket.reference import Reference, parse_reference
-from docket.torrent.ctorrent import CtorrentEngine
+from docket.torrent.ctorrent_engine import CtorrentEngine
 
 
 def sha(data: bytes) -> str:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from docket.client.cli import cli
 from docket.client.transfer import bitfield_bytes
-from docket.torrent.ctorrent import CtorrentEngine
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.metainfo import TorrentMeta
 
 META = TorrentMeta(info_hash="a" * 40, name="x.tar", length=10 * 256 * 1024 + 100, piece_length=256 * 1024,

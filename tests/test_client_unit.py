@@ -29,7 +29,7 @@ from docket.client.api import RegistryClient, base_url
 from docket.client.cli import AppContext, cli, default_location, plain_table
 from docket.client.pull import Puller, PullOptions
 from docket.client.records import LayeredRecord, check_layer_torrent
-from docket.torrent.ctorrent import CtorrentEngine
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, read_torrent
 from procs import free_port

@@ -21,7 +21,7 @@ from docket.torrent import (
     read_torrent,
     scrape,
 )
-from docket.torrent.ctorrent import PID_FILE, CtorrentEngine
+from docket.torrent.ctorrent_engine import PID_FILE, CtorrentEngine
 from docket.torrent.metainfo import PieceHasher, choose_piece_size
 from docket.torrent.tracker import BdecodeError, announce_ok, bdecode, scrape_url
 from procs import free_port, wait_until

@@ -37,7 +37,7 @@ from docket.client.records import (MAX_CONFIG, LayeredRecord, LayerInfo, check_c
 from docket.client.seeding import SeedPolicy, TrackerView
 from docket.client.transfer import BlobJob, Transfers, bitfield_bytes
 from docket.reference import Reference
-from docket.torrent.ctorrent import CtorrentEngine
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine
 from docket.torrent.metainfo import TorrentMeta, read_torrent
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from docket.registry.periodic import Periodic
-from docket.torrent.ctorrent import CtorrentEngine, CtorrentProcess
+from docket.torrent.ctorrent import CtorrentProcess
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine, Transfer
 
 log = logging.getLogger(__name__)

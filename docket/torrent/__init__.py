@@ -3,7 +3,8 @@
 Never imports Flask, click or docker: registry and client both build on this small public surface.
 """
 
-from docket.torrent.ctorrent import CtorrentEngine, CtorrentProcess, CtorrentStatus, find_ctorrent, parse_status_line
+from docket.torrent.ctorrent import CtorrentProcess, CtorrentStatus, find_ctorrent, parse_status_line
+from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine, TorrentStatus, Transfer
 from docket.torrent.metainfo import PieceHasher, TorrentMeta, build_torrent, read_torrent
 from docket.torrent.opentracker import Opentracker, find_opentracker

@@ -20,13 +20,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from collections.abc import Callable, Sequence
-from typing import IO, Any
+from collections.abc import Sequence
+from typing import IO
 
 from docket.errors import InvalidRequest, ServiceUnavailable, ToolMissing
-from docket.torrent.engine import TorrentStatus, Transfer
+from docket.torrent.engine import TorrentStatus
 from docket.torrent.metainfo import ipv4_address
-from docket.torrent.processes import popen_tied, record_pid, stop_child, stop_children, stop_orphan
+from docket.torrent.processes import popen_tied, record_pid, stop_child, stop_children
 
 log = logging.getLogger(__name__)
 
@@ -459,76 +459,3 @@ def stop_many(procs: Sequence[CtorrentProcess], timeout: float = 5.0) -> None:
         p._join_reader(1.0)
         log.info("ctorrent pid %d stopped", popen.pid)
 
-
-PID_FILE = "ctorrent.pid"  # in a transfer's work directory: the pid of its ctorrent (an orphan's too)
-
-
-class CtorrentEngine:
-    """The ``TorrentEngine`` (engine.py) of ctorrent: one process per transfer, its pid recorded in the work
-    directory, its bitfield saved there (``-b <workdir>/<torrent stem>.bf``).
-
-    ``tied``: the processes die with this one (PR_SET_DEATHSIG: the client's pulls; never the registry's
-    seeders, which outlive the request thread that starts them). ``process_factory``: CtorrentProcess, or a test
-    double taking the same arguments.
-    """
-
-    def __init__(self, *, tied: bool = False, process_factory: Callable[..., Any] = CtorrentProcess) -> None:
-        self.tied = tied
-        self._factory = process_factory
-
-    def _make(self, torrent: Path, save_as: Path, **kw: Any) -> Transfer:
-        """Started; its pid recorded in the work directory (for ``reap``)."""
-        pid_file = Path(kw["workdir"]) / PID_FILE
-        if self._factory is CtorrentProcess:
-            kw.update(die_with_parent=self.tied, pid_file=pid_file)
-        transfer = self._factory(torrent=torrent, save_as=save_as, **kw)
-        transfer.start()
-        if self._factory is not CtorrentProcess and isinstance(getattr(transfer, "pid", None), int):
-            record_pid(pid_file, transfer.pid)  # a test double: recorded as CtorrentProcess.start does
-        return transfer
-
-    def download(self, torrent: Path, save_as: Path, *, workdir: Path, listen_ip: str | None = None,
-                 port: int | None = None, seed_hours: int = 9999, log_path: Path | None = None,
-                 max_download_kbps: int | None = None) -> Transfer:
-        kw: dict[str, Any] = {}
-        if max_download_kbps:  # bandwidth cap, per ctorrent (-D, KB/s)
-            kw["extra_args"] = ["-D", str(int(max_download_kbps))]
-        return self._make(torrent, save_as, workdir=workdir, listen_ip=listen_ip, port=port, exit_hours=seed_hours,
-                          log_path=log_path, **kw)
-
-    def seed(self, torrent: Path, blob: Path, *, workdir: Path, listen_ip: str | None = None) -> Transfer:
-        return self._make(torrent, blob, workdir=workdir, listen_ip=listen_ip, seed_only=True)
-
-    def stop_all(self, transfers: Sequence[Transfer], timeout: float) -> None:
-        if all(isinstance(t, CtorrentProcess) for t in transfers):
-            stop_many(transfers, timeout)  # type: ignore[arg-type]
-            return
-        for t in transfers:  # test doubles
-            try:
-                t.stop(timeout=timeout)
-            except Exception:  # noqa: BLE001 - cleanup goes on
-                log.exception("stopping %r", t)
-
-    def saved_pieces(self, workdir: Path, torrent: Path) -> bytes | None:
-        try:
-            return (workdir / f"{torrent.stem}.bf").read_bytes()
-        except OSError:
-            return None
-
-    def forget(self, workdir: Path) -> None:
-        for path in [*workdir.glob("*.bf"), workdir / PID_FILE]:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-
-    def reap(self, workdir: Path, marker: str | None = None,
-             keep: Callable[[int], bool] | None = None) -> bool:
-        pid_file = workdir / PID_FILE
-        if keep is not None:
-            try:
-                if keep(int(pid_file.read_text().split()[0])):
-                    return False
-            except (OSError, ValueError, IndexError):
-                return False
-        return stop_orphan(pid_file, "ctorrent", marker or str(workdir))
