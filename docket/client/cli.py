@@ -397,13 +397,19 @@ def _short(value: Any, n: int = 12) -> str:
     return text.split(":", 1)[1][:n] if text.startswith(("sha256:", "sha512:")) else text[:n]
 
 
-def _ago(created: Any, now: datetime | None = None) -> str:
+def _parse_time(created: Any) -> datetime | None:
+    """RFC 3339 (a bare time counts as UTC), else None."""
     try:
         when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
     except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _ago(created: Any, now: datetime | None = None) -> str:
+    when = _parse_time(created)
+    if when is None:
         return str(created or "")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
     secs = ((now or datetime.now(timezone.utc)) - when).total_seconds()
     if secs < 0:
         return when.strftime("%Y-%m-%d %H:%M")
@@ -417,12 +423,9 @@ def _ago(created: Any, now: datetime | None = None) -> str:
 
 def readable_time(created: Any) -> str:
     """RFC 3339 -> "2026-11-27 21:09:04 UTC (3 minutes ago)"; anything else as given."""
-    try:
-        when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-    except ValueError:
+    when = _parse_time(created)
+    if when is None:
         return str(created or "")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
     return f"{when.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({_ago(when.isoformat())})"
 
 
