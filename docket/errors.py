@@ -94,7 +94,7 @@ class NoSpace(DocketError):
 
 
 # -- registry domain errors whose code is the OCI distribution spec's (docs/v2.md); /api/v1 and /v2 map them to
-# their bodies in one table each (docket/registry/api.py, docket/registry/v2/errors.py)
+# their bodies in one table each (docket/registry/edges.py)
 class DistributionError(DocketError):
     exit_code = 2
 

@@ -157,7 +157,7 @@ def test_every_validation_pattern_matches_whole_strings():
     assert offenders == []
     from docket.reference import ANY_DIGEST_RE, REPOSITORY_RE, TAG_RE, parse_reference
     from docket.registry.store import validate_digest
-    from docket.registry.v2.common import NAME_RE
+    from docket.registry.v2 import NAME_RE
 
     digest = sha(b"x")
     for pattern, good in ((TAG_RE, "v1"), (ANY_DIGEST_RE, digest), (REPOSITORY_RE, "team/app"), (NAME_RE, "app")):

@@ -17,15 +17,13 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from docket.errors import DocketError
-from docket.registry import api, db, health
+from docket.registry import api, db, health, v2
 from docket.registry.auth import TokenAuth
 from docket.registry.components import build
 from docket.registry.config import RegistryConfig
 from docket.registry.edges import api_error, status_error
 from docket.registry.storage import storage_error
-from docket.registry.v2 import blobs as v2_blobs  # noqa: F401 - registers its routes on v2_common.bp
-from docket.registry.v2 import common as v2_common
-from docket.registry.v2 import manifests as v2_manifests  # noqa: F401 - registers its routes on v2_common.bp
+from docket.registry.v2 import blobs, manifests  # noqa: F401 - importing them registers their routes on v2.bp
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     TokenAuth(config.auth_tokens, config.read_tokens).init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
-    app.register_blueprint(v2_common.bp)
+    app.register_blueprint(v2.bp)
     app.register_error_handler(DocketError, _docket_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

@@ -228,10 +228,7 @@ def list_images() -> Response:
 def get_blob(digest: str) -> Response:
     """Plain HTTP download (fallback and seed of last resort); Range, If-None-Match handled by send_file."""
     validate_digest(digest)
-    sv = services()
-    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # a push then uploads it again: repaired
-        raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
-    sv.blobs.servable(get_session(), digest)
+    services().blobs.servable(get_session(), digest, head=request.method == "HEAD")
     return send_blob(digest, "Docket-Content-Digest", download_name=f"{digest_hex(digest)}.tar")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from docket.errors import BlobUnknown, DeleteRefused, InvalidImage, NotFound
+from docket.errors import BlobUnknown, DeleteRefused, NotFound
 from docket.registry.db import Database
 from docket.registry.locks import Locks
 from docket.registry.models import KIND_LAYER, SEEDED_KINDS, Blob, count_references, utcnow
@@ -128,14 +128,6 @@ class Blobs:
                 s.commit()
             return BlobInfo(blob.digest, blob.size, blob.kind, blob.info_hash), created
 
-    def read_small(self, digest: str, limit: int) -> bytes:
-        """The bytes of a blob of at most ``limit`` bytes (an image config): InvalidImage when it is bigger."""
-        with self.store.open(digest) as f:
-            raw = f.read(limit + 1)
-        if len(raw) > limit:
-            raise InvalidImage(f"blob {digest} is over {limit} bytes")
-        return raw
-
     # -- keeping and dropping (caller holds the blob lock) --------------------------------------------------
     def drop_locked(self, digest: str, info_hash: str | None, *, require_unreferenced_mark: bool = True) -> bool:
         """Remove one blob, in GC's safe order: stop its seeder and drop it from the whitelist, then (under the
@@ -158,26 +150,22 @@ class Blobs:
         self.swarm.forget(digest)
         return True
 
-    def keep_locked(self, digest: str) -> bool:
-        """A cross-repository mount: True when ``digest`` is stored and servable; an unreferenced blob gets a fresh
-        GC grace period (the manifest that will use it comes next), as an upload of the same bytes would."""
-        if self.scrubber.is_damaged(digest) or self.store.stat(digest) is None:
-            return False
-        with self.db.session() as s:
-            blob = s.get(Blob, digest)
-            if blob is None:
-                return False
-            if blob.unreferenced_at is not None:
-                blob.unreferenced_at = utcnow()
-                with self.locks.tags:
-                    s.commit()
-        return True
-
     def keep(self, digest: str) -> bool:
-        """``keep_locked`` under the blob's lock (a mount; a HEAD by a client that will skip the upload and
-        reference the blob in its next manifest)."""
+        """A cross-repository mount, or a HEAD by a client that will skip the upload: True when ``digest`` is
+        stored and servable; an unreferenced blob gets a fresh GC grace period (the manifest that will use it comes
+        next), as an upload of the same bytes would."""
         with self.locks.blob(digest):
-            return self.keep_locked(digest)
+            if self.scrubber.is_damaged(digest) or self.store.stat(digest) is None:
+                return False
+            with self.db.session() as s:
+                blob = s.get(Blob, digest)
+                if blob is None:
+                    return False
+                if blob.unreferenced_at is not None:
+                    blob.unreferenced_at = utcnow()
+                    with self.locks.tags:
+                        s.commit()
+            return True
 
     def delete(self, digest: str) -> None:
         """DELETE of a blob: refused (DeleteRefused) while a tag or manifest references it: blobs are shared by
@@ -196,8 +184,12 @@ class Blobs:
         self.scrubber.clear(digest)
 
     # -- serving --------------------------------------------------------------------------------------------
-    def servable(self, session: Session, digest: str) -> Blob:
-        """The row of a blob that may be served: NotFound, or BlobCorrupt (503) when the scrubber found it bad."""
+    def servable(self, session: Session, digest: str, *, head: bool = False) -> Blob:
+        """The row of a blob that may be served: NotFound, or BlobCorrupt (503) when the scrubber found it bad.
+        ``head``: a client checking whether to upload it: a corrupt blob is NotFound, so it is uploaded again
+        (which repairs it)."""
+        if head and self.scrubber.is_damaged(digest):
+            raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
         blob = session.get(Blob, digest)
         if blob is None or self.store.stat(digest) is None:
             if blob is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from importlib import resources
 from typing import Any
@@ -140,6 +139,3 @@ def openapi_document() -> str:
 def openapi() -> Response:
     return Response(openapi_document(), mimetype="application/json")
 
-
-def openapi_dict() -> dict[str, Any]:
-    return json.loads(openapi_document())

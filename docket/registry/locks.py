@@ -12,44 +12,33 @@ import threading
 from collections.abc import Iterable, Iterator
 
 
-class KeyedLocks:
-    """One lock per key (digest), created on demand and dropped when nobody holds or waits for it."""
-
+class Locks:
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self.tags = threading.Lock()
+        self._blobs: dict[str, tuple[threading.Lock, int]] = {}  # digest -> (lock, holders and waiters)
         self._guard = threading.Lock()
 
     @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def blob(self, digest: str) -> Iterator[None]:
+        """The lock of one digest, created on demand and dropped when nobody holds or waits for it."""
         with self._guard:
-            lock, users = self._locks.get(key, (threading.Lock(), 0))
-            self._locks[key] = (lock, users + 1)
-        lock.acquire()
+            lock, users = self._blobs.get(digest, (threading.Lock(), 0))
+            self._blobs[digest] = (lock, users + 1)
         try:
-            yield
+            with lock:
+                yield
         finally:
-            lock.release()
             with self._guard:
-                lock, users = self._locks[key]
+                lock, users = self._blobs[digest]
                 if users <= 1:
-                    del self._locks[key]
+                    del self._blobs[digest]
                 else:
-                    self._locks[key] = (lock, users - 1)
-
-
-class Locks:
-    def __init__(self) -> None:
-        self.blobs = KeyedLocks()
-        self.tags = threading.Lock()
-
-    def blob(self, digest: str) -> contextlib.AbstractContextManager[None]:
-        return self.blobs.hold(digest)
+                    self._blobs[digest] = (lock, users - 1)
 
     @contextlib.contextmanager
-    def all_blobs(self, digests: Iterable[str]) -> Iterator[contextlib.ExitStack]:
-        """The locks of ``digests`` in sorted order (no deadlock between two pushes); more can be added to the
-        stack yielded."""
+    def all_blobs(self, digests: Iterable[str]) -> Iterator[None]:
+        """The locks of ``digests`` in sorted order: two pushes never wait for each other in a circle."""
         with contextlib.ExitStack() as stack:
             for digest in sorted(set(digests)):
-                stack.enter_context(self.blobs.hold(digest))
-            yield stack
+                stack.enter_context(self.blob(digest))
+            yield

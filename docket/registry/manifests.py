@@ -13,7 +13,6 @@ lock around every transaction that changes tags or manifest rows (GC takes both)
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,13 +23,7 @@ from sqlalchemy.orm import Session
 
 from docket import jsonstrict
 from docket.errors import (
-    DeleteRefused,
-    InvalidImage,
-    InvalidJSON,
-    ManifestBlobUnknown,
-    ManifestInvalid,
-    ManifestUnknown,
-    NotFound,
+    DeleteRefused, InvalidImage, InvalidJSON, ManifestBlobUnknown, ManifestInvalid, ManifestUnknown, NotFound,
     WrongBlobKind,
 )
 from docket.imagetar import MAX_CONFIG_BYTES, config_diff_ids, parse_created
@@ -39,32 +32,15 @@ from docket.registry.blobs import Blobs
 from docket.registry.db import Database
 from docket.registry.locks import Locks
 from docket.registry.models import (
-    FORMAT_ARTIFACT,
-    FORMAT_INDEX,
-    FORMAT_LAYERS,
-    FORMAT_TARBALL,
-    KIND_LAYER,
-    KIND_MANIFEST,
-    KIND_TARBALL,
-    Blob,
-    Image,
-    ImageLayer,
-    Manifest,
-    REF_MANIFEST,
-    ManifestRef,
-    count_references,
-    utcnow,
+    FORMAT_ARTIFACT, FORMAT_INDEX, FORMAT_LAYERS, FORMAT_TARBALL, KIND_LAYER, KIND_MANIFEST, KIND_TARBALL, Blob, Image,
+    ImageLayer, Manifest, utcnow,
 )
 from docket.registry.oci import IMAGE_CONFIGS, ParsedManifest, docket_manifest, split_reference
 from docket.registry.queries import (
-    ORIGIN_DOCKET,
-    ORIGIN_V2,
-    find_image,
-    find_manifest,
-    image_digests,
-    manifest_in_use,
-    parent_indexes,
-    unused_docket_manifests,
+    ORIGIN_DOCKET, find_image, find_manifest, image_digests, parent_indexes, unused_docket_manifests,
+)
+from docket.registry.rows import (
+    close_tag, drop_docket_manifest_if_unused, drop_manifest_row, drop_tag, open_tag, save_manifest_row,
 )
 from docket.registry.store import BlobStore
 from docket.registry.swarm import Swarm
@@ -75,90 +51,6 @@ log = logging.getLogger(__name__)
 def _invalid(message: str, **detail: Any) -> ManifestInvalid:
     return ManifestInvalid(message, "see the OCI image spec (image manifest, image index) or Docker's schema 2",
                            detail=detail or None)
-
-
-# -- rows (callers hold the tag lock) -------------------------------------------------------------------------------
-def save_manifest_row(s: Session, repository: str, parsed: ParsedManifest, origin: str) -> Manifest:
-    """Insert the row (same digest = same bytes = same references: an existing row is kept; a V2 push of bytes
-    docket wrote makes them a V2 manifest, kept until deleted). Its blobs are referenced from now on."""
-    row = find_manifest(s, repository, parsed.digest)
-    if row is None:
-        row = Manifest(repository=repository, digest=parsed.digest, media_type=parsed.media_type, size=parsed.size,
-                       artifact_type=parsed.artifact_type,
-                       subject_digest=parsed.subject.digest if parsed.subject else None,
-                       config_digest=parsed.config.digest if parsed.config else None,
-                       annotations=json.dumps(parsed.annotations) if parsed.annotations else None, origin=origin,
-                       created_at=utcnow())
-        row.refs = [ManifestRef(position=i, digest=d, kind=k) for i, (d, k) in enumerate(parsed.refs)]
-        s.add(row)
-    elif origin == ORIGIN_V2 and row.origin != ORIGIN_V2:
-        row.origin = ORIGIN_V2
-    for digest in {parsed.digest, *(d.digest for d in parsed.blobs)}:
-        blob = s.get(Blob, digest)
-        if blob is not None:
-            blob.unreferenced_at = None
-    s.flush()
-    return row
-
-
-def mark_if_unreferenced(s: Session, digest: str) -> None:
-    if not count_references(s, digest):
-        blob = s.get(Blob, digest)
-        if blob is not None and blob.unreferenced_at is None:
-            blob.unreferenced_at = utcnow()
-
-
-def drop_manifest_row(s: Session, row: Manifest) -> None:
-    """Delete the row; its bytes and the blobs only it referenced become unreferenced (GC after the grace)."""
-    digests = {row.digest, *(r.digest for r in row.refs if r.kind != REF_MANIFEST)}
-    s.delete(row)
-    s.flush()
-    for digest in sorted(digests):
-        mark_if_unreferenced(s, digest)
-
-
-def drop_docket_manifest_if_unused(s: Session, repository: str, digest: str | None) -> bool:
-    """A manifest docket wrote for a push lives as long as a tag (or an index) uses it."""
-    if not digest:
-        return False
-    row = find_manifest(s, repository, digest)
-    if row is None or row.origin != ORIGIN_DOCKET or manifest_in_use(s, repository, digest):
-        return False
-    drop_manifest_row(s, row)
-    log.info("dropped manifest %s of %s: docket wrote it for a tag that is gone", digest, repository)
-    return True
-
-
-def open_tag(s: Session, repository: str, tag: str) -> tuple[Image, set[str], str | None]:
-    """The tag's row (new, or emptied of its layers) to fill in, with the blobs and manifest it used before."""
-    image = find_image(s, repository, tag)
-    if image is None:
-        image = Image(repository=repository, tag=tag)
-        s.add(image)
-        return image, set(), None
-    old, old_manifest = image_digests(image), image.manifest_digest
-    image.layers.clear()
-    s.flush()  # old positions go before new ones with the same keys arrive
-    return image, old, old_manifest
-
-
-def drop_tag(s: Session, image: Image) -> str | None:
-    """Delete a tag's row; the blobs only it used become unreferenced. Returns the manifest it pointed at."""
-    used, manifest = image_digests(image), image.manifest_digest
-    s.delete(image)
-    s.flush()
-    for digest in sorted(used):
-        mark_if_unreferenced(s, digest)
-    return manifest
-
-
-def close_tag(s: Session, image: Image, old: set[str], old_manifest: str | None) -> None:
-    """After a tag moved: what it used before and nothing uses now becomes unreferenced (GC after the grace)."""
-    s.flush()
-    for digest in sorted(old - image_digests(image)):
-        mark_if_unreferenced(s, digest)
-    if old_manifest != image.manifest_digest:
-        drop_docket_manifest_if_unused(s, image.repository, old_manifest)
 
 
 @dataclass(frozen=True)
@@ -200,10 +92,7 @@ class Manifests:
                 image_config = self._image_config(manifest) if tags else None
                 if image_config is not None:
                     seeds = self._promote_layers_locked(s, [d.digest for d in manifest.layers])
-            with self.store.upload(manifest.digest.partition(":")[0]) as up:
-                up.write(manifest.raw)
-                up.finish()
-                self.blobs.store_locked(up, KIND_MANIFEST)
+            self._store_bytes_locked(manifest)
             if seed:
                 for digest, info_hash in seeds:
                     self.swarm.seed(digest, info_hash)
@@ -217,6 +106,13 @@ class Manifests:
         log.info("push %s@%s (%s, %d bytes, origin %s)%s", repository, manifest.digest, manifest.media_type,
                  manifest.size, origin, f" tagged {', '.join(tags)}" if tags else "")
         return ids
+
+    def _store_bytes_locked(self, manifest: ParsedManifest) -> None:
+        """The manifest's bytes as a blob of kind "manifest" (caller holds its lock; the row comes with the tag)."""
+        with self.store.upload(manifest.digest.partition(":")[0]) as up:
+            up.write(manifest.raw)
+            up.finish()
+            self.blobs.store_locked(up, KIND_MANIFEST)
 
     def _check_children(self, s: Session, repository: str, parsed: ParsedManifest) -> None:
         for desc in parsed.manifests:
@@ -299,7 +195,11 @@ class Manifests:
         """A docket push of blobs already stored (the config, then the layers base first): checked (present,
         the config's rootfs.diff_ids are the layers, each uploaded as a layer), then committed with the Docker
         schema 2 manifest the registry writes for it. Returns the tag's row id."""
-        sizes = self._docket_blob_sizes(config_digest, layers)
+        manifest, kinds = self._docket_manifest(config_digest, layers)
+        assert manifest.config is not None
+        if manifest.config.size > MAX_CONFIG_BYTES:
+            raise InvalidImage(f"config blob {config_digest} is {manifest.config.size} bytes; the limit is "
+                               f"{MAX_CONFIG_BYTES}")
         with self.store.open(config_digest) as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
         hint = "the config blob must be the image config (its digest is the image id)"
@@ -311,14 +211,14 @@ class Manifests:
             raise InvalidImage(f"the layers {layers} do not match the config's rootfs.diff_ids {diff_ids}",
                                "list the layers in the order of the image config's rootfs.diff_ids")
         for digest in dict.fromkeys(layers):
-            if sizes[digest][1] != KIND_LAYER:
-                raise WrongBlobKind(f"blob {digest} was uploaded as kind {sizes[digest][1]!r}, not as a layer",
+            if kinds[digest] != KIND_LAYER:
+                raise WrongBlobKind(f"blob {digest} was uploaded as kind {kinds[digest]!r}, not as a layer",
                                     detail={"digest": digest})
-        manifest = docket_manifest((config_digest, sizes[config_digest][0]), [(d, sizes[d][0]) for d in layers])
         return self.commit(repository, [tag], manifest, ORIGIN_DOCKET, seed=seed)[0]
 
-    def _docket_blob_sizes(self, config_digest: str, layers: list[str]) -> dict[str, tuple[int, str]]:
-        """(size, kind) of each blob of a docket push; ManifestBlobUnknown names the first one missing."""
+    def _docket_manifest(self, config_digest: str, layers: list[str]) -> tuple[ParsedManifest, dict[str, str]]:
+        """The Docker schema 2 manifest the registry writes for a docket push of these blobs, and each blob's
+        kind; ManifestBlobUnknown names the first one missing."""
         found = {}
         with self.db.session() as s:
             for digest in [config_digest, *layers]:
@@ -329,10 +229,8 @@ class Manifests:
                                               "push the blob before the manifest", detail={"digest": digest},
                                               what=what)
                 found[digest] = (blob.size, blob.kind)
-        if found[config_digest][0] > MAX_CONFIG_BYTES:
-            raise InvalidImage(f"config blob {config_digest} is {found[config_digest][0]} bytes; the limit is "
-                               f"{MAX_CONFIG_BYTES}")
-        return found
+        manifest = docket_manifest((config_digest, found[config_digest][0]), [(d, found[d][0]) for d in layers])
+        return manifest, {digest: kind for digest, (_, kind) in found.items()}
 
     def backfill(self) -> int:
         """Start-up: every format "layers" tag without a V2 manifest (pushed before 0003) gets one."""
@@ -355,18 +253,12 @@ class Manifests:
             if image is None or image.format != FORMAT_LAYERS or image.config_digest is None:
                 return False
             config, layers = image.config_digest, [layer.blob_digest for layer in image.layers]
-            sizes = {}
-            for digest in {config, *layers}:
-                blob = s.get(Blob, digest)
-                if blob is None:
-                    return False
-                sizes[digest] = blob.size
-        parsed = docket_manifest((config, sizes[config]), [(d, sizes[d]) for d in layers])
+        try:
+            parsed, _ = self._docket_manifest(config, layers)
+        except ManifestBlobUnknown:
+            return False
         with self.locks.blob(parsed.digest):
-            with self.store.upload() as up:
-                up.write(parsed.raw)
-                up.finish()
-                self.blobs.store_locked(up, KIND_MANIFEST)
+            self._store_bytes_locked(parsed)
             with self.locks.tags, self.db.session() as s:
                 image = s.get(Image, image_id)
                 if image is None or image.config_digest != config \
@@ -381,7 +273,7 @@ class Manifests:
     def resolve(self, s: Session, repository: str, reference: str) -> Manifest:
         tag, digest = split_reference(reference)
         if tag is not None:
-            image = s.scalars(select(Image).where(Image.repository == repository, Image.tag == tag)).one_or_none()
+            image = find_image(s, repository, tag)
             if image is None:
                 raise ManifestUnknown(f"no tag {tag!r} in repository {repository}", detail={"tag": tag})
             if image.format == FORMAT_TARBALL:
@@ -392,7 +284,8 @@ class Manifests:
                 s.rollback()
                 self.backfill_image(image.id)  # pushed before 0003 and not backfilled yet
                 s.expire_all()
-                image = s.scalars(select(Image).where(Image.repository == repository, Image.tag == tag)).one()
+                image = find_image(s, repository, tag)
+                assert image is not None
             digest = image.manifest_digest
         assert digest is not None
         row = find_manifest(s, repository, digest)

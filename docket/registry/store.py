@@ -249,9 +249,6 @@ class FileBlobStore:
             f.seek(offset)
         return f
 
-    def has_blob(self, digest: str) -> bool:
-        return self.local_path(digest).is_file()
-
     def digests(self) -> list[str]:
         found = []
         for algorithm in DIGEST_ALGORITHMS:

@@ -15,16 +15,8 @@ from typing import Any
 from flask import Response, current_app, jsonify, request
 
 from docket.errors import (
-    BlobUnknown,
-    BlobUploadInvalid,
-    DeleteRefused,
-    DigestInvalid,
-    DistributionError,
-    InvalidRequest,
-    NotFound,
-    RangeInvalid,
-    SizeInvalid,
-    TooLarge,
+    BlobUnknown, BlobUploadInvalid, DeleteRefused, DigestInvalid, DistributionError, InvalidRequest, NotFound,
+    RangeInvalid, SizeInvalid, TooLarge,
 )
 from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive, send_blob
 from docket.registry.components import Components
@@ -32,8 +24,8 @@ from docket.registry.db import get_session
 from docket.registry.models import KIND_BLOB
 from docket.registry.store import validate_digest
 from docket.registry.uploads import UploadSession
-from docket.registry.v2.common import bp, validate_name
-from docket.registry.v2.errors import v2_error_body
+from docket.registry.v2 import bp, validate_name
+from docket.registry.edges import v2_error_body
 
 # the spec's Content-Range is "<start>-<end>"; "bytes <start>-<end>/<total>" (RFC 9110) is accepted too
 CONTENT_RANGE_RE = re.compile(r"\A\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*\Z")
@@ -82,12 +74,8 @@ def get_blob(name: str, digest: str) -> Response:
     """The blob's bytes (HEAD: headers only); Range (206/416), If-None-Match handled by send_file."""
     validate_name(name)
     digest = _digest(digest)
-    sv = services()
-    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # the client then uploads it again: repaired
-        raise BlobUnknown(f"blob {digest} is corrupt on the registry", "upload it again to repair it",
-                          detail={"digest": digest})
     try:
-        sv.blobs.servable(get_session(), digest)
+        services().blobs.servable(get_session(), digest, head=request.method == "HEAD")
         return send_blob(digest, "Docker-Content-Digest")
     except NotFound as exc:  # unknown, or deleted between the row and the file
         raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc

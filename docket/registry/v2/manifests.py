@@ -14,12 +14,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected
 
 from docket.errors import (
-    DeleteRefused,
-    DigestInvalid,
-    DistributionError,
-    InvalidRequest,
-    ManifestInvalid,
-    ManifestTooLarge,
+    DeleteRefused, DigestInvalid, DistributionError, InvalidRequest, ManifestInvalid, ManifestTooLarge,
 )
 from docket.reference import TAG_RE
 from docket.registry.bodies import too_slow
@@ -28,8 +23,8 @@ from docket.registry.manifests import Manifests
 from docket.registry.oci import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest, split_reference
 from docket.registry.queries import ORIGIN_V2, referrers as find_referrers, repositories as all_repositories, tags as repository_tags
 from docket.registry.store import validate_digest
-from docket.registry.v2.common import bp, validate_name
-from docket.registry.v2.errors import v2_error_body
+from docket.registry.v2 import bp, validate_name
+from docket.registry.edges import v2_error_body
 
 MAX_PAGE = 1000  # ``n`` above this is served as this many, with a Link to the rest
 MAX_TAG_PARAMS = 100  # ``?tag=`` values of one PUT (the draft asks for at least 10; more: 414)
