@@ -18,10 +18,7 @@ from docket import jsonstrict
 from docket.errors import DocketError, IntegrityError, InvalidJSON, InvalidRequest, NotFound, TooLarge
 from docket.limits import MAX_LAYERS  # the one limit of /api/v1, /v2 and the client
 from docket.reference import validate_repository, validate_tag
-from docket.registry.bodies import check_body_headers as _check_body_headers
-from docket.registry.bodies import human as _human
-from docket.registry.bodies import receive as _receive
-from docket.registry.bodies import send_blob, send_ranged_file, too_slow
+from docket.registry.bodies import check_body_headers, human, receive, send_blob, send_ranged_file, too_slow
 from docket.registry.components import Components
 from docket.registry.db import get_session
 from docket.registry.models import FORMAT_LAYERS, FORMAT_TARBALL, KIND_CONFIG, KIND_LAYER, Image
@@ -113,9 +110,9 @@ def push(repository: str, tag: str) -> tuple[Response, int, dict[str, str]]:
         raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
                                    "send the `docker save` tarball as application/x-tar")
     what = "`docker save` tarball"
-    length = _check_body_headers(what)
+    length = check_body_headers(what)
     with sv.store.upload() as up:
-        _receive(up, length, what)
+        receive(up, length, what)
         image_id = sv.tarballs.publish(up.path, up.size, repository, tag)
     return _pushed(repository, tag, image_id)
 
@@ -136,9 +133,9 @@ def upload_blob() -> tuple[Response, int, dict[str, str]]:
         raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
                                    "send the blob as application/octet-stream")
     what = f"{kind} blob"
-    length = _check_body_headers(what)
+    length = check_body_headers(what)
     with sv.store.upload(pieces=kind == KIND_LAYER, expected_size=length) as up:
-        _receive(up, length, what)
+        receive(up, length, what)
         if expected is not None and up.digest != expected:
             raise IntegrityError(f"the uploaded {kind} blob has digest {up.digest}, not {expected}",
                                  "the bytes changed in transit or the digest is wrong; nothing was stored")
@@ -154,13 +151,13 @@ def _manifest_body() -> tuple[str, list[str]]:
                                    "send the manifest as application/json")
     length = request.content_length
     if length is not None and length > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest is {_human(length)}; the limit is {_human(MAX_MANIFEST_BYTES)}")
+        raise TooLarge(f"manifest is {human(length)}; the limit is {human(MAX_MANIFEST_BYTES)}")
     try:
         raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
     except (ClientDisconnected, OSError) as exc:
         raise too_slow(exc) or InvalidRequest("the request body ended early", "send the manifest again") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest exceeds {_human(MAX_MANIFEST_BYTES)}")
+        raise TooLarge(f"manifest exceeds {human(MAX_MANIFEST_BYTES)}")
     hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'
     try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
         body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
@@ -237,7 +234,7 @@ def get_torrent(digest: str) -> Response:
     validate_digest(digest)
     sv = services()
     blob = sv.blobs.servable(get_session(), digest)
-    if blob.info_hash is None or not sv.swarm.has_torrent(digest):
+    if blob.info_hash is None or not sv.swarm.torrent_path(digest).is_file():
         raise NotFound(f"blob {digest} is a {blob.kind} blob: it has no torrent",
                        "download it over plain HTTP: GET /api/v1/blobs/<digest>")
     resp = send_ranged_file(sv.swarm.torrent_path(digest), mimetype="application/x-bittorrent", etag=blob.info_hash,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
@@ -16,21 +15,13 @@ from sqlalchemy.orm import Session
 from docket.errors import BlobUnknown, DeleteRefused, NotFound
 from docket.registry.db import Database
 from docket.registry.locks import Locks
-from docket.registry.models import KIND_LAYER, SEEDED_KINDS, Blob, count_references, utcnow
+from docket.registry.models import KIND_LAYER, Blob, count_references, utcnow
 from docket.registry.scrub import BlobScrubber
 from docket.registry.storage import require_space
 from docket.registry.store import BlobStore, Upload
 from docket.registry.swarm import Swarm
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlobInfo:
-    digest: str
-    size: int
-    kind: str
-    info_hash: str | None
 
 
 class DownloadCounter:
@@ -73,15 +64,15 @@ class Blobs:
         require_space(self.space_paths, nbytes, self.min_free_space)
 
     # -- storing --------------------------------------------------------------------------------------------
-    def store_upload(self, upload: Upload, kind: str) -> tuple[BlobInfo, bool]:
-        """Store one finished (fsynced, hashed) upload as a blob of ``kind``; returns (blob, created)."""
+    def store_upload(self, upload: Upload, kind: str) -> tuple[Blob, bool]:
+        """Store one finished (fsynced, hashed) upload as a blob of ``kind``; returns (its row, created)."""
         with self.locks.blob(upload.digest):
-            info, created = self.store_locked(upload, kind)
-        log.info("blob %s (%s, %d bytes) %s", info.digest, info.kind, info.size,
+            blob, created = self.store_locked(upload, kind)
+        log.info("blob %s (%s, %d bytes) %s", blob.digest, blob.kind, blob.size,
                  "stored" if created else "already present")
-        return info, created
+        return blob, created
 
-    def store_locked(self, upload: Upload, kind: str, *, seed: bool = True) -> tuple[BlobInfo, bool]:
+    def store_locked(self, upload: Upload, kind: str, *, seed: bool = True) -> tuple[Blob, bool]:
         """Finished upload -> blob file in place -> torrent -> row -> whitelist -> seeder (seeded kinds only).
         Caller holds the blob lock. New rows are unreferenced: if nothing references them, GC reclaims them after
         the grace period."""
@@ -91,16 +82,16 @@ class Blobs:
         had_row = self._has_row(digest)
         self.store.commit(upload, digest)
         try:
-            info, created = self._store_row_locked(upload, digest, kind)
+            blob, created = self._store_row_locked(upload, digest, kind)
         except BaseException:
             if not had_row and not self._has_row(digest):  # the row did not commit (a full disk, a failing
                 self.store.delete(digest)                   # database): no blob file without its row
                 log.warning("blob %s: its torrent or row could not be written; its file was removed again", digest)
             raise
-        if seed and info.kind in SEEDED_KINDS:
-            assert info.info_hash is not None
-            self.swarm.seed(digest, info.info_hash)
-        return info, created
+        if seed and blob.seeded:
+            assert blob.info_hash is not None
+            self.swarm.seed(digest, blob.info_hash)
+        return blob, created
 
     def _has_row(self, digest: str) -> bool:
         try:
@@ -109,7 +100,7 @@ class Blobs:
         except Exception:  # noqa: BLE001 - the database is failing: the commit we are cleaning up after did too
             return False
 
-    def _store_row_locked(self, upload: Upload, digest: str, kind: str) -> tuple[BlobInfo, bool]:
+    def _store_row_locked(self, upload: Upload, digest: str, kind: str) -> tuple[Blob, bool]:
         self.scrubber.clear(digest)
         with self.db.session() as s:
             blob = s.get(Blob, digest)
@@ -126,7 +117,7 @@ class Blobs:
             self.swarm.ensure_torrent(blob, upload.pieces)
             with self.locks.tags:
                 s.commit()
-            return BlobInfo(blob.digest, blob.size, blob.kind, blob.info_hash), created
+            return blob, created
 
     # -- keeping and dropping (caller holds the blob lock) --------------------------------------------------
     def drop_locked(self, digest: str, info_hash: str | None, *, require_unreferenced_mark: bool = True) -> bool:

@@ -240,7 +240,7 @@ def serve(config: RegistryConfig) -> None:
                           "--threads is how many workers are kept ready, --max-threads how many may run")
     app = create_app(config)
     services = app.extensions["docket"]
-    services.preflight()
+    services.swarm.preflight()  # fail early, with the install hint, when a tool is missing
     deadlines = Deadlines(header_timeout=config.header_timeout, body_timeout=config.body_timeout,
                           body_min_rate=config.body_min_rate)
     tls = None if config.tls_cert is None or config.tls_key is None else (str(config.tls_cert), str(config.tls_key))

@@ -48,13 +48,9 @@ class Components:
     reconciler: Reconciler
     started: bool = field(default=False)
 
-    def preflight(self) -> None:
-        """Fail early, with the install hint, when a tool the serve command needs is missing."""
-        self.swarm.preflight()
-
     def start(self) -> None:
         """The location's lock, start-up clean-up, then tracker (with the full whitelist), every seeder, GC."""
-        self.preflight()
+        self.swarm.preflight()
         self.store.lock()  # before anything touches uploads/, seeders/ or blobs/
         self.store.clean_stale_uploads()
         blobs = self.reconciler.run()

@@ -8,21 +8,11 @@ from typing import Any
 
 from docket.errors import DistributionError, DocketError, ManifestBlobUnknown, WrongBlobKind
 
-HTTP_CODES = {
-    400: "INVALID_REQUEST",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    408: "REQUEST_TIMEOUT",
-    411: "LENGTH_REQUIRED",
-    413: "TOO_LARGE",
-    414: "URI_TOO_LONG",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    416: "RANGE_NOT_SATISFIABLE",
-    431: "HEADERS_TOO_LARGE",
-    500: "INTERNAL",
-    501: "NOT_IMPLEMENTED",
-    505: "HTTP_VERSION_NOT_SUPPORTED",
-}
+# /api/v1 codes of errors that are no DocketError, by HTTP status
+HTTP_CODES = {400: "INVALID_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT",
+              411: "LENGTH_REQUIRED", 413: "TOO_LARGE", 414: "URI_TOO_LONG", 415: "UNSUPPORTED_MEDIA_TYPE",
+              416: "RANGE_NOT_SATISFIABLE", 431: "HEADERS_TOO_LARGE", 500: "INTERNAL", 501: "NOT_IMPLEMENTED",
+              505: "HTTP_VERSION_NOT_SUPPORTED"}
 
 # our own codes -> the spec's, for DocketErrors that are no DistributionError (a size limit, an unavailable seeder:
 # others keep their code, which clients show as is)
@@ -68,10 +58,6 @@ def v2_error(exc: DocketError) -> tuple[dict[str, Any], int]:
     code = exc.code if isinstance(exc, DistributionError) else SPEC_CODES.get(exc.code, exc.code)
     message = exc.message if not exc.hint else f"{exc.message} (hint: {exc.hint})"
     return v2_body(code, message, exc.detail), exc.status
-
-
-def v2_error_body(exc: DocketError) -> dict[str, Any]:
-    return v2_error(exc)[0]
 
 
 def api_error(path: str, exc: DocketError) -> tuple[dict[str, Any], int]:

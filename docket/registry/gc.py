@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+
 from sqlalchemy import select
 
 from docket.errors import InvalidRequest

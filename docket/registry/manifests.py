@@ -23,8 +23,7 @@ from sqlalchemy.orm import Session
 
 from docket import jsonstrict
 from docket.errors import (
-    DeleteRefused, InvalidImage, InvalidJSON, ManifestBlobUnknown, ManifestInvalid, ManifestUnknown, NotFound,
-    WrongBlobKind,
+    DeleteRefused, InvalidImage, InvalidJSON, ManifestBlobUnknown, ManifestUnknown, NotFound, WrongBlobKind,
 )
 from docket.imagetar import MAX_CONFIG_BYTES, config_diff_ids, parse_created
 from docket.reference import ANY_DIGEST_RE
@@ -35,7 +34,7 @@ from docket.registry.models import (
     FORMAT_ARTIFACT, FORMAT_INDEX, FORMAT_LAYERS, FORMAT_TARBALL, KIND_LAYER, KIND_MANIFEST, KIND_TARBALL, Blob, Image,
     ImageLayer, Manifest, utcnow,
 )
-from docket.registry.oci import IMAGE_CONFIGS, ParsedManifest, docket_manifest, split_reference
+from docket.registry.oci import IMAGE_CONFIGS, ParsedManifest, docket_manifest, invalid_manifest, split_reference
 from docket.registry.queries import (
     ORIGIN_DOCKET, find_image, find_manifest, image_digests, parent_indexes, unused_docket_manifests,
 )
@@ -46,11 +45,6 @@ from docket.registry.store import BlobStore
 from docket.registry.swarm import Swarm
 
 log = logging.getLogger(__name__)
-
-
-def _invalid(message: str, **detail: Any) -> ManifestInvalid:
-    return ManifestInvalid(message, "see the OCI image spec (image manifest, image index) or Docker's schema 2",
-                           detail=detail or None)
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,7 @@ class Manifests:
                                                   "push the blob before the manifest", detail={"digest": desc.digest},
                                                   what=what)
                     if blob.size != desc.size:
-                        raise _invalid(f"the manifest says blob {desc.digest} has {desc.size} bytes; it has "
+                        raise invalid_manifest(f"the manifest says blob {desc.digest} has {desc.size} bytes; it has "
                                        f"{blob.size}", digest=desc.digest)
                 image_config = self._image_config(manifest) if tags else None
                 if image_config is not None:
@@ -122,7 +116,7 @@ class Manifests:
                                           "push every child manifest (by digest) to this repository before the "
                                           "index", detail={"digest": desc.digest}, what="manifest")
             if child.size != desc.size:  # sizes are summed into the tag's size: only true ones
-                raise _invalid(f"the index says manifest {desc.digest} has {desc.size} bytes; it has {child.size}",
+                raise invalid_manifest(f"the index says manifest {desc.digest} has {desc.size} bytes; it has {child.size}",
                                digest=desc.digest)
 
     def _image_config(self, parsed: ParsedManifest) -> ImageConfig | None:

@@ -119,24 +119,24 @@ def split_reference(reference: str) -> tuple[str | None, str | None]:
     return reference, None
 
 
-def _invalid(message: str, **detail: Any) -> ManifestInvalid:
+def invalid_manifest(message: str, **detail: Any) -> ManifestInvalid:
     return ManifestInvalid(message, "see the OCI image spec (image manifest, image index) or Docker's schema 2",
                            detail=detail or None)
 
 
 def _descriptor(obj: Any, where: str) -> Descriptor:
     if not isinstance(obj, dict):
-        raise _invalid(f"{where} is not a descriptor object", field=where)
+        raise invalid_manifest(f"{where} is not a descriptor object", field=where)
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(media_type, str) or not media_type:
-        raise _invalid(f"{where}.mediaType is missing or not a string", field=where)
+        raise invalid_manifest(f"{where}.mediaType is missing or not a string", field=where)
     if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
-        raise _invalid(f"{where}.digest {str(digest)[:200]!r} is not a sha256 or sha512 digest", field=where)
+        raise invalid_manifest(f"{where}.digest {str(digest)[:200]!r} is not a sha256 or sha512 digest", field=where)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise _invalid(f"{where}.size is missing or not a non-negative integer", field=where)
+        raise invalid_manifest(f"{where}.size is missing or not a non-negative integer", field=where)
     artifact_type = obj.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
-        raise _invalid(f"{where}.artifactType is not a string", field=where)
+        raise invalid_manifest(f"{where}.artifactType is not a string", field=where)
     return Descriptor(media_type, digest, size, artifact_type, _urls(obj.get("urls"), media_type, where))
 
 
@@ -148,25 +148,25 @@ def _urls(value: Any, media_type: str, where: str) -> tuple[str, ...]:
     foreign layer must have some (it cannot be pushed as a blob)."""
     if value is None:
         if media_type in DOCKER_FOREIGN_LAYERS:
-            raise _invalid(f"{where} is a foreign layer without urls", field=where)
+            raise invalid_manifest(f"{where} is a foreign layer without urls", field=where)
         return ()
     if not isinstance(value, list) or not all(isinstance(u, str) for u in value):
-        raise _invalid(f"{where}.urls is not a list of strings", field=where)
+        raise invalid_manifest(f"{where}.urls is not a list of strings", field=where)
     for url in value:
         parts = urlsplit(url)  # which drops tabs and newlines silently (WHATWG): refused here, as Go's url.Parse does
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment or len(url) > 2048 \
                 or _URL_UNSAFE.search(url):
-            raise _invalid(f"{where}.urls has {url[:200]!r}, not an http(s) URL without a fragment", field=where)
+            raise invalid_manifest(f"{where}.urls has {url[:200]!r}, not an http(s) URL without a fragment", field=where)
     if not value and media_type in DOCKER_FOREIGN_LAYERS:
-        raise _invalid(f"{where} is a foreign layer without urls", field=where)
+        raise invalid_manifest(f"{where} is a foreign layer without urls", field=where)
     return tuple(value)
 
 
 def _descriptors(value: Any, where: str) -> tuple[Descriptor, ...]:
     if not isinstance(value, list):
-        raise _invalid(f"{where} is not a list", field=where)
+        raise invalid_manifest(f"{where} is not a list", field=where)
     if len(value) > MAX_LAYERS:  # the limit /api/v1 and the client share (docket/limits.py): before any work
-        raise _invalid(f"{where} lists {len(value)} descriptors; the limit is {MAX_LAYERS}", field=where,
+        raise invalid_manifest(f"{where} lists {len(value)} descriptors; the limit is {MAX_LAYERS}", field=where,
                        count=len(value), limit=MAX_LAYERS)
     return tuple(_descriptor(item, f"{where}[{i}]") for i, item in enumerate(value))
 
@@ -178,10 +178,10 @@ def _check_unambiguous(body: dict[str, Any], media_type: str) -> None:
     if media_type in INDEXES:
         extra = [k for k in ("config", "layers") if k in body]
         if extra:
-            raise _invalid(f"an image index must not have {' or '.join(extra)} (is it an image manifest?)",
+            raise invalid_manifest(f"an image index must not have {' or '.join(extra)} (is it an image manifest?)",
                            field=extra[0])
     elif "manifests" in body:
-        raise _invalid("an image manifest must not have manifests (is it an index?)", field="manifests")
+        raise invalid_manifest("an image manifest must not have manifests (is it an index?)", field="manifests")
 
 
 def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha256") -> ParsedManifest:
@@ -200,17 +200,17 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
     try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
         body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
     except InvalidJSON as exc:
-        raise _invalid(exc.message) from exc
+        raise invalid_manifest(exc.message) from exc
     if not isinstance(body, dict):
-        raise _invalid("manifest is not a JSON object")
+        raise invalid_manifest("manifest is not a JSON object")
     version = body.get("schemaVersion")
     if version == 1 and type(version) is int:
         raise ManifestInvalid(*schema1, detail={"schemaVersion": 1})
     if type(version) is not int or version != 2:  # not 2.0 or true: Go clients cannot read those into an int
-        raise _invalid(f"schemaVersion must be 2, not {str(version)[:50]}", field="schemaVersion")
+        raise invalid_manifest(f"schemaVersion must be 2, not {str(version)[:50]}", field="schemaVersion")
     body_type = body.get("mediaType")
     if body_type is not None and not isinstance(body_type, str):
-        raise _invalid("mediaType is not a string", field="mediaType")
+        raise invalid_manifest("mediaType is not a string", field="mediaType")
     if ct in GENERIC_TYPES:
         media_type = body_type or (OCI_INDEX if "manifests" in body else OCI_MANIFEST if "config" in body else "")
         if media_type in SCHEMA1_TYPES:
@@ -222,25 +222,25 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
     else:
         media_type = ct
         if body_type is not None and body_type != ct:
-            raise _invalid(f"the manifest's mediaType {body_type[:200]!r} does not match Content-Type {ct!r}",
+            raise invalid_manifest(f"the manifest's mediaType {body_type[:200]!r} does not match Content-Type {ct!r}",
                            field="mediaType")
     _check_unambiguous(body, media_type)
     subject = _descriptor(body["subject"], "subject") if body.get("subject") is not None else None
     artifact_type = body.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
-        raise _invalid("artifactType is not a string", field="artifactType")
+        raise invalid_manifest("artifactType is not a string", field="artifactType")
     annotations = body.get("annotations")
     if annotations is not None and (not isinstance(annotations, dict)
                                     or not all(isinstance(v, str) for v in annotations.values())):
-        raise _invalid("annotations must be an object of strings", field="annotations")
+        raise invalid_manifest("annotations must be an object of strings", field="annotations")
     digest = compute_digest(raw, algorithm)
     if media_type in INDEXES:
         if "manifests" not in body:
-            raise _invalid("an image index has no manifests list", field="manifests")
+            raise invalid_manifest("an image index has no manifests list", field="manifests")
         return ParsedManifest(raw, digest, media_type, None, (), _descriptors(body["manifests"], "manifests"),
                               subject, artifact_type or None, annotations or None)
     if "config" not in body:
-        raise _invalid("an image manifest has no config descriptor", field="config")
+        raise invalid_manifest("an image manifest has no config descriptor", field="config")
     config = _descriptor(body["config"], "config")
     layers = _descriptors(body.get("layers", []), "layers")
     return ParsedManifest(raw, digest, media_type, config, layers, (), subject,

@@ -35,10 +35,6 @@ def list_images(s: Session) -> list[Image]:
     return list(s.scalars(image_query().order_by(Image.repository, Image.tag)))
 
 
-def images_of_format(s: Session, fmt: str) -> list[Image]:
-    return list(s.scalars(image_query().where(Image.format == fmt).order_by(Image.id)))
-
-
 def image_digests(image: Image) -> set[str]:
     """Every blob an image row uses (tarball, config, layers)."""
     used = {layer.blob_digest for layer in image.layers}

@@ -124,7 +124,7 @@ class BlobScrubber:
         with self._lock:
             for digest in [d for d in self._damaged if d not in known]:
                 del self._damaged[digest]  # deleted by GC meanwhile
-        checked, scanned_bytes, found = 0, 0, []
+        checked, scanned_bytes = 0, 0
         for digest, size in rows:
             if self._stop.is_set():
                 break
@@ -135,8 +135,7 @@ class BlobScrubber:
                 if self.is_damaged(digest):
                     self._recover(digest)
                 continue
-            if self._confirm(digest, reason):
-                found.append(digest)
+            self._confirm(digest, reason)
         self.passes += 1
         self.last_pass = {"started_at": started, "seconds": round(time.monotonic() - t0, 3), "checked": checked,
                           "bytes": scanned_bytes, "corrupt": sorted(self.damaged())}
@@ -157,24 +156,23 @@ class BlobScrubber:
             return None
         return f"digest mismatch (the file hashes to {got})"
 
-    def _confirm(self, digest: str, reason: str) -> bool:
+    def _confirm(self, digest: str, reason: str) -> None:
         """Under the blob's lock: still a row (not GC'd meanwhile), still bad (not re-uploaded) -> mark it."""
         with self.locks.blob(digest):
             with self.db.session() as s:
                 blob = s.get(Blob, digest)
                 if blob is None:
-                    return False
+                    return
                 info_hash = blob.info_hash
             reason2 = self._check(digest)
             if reason2 is None:
-                return False
+                return
             with self._lock:
                 new = digest not in self._damaged
                 self._damaged[digest] = Damage(digest, reason2, time.time())
             if new:
                 log.error("scrub: blob %s is %s; no longer served or seeded", digest, reason2)
             self.swarm.unseed(digest, info_hash)  # peers must not be fed bad pieces
-        return True
 
     def _recover(self, digest: str) -> None:
         """A blob marked damaged hashes right again (file restored by hand): serve and seed it again."""

@@ -282,7 +282,8 @@ class _Request(server.HTTPRequest):
             return
         message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg or str(status)[4:])
         path = _target(getattr(self, "uri", None), getattr(self, "_head_start", b""))
-        body = json.dumps(error_body_for(path, code, message.strip() or str(status)[4:])).encode()
+        body = json.dumps(status_error(path, code, message.strip() or str(status)[4:],  # 408: as the app's
+                                       v2_code="REQUEST_TIMEOUT" if code == 408 else None)).encode()
         self.close_connection = True  # cheroot closes the connection after each of these: say so
         v2 = "Docker-Distribution-API-Version: registry/2.0\r\n" if is_v2(path) else ""
         head = (f"{self.server.protocol} {status}\r\nContent-Length: {len(body)}\r\n"
@@ -302,11 +303,6 @@ def _target(uri: bytes | None, head: bytes) -> bytes:
     if b"://" in uri:  # absolute form
         uri = b"/" + uri.split(b"://", 1)[1].partition(b"/")[2]
     return uri.split(b"?", 1)[0]
-
-
-def error_body_for(path: bytes, status: int, message: str) -> dict[str, Any]:
-    """The error body of the API ``path`` belongs to, for an answer made outside the app."""
-    return status_error(path, status, message, v2_code="REQUEST_TIMEOUT" if status == 408 else None)
 
 
 class _Connection(server.HTTPConnection):

@@ -50,9 +50,6 @@ class Swarm:
     def torrent_path(self, digest: str) -> Path:
         return self.torrents_dir / f"{digest_hex(digest)}.torrent"
 
-    def has_torrent(self, digest: str) -> bool:
-        return self.torrent_path(digest).is_file()
-
     def _source(self, digest: str) -> str | None:
         return torrent_source(self.secret, digest) if self.secret is not None else None
 
@@ -67,7 +64,7 @@ class Swarm:
     def ensure_torrent(self, blob: Blob, pieces: PieceHasher | None = None) -> bool:
         """Build the torrent of a seeded blob when it has none (caller holds the blob lock); True if the row
         changed."""
-        if not blob.seeded or (blob.info_hash is not None and self.has_torrent(blob.digest)):
+        if not blob.seeded or (blob.info_hash is not None and self.torrent_path(blob.digest).is_file()):
             return False
         meta = self.build_torrent(blob.digest, pieces)
         blob.info_hash, blob.piece_length = meta.info_hash, meta.piece_length

@@ -12,6 +12,8 @@ import contextlib
 import logging
 from pathlib import Path
 
+from sqlalchemy import select
+
 from docket.errors import InvalidImage
 from docket.imagetar import ImageInfo, inspect_image_tar, iter_layers
 from docket.registry.blobs import Blobs
@@ -19,7 +21,6 @@ from docket.registry.db import Database
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
 from docket.registry.models import FORMAT_TARBALL, KIND_CONFIG, KIND_LAYER, Image
-from docket.registry.queries import images_of_format
 from docket.registry.store import BlobStore, Upload
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,10 @@ class TarballSplitter:
         """Start-up: image records of format "tarball" become layer records (same tag, image and push time);
         their seeders start with the others. A record that cannot be split stays as it is (logged)."""
         with self.db.session() as s:
-            todo = [(i.id, i.repository, i.tag, i.blob_digest, i.pushed_at) for i in images_of_format(s, FORMAT_TARBALL)]
+            todo = list(s.execute(select(Image.repository, Image.tag, Image.blob_digest, Image.pushed_at)
+                                  .where(Image.format == FORMAT_TARBALL).order_by(Image.id)))
         done = 0
-        for _, repository, tag, digest, pushed_at in todo:
+        for repository, tag, digest, pushed_at in todo:
             size = self.store.stat(digest) if digest else None
             if digest is None or size is None:
                 log.error("tarball record %s:%s: blob %s is missing; not converted to layers", repository, tag, digest)

@@ -25,7 +25,7 @@ from docket.registry.models import KIND_BLOB
 from docket.registry.store import validate_digest
 from docket.registry.uploads import UploadSession
 from docket.registry.v2 import bp, validate_name
-from docket.registry.edges import v2_error_body
+from docket.registry.edges import v2_error
 
 # the spec's Content-Range is "<start>-<end>"; "bytes <start>-<end>/<total>" (RFC 9110) is accepted too
 CONTENT_RANGE_RE = re.compile(r"\A\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*\Z")
@@ -91,7 +91,7 @@ def delete_blob(name: str, digest: str) -> Any:
     try:
         services().blobs.delete(digest)
     except DeleteRefused as exc:
-        return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD"}
+        return jsonify(v2_error(exc)[0]), exc.status, {"Allow": "GET, HEAD"}
     return "", 202
 
 
@@ -137,7 +137,7 @@ def start_upload(name: str) -> tuple[str, int, dict[str, str]]:
 def _range_error(session: UploadSession, message: str, hint: str | None = None) -> tuple[Response, int, dict]:
     """416 with the session's current ``Range``, so the client knows where to resume (errors raised as
     exceptions carry no headers)."""
-    body = v2_error_body(RangeInvalid(message, hint, detail={"uuid": session.id, "range": session.range}))
+    body, _ = v2_error(RangeInvalid(message, hint, detail={"uuid": session.id, "range": session.range}))
     return jsonify(body), 416, _session_headers(session)
 
 

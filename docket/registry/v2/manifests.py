@@ -24,7 +24,7 @@ from docket.registry.oci import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest, s
 from docket.registry.queries import ORIGIN_V2, referrers as find_referrers, repositories as all_repositories, tags as repository_tags
 from docket.registry.store import validate_digest
 from docket.registry.v2 import bp, validate_name
-from docket.registry.edges import v2_error_body
+from docket.registry.edges import v2_error
 
 MAX_PAGE = 1000  # ``n`` above this is served as this many, with a Link to the rest
 MAX_TAG_PARAMS = 100  # ``?tag=`` values of one PUT (the draft asks for at least 10; more: 414)
@@ -134,7 +134,7 @@ def delete_manifest(name: str, reference: str) -> Any:
     try:
         _core().delete(name, reference)
     except DeleteRefused as exc:
-        return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD, PUT"}
+        return jsonify(v2_error(exc)[0]), exc.status, {"Allow": "GET, HEAD, PUT"}
     return "", 202
 
 
