@@ -89,7 +89,7 @@ def build(config: RegistryConfig) -> Components:
     scrubber = BlobScrubber(db, store, locks, swarm, interval=config.scrub_interval)
     blobs = Blobs(db, store, swarm, locks, scrubber, space_paths=_space_paths(store, db),
                   min_free_space=config.min_free_space)
-    manifests = Manifests(db, store, locks, blobs, swarm)
+    manifests = Manifests(db, store, locks, blobs, swarm, scrubber)
     tarballs = TarballSplitter(db, store, locks, blobs, manifests, chunk_size=config.chunk_size)
     uploads = UploadSessions(store, timeout=config.upload_session_timeout)  # /v2 upload sessions
     downloads = DownloadCounter()

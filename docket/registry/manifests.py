@@ -41,6 +41,7 @@ from docket.registry.queries import (
 from docket.registry.rows import (
     close_tag, drop_docket_manifest_if_unused, drop_manifest_row, drop_tag, open_tag, save_manifest_row,
 )
+from docket.registry.scrub import BlobScrubber
 from docket.registry.store import BlobStore
 from docket.registry.swarm import Swarm
 
@@ -54,12 +55,14 @@ class ImageConfig:
 
 
 class Manifests:
-    def __init__(self, db: Database, store: BlobStore, locks: Locks, blobs: Blobs, swarm: Swarm) -> None:
+    def __init__(self, db: Database, store: BlobStore, locks: Locks, blobs: Blobs, swarm: Swarm,
+                 scrubber: BlobScrubber) -> None:
         self.db = db
         self.store = store
         self.locks = locks
         self.blobs = blobs
         self.swarm = swarm
+        self.scrubber = scrubber
 
     # -- the one commit -------------------------------------------------------------------------------------
     def commit(self, repository: str, tags: Sequence[str], manifest: ParsedManifest, origin: str, *,
@@ -289,7 +292,7 @@ class Manifests:
 
     def read(self, s: Session, repository: str, reference: str) -> tuple[bytes, Manifest]:
         row = self.resolve(s, repository, reference)
-        self.blobs.scrubber.check_servable(row.digest)
+        self.scrubber.check_servable(row.digest)
         try:
             with self.store.open(row.digest) as f:
                 return f.read(), row
