@@ -10,7 +10,6 @@ GC timing (a push that outlasts ``--gc-grace``) and for ``docket pull`` of an im
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -416,16 +415,16 @@ def test_gc_swarm_wait_is_bounded(app, monkeypatch):
     scrape answer substituted (a real announce cannot be aged by an hour in a test)."""
 
     sv = app.extensions["docket"]
-    monkeypatch.setattr(sv, "config", dataclasses.replace(sv.config, seeding=True))  # GC then asks the swarm
+    monkeypatch.setattr(sv.swarm, "seeding", True)  # GC then asks the swarm
 
     class Busy:
         incomplete, complete, downloaded = 1, 0, 0
 
-    monkeypatch.setattr(sv.tracker, "scrape", lambda info_hash: Busy())
+    monkeypatch.setattr(sv.swarm.tracker, "scrape", lambda info_hash: Busy())
     with sv.store.upload() as up:
         up.write(b"x" * 5000)
         up.finish()
-        sv.store_blob(up, "layer")
+        sv.blobs.store_upload(up, "layer")
     digest = sha(b"x" * 5000)
     with sv.db.session() as s:
         assert s.get(Blob, digest).info_hash is not None

@@ -77,7 +77,7 @@ def store(app: Flask, data: bytes) -> dict[str, Any]:
     with sv.store.upload() as up:
         up.write(data)
         up.finish()
-        sv.store_blob(up, "blob")
+        sv.blobs.store_upload(up, "blob")
     return {"digest": sha(data), "size": len(data)}
 
 
@@ -407,11 +407,11 @@ def test_index_child_size_must_match(app, client, location, image):
 def test_one_layer_limit_for_both_apis(app, client, location, image):
     import docket.imagetar
     import docket.registry.api
-    import docket.registry.manifests
+    import docket.registry.oci
 
-    assert docket.registry.api.MAX_LAYERS is MAX_LAYERS is docket.registry.manifests.MAX_LAYERS \
+    assert docket.registry.api.MAX_LAYERS is MAX_LAYERS is docket.registry.oci.MAX_LAYERS \
         is docket.imagetar.MAX_LAYERS
-    from docket.registry.manifests import parse_manifest
+    from docket.registry.oci import parse_manifest
 
     at_limit = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": image["config"],
                            "layers": [image["layer"]] * MAX_LAYERS}).encode()
@@ -449,30 +449,33 @@ def test_every_error_under_v2_has_the_spec_shape(app, client, location, image):
     # werkzeug's own HTTPExceptions raised inside a view
     from werkzeug.exceptions import Conflict, RequestEntityTooLarge
 
-    sv = app.extensions["docket"]
-    original = sv.manifests.tags
+    import docket.registry.api
+    import docket.registry.v2.manifests as v2_views
+
+    original = v2_views.repository_tags
     for exc in (RequestEntityTooLarge(), Conflict()):
         def raise_it(*_a: Any, _exc: Exception = exc) -> Any:
             raise _exc
-        sv.manifests.tags = raise_it
+        v2_views.repository_tags = raise_it
         try:
             v2_error(client.get("/v2/app/tags/list"), exc.code)
         finally:
-            sv.manifests.tags = original
+            v2_views.repository_tags = original
     # an unexpected exception (a bug): 500, the spec's shape, distribution's UNKNOWN, no traceback in the body
     def boom(*_a: Any) -> Any:
         raise RuntimeError("secret internal state")
-    sv.manifests.tags = boom
+    v2_views.repository_tags = boom
     try:
         err = v2_error(client.get("/v2/app/tags/list"), 500, "UNKNOWN")
         assert "secret" not in err["message"]
     finally:
-        sv.manifests.tags = original
-    sv.list_images = boom  # /api/v1 keeps its own body
+        v2_views.repository_tags = original
+    original_images = docket.registry.api.all_images
+    docket.registry.api.all_images = boom  # /api/v1 keeps its own body
     try:
         v1_error(client.get("/api/v1/images"), 500, "INTERNAL")
     finally:
-        del sv.list_images
+        docket.registry.api.all_images = original_images
     assert snapshot(app, client, location) == before
     record("input", "errors under /v2: unknown route, 405, 413, 431, bad query, werkzeug 409/413, a bug (500)",
            "every one {errors:[{code,message,detail}]} with a spec code (500: UNKNOWN)")

@@ -1,9 +1,11 @@
 """Alembic migrations create exactly the schema the models describe, upgrading is idempotent, and tags pushed
-before layer-level distribution (revision 0001: whole tarballs) keep being served after upgrading to 0002."""
+before layer-level distribution (revision 0001: whole tarballs) are converted to layers at start-up."""
 
 from __future__ import annotations
 
 import hashlib
+import tarfile
+from datetime import timedelta
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
@@ -12,8 +14,8 @@ from sqlalchemy import inspect, text
 
 from docket.registry import RegistryConfig, create_app
 from docket.registry.db import Database
-from docket.registry.models import Base, Blob
-from docket.registry.store import BlobStore
+from docket.registry.models import Base, Blob, utcnow
+from docket.registry.store import FileBlobStore
 from docket.torrent import build_torrent, read_torrent
 from registry_images import build_image_tar
 
@@ -32,19 +34,20 @@ def test_migration_matches_models(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path) -> None:
-    """A registry at 0001 with a whole-tarball tag: upgraded to head it serves the same record (plus
-    ``format: tarball``), the blob and its torrent, seeds it (kind tarball), and lists it next to a layers image."""
+def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path) -> None:
+    """A registry at 0001 with a whole-tarball tag: upgraded to head, start-up splits the tarball (as a tarball PUT
+    is split on arrival) and the tag is served as layers (same image, created and push time), with a V2 manifest;
+    the tarball blob becomes unreferenced and GC takes it after the grace period."""
     location = tmp_path / "registry"
-    store = BlobStore(location)
+    store = FileBlobStore(location)
     store.ensure_layout()
     tar = tmp_path / "old.tar"
     info = build_image_tar(tar, payload=b"pushed before layers")
     data = tar.read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    store.blob_path(digest).write_bytes(data)
-    meta = build_torrent(store.blob_path(digest), "http://127.0.0.1:6999/announce", out=store.torrent_path(digest),
-                         name=f"{digest[7:]}.tar")
+    store.local_path(digest).write_bytes(data)
+    meta = build_torrent(store.local_path(digest), "http://127.0.0.1:6999/announce",
+                         out=store.torrents_dir / f"{digest[7:]}.torrent", name=f"{digest[7:]}.tar")
     url = f"sqlite:///{location / 'docket.db'}"
     old = Database(url)
     old.upgrade("0001")
@@ -64,37 +67,26 @@ def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path) -> Non
             assert MigrationContext.configure(conn).get_current_revision() == "0003"
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         client = app.test_client()
-        expected = {
-            "repository": "team/old", "tag": "v1", "ref": "team/old:v1", "image_id": info["image_id"],
-            "created": "2024-05-06T07:08:09Z", "size": len(data), "digest": digest, "info_hash": meta.info_hash,
-            "piece_length": meta.piece_length, "pushed_at": "2026-01-02T03:04:06Z",
-            "torrent_url": f"/api/v1/blobs/{digest}/torrent", "blob_url": f"/api/v1/blobs/{digest}",
-            "format": "tarball",
-        }
-        assert client.get("/api/v1/repositories/team/old/tags/v1").get_json() == expected
-        with client.get(expected["blob_url"]) as resp:
-            assert resp.status_code == 200 and resp.data == data
-        head = client.head(expected["blob_url"])
-        assert head.status_code == 200 and int(head.headers["Content-Length"]) == len(data)
-        with client.get(expected["torrent_url"]) as resp:
-            assert read_torrent(resp.data).info_hash == meta.info_hash
-        assert client.get("/api/v1/tracker/whitelist").data.decode() == meta.info_hash + "\n"
-        assert client.get("/api/v1/repositories/team/old/manifests/v1").status_code == 404
-        with sv.db.session() as s:
-            blob = s.get(Blob, digest)
-            assert blob.kind == "tarball" and blob.seeded
-        assert [b.digest for b in sv.reconcile()] == [digest]  # start-up keeps it (and would seed it)
-        # a layers image pushed next to it: both listed; the old tag can be replaced by a layers push
-        new = tmp_path / "new.tar"
-        build_image_tar(new, payload=b"pushed after layers")
-        put = lambda ref: client.put(f"/api/v1/repositories/{ref.replace(':', '/tags/')}", data=new.read_bytes(),
-                                     headers={"Content-Type": "application/x-tar"})
-        assert put("team/new:v1").status_code == 201
-        images = client.get("/api/v1/images").get_json()["images"]
-        assert [(r["ref"], r["format"]) for r in images] == [("team/new:v1", "layers"), ("team/old:v1", "tarball")]
-        assert images[1] == expected
-        assert put("team/old:v1").get_json()["format"] == "layers"
+        rec = client.get("/api/v1/repositories/team/old/tags/v1").get_json()
+        assert rec["format"] == "layers" and rec["image_id"] == info["image_id"] == rec["config"]["digest"]
+        assert (rec["ref"], rec["created"], rec["pushed_at"]) == ("team/old:v1", "2024-05-06T07:08:09Z",
+                                                                  "2026-01-02T03:04:06Z")
+        layer_tar = tarfile.open(tar).extractfile([m for m in tarfile.open(tar).getnames() if m.endswith(".tar")][0])
+        layer_bytes = layer_tar.read()
+        assert [layer["digest"] for layer in rec["layers"]] == ["sha256:" + hashlib.sha256(layer_bytes).hexdigest()]
+        with client.get(rec["layers"][0]["blob_url"]) as resp:
+            assert resp.status_code == 200 and resp.data == layer_bytes
+        with client.get(rec["layers"][0]["torrent_url"]) as resp:
+            assert read_torrent(resp.data).info_hash == rec["layers"][0]["info_hash"]
+        assert client.get("/api/v1/repositories/team/old/manifests/v1").status_code == 200
+        assert client.get("/v2/team/old/manifests/v1").headers["Docker-Content-Digest"] == rec["digest"]
+        assert [(r["ref"], r["format"]) for r in client.get("/api/v1/images").get_json()["images"]] == \
+            [("team/old:v1", "layers")]
         with sv.db.session() as s:
             assert s.get(Blob, digest).unreferenced_at is not None  # the old tarball is now GC's
+        assert sv.tarballs.migrate() == 0  # done once
+        assert digest in sv.gc.run_once(now=utcnow() + timedelta(hours=1))
+        assert not store.local_path(digest).exists()
+        assert client.get("/api/v1/repositories/team/old/tags/v1").get_json() == rec
     finally:
         sv.db.dispose()

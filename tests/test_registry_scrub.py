@@ -48,7 +48,7 @@ def test_corrupt_blob_is_reported_refused_and_repaired_by_upload(app):
     assert _upload(client, data).status_code == 201
     assert _upload(client, other).status_code == 201
     assert sv.scrubber.run_once()["corrupt"] == []
-    _flip(sv.store.blob_path(digest))
+    _flip(sv.store.local_path(digest))
     assert client.get("/healthz").status_code == 200  # same size: the stat check alone cannot see it
 
     summary = sv.scrubber.run_once()
@@ -76,7 +76,7 @@ def test_missing_and_restored_blob(app):
     data = b'{"c": 3}'
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     assert _upload(client, data).status_code == 201
-    path = sv.store.blob_path(digest)
+    path = sv.store.local_path(digest)
     good = _flip(path)
     sv.scrubber.run_once()
     assert client.get(f"/api/v1/blobs/{digest}").status_code == 503

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from docket.registry.store import PIPELINE_MIN, BlobStore
+from docket.registry.store import PIPELINE_MIN, FileBlobStore
 from docket.torrent.metainfo import PieceHasher
 
 MiB = 1024 * 1024
@@ -22,7 +22,7 @@ def chunks() -> list[bytes]:
 
 
 def test_pipelined_upload_digest_pieces_and_file(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = FileBlobStore(tmp_path)
     store.ensure_layout()
     parts = chunks()
     data = b"".join(parts)
@@ -45,7 +45,7 @@ def test_pipelined_upload_digest_pieces_and_file(tmp_path: Path) -> None:
 
 def test_pipelined_upload_session_hasher_is_whole_after_close(tmp_path: Path) -> None:
     """A V2 upload session keeps the hasher across requests: close() must leave every byte hashed into it."""
-    store = BlobStore(tmp_path)
+    store = FileBlobStore(tmp_path)
     store.ensure_layout()
     path = tmp_path / "uploads" / "session-x"
     path.write_bytes(b"")
@@ -62,7 +62,7 @@ def test_pipelined_upload_session_hasher_is_whole_after_close(tmp_path: Path) ->
 
 
 def test_pipelined_upload_hash_error_surfaces_and_discard_cleans_up(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = FileBlobStore(tmp_path)
     store.ensure_layout()
 
     class Broken:

@@ -1,6 +1,6 @@
 """V2 / OCI manifests, tags, catalog and referrers (docs/v2.md) through Flask's test client, seeding disabled.
 
-Blobs are stored with ``services.store_blob`` (as a V2 upload does, kind "blob"), so these tests do not depend on
+Blobs are stored with ``Blobs.store_upload`` (as a V2 upload does, kind "blob"), so these tests do not depend on
 the upload routes; the docket-push test fetches blobs through ``GET /v2/<name>/blobs/<digest>``.
 """
 
@@ -63,7 +63,7 @@ def store(app: Flask, data: bytes, kind: str = "blob") -> dict[str, Any]:
     with sv.store.upload() as up:
         up.write(data)
         up.finish()
-        sv.store_blob(up, kind)
+        sv.blobs.store_upload(up, kind)
     return {"digest": sha(data), "size": len(data)}
 
 
@@ -271,7 +271,7 @@ def test_sha512_manifest_by_digest(app, client):
     resp = client.get(f"/v2/big/manifests/{digest}")
     assert resp.status_code == 200 and resp.data == raw and resp.headers["Docker-Content-Digest"] == digest
     assert blob_row(app, digest).kind == "manifest"
-    assert (app.extensions["docket"].store.blob_path(digest)).parent.name == "sha512"
+    assert (app.extensions["docket"].store.local_path(digest)).parent.name == "sha512"
     v2_error(put(client, "big", "sha512:" + "0" * 128, raw), 400, "DIGEST_INVALID")
     v2_error(put(client, "big", sha(raw + b" "), raw), 400, "DIGEST_INVALID")
 
@@ -369,7 +369,8 @@ def test_put_errors(app, client, location, case):
 
 def test_size_limit_holds_without_content_length():
     """A chunked body is read up to the limit, then parsed: 4 MiB is accepted, one byte more is not."""
-    from docket.registry.manifests import MAX_MANIFEST_BYTES, ManifestTooLarge, parse_manifest
+    from docket.errors import ManifestTooLarge
+    from docket.registry.oci import MAX_MANIFEST_BYTES, parse_manifest
 
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [], "annotations": {"pad": ""}})
     pad = MAX_MANIFEST_BYTES - len(body)

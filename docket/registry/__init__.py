@@ -1,7 +1,8 @@
 """docket-registry: the Flask application factory.
 
-``create_app(config)`` builds the app and its services (blob store, database migrated to head, tracker and
-seeder objects) without starting any process; the serve command (``cli.py``) starts tracker, seeders and GC.
+``create_app(config)`` builds every component (``components.build``: blob store, database migrated to head,
+tracker and seeder objects) without starting any process and keeps them in ``app.extensions["docket"]``; the
+serve command (``cli.py``) starts tracker, seeders and GC.
 """
 
 from __future__ import annotations
@@ -16,77 +17,40 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from docket.errors import DocketError
+from docket.registry import api, db, health, v2
+from docket.registry.auth import TokenAuth
+from docket.registry.components import build
 from docket.registry.config import RegistryConfig
+from docket.registry.edges import api_error, status_error
+from docket.registry.storage import storage_error
+from docket.registry.v2 import blobs, manifests  # noqa: F401 - importing them registers their routes on v2.bp
 
 log = logging.getLogger(__name__)
-
-_HTTP_CODES = {
-    400: "INVALID_REQUEST",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    408: "REQUEST_TIMEOUT",
-    411: "LENGTH_REQUIRED",
-    413: "TOO_LARGE",
-    414: "URI_TOO_LONG",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    416: "RANGE_NOT_SATISFIABLE",
-    431: "HEADERS_TOO_LARGE",
-    500: "INTERNAL",
-    501: "NOT_IMPLEMENTED",
-    505: "HTTP_VERSION_NOT_SUPPORTED",
-}
-
-
-def error_body(code: str, message: str, hint: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "hint": hint}}
 
 
 def _error(status: int, code: str, message: str, hint: str | None = None,
            v2_code: str | None = None) -> tuple[Response, int]:
-    """An error raised outside any view, in the body of the API the request is for: under /v2 always the spec's
-    ``{"errors": [...]}`` with ``v2_code`` or a spec code for ``status`` (docket/registry/v2/errors.py), else
-    /api/v1's."""
-    if _is_v2():
-        from docket.registry.v2.errors import v2_body, v2_status_code
-
-        message = message if not hint else f"{message} (hint: {hint})"
-        return jsonify(v2_body(v2_code or v2_status_code(status), message)), status
-    return jsonify(error_body(code, message, hint)), status
-
-
-def _is_v2() -> bool:
-    return request.path == "/v2" or request.path.startswith("/v2/")
+    """An error raised outside any view, in the body of the API the request is for."""
+    return jsonify(status_error(request.path, status, message, hint, code=code, v2_code=v2_code)), status
 
 
 def _docket_error(exc: DocketError) -> tuple[Response, int]:
     if exc.status >= 500:
         log.error("%s: %s", exc.code, exc.message)
-    if _is_v2():
-        from docket.registry.v2.errors import v2_error_body
-
-        return jsonify(v2_error_body(exc)), exc.status
-    return jsonify(error_body(exc.code, exc.message, exc.hint)), exc.status
+    body, status = api_error(request.path, exc)
+    return jsonify(body), status
 
 
 def _http_error(exc: HTTPException) -> Response:
     """Werkzeug's own errors (404, 405, 416 ...) as JSON, keeping their headers (Allow, Content-Range)."""
     resp = exc.get_response()
-    status = exc.code or 500
-    code = _HTTP_CODES.get(status, f"HTTP_{status}")
-    if _is_v2():  # a route that does not exist, a method not allowed, werkzeug's 413/431 ...
-        from docket.registry.v2.errors import v2_body, v2_status_code
-
-        body = v2_body(v2_status_code(status), exc.description or exc.name)
-    else:
-        body = error_body(code, exc.description or exc.name)
+    body = status_error(request.path, exc.code or 500, exc.description or exc.name)
     resp.set_data(jsonify(body).get_data())
     resp.mimetype = "application/json"
     return resp
 
 
 def _unexpected(exc: Exception) -> tuple[Response, int]:
-    from docket.registry.storage import storage_error
-
     translated = storage_error(exc)  # a full disk (507), a read-only or failing volume or database (503)
     if translated is not None:
         log.error("storage failure in %s %s: %s", request.method, request.path,
@@ -145,10 +109,6 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     elif not isinstance(config, RegistryConfig):
         config = RegistryConfig().with_overrides(**dict(config))
 
-    from docket.registry import api, db, health, v2
-    from docket.registry.auth import TokenAuth
-    from docket.registry.services import RegistryServices
-
     app = Flask(__name__)
     # no redirects: werkzeug would answer `repositories//app` with an HTML 308 to `repositories/app` (a PUT that
     # follows it pushes under another name); a bad name is a 400 here, never a silent rewrite
@@ -156,9 +116,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     app.url_map.strict_slashes = False
     app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    services = RegistryServices(config)
-    services.prepare()
-    app.extensions["docket"] = services
+    app.extensions["docket"] = build(config)
     db.init_app(app)
     app.before_request(_check_request_shape(config.max_header_bytes))
     TokenAuth(config.auth_tokens, config.read_tokens).init_app(app)

@@ -1,11 +1,16 @@
-"""The /api/v1 blueprint: push, metadata, listing, blobs, torrents, tracker whitelist. JSON everywhere."""
+"""The /api/v1 blueprint: push, metadata, listing, blobs, torrents, tracker whitelist. JSON everywhere.
+
+The views parse requests, call the components (``app.extensions["docket"]``) and write the answers: the image
+record of docs/http-api.md and docs/layers.md, with its URLs, is built here."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
@@ -13,12 +18,12 @@ from docket import jsonstrict
 from docket.errors import DocketError, IntegrityError, InvalidJSON, InvalidRequest, NotFound, TooLarge
 from docket.limits import MAX_LAYERS  # the one limit of /api/v1, /v2 and the client
 from docket.reference import validate_repository, validate_tag
-from docket.registry.bodies import check_body_headers as _check_body_headers
-from docket.registry.bodies import human as _human
-from docket.registry.bodies import receive as _receive
-from docket.registry.bodies import send_blob, send_ranged_file, too_slow
+from docket.registry.bodies import check_body_headers, human, receive, send_blob, send_ranged_file, too_slow
+from docket.registry.components import Components
 from docket.registry.db import get_session
-from docket.registry.models import KIND_CONFIG, KIND_LAYER, Blob
+from docket.registry.models import FORMAT_LAYERS, FORMAT_TARBALL, KIND_CONFIG, KIND_LAYER, Image
+from docket.registry.oci import DOCKER_LAYER_TAR
+from docket.registry.queries import find_image, image_by_id, list_images as all_images, whitelist
 from docket.registry.store import digest_hex, validate_digest
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,63 @@ class UnsupportedMediaType(DocketError):
     status, code, exit_code = 415, "UNSUPPORTED_MEDIA_TYPE", 2
 
 
-def services() -> Any:
+def services() -> Components:
     return current_app.extensions["docket"]
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+
+
+def image_record(image: Image) -> dict[str, Any]:
+    """The image record of docs/http-api.md (format "tarball"), docs/layers.md (format "layers") or docs/v2.md
+    (formats "index" and "artifact": V2 manifests docket cannot pull)."""
+    head = {"repository": image.repository, "tag": image.tag, "ref": image.ref, "image_id": image.image_id,
+            "created": rfc3339(image.created), "size": image.size}
+    if image.format == FORMAT_TARBALL:  # a record start-up could not convert to layers (tarball.py)
+        blob = image.blob
+        assert blob is not None
+        return {**head, "digest": blob.digest, "info_hash": blob.info_hash, "piece_length": blob.piece_length,
+                "pushed_at": rfc3339(image.pushed_at), "torrent_url": f"/api/v1/blobs/{blob.digest}/torrent",
+                "blob_url": f"/api/v1/blobs/{blob.digest}", "format": FORMAT_TARBALL}
+    manifest = image.manifest
+    v2 = {"digest": image.manifest_digest, "manifest_digest": image.manifest_digest,
+          "media_type": manifest.media_type if manifest is not None else None}
+    if image.format != FORMAT_LAYERS:  # "index", "artifact": pushed through /v2, not pullable by docket
+        return {**head, "pushed_at": rfc3339(image.pushed_at), "format": image.format, **v2,
+                "artifact_type": manifest.artifact_type if manifest is not None else None,
+                "manifest_url": f"/v2/{image.repository}/manifests/{image.manifest_digest}"}
+    config = image.config
+    assert config is not None
+    return {
+        **head,
+        "pushed_at": rfc3339(image.pushed_at),
+        "format": FORMAT_LAYERS,
+        **v2,
+        "config": {"digest": config.digest, "size": config.size, "blob_url": f"/api/v1/blobs/{config.digest}"},
+        "layers": [
+            {"digest": layer.blob.digest, "diff_id": layer.diff_id or layer.blob.digest,
+             "media_type": layer.media_type or DOCKER_LAYER_TAR, "size": layer.blob.size,
+             "info_hash": layer.blob.info_hash, "piece_length": layer.blob.piece_length,
+             # a 0-byte layer (V2 pushes only) has no torrent: fetch it over HTTP (it is empty)
+             "torrent_url": f"/api/v1/blobs/{layer.blob.digest}/torrent" if layer.blob.info_hash else None,
+             "blob_url": f"/api/v1/blobs/{layer.blob.digest}"}
+            for layer in image.layers
+        ],
+    }
+
+
+def _pushed(repository: str, tag: str, image_id: int) -> tuple[Response, int, dict[str, str]]:
+    """201 with the record of the tag as this push committed it."""
+    record = image_record(image_by_id(get_session(), image_id))
+    return jsonify(record), 201, {"Location": f"/api/v1/repositories/{repository}/tags/{tag}"}
+
+
+def _image(repository: str, tag: str) -> Image:
+    image = find_image(get_session(), repository, tag)
+    if image is None:
+        raise NotFound(f"no image {repository}:{tag} in this registry", "list images with GET /api/v1/images")
+    return image
 
 
 @bp.put("/repositories/<path:repository>/tags/<tag>")
@@ -50,12 +110,11 @@ def push(repository: str, tag: str) -> tuple[Response, int, dict[str, str]]:
         raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
                                    "send the `docker save` tarball as application/x-tar")
     what = "`docker save` tarball"
-    length = _check_body_headers(what)
+    length = check_body_headers(what)
     with sv.store.upload() as up:
-        _receive(up, length, what)
-        record = sv.publish(up, repository, tag)
-    location = f"/api/v1/repositories/{repository}/tags/{tag}"
-    return jsonify(record), 201, {"Location": location}
+        receive(up, length, what)
+        image_id = sv.tarballs.publish(up.path, up.size, repository, tag)
+    return _pushed(repository, tag, image_id)
 
 
 @bp.post("/blobs")
@@ -74,14 +133,15 @@ def upload_blob() -> tuple[Response, int, dict[str, str]]:
         raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
                                    "send the blob as application/octet-stream")
     what = f"{kind} blob"
-    length = _check_body_headers(what)
+    length = check_body_headers(what)
     with sv.store.upload(pieces=kind == KIND_LAYER, expected_size=length) as up:
-        _receive(up, length, what)
+        receive(up, length, what)
         if expected is not None and up.digest != expected:
             raise IntegrityError(f"the uploaded {kind} blob has digest {up.digest}, not {expected}",
                                  "the bytes changed in transit or the digest is wrong; nothing was stored")
-        answer, created = sv.store_blob(up, kind)
-    return jsonify(answer), 201 if created else 200, {"Location": f"/api/v1/blobs/{answer['digest']}"}
+        blob, created = sv.blobs.store_upload(up, kind)
+    answer = {"digest": blob.digest, "size": blob.size, "kind": blob.kind, "info_hash": blob.info_hash}
+    return jsonify(answer), 201 if created else 200, {"Location": f"/api/v1/blobs/{blob.digest}"}
 
 
 def _manifest_body() -> tuple[str, list[str]]:
@@ -91,13 +151,13 @@ def _manifest_body() -> tuple[str, list[str]]:
                                    "send the manifest as application/json")
     length = request.content_length
     if length is not None and length > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest is {_human(length)}; the limit is {_human(MAX_MANIFEST_BYTES)}")
+        raise TooLarge(f"manifest is {human(length)}; the limit is {human(MAX_MANIFEST_BYTES)}")
     try:
         raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
     except (ClientDisconnected, OSError) as exc:
         raise too_slow(exc) or InvalidRequest("the request body ended early", "send the manifest again") from exc
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest exceeds {_human(MAX_MANIFEST_BYTES)}")
+        raise TooLarge(f"manifest exceeds {human(MAX_MANIFEST_BYTES)}")
     hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'
     try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
         body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
@@ -120,15 +180,21 @@ def put_manifest(repository: str, tag: str) -> tuple[Response, int, dict[str, st
     validate_repository(repository)
     validate_tag(tag)
     config, layers = _manifest_body()
-    record = services().put_manifest(repository, tag, config, layers)
-    return jsonify(record), 201, {"Location": f"/api/v1/repositories/{repository}/tags/{tag}"}
+    return _pushed(repository, tag, services().manifests.docket_push(repository, tag, config, layers))
 
 
 @bp.get("/repositories/<path:repository>/manifests/<tag>")
 def get_manifest(repository: str, tag: str) -> Response:
     validate_repository(repository)
     validate_tag(tag)
-    body, digest = services().get_manifest(get_session(), repository, tag)
+    image = _image(repository, tag)
+    if image.format != FORMAT_LAYERS or image.config_digest is None:
+        raise NotFound(f"{repository}:{tag} was pushed as a whole tarball (format tarball): it has no manifest",
+                       "GET /api/v1/repositories/<repository>/tags/<tag> describes it")
+    # the manifest of docs/layers.md; its sha256 is the record's layers digest
+    body = json.dumps({"config": image.config_digest, "layers": [layer.blob_digest for layer in image.layers]},
+                      separators=(",", ":"), sort_keys=True).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
     resp = Response(body, mimetype="application/json")
     resp.headers["Docket-Content-Digest"] = digest
     resp.set_etag(digest)
@@ -139,39 +205,39 @@ def get_manifest(repository: str, tag: str) -> Response:
 def get_image(repository: str, tag: str) -> Response:
     validate_repository(repository)
     validate_tag(tag)
-    return jsonify(services().get_image(get_session(), repository, tag))
+    return jsonify(image_record(_image(repository, tag)))
 
 
 @bp.delete("/repositories/<path:repository>/tags/<tag>")
 def delete_image(repository: str, tag: str) -> tuple[str, int]:
     validate_repository(repository)
     validate_tag(tag)
-    services().delete_tag(repository, tag)
+    services().manifests.delete_tag(repository, tag)
     return "", 204
 
 
 @bp.get("/images")
 def list_images() -> Response:
-    return jsonify({"images": services().list_images(get_session())})
+    return jsonify({"images": [image_record(i) for i in all_images(get_session())]})
 
 
 @bp.get("/blobs/<digest>")
 def get_blob(digest: str) -> Response:
     """Plain HTTP download (fallback and seed of last resort); Range, If-None-Match handled by send_file."""
     validate_digest(digest)
-    sv = services()
-    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # a push then uploads it again: repaired
-        raise NotFound(f"blob {digest} is corrupt on the registry", "upload it again to repair it")
-    sv.get_blob(get_session(), digest)
-    return send_blob(sv, digest, "Docket-Content-Digest", download_name=f"{digest_hex(digest)}.tar")
+    services().blobs.servable(get_session(), digest, head=request.method == "HEAD")
+    return send_blob(digest, "Docket-Content-Digest", download_name=f"{digest_hex(digest)}.tar")
 
 
 @bp.get("/blobs/<digest>/torrent")
 def get_torrent(digest: str) -> Response:
     validate_digest(digest)
     sv = services()
-    blob = sv.get_torrent_blob(get_session(), digest)
-    resp = send_ranged_file(sv.store.torrent_path(digest), mimetype="application/x-bittorrent", etag=blob.info_hash,
+    blob = sv.blobs.servable(get_session(), digest)
+    if blob.info_hash is None or not sv.swarm.torrent_path(digest).is_file():
+        raise NotFound(f"blob {digest} is a {blob.kind} blob: it has no torrent",
+                       "download it over plain HTTP: GET /api/v1/blobs/<digest>")
+    resp = send_ranged_file(sv.swarm.torrent_path(digest), mimetype="application/x-bittorrent", etag=blob.info_hash,
                             max_age=0, download_name=f"{digest_hex(digest)}.torrent")  # Range per RFC 9110
     resp.headers["Docket-Info-Hash"] = blob.info_hash
     return resp
@@ -180,22 +246,22 @@ def get_torrent(digest: str) -> Response:
 @bp.get("/tracker/whitelist")
 def tracker_whitelist() -> Response:
     """What an external opentracker's whitelist must contain: every stored blob's info hash."""
-    hashes = sorted(get_session().scalars(select(Blob.info_hash).where(Blob.info_hash.is_not(None))))
+    hashes = whitelist(get_session())
     return Response("".join(f"{h}\n" for h in hashes), mimetype="text/plain")
 
 
 @bp.get("/tracker")
 def tracker_info() -> Response:
     sv = services()
-    return jsonify({"announce_url": sv.tracker.announce_url, "managed": sv.tracker.managed})
+    return jsonify({"announce_url": sv.swarm.announce_url, "managed": sv.swarm.tracker.managed})
 
 
 @bp.get("/seeders")
 def list_seeders() -> Response:
     """Admin view: one entry per seeded blob, with the ctorrent pid."""
     sv = services()
-    snap = sv.seeders.snapshot() if sv.seeders is not None else {}
-    return jsonify({"enabled": sv.seeders is not None,
+    snap = sv.swarm.snapshot()
+    return jsonify({"enabled": sv.swarm.seeding,
                     "seeders": [{"digest": d, **info} for d, info in sorted(snap.items())]})
 
 

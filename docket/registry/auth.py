@@ -19,6 +19,7 @@ from pathlib import Path
 from flask import Response, jsonify, request
 
 from docket.errors import DocketError, Forbidden, InvalidRequest, Unauthorized
+from docket.registry.edges import api_error, is_v2
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +197,15 @@ class TokenAuth:
 
     @staticmethod
     def _deny(exc: DocketError) -> tuple[Response, int, dict[str, str]]:
-        v2 = request.path == "/v2" or request.path.startswith("/v2/")
-        if v2:
-            from docket.registry.v2.errors import v2_error_body
-
-            body = v2_error_body(exc)
+        body, _ = api_error(request.path, exc)
+        if is_v2(request.path):
             challenge = f'Bearer realm="{request.host_url}v2/token",service="{V2_SERVICE}"'
         else:
-            body = {"error": {"code": exc.code, "message": exc.message, "hint": exc.hint}}
             challenge = CHALLENGE
         headers = {"WWW-Authenticate": challenge}
         if exc.status == 403:
             headers = {"WWW-Authenticate": f'{challenge}, error="insufficient_scope"'}
-        if v2:
+        if is_v2(request.path):
             headers["Docker-Distribution-API-Version"] = "registry/2.0"
         return jsonify(body), exc.status, headers
 

@@ -11,6 +11,7 @@ from flask import Response, current_app, jsonify, request, send_file
 from werkzeug.exceptions import ClientDisconnected, RequestedRangeNotSatisfiable
 
 from docket.errors import DocketError, InvalidRequest, NotFound, TooLarge
+from docket.registry.edges import api_error
 
 
 class LengthRequired(DocketError):
@@ -63,7 +64,7 @@ def check_body_headers(what: str, *, already: int = 0, allow_empty: bool = False
                        "ask the operator to raise --max-upload-size")
     if length == 0 and not allow_empty:
         raise InvalidRequest("empty request body", f"the body must be the {what}")
-    current_app.extensions["docket"].require_space(length or 0)  # 507 before any byte is written
+    current_app.extensions["docket"].blobs.require_space(length or 0)  # 507 before any byte is written
     return length
 
 
@@ -144,14 +145,8 @@ def _range_not_satisfiable(size: int) -> Response:
     exc = RangeNotSatisfiable(f"no requested range overlaps the {size} bytes here",
                               "ask for bytes=<first>-<last> with first below the size")
     if request.path.startswith("/v2/"):
-        from docket.registry.v2.errors import v2_error_body
-
-        body = v2_error_body(exc)
-        body["errors"][0]["detail"] = {"size": size, "range": request.headers.get("Range", "")[:200]}
-    else:
-        from docket.registry import error_body
-
-        body = error_body(exc.code, exc.message, exc.hint)
+        exc.detail = {"size": size, "range": request.headers.get("Range", "")[:200]}
+    body, _ = api_error(request.path, exc)
     resp = jsonify(body)
     resp.status_code = 416
     resp.headers["Content-Range"] = f"bytes */{size}"
@@ -205,21 +200,20 @@ def send_ranged_file(path: Path, *, mimetype: str, etag: str, max_age: int,
         return _range_not_satisfiable(size)
 
 
-def send_blob(sv: Any, digest: str, digest_header: str, download_name: str | None = None) -> Response:
+def send_blob(digest: str, digest_header: str, download_name: str | None = None) -> Response:
     """A stored blob as the answer (GET or HEAD; a single byte Range: 206/416, other Ranges ignored (200);
     If-None-Match: 304), held against GC while it is being sent. A HEAD by a client that may push renews an
     unreferenced blob's grace period: the client skips uploading what exists. A blob deleted meanwhile is a
     NotFound: the file is opened here, so a download that has started keeps its bytes even when it is deleted."""
-    from docket.registry.blobops import keep_for_existence_check
-
+    sv = current_app.extensions["docket"]
     if request.method == "HEAD" and current_app.extensions["docket_auth"].may_push():
         # a client checking what to push: part of a push in progress. Only one that may push: an anonymous HEAD
         # every few minutes must not keep an unreferenced blob forever
         sv.uploads.activity.touch()
-        keep_for_existence_check(sv, digest)
+        sv.blobs.keep(digest)  # an unreferenced blob gets a fresh grace: the client's next manifest uses it
     sv.downloads.acquire(digest)  # GC waits for in-flight downloads
     try:
-        resp = send_ranged_file(sv.store.blob_path(digest), mimetype="application/octet-stream", etag=digest,
+        resp = send_ranged_file(sv.store.local_path(digest), mimetype="application/octet-stream", etag=digest,
                                 max_age=BLOB_MAX_AGE, download_name=download_name)
     except FileNotFoundError as exc:
         sv.downloads.release(digest)

@@ -21,7 +21,11 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from docket.errors import DocketError
+from docket.registry import create_app
+from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
+from docket.registry.server import Deadlines, LazyTLSAdapter, Server
+from docket.registry.storage import startup_error
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
 
 log = logging.getLogger("docket.registry")
@@ -174,8 +178,6 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
     except DocketError as exc:
         _fail(exc)
     except (OSError, SQLAlchemyError) as exc:  # the storage failing during start-up: one line, not a traceback
-        from docket.registry.storage import startup_error
-
         log.debug("start-up failed", exc_info=True)
         _fail(startup_error(exc))
 
@@ -187,8 +189,6 @@ def _env_list(name: str) -> list[str]:
 def collect_tokens(push: tuple[str, ...], push_file: Path | None, read: tuple[str, ...],
                    read_file: Path | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Options + env (comma-separated) + files -> (push tokens, read tokens). Never logs a token."""
-    from docket.registry.auth import clean_tokens, read_token_file
-
     push_all = [*push, *_env_list("DOCKET_AUTH_TOKENS"), *(read_token_file(push_file) if push_file else [])]
     read_all = [*read, *_env_list("DOCKET_READ_TOKENS"), *(read_token_file(read_file) if read_file else [])]
     push_tokens = clean_tokens(push_all, "push token")
@@ -235,15 +235,12 @@ def check_tls(cert: Path | None, key: Path | None) -> tuple[Path | None, Path | 
 
 def serve(config: RegistryConfig) -> None:
     """Bind, start tracker + seeders + GC, serve until SIGTERM/SIGINT, then stop everything."""
-    from docket.registry import create_app
-    from docket.registry.server import Deadlines, LazyTLSAdapter, Server
-
     if config.max_threads < config.threads:
         raise DocketError(f"--max-threads {config.max_threads} is below --threads {config.threads}",
                           "--threads is how many workers are kept ready, --max-threads how many may run")
     app = create_app(config)
     services = app.extensions["docket"]
-    services.preflight()
+    services.swarm.preflight()  # fail early, with the install hint, when a tool is missing
     deadlines = Deadlines(header_timeout=config.header_timeout, body_timeout=config.body_timeout,
                           body_min_rate=config.body_min_rate)
     tls = None if config.tls_cert is None or config.tls_key is None else (str(config.tls_cert), str(config.tls_key))
@@ -278,7 +275,7 @@ def serve(config: RegistryConfig) -> None:
         thread = threading.Thread(target=server.serve, name="http", daemon=True)
         thread.start()
         log.info("docket-registry serving on %s://%s:%d (location %s, tracker %s%s)", scheme, config.bind,
-                 config.port, config.location, services.announce_url, "" if services.tracker.managed else " external")
+                 config.port, config.location, services.swarm.announce_url, "" if services.swarm.tracker.managed else " external")
         while not stop.wait(0.5):
             if not thread.is_alive():
                 log.error("HTTP server stopped unexpectedly")

@@ -74,17 +74,6 @@ class RegistryConfig:
             return self.seed_address
         return "127.0.0.2" if self.advertise_address.startswith("127.") else self.advertise_address
 
-    @property
-    def managed_tracker(self) -> bool:
-        return self.tracker is None
-
-    @property
-    def announce_url(self) -> str:
-        if self.tracker is not None:
-            host, port = parse_host_port(self.tracker)
-            return f"http://{host}:{port}/announce"
-        return f"http://{self.advertise_address}:{self.tracker_port}/announce"
-
 
 def parse_host_port(text: str) -> tuple[str, int]:
     """``HOST:PORT`` as the original's ``--tracker`` took it (an http:// prefix and /announce are tolerated)."""

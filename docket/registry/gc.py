@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from docket.errors import DocketError, InvalidRequest
-from docket.registry.periodic import Periodic
-from docket.registry.blobops import drop_blob_locked
+from docket.errors import InvalidRequest
+from docket.registry.blobs import Blobs, DownloadCounter
+from docket.registry.db import Database
+from docket.registry.locks import Locks
+from docket.registry.manifests import Manifests
 from docket.registry.models import Blob, utcnow
-
-if TYPE_CHECKING:
-    from docket.registry.services import RegistryServices
+from docket.registry.periodic import Periodic
+from docket.registry.swarm import Swarm
+from docket.registry.uploads import UploadSessions
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,16 @@ def check_grace(grace: float) -> float:
 
 
 class GarbageCollector:
-    def __init__(self, services: RegistryServices, *, interval: float = 30.0, grace: float = 600.0,
-                 max_wait: float = MAX_WAIT) -> None:
-        self.services = services
+    def __init__(self, db: Database, locks: Locks, blobs: Blobs, manifests: Manifests, swarm: Swarm,
+                 downloads: DownloadCounter, uploads: UploadSessions, *, interval: float = 30.0,
+                 grace: float = 600.0, max_wait: float = MAX_WAIT) -> None:
+        self.db = db
+        self.locks = locks
+        self.blobs = blobs
+        self.manifests = manifests
+        self.swarm = swarm
+        self.downloads = downloads
+        self.uploads = uploads
         self.interval = interval
         self.grace = grace
         self.max_wait = timedelta(seconds=max_wait)
@@ -67,24 +75,21 @@ class GarbageCollector:
 
     def run_once(self, now: datetime | None = None) -> list[str]:
         """One pass; returns the digests deleted."""
-        sv = self.services
-        sv.manifests.collect()  # normally none: deleting or re-pushing a tag drops its docket manifest at once
-        uploads = getattr(sv, "uploads", None)
-        if uploads is not None:
-            uploads.expire()  # /v2 upload sessions idle too long (docs/v2.md, "Blobs and uploads")
+        self.manifests.collect()  # normally none: deleting or re-pushing a tag drops its docket manifest at once
+        self.uploads.expire()  # /v2 upload sessions idle too long (docs/v2.md, "Blobs and uploads")
         now = now or utcnow()
         cutoff = now - timedelta(seconds=self.grace)
-        pushing = uploads.activity.since(now) if uploads is not None else None
+        pushing = self.uploads.activity.since(now)
         if pushing is not None and pushing < cutoff:
             cutoff = pushing  # blobs unreferenced since a push in progress began wait for its manifest
-        with sv.db.session() as s:
+        with self.db.session() as s:
             candidates = list(s.scalars(select(Blob.digest).where(Blob.unreferenced_at.is_not(None),
                                                                   Blob.unreferenced_at < cutoff)))
         deleted: list[str] = []
         for digest in candidates:
             if self._stop.is_set():
                 break
-            with sv.blob_locks.hold(digest):
+            with self.locks.blob(digest):
                 if self._collect(digest, cutoff, now):
                     deleted.append(digest)
         for digest in set(self._busy_since) - set(candidates):
@@ -92,15 +97,14 @@ class GarbageCollector:
         return deleted
 
     def _collect(self, digest: str, cutoff: datetime, now: datetime) -> bool:
-        sv = self.services
-        with sv.db.session() as s:
+        with self.db.session() as s:
             blob = s.get(Blob, digest)
             if blob is None or blob.unreferenced_at is None or blob.unreferenced_at >= cutoff:
                 return False
             info_hash = blob.info_hash  # None for config blobs: no torrent, no seeder, no swarm
-        busy = "HTTP downloads in flight" if sv.downloads.count(digest) else None
+        busy = "HTTP downloads in flight" if self.downloads.count(digest) else None
         if busy is None and info_hash is not None:
-            busy = self._swarm_busy(digest, info_hash)
+            busy = self.swarm.busy(info_hash)
         if busy is not None:
             first = self._busy_since.setdefault(digest, now)
             if now - first < self.max_wait:
@@ -108,22 +112,8 @@ class GarbageCollector:
                 return False
             log.warning("gc: %s still has %s after %.0f s; deleting it anyway (downloads already running keep "
                         "their open file)", digest, busy, (now - first).total_seconds())
-        if not drop_blob_locked(sv, digest, info_hash):  # re-referenced meanwhile: kept (and re-seeded)
+        if not self.blobs.drop_locked(digest, info_hash):  # re-referenced meanwhile: kept (and re-seeded)
             return False
         self._busy_since.pop(digest, None)
         log.info("gc: deleted blob %s (info hash %s)", digest, info_hash)
         return True
-
-    def _swarm_busy(self, digest: str, info_hash: str) -> str | None:
-        """Why the swarm still needs our seeder (peers downloading; unknown, as when the tracker is down,
-        counts as busy), or None."""
-        sv = self.services
-        if not sv.config.seeding:
-            return None  # no swarm: P2P is disabled in this registry
-        try:
-            result = sv.tracker.scrape(info_hash)
-        except DocketError as exc:
-            return f"an unknown swarm (cannot scrape the tracker: {exc.message})"
-        if result.incomplete:
-            return f"{result.incomplete} downloading peer(s)"
-        return None

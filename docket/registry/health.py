@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from importlib import resources
 from typing import Any
@@ -11,6 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select
 
 from docket.registry.models import SEEDED_KINDS, Blob
+from docket.registry.storage import free_bytes, human
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,13 @@ def _blob_store(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str,
     missing, wrong = [], []
     for digest, size, _ in blobs:
         try:
-            if sv.store.blob_path(digest).stat().st_size != size:
-                wrong.append(digest)
+            found = sv.store.stat(digest)
         except OSError:
+            found = None
+        if found is None:
             missing.append(digest)
+        elif found != size:
+            wrong.append(digest)
     damaged = sv.scrubber.damaged()  # found by the last scrub pass (re-hashing), e.g. same-size corruption
     corrupt = sorted(d for d in damaged if d not in missing and d not in wrong)
     result.update(blobs=len(blobs), missing=missing[:MAX_LISTED], wrong_size=wrong[:MAX_LISTED],
@@ -65,11 +68,9 @@ def _blob_store(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str,
 def _disk_space(sv: Any) -> dict[str, Any]:
     """Free space on the volumes the registry writes; degraded below ``--min-free-space`` (uploads are refused
     there too, with 507), so an orchestrator sees a filling disk before pushes fail."""
-    from docket.registry.storage import free_bytes, human
-
     minimum = sv.config.min_free_space
     try:
-        free = free_bytes(sv.storage_paths())
+        free = free_bytes(sv.blobs.space_paths)
     except OSError as exc:
         return {"ok": False, "error": f"cannot read free space: {exc.strerror or exc}"}
     result: dict[str, Any] = {"ok": free >= minimum and free > 0, "free_bytes": free, "min_free_bytes": minimum}
@@ -86,11 +87,11 @@ def _scrub_summary(sv: Any) -> dict[str, Any]:
 
 
 def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, Any]:
-    if sv.seeders is None:
+    if not sv.swarm.seeding:
         return {"ok": True, "enabled": False}
-    snap = sv.seeders.snapshot()
+    snap = sv.swarm.snapshot()
     damaged = sv.scrubber.damaged()  # not seeded on purpose; reported under blob_store
-    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.has_blob(d) and d not in damaged)
+    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.stat(d) is not None and d not in damaged)
     not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
     result: dict[str, Any] = {
         "ok": blobs is not None and not not_running and sv.started,
@@ -112,7 +113,7 @@ def healthz() -> tuple[Response, int]:
     sv = current_app.extensions["docket"]
     blobs = _blobs(sv)
     try:
-        tracker = sv.tracker.check()
+        tracker = sv.swarm.tracker.check()
     except Exception as exc:  # noqa: BLE001
         tracker = {"ok": False, "error": str(exc)}
     checks = {
@@ -138,6 +139,3 @@ def openapi_document() -> str:
 def openapi() -> Response:
     return Response(openapi_document(), mimetype="application/json")
 
-
-def openapi_dict() -> dict[str, Any]:
-    return json.loads(openapi_document())

@@ -19,16 +19,17 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, Any
 
 from sqlalchemy import select
 
 from docket.errors import DocketError
-from docket.registry.periodic import Periodic
+from docket.registry.db import Database
+from docket.registry.locks import Locks
 from docket.registry.models import Blob
-
-if TYPE_CHECKING:
-    from docket.registry.services import RegistryServices
+from docket.registry.periodic import Periodic
+from docket.registry.store import BlobStore
+from docket.registry.swarm import Swarm
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -47,20 +48,23 @@ class Damage:
     detected_at: float  # time.time()
 
 
-def file_digest(path: Any, stop: threading.Event | None = None, algorithm: str = "sha256") -> str | None:
-    """``<algorithm>:<hex>`` of a file read 1 MiB at a time; None when asked to stop half-way."""
+def file_digest(f: IO[bytes], stop: threading.Event | None = None, algorithm: str = "sha256") -> str | None:
+    """``<algorithm>:<hex>`` of an open file read 1 MiB at a time; None when asked to stop half-way."""
     h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            if stop is not None and stop.is_set():
-                return None
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        if stop is not None and stop.is_set():
+            return None
     return f"{algorithm}:{h.hexdigest()}"
 
 
 class BlobScrubber:
-    def __init__(self, services: RegistryServices, *, interval: float = 3600.0) -> None:
-        self.services = services
+    def __init__(self, db: Database, store: BlobStore, locks: Locks, swarm: Swarm, *,
+                 interval: float = 3600.0) -> None:
+        self.db = db
+        self.store = store
+        self.locks = locks
+        self.swarm = swarm
         self.interval = interval
         self._damaged: dict[str, Damage] = {}
         self._lock = threading.Lock()
@@ -113,15 +117,14 @@ class BlobScrubber:
             return self._pass()
 
     def _pass(self) -> dict[str, Any]:
-        sv = self.services
         started, t0 = time.time(), time.monotonic()
-        with sv.db.session() as s:
+        with self.db.session() as s:
             rows = list(s.execute(select(Blob.digest, Blob.size)))
         known = {d for d, _ in rows}
         with self._lock:
             for digest in [d for d in self._damaged if d not in known]:
                 del self._damaged[digest]  # deleted by GC meanwhile
-        checked, scanned_bytes, found = 0, 0, []
+        checked, scanned_bytes = 0, 0
         for digest, size in rows:
             if self._stop.is_set():
                 break
@@ -132,8 +135,7 @@ class BlobScrubber:
                 if self.is_damaged(digest):
                     self._recover(digest)
                 continue
-            if self._confirm(digest, reason):
-                found.append(digest)
+            self._confirm(digest, reason)
         self.passes += 1
         self.last_pass = {"started_at": started, "seconds": round(time.monotonic() - t0, 3), "checked": checked,
                           "bytes": scanned_bytes, "corrupt": sorted(self.damaged())}
@@ -144,7 +146,8 @@ class BlobScrubber:
     def _check(self, digest: str) -> str | None:
         """None when the blob file hashes to its digest, else what is wrong."""
         try:
-            got = file_digest(self.services.store.blob_path(digest), self._stop, digest.partition(":")[0])
+            with self.store.open(digest) as f:
+                got = file_digest(f, self._stop, digest.partition(":")[0])
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -153,39 +156,31 @@ class BlobScrubber:
             return None
         return f"digest mismatch (the file hashes to {got})"
 
-    def _confirm(self, digest: str, reason: str) -> bool:
+    def _confirm(self, digest: str, reason: str) -> None:
         """Under the blob's lock: still a row (not GC'd meanwhile), still bad (not re-uploaded) -> mark it."""
-        sv = self.services
-        with sv.blob_locks.hold(digest):
-            with sv.db.session() as s:
+        with self.locks.blob(digest):
+            with self.db.session() as s:
                 blob = s.get(Blob, digest)
                 if blob is None:
-                    return False
+                    return
                 info_hash = blob.info_hash
             reason2 = self._check(digest)
             if reason2 is None:
-                return False
+                return
             with self._lock:
                 new = digest not in self._damaged
                 self._damaged[digest] = Damage(digest, reason2, time.time())
             if new:
                 log.error("scrub: blob %s is %s; no longer served or seeded", digest, reason2)
-            if sv.seeders is not None:
-                sv.seeders.remove(digest)  # peers must not be fed bad pieces
-            if info_hash is not None:
-                sv.tracker.discard(info_hash)
-        return True
+            self.swarm.unseed(digest, info_hash)  # peers must not be fed bad pieces
 
     def _recover(self, digest: str) -> None:
         """A blob marked damaged hashes right again (file restored by hand): serve and seed it again."""
-        sv = self.services
-        with sv.blob_locks.hold(digest):
+        with self.locks.blob(digest):
             self.clear(digest)
-            with sv.db.session() as s:
+            with self.db.session() as s:
                 blob = s.get(Blob, digest)
                 info_hash = blob.info_hash if blob is not None and blob.seeded else None
             if info_hash is not None:
-                sv.tracker.add(info_hash)
-                if sv.seeders is not None:
-                    sv.seeders.ensure(sv.seed_spec(digest), wait_listening=0)
+                self.swarm.reseed(digest, info_hash)
         log.info("scrub: blob %s hashes right again; serving and seeding it", digest)

@@ -37,6 +37,8 @@ from cheroot.makefile import MakeFile, StreamReader, StreamWriter
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
+from docket.registry.edges import is_v2, status_error
+
 log = logging.getLogger("docket.registry.server")
 
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers; cheroot answers 413/414 beyond this (JSON: _Request)
@@ -280,9 +282,10 @@ class _Request(server.HTTPRequest):
             return
         message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg or str(status)[4:])
         path = _target(getattr(self, "uri", None), getattr(self, "_head_start", b""))
-        body = json.dumps(error_body_for(path, code, message.strip() or str(status)[4:])).encode()
+        body = json.dumps(status_error(path, code, message.strip() or str(status)[4:],  # 408: as the app's
+                                       v2_code="REQUEST_TIMEOUT" if code == 408 else None)).encode()
         self.close_connection = True  # cheroot closes the connection after each of these: say so
-        v2 = "Docker-Distribution-API-Version: registry/2.0\r\n" if _is_v2(path) else ""
+        v2 = "Docker-Distribution-API-Version: registry/2.0\r\n" if is_v2(path) else ""
         head = (f"{self.server.protocol} {status}\r\nContent-Length: {len(body)}\r\n"
                 f"Content-Type: application/json\r\n{v2}Connection: close\r\n\r\n")
         try:
@@ -300,20 +303,6 @@ def _target(uri: bytes | None, head: bytes) -> bytes:
     if b"://" in uri:  # absolute form
         uri = b"/" + uri.split(b"://", 1)[1].partition(b"/")[2]
     return uri.split(b"?", 1)[0]
-
-
-def _is_v2(path: bytes) -> bool:
-    return path == b"/v2" or path.startswith(b"/v2/")
-
-
-def error_body_for(path: bytes, status: int, message: str) -> dict[str, Any]:
-    """The error body of the API ``path`` belongs to, for an answer made outside the app."""
-    from docket.registry import _HTTP_CODES, error_body
-    from docket.registry.v2.errors import v2_body, v2_status_code
-
-    if _is_v2(path):
-        return v2_body("REQUEST_TIMEOUT" if status == 408 else v2_status_code(status), message)  # 408: as the app's
-    return error_body(_HTTP_CODES.get(status, f"HTTP_{status}"), message)
 
 
 class _Connection(server.HTTPConnection):

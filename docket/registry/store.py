@@ -1,4 +1,5 @@
-"""The blob store: the one owner of every on-disk path under ``<location>``.
+"""The blob store: ``BlobStore`` (what the registry needs of one) and ``FileBlobStore``, its filesystem
+implementation, the one owner of every on-disk path under ``<location>``.
 
 Layout: ``blobs/sha256/<hex>`` (immutable content), ``torrents/<hex>.torrent``, ``uploads/`` (temp files while
 receiving), ``seeders/<hex>/`` (a seeder's working directory), ``tracker/`` (managed opentracker's chroot).
@@ -16,12 +17,12 @@ import logging
 import os
 import queue
 import re
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 from docket.errors import DocketError, InvalidRequest
 from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
@@ -138,8 +139,23 @@ class Upload:
                 self.path.unlink()
 
 
-class BlobStore:
-    """Paths and atomic placement of blobs and torrents under one location directory."""
+class BlobStore(Protocol):
+    """Blobs by digest. Writers are ``Upload``s (hashed while written) that ``commit`` places atomically under
+    their digest; ``local_path`` is for what must read a file by name (a seeder, send_file)."""
+
+    def stat(self, digest: str) -> int | None: ...  # size, None when absent
+    def open(self, digest: str, offset: int = 0) -> IO[bytes]: ...  # FileNotFoundError when absent
+    def upload(self, algorithm: str = "sha256", *, pieces: bool = False,
+               expected_size: int | None = None) -> AbstractContextManager[Upload]: ...
+    def commit(self, upload: Upload, digest: str) -> None: ...
+    def delete(self, digest: str) -> None: ...
+    def digests(self) -> list[str]: ...
+    def local_path(self, digest: str) -> Path: ...
+
+
+class FileBlobStore:
+    """Paths and atomic placement of blobs under one location directory (which also holds torrents/, seeders/
+    and tracker/ for the swarm)."""
 
     def __init__(self, location: Path) -> None:
         self.location = Path(location).absolute()
@@ -216,21 +232,24 @@ class BlobStore:
         except OSError:
             return False
 
-    # -- paths ----------------------------------------------------------------------------------------------
-    def blob_path(self, digest: str) -> Path:
+    # -- reading --------------------------------------------------------------------------------------------
+    def local_path(self, digest: str) -> Path:
         algorithm, _, hex_ = validate_digest(digest).partition(":")
         return self.blobs_root / algorithm / hex_
 
-    def torrent_path(self, digest: str) -> Path:
-        return self.torrents_dir / f"{digest_hex(digest)}.torrent"
+    def stat(self, digest: str) -> int | None:
+        try:
+            return self.local_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
 
-    def seeder_dir(self, digest: str) -> Path:
-        return self.seeders_dir / digest_hex(digest)
+    def open(self, digest: str, offset: int = 0) -> IO[bytes]:
+        f = open(self.local_path(digest), "rb")  # noqa: SIM115 - the caller closes it
+        if offset:
+            f.seek(offset)
+        return f
 
-    def has_blob(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
-
-    def list_blob_digests(self) -> list[str]:
+    def digests(self) -> list[str]:
         found = []
         for algorithm in DIGEST_ALGORITHMS:
             folder = self.blobs_root / algorithm
@@ -238,9 +257,6 @@ class BlobStore:
                 found.extend(f"{algorithm}:{p.name}" for p in folder.iterdir()
                              if ANY_DIGEST_RE.match(f"{algorithm}:{p.name}"))
         return sorted(found)
-
-    def list_upload_files(self) -> list[Path]:
-        return sorted(self.uploads_dir.iterdir()) if self.uploads_dir.is_dir() else []
 
     # -- writing --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -282,28 +298,25 @@ class BlobStore:
             raise
         return Upload(path, fd, hasher=hasher, size=size)
 
-    def commit(self, upload: Upload, digest: str) -> Path:
+    def commit(self, upload: Upload, digest: str) -> None:
         """Move a finished upload into place as blob ``digest``; if the blob already exists, drop the temp.
 
         The caller computed ``digest`` while receiving; blobs are immutable, so an existing file wins.
         """
-        dest = self.blob_path(digest)
+        dest = self.local_path(digest)
         with self._lock:
             if dest.is_file() and dest.stat().st_size == upload.size:
                 upload.discard()
-                return dest
+                return
             os.chmod(upload.path, 0o644)
             os.replace(upload.path, dest)
             upload.committed = True
             _fsync_dir(dest.parent)
-        return dest
 
     def delete(self, digest: str) -> None:
-        """Remove a blob's file, torrent and seeder directory (GC; the DB row is the caller's)."""
-        for path in (self.blob_path(digest), self.torrent_path(digest)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        shutil.rmtree(self.seeder_dir(digest), ignore_errors=True)
+        """Remove a blob's file (GC; the DB row is the caller's, the torrent the swarm's)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.local_path(digest).unlink()
 
 
 def _fsync_dir(path: Path) -> None:

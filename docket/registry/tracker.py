@@ -277,11 +277,6 @@ class ManagedTracker:
 
     def _wait_loaded(self, info_hash: str, timeout: float = 3.0) -> None:
         """SIGHUP is asynchronous: poll until opentracker accepts announces for the hash (best effort)."""
-        try:
-            from docket.torrent.tracker import announce_ok
-        except ImportError:  # optional helper of the torrent library
-            time.sleep(0.1)
-            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):

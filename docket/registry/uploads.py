@@ -27,9 +27,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from docket.errors import BlobUploadUnknown, TooManyUploads
 from docket.registry.models import utcnow
-from docket.registry.store import BlobStore, Upload
-from docket.registry.v2.errors import BlobUploadUnknown, V2Error
+from docket.registry.store import FileBlobStore, Upload
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ HASH_CHUNK = 1024 * 1024
 
 PUSH_PAUSE = 120.0  # seconds without any upload that end a run of push activity (a push's manifest comes sooner)
 PUSH_MAX_HOLD = 6 * 3600.0  # GC keeps a run's blobs at most this long, however long uploads go on
-
-
-class TooManyUploads(V2Error):
-    status, code = 429, "TOOMANYREQUESTS"
 
 
 class PushActivity:
@@ -110,22 +106,15 @@ class UploadSession:
     closed: bool = False
 
     @property
-    def location(self) -> str:
-        return f"/v2/{self.name}/blobs/uploads/{self.id}"
-
-    @property
     def range(self) -> str:
         """The spec's (and docker's) ``Range`` value: ``0-<last byte>``, ``0-0`` while empty."""
         return f"0-{max(self.size - 1, 0)}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Location": self.location, "Range": self.range, "Docker-Upload-UUID": self.id}
 
 
 class UploadSessions:
     """Every open upload session of this process."""
 
-    def __init__(self, store: BlobStore, *, timeout: float = 3600.0, max_sessions: int = MAX_SESSIONS,
+    def __init__(self, store: FileBlobStore, *, timeout: float = 3600.0, max_sessions: int = MAX_SESSIONS,
                  clock: Callable[[], float] = time.monotonic, activity: PushActivity | None = None) -> None:
         self.store = store
         self.timeout = timeout
@@ -262,4 +251,4 @@ class UploadSessions:
                     self.discard(session)
 
 
-__all__ = ["PushActivity", "TooManyUploads", "UploadSession", "UploadSessions"]
+__all__ = ["PushActivity", "UploadSession", "UploadSessions"]

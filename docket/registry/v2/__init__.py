@@ -1,19 +1,18 @@
 """The Docker Registry HTTP API V2 / OCI distribution API on the same store as /api/v1 (docs/v2.md).
 
-``bp`` carries every /v2 route; ``blobs`` and ``manifests`` register theirs on it. Stock clients (docker, skopeo,
-oras) push and pull here; layers of every image manifest also get torrents and seeders, so ``docket pull`` gets
-the same images over BitTorrent.
+``bp`` carries every /v2 route; ``blobs`` and ``manifests`` register theirs on it (the application factory imports
+both). Stock clients (docker, skopeo, oras) push and pull here; layers of every image manifest also get torrents
+and seeders, so ``docket pull`` gets the same images over BitTorrent.
 """
 
 from __future__ import annotations
 
 import re
-
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from docket.registry.v2.errors import NameInvalid
+from docket.errors import NameInvalid
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 
@@ -47,6 +46,3 @@ def version_check() -> Response:
 def token() -> Any:
     """The token endpoint the 401 challenge names (docker's token-auth flow): see ``TokenAuth.issue``."""
     return current_app.extensions["docket_auth"].issue()
-
-
-from docket.registry.v2 import blobs, manifests  # noqa: E402,F401  (register their routes on bp)

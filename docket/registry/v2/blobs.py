@@ -1,8 +1,8 @@
 """V2 blob routes: GET/HEAD/DELETE blobs, uploads (monolithic, chunked, cross-repository mount). See docs/v2.md.
 
 Blobs are global (content-addressed): ``<name>`` is validated but any stored blob is served from any repository.
-Upload sessions are ``docket.registry.uploads.UploadSessions`` (``services.uploads``); a session belongs to the
-repository it was opened for.
+Upload sessions are ``docket.registry.uploads.UploadSessions``; a session belongs to the repository it was opened
+for. The views parse requests and build the spec's headers; storing, keeping and deleting are ``Blobs``'.
 """
 
 from __future__ import annotations
@@ -10,42 +10,32 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Response, current_app, jsonify, request
 
-from docket.errors import InvalidRequest, NotFound, TooLarge
-from docket.registry.blobops import drop_blob_locked, keep_blob_locked
-from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive
-from docket.registry.bodies import send_blob
-from docket.registry.db import get_session
-from docket.registry.models import KIND_BLOB, Blob, count_references
-from docket.registry.store import validate_digest
-from docket.registry.v2 import bp, validate_name
-from docket.registry.v2.errors import (
-    BlobUnknown,
-    BlobUploadInvalid,
-    DeleteRefused,
-    DigestInvalid,
-    RangeInvalid,
-    SizeInvalid,
-    V2Error,
-    v2_error_body,
+from docket.errors import (
+    BlobUnknown, BlobUploadInvalid, DeleteRefused, DigestInvalid, DistributionError, InvalidRequest, NotFound,
+    RangeInvalid, SizeInvalid, TooLarge,
 )
-
-if TYPE_CHECKING:
-    from docket.registry.services import RegistryServices
-    from docket.registry.uploads import UploadSession
+from docket.registry.bodies import LengthRequired, check_body_headers, is_chunked, receive, send_blob
+from docket.registry.components import Components
+from docket.registry.db import get_session
+from docket.registry.models import KIND_BLOB
+from docket.registry.store import validate_digest
+from docket.registry.uploads import UploadSession
+from docket.registry.v2 import bp, validate_name
+from docket.registry.edges import v2_error
 
 # the spec's Content-Range is "<start>-<end>"; "bytes <start>-<end>/<total>" (RFC 9110) is accepted too
 CONTENT_RANGE_RE = re.compile(r"\A\s*(?:bytes[ =])?\s*(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?\s*\Z")
 
 
-class V2LengthRequired(V2Error):
+class V2LengthRequired(DistributionError):
     status, code = 411, "SIZE_INVALID"
 
 
-def services() -> RegistryServices:
+def services() -> Components:
     return current_app.extensions["docket"]
 
 
@@ -60,6 +50,11 @@ def _digest(value: str | None, what: str = "digest") -> str:
 
 def _blob_headers(name: str, digest: str) -> dict[str, str]:
     return {"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": digest}
+
+
+def _session_headers(session: UploadSession) -> dict[str, str]:
+    return {"Location": f"/v2/{session.name}/blobs/uploads/{session.id}", "Range": session.range,
+            "Docker-Upload-UUID": session.id}
 
 
 @contextlib.contextmanager
@@ -79,13 +74,9 @@ def get_blob(name: str, digest: str) -> Response:
     """The blob's bytes (HEAD: headers only); Range (206/416), If-None-Match handled by send_file."""
     validate_name(name)
     digest = _digest(digest)
-    sv = services()
-    if request.method == "HEAD" and sv.scrubber.is_damaged(digest):  # the client then uploads it again: repaired
-        raise BlobUnknown(f"blob {digest} is corrupt on the registry", "upload it again to repair it",
-                          detail={"digest": digest})
     try:
-        sv.get_blob(get_session(), digest)
-        return send_blob(sv, digest, "Docker-Content-Digest")
+        services().blobs.servable(get_session(), digest, head=request.method == "HEAD")
+        return send_blob(digest, "Docker-Content-Digest")
     except NotFound as exc:  # unknown, or deleted between the row and the file
         raise BlobUnknown(exc.message, exc.hint, detail={"digest": digest}) from exc
 
@@ -97,20 +88,10 @@ def delete_blob(name: str, digest: str) -> Any:
     download in flight keeps the bytes it has opened and does not stop the delete."""
     validate_name(name)
     digest = _digest(digest)
-    sv = services()
-    with sv.blob_locks.hold(digest):
-        with sv.db.session() as s:
-            blob = s.get(Blob, digest)
-            if blob is None:
-                raise BlobUnknown(f"no blob {digest} in this registry", detail={"digest": digest})
-            refs = count_references(s, digest)
-            info_hash = blob.info_hash
-        if refs or not drop_blob_locked(sv, digest, info_hash, require_unreferenced_mark=False):
-            exc = DeleteRefused(f"blob {digest} is in use: {refs or 'a'} tag(s) or manifest(s) reference it",
-                                "delete the manifests that use it; GC then removes the blob after --gc-grace",
-                                detail={"digest": digest, "references": refs})
-            return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD"}
-    sv.scrubber.clear(digest)
+    try:
+        services().blobs.delete(digest)
+    except DeleteRefused as exc:
+        return jsonify(v2_error(exc)[0]), exc.status, {"Allow": "GET, HEAD"}
     return "", 202
 
 
@@ -128,7 +109,7 @@ def _monolithic(name: str, digest: str) -> tuple[str, int, dict[str, str]]:
             raise DigestInvalid(f"the uploaded blob has digest {up.digest}, not {digest}",
                                 "the bytes changed in transit or the digest is wrong; nothing was stored",
                                 detail={"digest": digest, "computed": up.digest})
-        sv.store_blob(up, KIND_BLOB)
+        sv.blobs.store_upload(up, KIND_BLOB)
     return "", 201, _blob_headers(name, digest)
 
 
@@ -145,21 +126,19 @@ def start_upload(name: str) -> tuple[str, int, dict[str, str]]:
         if source is not None:
             validate_name(source)
         sv.uploads.activity.touch()  # part of a push in progress (GC holds the blobs of one)
-        with sv.blob_locks.hold(digest):
-            mounted = keep_blob_locked(sv, digest)
-        if mounted:
+        if sv.blobs.keep(digest):
             return "", 201, _blob_headers(name, digest)
     elif request.args.get("digest") is not None:
         return _monolithic(name, _digest(request.args.get("digest")))
     session = sv.uploads.open(name)
-    return "", 202, session.headers()
+    return "", 202, _session_headers(session)
 
 
 def _range_error(session: UploadSession, message: str, hint: str | None = None) -> tuple[Response, int, dict]:
     """416 with the session's current ``Range``, so the client knows where to resume (errors raised as
     exceptions carry no headers)."""
-    body = v2_error_body(RangeInvalid(message, hint, detail={"uuid": session.id, "range": session.range}))
-    return jsonify(body), 416, session.headers()
+    body, _ = v2_error(RangeInvalid(message, hint, detail={"uuid": session.id, "range": session.range}))
+    return jsonify(body), 416, _session_headers(session)
 
 
 def _append_body(session: UploadSession) -> tuple[Response, int, dict] | None:
@@ -203,7 +182,7 @@ def patch_upload(name: str, uuid: str) -> Any:
         error = _append_body(session)
         if error is not None:
             return error
-        return "", 202, session.headers()
+        return "", 202, _session_headers(session)
 
 
 @bp.put("/<path:name>/blobs/uploads/<uuid>")
@@ -223,7 +202,7 @@ def finish_upload(name: str, uuid: str) -> Any:
                 raise DigestInvalid(f"the uploaded blob has digest {up.digest}, not {digest}",
                                     "the bytes changed in transit or the digest is wrong; nothing was stored, "
                                     "start the upload again", detail={"digest": digest, "computed": up.digest})
-            sv.store_blob(up, KIND_BLOB)
+            sv.blobs.store_upload(up, KIND_BLOB)
         finally:
             up.discard()  # the file, unless the store committed it
     return "", 201, _blob_headers(name, digest)
@@ -234,7 +213,7 @@ def upload_status(name: str, uuid: str) -> tuple[str, int, dict[str, str]]:
     """204 with ``Range``: where to resume."""
     validate_name(name)
     session = services().uploads.get(name, uuid)
-    return "", 204, session.headers()
+    return "", 204, _session_headers(session)
 
 
 @bp.delete("/<path:name>/blobs/uploads/<uuid>")

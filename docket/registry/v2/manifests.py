@@ -1,7 +1,7 @@
 """V2 manifest routes: manifests by tag and digest, tags list, catalog, referrers. See docs/v2.md.
 
-The logic lives in ``docket.registry.manifests`` (``RegistryServices.manifests``); these views parse the request
-and write the spec's headers.
+The logic lives in ``docket.registry.manifests`` (``Manifests``) and ``docket.registry.queries``; these views parse
+the request and write the spec's headers and URLs.
 """
 
 from __future__ import annotations
@@ -13,24 +13,30 @@ from flask import Response, current_app, jsonify, request
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import ClientDisconnected
 
-from docket.errors import InvalidRequest
+from docket.errors import (
+    DeleteRefused, DigestInvalid, DistributionError, InvalidRequest, ManifestInvalid, ManifestTooLarge,
+)
+from docket.reference import TAG_RE
 from docket.registry.bodies import too_slow
 from docket.registry.db import get_session
+from docket.registry.manifests import Manifests
+from docket.registry.oci import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest, split_reference
+from docket.registry.queries import ORIGIN_V2, referrers as find_referrers, repositories as all_repositories, tags as repository_tags
 from docket.registry.store import validate_digest
 from docket.registry.v2 import bp, validate_name
-from docket.registry.v2.errors import DeleteRefused, DigestInvalid, ManifestInvalid, V2Error, v2_error_body
+from docket.registry.edges import v2_error
 
 MAX_PAGE = 1000  # ``n`` above this is served as this many, with a Link to the rest
 MAX_TAG_PARAMS = 100  # ``?tag=`` values of one PUT (the draft asks for at least 10; more: 414)
 
 
-class PaginationInvalid(V2Error):
+class PaginationInvalid(DistributionError):
     """distribution's code for a bad ``n`` (the OCI spec has none of its own)."""
 
     status, code = 400, "PAGINATION_NUMBER_INVALID"
 
 
-class TooManyTags(V2Error):
+class TooManyTags(DistributionError):
     """The distribution-spec draft: a registry MAY answer 414 to more ``tag`` parameters than it accepts."""
 
     status, code = 414, "TAG_INVALID"
@@ -38,8 +44,6 @@ class TooManyTags(V2Error):
 
 def _tag_params() -> tuple[str, ...]:
     """``?tag=a&tag=b`` (distribution-spec draft, end-7b): each a valid tag, at most MAX_TAG_PARAMS."""
-    from docket.reference import TAG_RE
-
     tags = tuple(request.args.getlist("tag"))
     if len(tags) > MAX_TAG_PARAMS:
         raise TooManyTags(f"{len(tags)} tag parameters; this registry accepts up to {MAX_TAG_PARAMS} in one PUT",
@@ -65,13 +69,11 @@ def _digest_param() -> str | None:
                             "sha512: and 128", detail={"digest": value[:200]}) from exc
 
 
-def _core() -> Any:
+def _core() -> Manifests:
     return current_app.extensions["docket"].manifests
 
 
 def _read_body() -> bytes:
-    from docket.registry.manifests import MAX_MANIFEST_BYTES, ManifestTooLarge
-
     length = request.content_length
     if length is not None and length > MAX_MANIFEST_BYTES:
         raise ManifestTooLarge(f"manifest is {length} bytes; the limit is {MAX_MANIFEST_BYTES} (4 MiB)",
@@ -95,7 +97,18 @@ def put_manifest(name: str, reference: str) -> tuple[str, int, Headers]:
     validate_name(name)
     tags, digest = _tag_params(), _digest_param()
     raw = _read_body()
-    parsed = _core().put(name, reference, raw, request.headers.get("Content-Type"), tags=tags, digest=digest)
+    ref_tag, wanted = split_reference(reference)
+    if digest is not None:
+        if wanted is not None and digest != wanted:
+            raise DigestInvalid(f"?digest={digest[:200]} differs from the digest {wanted} in the URL",
+                                detail={"digest": digest[:200]})
+        wanted = digest
+    parsed = parse_manifest(raw, request.headers.get("Content-Type"), wanted.split(":", 1)[0] if wanted else "sha256")
+    if wanted is not None and parsed.digest != wanted:
+        raise DigestInvalid(f"the manifest's bytes hash to {parsed.digest}, not {wanted}",
+                            "PUT the exact bytes whose digest is in the URL", detail={"digest": wanted})
+    all_tags = tuple(dict.fromkeys(((ref_tag,) if ref_tag is not None else ()) + tags))
+    _core().commit(name, all_tags, parsed, ORIGIN_V2)
     headers = Headers({"Location": f"/v2/{name}/manifests/{parsed.digest}", "Docker-Content-Digest": parsed.digest})
     if parsed.subject is not None:
         headers["OCI-Subject"] = parsed.subject.digest
@@ -121,7 +134,7 @@ def delete_manifest(name: str, reference: str) -> Any:
     try:
         _core().delete(name, reference)
     except DeleteRefused as exc:
-        return jsonify(v2_error_body(exc)), exc.status, {"Allow": "GET, HEAD, PUT"}
+        return jsonify(v2_error(exc)[0]), exc.status, {"Allow": "GET, HEAD, PUT"}
     return "", 202
 
 
@@ -147,13 +160,13 @@ def _page(items: list[str], path: str) -> tuple[list[str], dict[str, str]]:
 @bp.get("/<path:name>/tags/list")
 def tags_list(name: str) -> tuple[Response, int, dict[str, str]]:
     validate_name(name)
-    tags, headers = _page(_core().tags(get_session(), name), f"/v2/{name}/tags/list")
+    tags, headers = _page(repository_tags(get_session(), name), f"/v2/{name}/tags/list")
     return jsonify({"name": name, "tags": tags}), 200, headers
 
 
 @bp.get("/_catalog")
 def catalog() -> tuple[Response, int, dict[str, str]]:
-    repositories, headers = _page(_core().repositories(get_session()), "/v2/_catalog")
+    repositories, headers = _page(all_repositories(get_session()), "/v2/_catalog")
     return jsonify({"repositories": repositories}), 200, headers
 
 
@@ -167,9 +180,7 @@ def referrers(name: str, digest: str) -> tuple[Response, int, dict[str, str]]:
         raise DigestInvalid(f"invalid digest {digest[:200]!r}", "sha256: and 64 lowercase hex digits, or sha512: "
                             "and 128", detail={"digest": digest[:200]}) from exc
     artifact_type = request.args.get("artifactType") or None
-    manifests = _core().referrers(get_session(), name, digest, artifact_type)
-    from docket.registry.manifests import OCI_INDEX
-
+    manifests = find_referrers(get_session(), name, digest, artifact_type)
     body = jsonify({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
     body.content_type = OCI_INDEX
     headers = {"OCI-Filters-Applied": "artifactType"} if artifact_type is not None else {}

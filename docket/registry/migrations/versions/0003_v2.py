@@ -2,7 +2,7 @@
 per-layer diff_id and media type (layers pushed by ``docker push`` are compressed: digest != diff_id).
 
 Existing rows keep working unchanged; docket-pushed images get their V2 manifest at the next start (the registry
-writes it, see ``RegistryServices.backfill_manifests``).
+writes it, see ``Manifests.backfill``).
 
 Revision ID: 0003
 Revises: 0002

@@ -1,0 +1,111 @@
+"""The registry's components, built once by ``build`` (called by the application factory) and kept in
+``app.extensions["docket"]``; blueprints take the ones they need from there. Nothing else sees this object: each
+component gets its collaborators in its constructor.
+
+``build`` migrates the database and converts old whole-tarball records (cheap, no processes). The serve command
+calls ``start()`` (lock, start-up clean-up, tracker, seeders, GC, scrubber) and ``stop()`` on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from docket.registry.auth import torrent_secret
+from docket.registry.blobs import Blobs, DownloadCounter
+from docket.registry.config import RegistryConfig
+from docket.registry.db import Database
+from docket.registry.gc import GarbageCollector
+from docket.registry.locks import Locks
+from docket.registry.manifests import Manifests
+from docket.registry.scrub import BlobScrubber
+from docket.registry.seeder import SeederSupervisor
+from docket.registry.startup import Reconciler
+from docket.registry.store import FileBlobStore
+from docket.registry.swarm import Swarm
+from docket.registry.tarball import TarballSplitter
+from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
+from docket.registry.uploads import UploadSessions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    config: RegistryConfig
+    store: FileBlobStore
+    db: Database
+    locks: Locks
+    swarm: Swarm
+    scrubber: BlobScrubber
+    blobs: Blobs
+    manifests: Manifests
+    tarballs: TarballSplitter
+    uploads: UploadSessions
+    downloads: DownloadCounter
+    gc: GarbageCollector
+    reconciler: Reconciler
+    started: bool = field(default=False)
+
+    def start(self) -> None:
+        """The location's lock, start-up clean-up, then tracker (with the full whitelist), every seeder, GC."""
+        self.swarm.preflight()
+        self.store.lock()  # before anything touches uploads/, seeders/ or blobs/
+        self.store.clean_stale_uploads()
+        blobs = self.reconciler.run()
+        self.manifests.backfill()  # tags pushed before the V2 API get their manifest (docs/v2.md)
+        self.swarm.start([(b.digest, b.info_hash) for b in blobs if b.seeded and b.info_hash])
+        self.started = True
+        self.gc.start()
+        self.scrubber.start()  # first pass now, in the background; requests are served meanwhile
+
+    def stop(self) -> None:
+        """Stop scrubber, GC, seeders, tracker (in that order); idempotent."""
+        self.scrubber.stop()
+        self.gc.stop()
+        self.swarm.stop()
+        self.started = False
+        self.store.unlock()
+
+
+def build(config: RegistryConfig) -> Components:
+    """Every component of one registry process, the store's layout made and the database at head."""
+    store = FileBlobStore(config.location)
+    store.ensure_layout()
+    db = Database(config.database_url)
+    db.migrate()
+    tracker: Tracker = (
+        ExternalTracker(config.tracker) if config.tracker
+        else ManagedTracker(config.advertise_address, config.tracker_port, store.tracker_dir,
+                            enabled=config.seeding, private=bool(config.read_tokens)))
+    seeders = (SeederSupervisor(listen_ip=config.seeder_ip, tracker=tracker)  # external: re-announce on restart
+               if config.seeding else None)
+    # with read tokens: info hashes nobody can compute from content (README "Access control")
+    secret = torrent_secret(config.location) if config.read_tokens else None
+    swarm = Swarm(store, tracker, seeders, torrents_dir=store.torrents_dir, seeders_dir=store.seeders_dir,
+                  hash_threads=config.hash_threads, secret=secret)
+    locks = Locks()
+    scrubber = BlobScrubber(db, store, locks, swarm, interval=config.scrub_interval)
+    blobs = Blobs(db, store, swarm, locks, scrubber, space_paths=_space_paths(store, db),
+                  min_free_space=config.min_free_space)
+    manifests = Manifests(db, store, locks, blobs, swarm, scrubber)
+    tarballs = TarballSplitter(db, store, locks, blobs, manifests, chunk_size=config.chunk_size)
+    uploads = UploadSessions(store, timeout=config.upload_session_timeout)  # /v2 upload sessions
+    downloads = DownloadCounter()
+    gc = GarbageCollector(db, locks, blobs, manifests, swarm, downloads, uploads, interval=config.gc_interval,
+                          grace=config.gc_grace)
+    reconciler = Reconciler(db, store, locks, swarm, adopt_orphans=config.adopt_orphans,
+                            adopt_limit=config.threads)
+    tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
+    return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
+                      reconciler)
+
+
+def _space_paths(store: FileBlobStore, db: Database) -> list[Path]:
+    """Where the registry writes: blobs, uploads, torrents and the SQLite file (may be separate mounts)."""
+    paths = [store.blobs_root, store.uploads_dir, store.torrents_dir]
+    database = db.engine.url.database if db.engine.dialect.name == "sqlite" else None
+    if database and database != ":memory:":
+        paths.append(Path(database).parent)
+    return paths
