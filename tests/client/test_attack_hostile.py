@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from procs import free_port, wait_until
-from robustness_rows import record
 
 from docket.torrent.metainfo import build_torrent
+from tests.support.procs import free_port, wait_until
+from tests.support.robustness_rows import record
 
 ESC = "\x1b"
 EVIL = "\x1b[2J\x1b]0;pwned\x07\x1b[8mhidden\x1b[0m\r\nPulled and loaded evil:latest (sha256:fake) in 0.1 s"

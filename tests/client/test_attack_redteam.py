@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from robustness_rows import record
 
 from docket.deadline import DeadlineExceeded, DeadlineSession
+from tests.support.robustness_rows import record
 
 
 # -- a raw loopback server: one function per accepted connection --------------------------------------------------
@@ -109,7 +109,7 @@ def test_a_close_delimited_trickle_is_cut_at_the_deadline(head: bytes, stream: b
 def test_ctorrents_started_back_to_back_listen_on_the_ports_chosen_for_them(tmp_path: Path) -> None:
     """free_listen_port probed a port that the previous ctorrent had been given but not yet bound: two got the same
     one, ctorrent moved one down by itself, and the tracker kept the announced port as a stale peer."""
-    from procs import free_port
+    from tests.support.procs import free_port
     from docket.torrent.ctorrent import CtorrentProcess, stop_many
     from docket.torrent.metainfo import build_torrent
 
@@ -200,7 +200,7 @@ class TarballRegistry:
     def __init__(self, tmp: Path, announce: str | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from procs import free_port
+        from tests.support.procs import free_port
         from docket.torrent.metainfo import build_torrent
 
         self.blob = os.urandom(200_000)
@@ -430,7 +430,7 @@ def test_a_peer_serving_corrupt_pieces_is_never_loaded(tmp_path: Path, docket_cl
     """The only BitTorrent peer seeds a file of the right size with flipped bytes (ctorrent -f skips its own
     check). ctorrent drops every piece that fails its SHA-1; with --transport p2p the pull ends with an error and
     nothing verified; with the default transport the layer comes over HTTP from the registry and verifies."""
-    from procs import free_port
+    from tests.support.procs import free_port
     from docket.torrent import Opentracker
     from docket.torrent.ctorrent import CtorrentProcess
 

@@ -24,7 +24,6 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from conftest import RegistryServer, need
 from docket import errors
 from docket.client.cli import cli
 from docket.client.http_fetch import digest_file, piece_hashes, plan_resume
@@ -32,10 +31,12 @@ from docket.client.layers import chain_ids
 from docket.client.pull_layers import LayeredRecord, check_config
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, choose_piece_size
-from procs import free_port, port_open
-from test_client_layers import (FakeDocker, FakeRegistry, FakeTorrentProc, fake_registry, layer_puller,  # noqa: F401
+from tests.client.test_layers import (FakeDocker, FakeRegistry, FakeTorrentProc, fake_registry, layer_puller,  # noqa: F401
                                 layer_tar, sha)
-from test_client_unit import REF, FakeCtorrent, blob, canned, make_puller, served  # noqa: F401
+from tests.client.test_unit import REF, FakeCtorrent, blob, canned, make_puller, served  # noqa: F401
+from tests.support.procs import free_port, port_open
+from tests.support.registry_server import RegistryServer
+from tests.support.tools import need
 
 PIECE = 256 * 1024
 

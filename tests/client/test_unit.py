@@ -29,7 +29,7 @@ from docket.client.cli import AppContext, cli, default_location, plain_table
 from docket.client.pull import ImageRecord, Puller, PullOptions, check_torrent
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, read_torrent
-from procs import free_port
+from tests.support.procs import free_port
 
 
 # -- a tiny real HTTP server serving canned answers ---------------------------------------------------------

@@ -25,12 +25,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ImageFactory, RegistryServer, need
-from procs import free_port, wait_until
-from robustness_rows import record
 
 from docket.torrent.metainfo import build_torrent, read_torrent
 from docket.torrent.tracker import scrape
+from tests.support.image_factory import ImageFactory
+from tests.support.procs import free_port, wait_until
+from tests.support.registry_server import RegistryServer
+from tests.support.robustness_rows import record
+from tests.support.tools import need
 
 PUSH, READ = "push-token-access-0123456789", "read-token-access-0123456789"
 ATTACKER_IP = "127.0.0.9"  # not the registry's address: opentracker's -A admin address would be 127.0.0.1

@@ -2,7 +2,7 @@
 
 Issue 11: `docket-tracker` crashed at every start ("opentracker already running") and no test started it. Here
 every installed program (pyproject [project.scripts]) is started by its entry point, in network namespaces
-(tests/netns.py; 198.18.0.0/15 only): opentracker run by `docket-tracker` on host trk, `docket-registry
+(tests/support/netns.py; 198.18.0.0/15 only): opentracker run by `docket-tracker` on host trk, `docket-registry
 --tracker trk:8940` on host reg, three hosts pulling at once with default flags. Then the tracker is restarted
 while the registry runs, and a new push's info hashes must reach the tracker within its poll interval.
 
@@ -26,11 +26,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import IN_CI, need
-from netns import Lab, namespaces
-from procs import free_port, stop_process, tail, wait_until
-from registry_images import build_image_tar
-from robustness_rows import record
+
+from tests.support.netns import Lab, namespaces
+from tests.support.procs import free_port, stop_process, tail, wait_until
+from tests.support.registry_images import build_image_tar
+from tests.support.robustness_rows import record
+from tests.support.tools import IN_CI, need
 
 pytestmark = pytest.mark.e2e
 
@@ -418,7 +419,7 @@ def test_tracker_of_a_registry_with_read_tokens(tmp_path: Path) -> None:
     """docket-tracker --token runs opentracker behind the guard: no full scrape or /stats lists the hashes."""
     need("ctorrent")
     need("opentracker")
-    from conftest import RegistryServer
+    from tests.support.registry_server import RegistryServer
 
     push_token, read_token = "push-" + os.urandom(8).hex(), "read-" + os.urandom(8).hex()
     server = RegistryServer(location=tmp_path / "registry", port=free_port(), tracker_port=free_port(),
@@ -478,7 +479,7 @@ def test_every_installed_program_starts() -> None:
     docket, docket-registry and docket-tracker are started for real above, in test_external_tracker_design_card."""
     import tomllib
 
-    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"docket", "docket-registry", "docket-tracker"} <= set(scripts)
     for name in scripts:
         r = subprocess.run([program(name), "--help"], capture_output=True, text=True, timeout=60)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import RegistryServer, need
-from procs import free_port, port_open
+from tests.support.procs import free_port, port_open
+from tests.support.registry_server import RegistryServer
+from tests.support.tools import need
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +57,7 @@ def test_tracker_down_is_a_clear_transfer_error(image_factory, docket_cli, tmp_p
         ref, _ = image_factory.build(data_mib=1)
         docket_cli("push", ref, registry=server)
         image_factory.remove(ref)
-        # --transport p2p: the default (auto) would continue over HTTP (tests/test_client_fallback.py)
+        # --transport p2p: the default (auto) would continue over HTTP (tests/client/test_fallback.py)
         pull = docket_cli("pull", ref, "--transport", "p2p", "--stall-timeout", "5", "--seed-time", "0",
                           registry=server, peer_ip="127.0.0.51", check=False, timeout=120)
         assert pull.returncode == 9, pull.stderr

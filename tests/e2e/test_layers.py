@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from tests.support.tools import need
 
 pytestmark = pytest.mark.e2e
 

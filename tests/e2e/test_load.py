@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from tests.support.tools import need
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import load  # noqa: E402
 
 pytestmark = pytest.mark.e2e

@@ -1,7 +1,7 @@
 """One test per defect of the original docket (shared/notes/original-docket.md), showing it is gone.
 
 They run against the real registry process and the real CLI; defects that are pure logic (info-hash and
-sha256 checks on the client) have their focused tests in test_client_unit.py and are named here too.
+sha256 checks on the client) have their focused tests in tests/client/test_unit.py and are named here too.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from procs import free_port, wait_until
+from tests.support.procs import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
@@ -127,7 +127,7 @@ def test_no_colons_in_file_names(registry_server, image_factory, docket_cli, tmp
 
 def test_registry_keeps_data_in_its_location_not_cwd(tmp_path: Path):
     """Defect: the DB was `./db`, relative to wherever the registry was started."""
-    from conftest import RegistryServer
+    from tests.support.registry_server import RegistryServer
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -294,7 +294,7 @@ def test_anyone_can_no_longer_overwrite_a_tag(tmp_path: Path):
     test_bad_input.py's HTTPS tests.
     """
     from docket.registry import RegistryConfig, create_app
-    from registry_images import build_image_tar
+    from tests.support.registry_images import build_image_tar
 
     def legacy_tar(payload: bytes) -> bytes:
         path = tmp_path / f"{payload.decode()}.tar"

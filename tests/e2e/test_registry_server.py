@@ -23,10 +23,10 @@ import pytest
 import requests
 
 from docket.torrent import CtorrentProcess, read_torrent, scrape
-from procs import free_port, stop_process, tail, wait_until
-from registry_images import build_image_tar, build_layered_image_tar, layer_tar
+from tests.support.procs import free_port, stop_process, tail, wait_until
+from tests.support.registry_images import build_image_tar, build_layered_image_tar, layer_tar
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 

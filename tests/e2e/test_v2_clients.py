@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import RegistryServer, need
-from procs import free_port
+from tests.support.procs import free_port
+from tests.support.registry_server import RegistryServer
+from tests.support.tools import need
 
 pytestmark = pytest.mark.e2e
 

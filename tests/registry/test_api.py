@@ -22,7 +22,7 @@ from docket.imagetar import inspect_image_tar, parse_created
 from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
-from registry_images import _add, build_image_tar, config_json, layer_tar
+from tests.support.registry_images import _add, build_image_tar, config_json, layer_tar
 
 KIB = 1024
 LIMIT = 256 * KIB

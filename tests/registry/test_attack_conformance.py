@@ -25,11 +25,11 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from conftest import RegistryServer
 from docket.registry.models import Blob, Image, Manifest, utcnow
-from procs import free_port, wait_until
-from registry_images import layer_tar
-from robustness_rows import record
+from tests.support.procs import free_port, wait_until
+from tests.support.registry_images import layer_tar
+from tests.support.registry_server import RegistryServer
+from tests.support.robustness_rows import record
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

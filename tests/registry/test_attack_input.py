@@ -33,7 +33,7 @@ from docket import jsonstrict
 from docket.errors import InvalidJSON
 from docket.limits import MAX_JSON_DEPTH, MAX_LAYERS
 from docket.registry.models import Blob, Image, ImageLayer, Manifest, ManifestRef
-from robustness_rows import record
+from tests.support.robustness_rows import record
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from conftest import RegistryServer, need
-from procs import free_port
-from robustness_rows import record
+from tests.support.procs import free_port
+from tests.support.registry_server import RegistryServer
+from tests.support.robustness_rows import record
+from tests.support.tools import need
 
 AREA = "registry red team"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -211,7 +212,7 @@ def test_foreign_layer_url_with_control_characters_is_refused(client: FlaskClien
 
 
 def test_openapi_documents_408_on_every_body_route() -> None:
-    doc = json.loads((Path(__file__).parents[1] / "docket/registry/openapi.json").read_text())
+    doc = json.loads((Path(__file__).parents[2] / "docket/registry/openapi.json").read_text())
     routes = []
     for path, ops in doc["paths"].items():
         for method, op in ops.items():

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from procs import free_port, stop_process, tail, wait_until
-from robustness_rows import record
+from tests.support.procs import free_port, stop_process, tail, wait_until
+from tests.support.robustness_rows import record
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import slow_clients  # noqa: E402
 
 HEADER_TIMEOUT = 2.0

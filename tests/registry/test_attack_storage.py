@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import RegistryServer, need
-from procs import free_port, port_open, stop_process, wait_until
-from robustness_rows import record
+from tests.support.procs import free_port, port_open, stop_process, wait_until
+from tests.support.registry_server import RegistryServer
+from tests.support.robustness_rows import record
+from tests.support.tools import need
 
 AREA = "storage"
 

@@ -6,10 +6,10 @@ configured so access control is always on). Limits that belong to cheroot (heade
 HTTPS use a real ``docket-registry`` subprocess (``--no-seeding``: no tracker or ctorrent). Client-side cases run
 the real ``docket`` CLI through click's CliRunner.
 
-Covered elsewhere (not repeated here): registry down (test_client_unit::test_registry_down_is_a_clear_error),
-corrupt .torrent served (test_client_unit::test_garbage_torrent_and_bad_record_are_integrity_errors), info-hash
-mismatch (test_client_unit::test_info_hash_mismatch_is_refused_before_download), bad references on the client
-(test_client_unit::test_bad_reference_fails_fast_without_network).
+Covered elsewhere (not repeated here): registry down (client/test_unit::test_registry_down_is_a_clear_error),
+corrupt .torrent served (client/test_unit::test_garbage_torrent_and_bad_record_are_integrity_errors), info-hash
+mismatch (client/test_unit::test_info_hash_mismatch_is_refused_before_download), bad references on the client
+(client/test_unit::test_bad_reference_fails_fast_without_network).
 
 With DOCKET_BAD_INPUT_RESULTS=FILE each case appends its observed outcome to FILE (JSON lines);
 ``scripts/bad_input_table.py FILE`` renders them as Markdown (docs/robustness.md).
@@ -40,10 +40,10 @@ from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from docket.client.cli import cli
 from docket.registry import RegistryConfig, create_app
-from procs import free_port, stop_process, tail, wait_until
-from registry_images import _add, build_image_tar
+from tests.support.procs import free_port, stop_process, tail, wait_until
+from tests.support.registry_images import _add, build_image_tar
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 256 * 1024
 PUSH_TOKEN = "push-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"

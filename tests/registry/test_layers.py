@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
-from registry_images import build_layered_image_tar, layer_tar
+from tests.support.registry_images import build_layered_image_tar, layer_tar
 
 LIMIT = 256 * 1024
 PUSH_TOKEN, READ_TOKEN = "push-token-0123456789", "read-token-0123456789"
@@ -387,7 +387,7 @@ def test_tarball_with_wrong_diff_id_stores_nothing(client, location, tmp_path, l
 
 
 def test_tarball_with_more_layers_than_diff_ids(client, location, tmp_path):
-    from registry_images import _add, build_image_tar
+    from tests.support.registry_images import _add, build_image_tar
 
     def mutate(tar, entry):
         _add(tar, "extra/layer.tar", layer_tar(b"extra"))
@@ -414,7 +414,7 @@ def test_real_docker_save_split(docker_client, tmp_path):
     import shutil
     import uuid
 
-    from conftest import need
+    from tests.support.tools import need
 
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -15,7 +15,7 @@ from docket.registry.db import Database
 from docket.registry.models import Base, Blob
 from docket.registry.store import BlobStore
 from docket.torrent import build_torrent, read_torrent
-from registry_images import build_image_tar
+from tests.support.registry_images import build_image_tar
 
 
 def test_migration_matches_models(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 
 from docket.registry.seeder import SeederSupervisor, SeedSpec, _backoff
-from procs import wait_until
+from tests.support.procs import wait_until
 
 _pids = itertools.count(1000)
 

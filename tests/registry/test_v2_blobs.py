@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 
 from docket.registry import RegistryConfig, create_app
 from docket.registry.models import KIND_BLOB, Blob, utcnow
-from registry_images import layer_tar
+from tests.support.registry_images import layer_tar
 
 LIMIT = 256 * 1024
 UUID4_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

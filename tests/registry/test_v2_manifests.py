@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, Image, Manifest, utcnow
-from registry_images import layer_tar
+from tests.support.registry_images import layer_tar
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

@@ -1,4 +1,4 @@
-"""Rows for docs/robustness.md's "Attacks" section, written by the tests/test_attack_*.py modules.
+"""Rows for docs/robustness.md's "Attacks" section, written by the tests/*/test_attack_*.py modules.
 
 With DOCKET_ATTACK_RESULTS=FILE each case appends one JSON line (area, case, observed) after its assertions
 held, so a missing row means the test did not pass. scripts/robustness_table.py runs those modules with the

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torf
 
-from conftest import need
 from docket.errors import IntegrityError, InvalidRequest, ServiceUnavailable
 from docket.torrent import (
     CtorrentProcess,
@@ -23,7 +22,8 @@ from docket.torrent import (
 )
 from docket.torrent.metainfo import PieceHasher, choose_piece_size
 from docket.torrent.tracker import BdecodeError, announce_ok, bdecode, scrape_url
-from procs import free_port, wait_until
+from tests.support.procs import free_port, wait_until
+from tests.support.tools import need
 
 MiB = 1024 * 1024
 # Loopback addresses for this module's ctorrents (never 127.0.0.1: see INTERFACE.md Findings).
