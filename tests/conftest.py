@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from flask import Flask
 
-from docket.registry import RegistryConfig, create_app
 from tests.support.image_factory import ImageFactory
 from tests.support.procs import free_port, managed_process, wait_until
 from tests.support.registry_server import RegistryServer
@@ -126,22 +124,3 @@ def docket_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 
     return run
 
-
-@pytest.fixture
-def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
-    """In-process registry apps under ``tmp_path`` for ``app.test_client()`` tests: no seeding, no GC thread;
-    keyword arguments override the RegistryConfig. Every app made is closed at teardown."""
-    made: list[Flask] = []
-
-    def make(**overrides) -> Flask:
-        settings = {"location": tmp_path / "registry", "seeding": False, "gc_interval": 0, "gc_grace": 600,
-                    "tracker_port": 6999, **overrides}
-        app = create_app(RegistryConfig(**settings))
-        app.config["TESTING"] = True
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        app.extensions["docket"].uploads.clear()
-        app.extensions["docket"].db.dispose()

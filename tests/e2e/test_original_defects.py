@@ -291,9 +291,9 @@ def test_anyone_can_no_longer_overwrite_a_tag(tmp_path: Path):
 
     With a push token configured, a push without it or with a wrong one is refused (401) and the tag keeps
     its content. TLS (a real HTTPS registry, certificate verification in the client) is covered in
-    test_bad_input.py's HTTPS tests.
+    tests/registry/test_bad_input.py's HTTPS tests.
     """
-    from docket.registry import RegistryConfig, create_app
+    from tests.support.apps import registry_app
     from tests.support.registry_images import build_image_tar
 
     def legacy_tar(payload: bytes) -> bytes:
@@ -301,8 +301,7 @@ def test_anyone_can_no_longer_overwrite_a_tag(tmp_path: Path):
         build_image_tar(path, payload=payload)
         return path.read_bytes()
 
-    app = create_app(RegistryConfig(location=tmp_path / "reg", seeding=False, gc_interval=0,
-                                    auth_tokens=("s3cret-push-token",)))
+    app = registry_app(tmp_path / "reg", auth_tokens=("s3cret-push-token",))
     client = app.test_client()
     url = "/api/v1/repositories/team/app/tags/v1"
     headers = {"Content-Type": "application/x-tar"}

@@ -13,13 +13,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from docket.imagetar import inspect_image_tar, parse_created
-from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
 from tests.support.registry_images import _add, build_image_tar, config_json, layer_tar
@@ -28,24 +26,7 @@ KIB = 1024
 LIMIT = 256 * KIB
 
 
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(location: Path) -> Flask:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600,
-                            max_upload_size=LIMIT, tracker_port=6999)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].db.dispose()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT)
 
 
 @pytest.fixture

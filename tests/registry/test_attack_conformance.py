@@ -44,14 +44,7 @@ UPLOAD_CODES = {"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "RANGE_INVALID"}
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def app(make_app) -> Flask:
-    return make_app(max_upload_size=1 << 20)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=1 << 20)
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:

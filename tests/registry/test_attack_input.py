@@ -44,19 +44,7 @@ DEEP = 100_000
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(make_app, location: Path) -> Flask:
-    return make_app(location=location, max_upload_size=8 << 20)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=8 << 20)
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:

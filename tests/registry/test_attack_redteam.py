@@ -48,11 +48,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]
         srv.stop()
 
 
-@pytest.fixture
-def client(make_app) -> FlaskClient:
-    return make_app().test_client()
-
-
 def raw(srv: RegistryServer, data: bytes, timeout: float = 10.0) -> bytes:
     """Send ``data`` as is and read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as s:

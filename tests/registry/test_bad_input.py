@@ -34,12 +34,11 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner
-from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from docket.client.cli import cli
-from docket.registry import RegistryConfig, create_app
+from docket.registry import RegistryConfig
 from tests.support.procs import free_port, stop_process, tail, wait_until
 from tests.support.registry_images import _add, build_image_tar
 
@@ -60,24 +59,7 @@ def record(area: str, case: str, observed: str, detail: str = "") -> None:
 
 # -- the app under test -----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(location: Path) -> Iterator[Flask]:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, max_upload_size=LIMIT,
-                            tracker_port=6999, auth_tokens=(PUSH_TOKEN,), read_tokens=(READ_TOKEN,))
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].db.dispose()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT, auth_tokens=(PUSH_TOKEN,), read_tokens=(READ_TOKEN,))
 
 
 @pytest.fixture
@@ -427,9 +409,9 @@ def test_auth_allows_what_it_should(client, location, image, seeded):
     assert client.delete(TAG_PATH.format("app", "v1"), headers=AUTH).status_code == 204
 
 
-def test_open_registry_needs_no_token(tmp_path):
+def test_open_registry_needs_no_token(tmp_path, make_app):
     """No token configured: everything open (the default, unchanged)."""
-    app = create_app(RegistryConfig(location=tmp_path / "open", seeding=False, gc_interval=0))
+    app = make_app(location=tmp_path / "open")
     try:
         c = app.test_client()
         assert c.get("/api/v1/images").status_code == 200
@@ -438,8 +420,8 @@ def test_open_registry_needs_no_token(tmp_path):
         app.extensions["docket"].db.dispose()
 
 
-def test_push_tokens_only_leave_reads_open(tmp_path):
-    app = create_app(RegistryConfig(location=tmp_path / "p", seeding=False, gc_interval=0, auth_tokens=(PUSH_TOKEN,)))
+def test_push_tokens_only_leave_reads_open(tmp_path, make_app):
+    app = make_app(location=tmp_path / "p", auth_tokens=(PUSH_TOKEN,))
     try:
         c = app.test_client()
         assert c.get("/api/v1/images").status_code == 200

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from docket.registry import RegistryConfig, create_app  # noqa: E402
+from tests.support.apps import registry_app  # noqa: E402
 
 # What we promise: never a 5xx, only documented status codes and content types, bodies as documented.
 # (Schemathesis' negative-data checks expect 422-style codes; we answer 411/413/415 as HTTP prescribes.)
@@ -27,7 +27,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def fuzz_schema(tmp_path_factory):
     location = tmp_path_factory.mktemp("fuzz-registry")
-    app = create_app(RegistryConfig(location=location, seeding=False, gc_interval=0, max_upload_size=1 << 20))
+    app = registry_app(location, max_upload_size=1 << 20)
     return schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 

@@ -13,7 +13,6 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
 from tests.support.registry_images import build_layered_image_tar, layer_tar
@@ -22,29 +21,7 @@ LIMIT = 256 * 1024
 PUSH_TOKEN, READ_TOKEN = "push-token-0123456789", "read-token-0123456789"
 
 
-def _app(location: Path, **kw) -> Flask:
-    kw = {"max_upload_size": LIMIT, **kw}
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600, tracker_port=6999, **kw)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    return app
-
-
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(location: Path) -> Flask:
-    app = _app(location)
-    yield app
-    app.extensions["docket"].db.dispose()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT)
 
 
 def sha(data: bytes) -> str:
@@ -189,8 +166,9 @@ def test_upload_bad_bodies(client, location):
     assert snapshot(client, location) == before
 
 
-def test_upload_and_manifest_need_a_push_token(tmp_path):
-    app = _app(tmp_path / "reg", auth_tokens=(PUSH_TOKEN,), read_tokens=(READ_TOKEN,))
+def test_upload_and_manifest_need_a_push_token(tmp_path, make_app):
+    app = make_app(location=tmp_path / "reg", max_upload_size=LIMIT, auth_tokens=(PUSH_TOKEN,),
+                   read_tokens=(READ_TOKEN,))
     try:
         client = app.test_client()
         data = layer_tar(b"auth")
@@ -409,7 +387,7 @@ def test_tarball_push_over_uploaded_layers(app, client, location, tmp_path):
 
 
 @pytest.mark.e2e
-def test_real_docker_save_split(docker_client, tmp_path):
+def test_real_docker_save_split(docker_client, tmp_path, make_app):
     """A real `docker save` (this host's Engine): layers, including a repeated one, match RootFS.Layers."""
     import shutil
     import uuid
@@ -430,7 +408,7 @@ def test_real_docker_save_split(docker_client, tmp_path):
             for chunk in docker_client.images.get(ref).save(named=True):
                 f.write(chunk)
         location = tmp_path / "registry"
-        app = _app(location, max_upload_size=1 << 30)
+        app = make_app(location=location, max_upload_size=1 << 30)
         try:
             resp = push_tarball(app.test_client(), "real/app:v1", tar.read_bytes())
         finally:

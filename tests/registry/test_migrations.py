@@ -10,7 +10,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from docket.registry import RegistryConfig, create_app
 from docket.registry.db import Database
 from docket.registry.models import Base, Blob
 from docket.registry.store import BlobStore
@@ -32,7 +31,7 @@ def test_migration_matches_models(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path) -> None:
+def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path, make_app) -> None:
     """A registry at 0001 with a whole-tarball tag: upgraded to head it serves the same record (plus
     ``format: tarball``), the blob and its torrent, seeds it (kind tarball), and lists it next to a layers image."""
     location = tmp_path / "registry"
@@ -57,7 +56,7 @@ def test_tarball_image_at_0001_still_served_after_upgrade(tmp_path: Path) -> Non
                      {"i": info["image_id"], "n": len(data), "d": digest})
     old.dispose()
 
-    app = create_app(RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600, tracker_port=6999))
+    app = make_app(location=location)
     sv = app.extensions["docket"]
     try:
         with sv.db.engine.connect() as conn:

@@ -6,26 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-from flask import Flask
-
-from docket.registry import RegistryConfig, create_app
-
 PUSH_TOKEN = "push-token-0123456789abcdef"
-
-
-def _app(location: Path, **kw) -> Flask:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, tracker_port=6999, **kw)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    return app
-
-
-@pytest.fixture
-def app(tmp_path: Path):
-    app = _app(tmp_path / "registry")
-    yield app
-    app.extensions["docket"].db.dispose()
 
 
 def _upload(client, data: bytes, **kw):
@@ -89,8 +70,8 @@ def test_missing_and_restored_blob(app):
     assert resp.status_code == 503 and "missing" in resp.get_json()["error"]["message"]
 
 
-def test_admin_scrub_needs_a_push_token(tmp_path: Path):
-    app = _app(tmp_path / "registry", auth_tokens=(PUSH_TOKEN,))
+def test_admin_scrub_needs_a_push_token(tmp_path: Path, make_app):
+    app = make_app(auth_tokens=(PUSH_TOKEN,))
     try:
         client = app.test_client()
         assert client.post("/api/v1/admin/scrub").status_code == 401
@@ -100,8 +81,8 @@ def test_admin_scrub_needs_a_push_token(tmp_path: Path):
         app.extensions["docket"].db.dispose()
 
 
-def test_interval_zero_disables_the_background_scrub(tmp_path: Path):
-    app = _app(tmp_path / "registry", scrub_interval=0)
+def test_interval_zero_disables_the_background_scrub(tmp_path: Path, make_app):
+    app = make_app(scrub_interval=0)
     try:
         sv = app.extensions["docket"]
         sv.scrubber.start()

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from docket.registry import RegistryConfig, create_app
-
 PUSH, READ = "push-token-0123456789", "read-token-0123456789"
 
 
@@ -16,10 +14,7 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-@pytest.fixture
-def client(tmp_path: Path):
-    app = create_app(RegistryConfig(location=tmp_path / "r", seeding=False, gc_interval=0, auth_tokens=(PUSH,)))
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(auth_tokens=(PUSH,))
 
 
 def test_version_check_challenges_without_credentials(client):
@@ -53,9 +48,8 @@ def test_reads_stay_open_writes_need_the_token(client):
     assert client.post("/v2/team/app/blobs/uploads/", headers=basic("ci", PUSH)).status_code == 202
 
 
-def test_read_token_cannot_push(tmp_path: Path):
-    app = create_app(RegistryConfig(location=tmp_path / "r", seeding=False, gc_interval=0, auth_tokens=(PUSH,),
-                                    read_tokens=(READ,)))
+def test_read_token_cannot_push(tmp_path: Path, make_app):
+    app = make_app(auth_tokens=(PUSH,), read_tokens=(READ,))
     client = app.test_client()
     assert client.get("/v2/_catalog").status_code == 401
     assert client.get("/v2/_catalog", headers=basic("ci", READ)).status_code == 200
@@ -79,9 +73,8 @@ def test_token_endpoint_hands_back_the_token_for_good_credentials(client):
     assert client.post("/v2/team/app/blobs/uploads/", headers=headers).status_code == 401
 
 
-def test_token_endpoint_refuses_anonymous_when_reads_are_private(tmp_path: Path):
-    app = create_app(RegistryConfig(location=tmp_path / "r", seeding=False, gc_interval=0, auth_tokens=(PUSH,),
-                                    read_tokens=(READ,)))
+def test_token_endpoint_refuses_anonymous_when_reads_are_private(tmp_path: Path, make_app):
+    app = make_app(auth_tokens=(PUSH,), read_tokens=(READ,))
     client = app.test_client()
     assert client.get("/v2/token").status_code == 401
     assert client.get("/v2/token", headers=basic("ci", READ)).get_json()["token"] == READ

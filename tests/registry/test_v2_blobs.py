@@ -20,7 +20,6 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from docket.registry import RegistryConfig, create_app
 from docket.registry.models import KIND_BLOB, Blob, utcnow
 from tests.support.registry_images import layer_tar
 
@@ -33,25 +32,7 @@ def sha(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(location: Path) -> Flask:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600, max_upload_size=LIMIT,
-                            tracker_port=6999)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].uploads.clear()
-    app.extensions["docket"].db.dispose()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT)
 
 
 def sv(app: Flask):

@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
-from docket.registry import RegistryConfig, create_app
 from docket.registry.models import Blob, Image, Manifest, utcnow
 from tests.support.registry_images import layer_tar
 
@@ -33,24 +31,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 EMPTY = "application/vnd.oci.empty.v1+json"
 
 
-@pytest.fixture
-def location(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
-
-
-@pytest.fixture
-def app(location: Path) -> Flask:
-    config = RegistryConfig(location=location, seeding=False, gc_interval=0, gc_grace=600, tracker_port=6999,
-                            max_upload_size=1 << 20)
-    app = create_app(config)
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["docket"].db.dispose()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+pytestmark = pytest.mark.registry_config(max_upload_size=1 << 20)
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:
