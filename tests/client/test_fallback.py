@@ -31,9 +31,8 @@ from docket.client.layers import chain_ids
 from docket.client.pull_layers import LayeredRecord, check_config
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, choose_piece_size
-from tests.client.test_layers import (FakeDocker, FakeRegistry, FakeTorrentProc, fake_registry, layer_puller,  # noqa: F401
-                                layer_tar, sha)
-from tests.client.test_unit import REF, FakeCtorrent, blob, canned, make_puller, served  # noqa: F401
+from tests.support.fakes import (REF, FakeCtorrent, FakeDocker, FakeRegistry, FakeTorrentProc, layer_puller, layer_tar,
+                                 make_puller, sha)
 from tests.support.procs import free_port, port_open
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import need

@@ -6,16 +6,13 @@ in-memory fake of the registry's layer endpoints (no registry, no ctorrent).
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import json
 import os
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -27,132 +24,10 @@ from docket.client.layers import (TarStream, chain_ids, classify_member, load_en
 from docket.client.pull_layers import LayeredRecord, check_config
 from docket.client.push import LayerPusher
 from docket.reference import Reference, parse_reference
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# -- a fake registry: HEAD/GET/POST blobs, PUT manifests ------------------------------------------------------
-
-class FakeRegistry:
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.kinds: dict[str, str] = {}
-        self.posts: list[dict[str, Any]] = []
-        self.manifests: dict[str, dict[str, Any]] = {}
-        self.extra: dict[str, bytes] = {}  # GET path -> body (records, torrents)
-        self.port = 0
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        reg = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = bytearray()
-                    while True:
-                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return bytes(out)
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
-
-            def _send(self, status: int, body: bytes = b"", length: int | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def _err(self, status: int, code: str, msg: str) -> None:
-                self._send(status, json.dumps({"error": {"code": code, "message": msg, "hint": None}}).encode())
-
-            def do_HEAD(self) -> None:
-                digest = self.path.rsplit("/", 1)[1]
-                if digest in reg.blobs:
-                    self._send(200, length=len(reg.blobs[digest]))
-                else:
-                    self._send(404, length=0)
-
-            def do_GET(self) -> None:
-                if self.path in reg.extra:
-                    return self._send(200, reg.extra[self.path])
-                digest = self.path.rsplit("/", 1)[1]
-                if digest in reg.blobs:
-                    self._send(200, reg.blobs[digest])
-                else:
-                    self._err(404, "NOT_FOUND", "no blob")
-
-            def do_POST(self) -> None:
-                url = urlsplit(self.path)
-                q = parse_qs(url.query)
-                body = self._body()
-                digest = sha(body)
-                reg.posts.append({"kind": q["kind"][0], "digest": digest, "size": len(body),
-                                  "given": q.get("digest", [None])[0]})
-                if q.get("digest") and q["digest"][0] != digest:
-                    return self._err(400, "DIGEST_MISMATCH", "digest mismatch")
-                existed = digest in reg.blobs
-                reg.blobs[digest] = body
-                reg.kinds[digest] = q["kind"][0]
-                self._send(200 if existed else 201, json.dumps(
-                    {"digest": digest, "size": len(body), "kind": q["kind"][0], "info_hash": None}).encode())
-
-            def do_PUT(self) -> None:
-                body = self._body()
-                if not body:
-                    return self._err(400, "INVALID_REQUEST", "empty")
-                m = json.loads(body)
-                for d in [m["config"], *m["layers"]]:
-                    if d not in reg.blobs:
-                        return self._err(404, "NOT_FOUND", f"blob {d} unknown")
-                cfg = json.loads(reg.blobs[m["config"]])
-                if cfg["rootfs"]["diff_ids"] != m["layers"]:
-                    return self._err(400, "INVALID_IMAGE", "diff_ids differ")
-                canon = json.dumps({"config": m["config"], "layers": m["layers"]}, separators=(",", ":"),
-                                   sort_keys=True)
-                rec = {"digest": sha(canon.encode()), "image_id": m["config"], "format": "layers"}
-                reg.manifests[self.path] = rec
-                self._send(201, json.dumps(rec).encode())
-
-        return H
-
-
-@pytest.fixture
-def fake_registry() -> Iterator[FakeRegistry]:
-    reg = FakeRegistry()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), reg.handler())
-    server.daemon_threads = True
-    reg.port = server.server_address[1]
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield reg
-    finally:
-        server.shutdown()
-        server.server_close()
+from tests.support.fakes import FakeDocker, FakeRegistry, FakeTorrentProc, layer_puller, layer_tar, sha
 
 
 # -- synthetic docker save tarballs ---------------------------------------------------------------------------
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def save_tar(layers: list[bytes], layout: str = "legacy", dup_link: bool = False) -> tuple[bytes, str, list[str]]:
@@ -479,50 +354,6 @@ def test_generated_stream_loads_with_only_the_missing_layer(docker_client, two_i
 
 # -- layer pull orchestration with a scripted ctorrent --------------------------------------------------------
 
-class FakeTorrentProc:
-    """Writes the layer's bytes (looked up by the blob's file name) and reports completion."""
-
-    instances: list[FakeTorrentProc] = []
-
-    def __init__(self, by_hex: dict[str, bytes], **kw: Any) -> None:
-        self.kw = kw
-        self.data = by_hex[Path(kw["save_as"]).name]
-        self.completed = threading.Event()
-        self.status = None
-        self.completed_at = None
-        self._alive = False
-        FakeTorrentProc.instances.append(self)
-
-    def start(self) -> None:
-        self._alive = True
-        Path(self.kw["save_as"]).write_bytes(self.data)
-        self.completed.set()
-
-    def alive(self) -> bool:
-        return self._alive
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._alive = False
-
-    def tail(self, n: int = 20) -> list[str]:
-        return []
-
-
-class FakeDocker:
-    def __init__(self, chain: set[str]) -> None:
-        self.chain = chain
-        self.loaded: bytes = b""
-
-    def ping(self) -> None:
-        pass
-
-    def local_chain_ids(self) -> set[str]:
-        return self.chain
-
-    def load_stream(self, chunks, ref, expected_id) -> str:
-        self.loaded = b"".join(chunks)
-        return expected_id
-
 
 def serve_layered(reg: FakeRegistry, tmp_path: Path, layers: list[bytes]) -> tuple[str, list[str], dict[str, bytes]]:
     from docket.torrent.metainfo import build_torrent
@@ -547,15 +378,6 @@ def serve_layered(reg: FakeRegistry, tmp_path: Path, layers: list[bytes]) -> tup
     reg.extra["/api/v1/repositories/team/app/tags/v1"] = json.dumps(rec).encode()
     FakeTorrentProc.instances.clear()
     return image_id, diff_ids, by_hex
-
-
-def layer_puller(reg: FakeRegistry, tmp_path: Path, by_hex: dict[str, bytes], docker: Any = None, **opts: Any):
-    from docket.client.pull import Puller, PullOptions
-
-    options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
-    return Puller(RegistryClient("127.0.0.1", reg.port), docker, options,
-                  ctorrent_factory=lambda **kw: FakeTorrentProc(by_hex, **kw),
-                  scraper=lambda url, ih: type("S", (), {"incomplete": 0, "complete": 1})())
 
 
 def test_layer_pull_downloads_only_missing_layers_and_loads_them(fake_registry, tmp_path):

@@ -6,14 +6,9 @@ No dockerd, ctorrent or registry needed: those are covered by the end-to-end tes
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import ipaddress
 import json
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,90 +21,11 @@ from docket.client import api as api_mod
 from docket.client import peer
 from docket.client.api import RegistryClient, base_url
 from docket.client.cli import AppContext, cli, default_location, plain_table
-from docket.client.pull import ImageRecord, Puller, PullOptions, check_torrent
+from docket.client.pull import ImageRecord, check_torrent
 from docket.reference import Reference
 from docket.torrent.metainfo import build_torrent, read_torrent
+from tests.support.fakes import REF, Canned, FakeCtorrent, make_puller, make_record
 from tests.support.procs import free_port
-
-
-# -- a tiny real HTTP server serving canned answers ---------------------------------------------------------
-
-@dataclass
-class Canned:
-    routes: dict[tuple[str, str], tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def json(self, method: str, path: str, status: int, body: Any) -> None:
-        self.routes[(method, path)] = (status, {"Content-Type": "application/json"}, json.dumps(body).encode())
-
-    def raw(self, method: str, path: str, status: int, body: bytes, ctype: str = "application/octet-stream") -> None:
-        self.routes[(method, path)] = (status, {"Content-Type": ctype}, body)
-
-
-def _handler(canned: Canned) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                    if size == 0:
-                        self.rfile.readline()
-                        return bytes(out)
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
-
-        def _serve(self) -> None:
-            body = self._body() if self.command in ("PUT", "POST") else b""
-            canned.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                    "body": body})
-            status, headers, payload = canned.routes.get(
-                (self.command, self.path),
-                (404, {"Content-Type": "application/json"},
-                 json.dumps({"error": {"code": "NOT_FOUND", "message": f"no route {self.path}", "hint": None}})
-                 .encode()))
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_PUT = do_DELETE = do_HEAD = _serve
-
-    return Handler
-
-
-@pytest.fixture
-def canned() -> Iterator[Canned]:
-    c = Canned()
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            pass  # a client that stops mid-body (the export-failure test) is expected
-
-    server = Server(("127.0.0.1", 0), _handler(c))
-    c.port = server.server_address[1]
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield c
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -340,23 +256,6 @@ def test_images_table_and_json(canned, tmp_path):
 
 # -- torrent vs metadata -------------------------------------------------------------------------------------
 
-@pytest.fixture
-def blob(tmp_path) -> tuple[Path, bytes]:
-    data = bytes(range(256)) * 4000  # 1 MB
-    p = tmp_path / "src" / "blob"
-    p.parent.mkdir()
-    p.write_bytes(data)
-    return p, data
-
-
-def make_record(data: bytes, info_hash: str, ref: str = "team/app:v1") -> dict[str, Any]:
-    repo, tag = ref.split(":")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    return {"repository": repo, "tag": tag, "ref": ref, "image_id": "sha256:" + "c" * 64,
-            "created": "2026-01-01T00:00:00Z", "size": len(data), "digest": digest, "info_hash": info_hash,
-            "piece_length": 262144, "torrent_url": f"/api/v1/blobs/{digest}/torrent",
-            "blob_url": f"/api/v1/blobs/{digest}"}
-
 
 def test_info_hash_mismatch_is_refused_before_download(canned, tmp_path, blob):
     path, data = blob
@@ -395,92 +294,6 @@ def test_pull_unknown_tag_is_not_found(canned, tmp_path):
 
 
 # -- pull orchestration with a scripted ctorrent ------------------------------------------------------------
-
-@dataclass
-class FakeStatus:
-    have: int
-    total: int
-    down_kbps: float = 100.0
-    leechers: int = 1  # a downloading peer is connected unless a test says otherwise
-
-
-class FakeCtorrent:
-    """Behaves like CtorrentProcess: writes ``data`` piece by piece (or stalls, or dies)."""
-
-    instances: list[FakeCtorrent] = []
-    leechers_after_completion = 1
-
-    def __init__(self, data: bytes, piece: int, mode: str = "ok", **kw: Any) -> None:
-        self.kw = kw
-        self.data, self.piece, self.mode = data, piece, mode
-        self.completed = threading.Event()
-        self.status: FakeStatus | None = None
-        self._alive = False
-        self.stopped = False
-        FakeCtorrent.instances.append(self)
-
-    def start(self) -> None:
-        self._alive = True
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        total = -(-len(self.data) // self.piece)
-        if self.mode == "stall":
-            self.status = FakeStatus(0, total)
-            return
-        if self.mode == "die":
-            self.status = FakeStatus(1, total)
-            time.sleep(0.2)
-            self._alive = False
-            return
-        out = self.kw["save_as"]
-        payload = self.data if self.mode == "ok" else b"\0" * len(self.data)
-        out.write_bytes(payload)
-        for have in range(total + 1):
-            self.status = FakeStatus(have, total)
-            time.sleep(0.01)
-        self.status = FakeStatus(total, total, leechers=FakeCtorrent.leechers_after_completion)
-        self.completed.set()
-
-    def alive(self) -> bool:
-        return self._alive and not self.stopped
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.stopped = True
-
-    def tail(self, n: int = 20) -> list[str]:
-        return ["Listening on 127.1.2.3:2706", "tracker said no"]
-
-
-def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", scrapes=None,
-                **opts: Any) -> Puller:
-    piece = 256 * 1024
-
-    def factory(**kw: Any) -> FakeCtorrent:
-        return FakeCtorrent(data, piece, mode, **kw)
-
-    scrape_iter = iter(scrapes or [])
-
-    def scraper(url: str, ih: str) -> Any:
-        return next(scrape_iter)
-
-    options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
-    return Puller(RegistryClient("127.0.0.1", canned.port), None, options, ctorrent_factory=factory,
-                  scraper=scraper)
-
-
-@pytest.fixture
-def served(canned, tmp_path, blob) -> tuple[Canned, bytes, str]:
-    path, data = blob
-    meta = build_torrent(path, "http://127.0.0.1:6969/announce", out=tmp_path / "t.torrent")
-    rec = make_record(data, meta.info_hash)
-    canned.json("GET", "/api/v1/repositories/team/app/tags/v1", 200, rec)
-    canned.raw("GET", f"/api/v1/blobs/{rec['digest']}/torrent", 200, (tmp_path / "t.torrent").read_bytes())
-    FakeCtorrent.instances.clear()
-    return canned, data, rec["digest"]
-
-
-REF = Reference("team/app", "v1")
 
 
 def test_pull_downloads_verifies_and_writes_output(served, tmp_path):
