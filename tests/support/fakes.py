@@ -80,26 +80,30 @@ class Canned:
         self.routes[(method, path)] = (status, {"Content-Type": ctype}, body)
 
 
-def canned_handler(canned: Canned) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1, quiet, and a request body read whole (Content-Length or chunked): what the fake servers share."""
 
-        def log_message(self, *args: Any) -> None:
-            pass
+    protocol_version = "HTTP/1.1"
 
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                    if size == 0:
-                        self.rfile.readline()
-                        return bytes(out)
-                    out += self.rfile.read(size)
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
                     self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
 
+
+def canned_handler(canned: Canned) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(FakeHandler):
         def _serve(self) -> None:
             body = self._body() if self.command in ("PUT", "POST") else b""
             canned.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
@@ -144,25 +148,7 @@ class FakeRegistry:
     def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         reg = self
 
-        class H(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = bytearray()
-                    while True:
-                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return bytes(out)
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
-
+        class H(FakeHandler):
             def _send(self, status: int, body: bytes = b"", length: int | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
