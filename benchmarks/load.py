@@ -5,7 +5,7 @@
 Starts docket-registry (cheroot, managed opentracker, real ctorrent seeders) on free loopback ports, then at
 once: PUSHES threads each push a distinct generated image tarball of PUSH_MIB MiB, and READERS threads each send
 REQUESTS_EACH `GET /api/v1/images`. Prints errors, p50/p99/max latency of the listings, and push times as JSON.
-`run()` is also used by tests/test_load.py with a small configuration.
+`run()` is also used by tests/e2e/test_load.py with a small configuration.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import requests
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from procs import free_port, stop_process, wait_until  # noqa: E402
-from registry_images import build_image_tar  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+from tests.support.procs import free_port, stop_process, wait_until  # noqa: E402
+from tests.support.registry_images import build_image_tar  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

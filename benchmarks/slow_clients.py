@@ -39,9 +39,9 @@ from pathlib import Path
 import requests
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from procs import free_port, stop_process, wait_until  # noqa: E402
-from registry_images import build_image_tar  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+from tests.support.procs import free_port, stop_process, wait_until  # noqa: E402
+from tests.support.registry_images import build_image_tar  # noqa: E402
 
 KINDS = ("head-silent", "head-trickle", "body-post", "body-v2")
 BODY_BYTES = 1024 * 1024

@@ -46,8 +46,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from netns import stop_pids  # noqa: E402 - the tests' namespace clean-up, shared
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.netns import stop_pids  # noqa: E402 - the tests' namespace clean-up, shared
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 REGISTRY_IP = "198.18.0.1"

@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from procs import free_port, wait_until  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support.procs import free_port, wait_until  # noqa: E402
 
 LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
             "_, s, r = os.wait4(p.pid, 0); print(r.ru_maxrss); sys.exit(os.waitstatus_to_exitcode(s))")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up this machine (packages, .venv) and run the whole suite against real
-# dockerd, ctorrent and opentracker. Extra arguments go to pytest, e.g. scripts/test.sh -k e2e
+# dockerd, ctorrent and opentracker. Extra arguments go to pytest, e.g. scripts/test.sh -k e2e, or
+# scripts/test.sh tests/registry for one area (tests/registry, tests/client, tests/torrent, tests/e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

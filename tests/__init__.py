@@ -1,0 +1,1 @@
+"""Docket's tests by area: registry/, client/, torrent/, e2e/; shared helpers in support/."""

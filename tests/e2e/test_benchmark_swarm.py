@@ -1,0 +1,85 @@
+"""A small run of benchmarks/swarm.py: 2 hosts, 4 MiB, fast links, in real network namespaces.
+
+Needs root and ``ip netns``: skipped without them, except under CI=true where that is a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _load_swarm():
+    spec = importlib.util.spec_from_file_location("docket_bench_swarm", ROOT / "benchmarks" / "swarm.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+swarm = _load_swarm()
+
+
+def _require() -> None:
+    ok, why = swarm.netns_supported()
+    missing = [t for t in ("ctorrent", "opentracker", "curl") if shutil.which(t) is None]
+    if ok and missing:
+        ok, why = False, f"missing tools: {', '.join(missing)}"
+    if not ok:
+        if CI:
+            pytest.fail(f"swarm benchmark cannot run under CI: {why}")
+        pytest.skip(f"swarm benchmark: {why}")
+
+
+def _namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(240)
+def test_small_swarm_run(tmp_path: Path) -> None:
+    _require()
+    prefix = "dkbt"
+    tag = f"{prefix}{os.getpid()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = swarm.Config(hosts=[2], size_mib=4, rate_mbit=400, seed_time=10, out=tmp_path / "out", prefix=prefix,
+                       timeout=120, workdir=work, plot=False)
+    try:
+        results = swarm.benchmark(cfg)
+    finally:
+        left = [ns for ns in _namespaces() if ns.startswith(tag)]
+        assert not left, f"namespaces left behind: {left}"
+    assert not list(work.iterdir()), "temp files left behind"
+
+    data = json.loads((cfg.out / "results.json").read_text())
+    assert len(data["rounds"]) == 1 and len(results) == 1
+    r = data["rounds"][0]
+    assert r["n"] == 2 and r["all_finished"] is True
+    assert r["size_bytes"] >= 4 * 1024 * 1024
+    assert r["docket_s"] > 0 and r["http_s"] > 0 and r["link_bound_s"] > 0
+    assert r["docket_over_bound"] > 0 and r["http_over_docket"] > 0
+    assert len(r["docket_hosts"]) == 2 and len(r["http_hosts"]) == 2
+    for h in r["docket_hosts"] + r["http_hosts"]:
+        assert h["ok"] and h["sha256_ok"], h
+        assert h["bytes"] == r["size_bytes"]
+        assert 0 < h["done_at"] < 120
+    assert {h["host"] for h in r["docket_hosts"]} == {"198.18.0.11", "198.18.0.12"}
+    for h in r["docket_hosts"]:
+        # the kernel's counters of the host's link: the whole layer came in over it (wire bytes >= payload)
+        assert h["link"] and h["link"][-1][1] * 1e6 >= r["size_bytes"], h["link"][-3:]
+        assert [row[0] for row in h["link"]] == sorted(row[0] for row in h["link"])
+        # ctorrent's status as the pull saw it: ends with every piece
+        assert h["progress"] and h["progress"][-1][1] == h["progress"][-1][2] > 0, h["progress"][-3:]
+    assert (cfg.out / "results.csv").read_text().startswith("n,")

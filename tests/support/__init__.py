@@ -1,0 +1,1 @@
+"""Helpers shared by every test area (and by benchmarks/): processes, images, namespaces, fakes."""

@@ -1,0 +1,1 @@
+"""docket.torrent: metainfo, ctorrent and opentracker processes."""
