@@ -44,9 +44,11 @@ _BY_CODE: dict[str, type[errors.DocketError]] = {}
 
 
 def _collect(cls: type[errors.DocketError]) -> None:
+    """The /api/v1 codes; the /v2 spec's codes (DistributionError) are mapped by HTTP status like any unknown code."""
     for sub in cls.__subclasses__():
-        _BY_CODE.setdefault(sub.code, sub)
-        _collect(sub)
+        if not issubclass(sub, errors.DistributionError):
+            _BY_CODE.setdefault(sub.code, sub)
+            _collect(sub)
 
 
 _collect(errors.DocketError)
