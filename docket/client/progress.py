@@ -49,7 +49,6 @@ def printable_lines(text: str, limit: int = 100_000) -> str:
 
 class Task(Protocol):
     def update(self, completed: int, rate: float | None = None) -> None: ...
-    def describe(self, description: str) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> Task: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -67,9 +66,6 @@ class _TaskBase:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def describe(self, description: str) -> None:
-        pass
 
     def close(self) -> None:
         pass
@@ -101,9 +97,6 @@ class _PlainTask(_TaskBase):
         self.raw = 0
         self.rate: float | None = None
         self.closed = False
-
-    def describe(self, description: str) -> None:
-        self.description = description
 
     def _line(self) -> str:
         parts = []
@@ -169,9 +162,6 @@ class _RichTask(_TaskBase):
         )
         self.progress.start()
         self.task_id = self.progress.add_task(printable(description, 500), total=total)
-
-    def describe(self, description: str) -> None:
-        self.progress.update(self.task_id, description=printable(description, 500))
 
     def update(self, completed: int, rate: float | None = None) -> None:
         if self.total:

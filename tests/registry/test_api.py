@@ -13,13 +13,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from flask.testing import FlaskClient
 from sqlalchemy import select
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from docket.imagetar import inspect_image_tar, parse_created
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
+from tests.support.apps import push_tarball as push
+from tests.support.apps import snapshot
 from tests.support.registry_images import _add, build_image_tar, config_json, layer_tar
 
 KIB = 1024
@@ -37,22 +38,6 @@ def image(tmp_path: Path):
         info = build_image_tar(path, **kw)
         return path.read_bytes(), info
     return make
-
-
-def push(client: FlaskClient, ref: str, data: bytes, **kw):
-    repo, _, tag = ref.rpartition(":")
-    headers = {"Content-Type": "application/x-tar", **kw.pop("headers", {})}
-    return client.put(f"/api/v1/repositories/{repo}/tags/{tag}", data=data, headers=headers, **kw)
-
-
-def snapshot(client: FlaskClient, location: Path) -> dict:
-    """What must not change when a request is rejected."""
-    return {
-        "images": client.get("/api/v1/images").get_json(),
-        "blobs": sorted(p.name for p in (location / "blobs" / "sha256").iterdir()),
-        "torrents": sorted(p.name for p in (location / "torrents").iterdir()),
-        "uploads": sorted(p.name for p in (location / "uploads").iterdir()),
-    }
 
 
 def assert_error(resp, status: int, code: str | None = None) -> dict:

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -15,6 +14,7 @@ from flask.testing import FlaskClient
 
 from docket.registry.models import Blob, utcnow
 from docket.torrent import read_torrent
+from tests.support.apps import push_tarball, snapshot
 from tests.support.registry_images import build_layered_image_tar, layer_tar
 
 LIMIT = 256 * 1024
@@ -53,21 +53,6 @@ def push_layers(client: FlaskClient, ref: str, layers: list[bytes], created: str
     resp = put_manifest(client, ref, sha(config), [sha(x) for x in layers])
     assert resp.status_code == 201, resp.get_data(as_text=True)
     return resp.get_json()
-
-
-def push_tarball(client: FlaskClient, ref: str, data: bytes, **kw):
-    repo, _, tag = ref.rpartition(":")
-    return client.put(f"/api/v1/repositories/{repo}/tags/{tag}", data=data,
-                      headers={"Content-Type": "application/x-tar", **kw.pop("headers", {})}, **kw)
-
-
-def snapshot(client: FlaskClient, location: Path) -> dict:
-    return {
-        "images": client.get("/api/v1/images").get_json(),
-        "blobs": sorted(p.name for p in (location / "blobs" / "sha256").iterdir()),
-        "torrents": sorted(p.name for p in (location / "torrents").iterdir()),
-        "uploads": sorted(p.name for p in (location / "uploads").iterdir()),
-    }
 
 
 def error(resp, status: int, code: str | None = None) -> dict:

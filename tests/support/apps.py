@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Flask
+from flask.testing import FlaskClient
 
 from docket.registry import RegistryConfig, create_app
 
@@ -23,3 +24,20 @@ def close_app(app: Flask) -> None:
     """Let go of what an app holds: its upload sessions and its database connections."""
     app.extensions["docket"].uploads.clear()
     app.extensions["docket"].db.dispose()
+
+
+def push_tarball(client: FlaskClient, ref: str, data: bytes, **kw):
+    """The original whole-tarball push: ``PUT /api/v1/repositories/<repo>/tags/<tag>``."""
+    repo, _, tag = ref.rpartition(":")
+    headers = {"Content-Type": "application/x-tar", **kw.pop("headers", {})}
+    return client.put(f"/api/v1/repositories/{repo}/tags/{tag}", data=data, headers=headers, **kw)
+
+
+def snapshot(client: FlaskClient, location: Path) -> dict:
+    """What must not change when a request is rejected."""
+    return {
+        "images": client.get("/api/v1/images").get_json(),
+        "blobs": sorted(p.name for p in (location / "blobs" / "sha256").iterdir()),
+        "torrents": sorted(p.name for p in (location / "torrents").iterdir()),
+        "uploads": sorted(p.name for p in (location / "uploads").iterdir()),
+    }
