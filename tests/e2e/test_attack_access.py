@@ -375,7 +375,6 @@ def docket(*args: str, server: RegistryServer, token: str | None, location: Path
     return result
 
 
-@pytest.mark.e2e
 def test_token_holder_pulls_through_bittorrent(image: ImageFactory, tmp_path: Path):
     need("ctorrent")
     need("opentracker")

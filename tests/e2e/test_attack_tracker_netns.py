@@ -33,7 +33,6 @@ from tests.support.registry_images import build_image_tar
 from tests.support.robustness_rows import record
 from tests.support.tools import IN_CI, need
 
-pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 REG_IP, TRK_IP = "198.18.0.1", "198.18.0.2"

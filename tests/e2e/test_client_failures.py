@@ -16,7 +16,6 @@ from tests.support.procs import free_port, port_open
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import need
 
-pytestmark = pytest.mark.e2e
 
 
 def test_docker_daemon_down(registry_server, image_factory, docket_cli, tmp_path: Path):

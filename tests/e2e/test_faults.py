@@ -19,7 +19,6 @@ from tests.support.procs import free_port, stop_process, wait_until
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import need
 
-pytestmark = pytest.mark.e2e
 RESULTS = os.environ.get("DOCKET_ROBUSTNESS_RESULTS")
 
 

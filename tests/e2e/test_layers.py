@@ -10,11 +10,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-import pytest
 
 from tests.support.tools import need
 
-pytestmark = pytest.mark.e2e
 
 
 def _build(factory, tag: str, dockerfile: str, files: dict[str, bytes]) -> None:

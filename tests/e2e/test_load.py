@@ -5,14 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.support.tools import need
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import load  # noqa: E402
 
-pytestmark = pytest.mark.e2e
 
 
 def test_listings_keep_answering_during_pushes(tmp_path: Path):

@@ -22,7 +22,6 @@ import requests
 from tests.support.procs import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.e2e
 
 
 def test_no_shell_strings_anywhere():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
 
 
 def images_json(docket_cli, registry) -> list[dict]:

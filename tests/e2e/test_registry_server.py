@@ -28,7 +28,6 @@ from tests.support.registry_images import build_image_tar, build_layered_image_t
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.e2e
 
 
 def _require(tool: str) -> None:

@@ -34,7 +34,6 @@ def test_scripts_are_valid_bash():
         assert result.returncode == 0, f"{script}: {result.stderr}"
 
 
-@pytest.mark.e2e
 def test_demo_command_pushes_and_pulls(docker_host: str, tmp_path: Path):
     """README command 1, run as a newcomer would (with free ports and DEMO_EXIT=1 so it stops)."""
     need("ctorrent")

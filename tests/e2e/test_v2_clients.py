@@ -18,7 +18,6 @@ from tests.support.procs import free_port
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import need
 
-pytestmark = pytest.mark.e2e
 
 TOKEN = "v2-test-token-0123456789abcdef"
 

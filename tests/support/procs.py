@@ -37,6 +37,15 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
     raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}: {last_exc!r}")
 
 
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer exists (or is a zombie nobody will reap: not ours then)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True

@@ -23,21 +23,12 @@ from docket.torrent import (
 from docket.torrent.ctorrent_engine import PID_FILE, CtorrentEngine
 from docket.torrent.metainfo import PieceHasher, choose_piece_size
 from docket.torrent.tracker import BdecodeError, announce_ok, bdecode, scrape_url
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port, pid_gone, wait_until
 from tests.support.tools import need
 
 MiB = 1024 * 1024
 # Loopback addresses for this module's ctorrents (never 127.0.0.1: see INTERFACE.md Findings).
 SEED_IP, LEECH_IP, THIRD_IP = "127.0.0.61", "127.0.0.62", "127.0.0.63"
-
-
-def pid_gone(pid: int) -> bool:
-    """True when ``pid`` no longer exists (or is a zombie nobody will reap: not ours then)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def sha256(path: Path) -> str:
@@ -258,31 +249,6 @@ def test_scrape_url() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real processes
-
-@pytest.fixture
-def opentracker(tmp_path: Path):
-    need("opentracker")
-    ot = Opentracker("127.0.0.1", free_port(), tmp_path / "tracker", admin_ip="127.0.0.1",
-                     log_path=tmp_path / "tracker.log")
-    ot.start()
-    try:
-        yield ot
-    finally:
-        ot.stop()
-        assert ot.pid is not None and wait_until(lambda: pid_gone(ot.pid), 10, what="opentracker gone")
-
-
-@pytest.fixture
-def payload(tmp_path: Path, opentracker: Opentracker):
-    """4 MiB of random bytes, its torrent (64 KiB pieces so there are many), whitelisted."""
-    data = tmp_path / "seed" / "payload.bin"
-    data.parent.mkdir()
-    data.write_bytes(os.urandom(4 * MiB))
-    torrent = tmp_path / "payload.torrent"
-    meta = build_torrent(data, opentracker.announce_url, out=torrent, piece_size=64 * 1024)
-    opentracker.set_whitelist([meta.info_hash])
-    return data, torrent, meta
-
 
 def test_opentracker_whitelist_sighup_stop(tmp_path: Path, opentracker: Opentracker) -> None:
     h1, h2 = "1" * 40, "ab" * 20
