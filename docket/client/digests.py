@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 from docket import errors
+from docket.reference import ANY_DIGEST_RE, DIGEST_ALGORITHMS
 
 # Layer digests: sha256 (docker save, our pushes) or sha512; file names use the hex of whichever it is.
-DIGEST_HEX_LEN = {"sha256": 64, "sha512": 128}
-BLOB_DIGEST_RE = re.compile(r"\A(?:sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})\Z")
+BLOB_DIGEST_RE = ANY_DIGEST_RE
 READ_CHUNK = 1024 * 1024
 MAX_BLOB_SIZE = 1 << 50  # 1 PiB: a size beyond it is not an image or a layer, whatever a registry says
 
@@ -19,7 +18,7 @@ MAX_BLOB_SIZE = 1 << 50  # 1 PiB: a size beyond it is not an image or a layer, w
 def digest_algorithm(digest: str) -> str:
     """``"sha512"`` for ``"sha512:<hex>"``; refuses algorithms we cannot verify."""
     algo = digest.split(":", 1)[0]
-    if algo not in DIGEST_HEX_LEN or not BLOB_DIGEST_RE.match(digest):
+    if algo not in DIGEST_ALGORITHMS or not BLOB_DIGEST_RE.match(digest):
         raise errors.IntegrityError(f"unsupported or malformed digest {digest!r}",
                                     "digests must be sha256:<64 hex> or sha512:<128 hex>")
     return algo

@@ -90,7 +90,8 @@ def build(config: RegistryConfig) -> Components:
     blobs = Blobs(db, store, swarm, locks, scrubber, space_paths=_space_paths(store, db),
                   min_free_space=config.min_free_space)
     manifests = Manifests(db, store, locks, blobs, swarm, scrubber)
-    tarballs = TarballSplitter(db, store, locks, blobs, manifests, chunk_size=config.chunk_size)
+    tarballs = TarballSplitter(db, store, locks, blobs, manifests, chunk_size=config.chunk_size,
+                               location_lock=store.locked)
     uploads = UploadSessions(store, timeout=config.upload_session_timeout)  # /v2 upload sessions
     downloads = DownloadCounter()
     gc = GarbageCollector(db, locks, blobs, manifests, swarm, downloads, uploads, interval=config.gc_interval,

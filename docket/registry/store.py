@@ -206,6 +206,17 @@ class FileBlobStore:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """``lock`` for a while, then let go unless this process already held it (start-up work before serving)."""
+        held = self._lock_fd is not None
+        self.lock()
+        try:
+            yield
+        finally:
+            if not held:
+                self.unlock()
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -28,13 +30,15 @@ log = logging.getLogger(__name__)
 
 class TarballSplitter:
     def __init__(self, db: Database, store: BlobStore, locks: Locks, blobs: Blobs, manifests: Manifests, *,
-                 chunk_size: int) -> None:
+                 chunk_size: int, location_lock: Callable[[], AbstractContextManager[object]]) -> None:
+        """``location_lock``: the location's flock (FileBlobStore.locked), held while ``migrate`` writes blobs."""
         self.db = db
         self.store = store
         self.locks = locks
         self.blobs = blobs
         self.manifests = manifests
         self.chunk_size = chunk_size
+        self.location_lock = location_lock
 
     def publish(self, tarball: Path, size: int, repository: str, tag: str, *, seed: bool = True) -> int:
         """Checked tar -> each layer copied out (hashed, must equal the config's diff_id at its position) -> layer
@@ -77,10 +81,17 @@ class TarballSplitter:
 
     def migrate(self) -> int:
         """Start-up: image records of format "tarball" become layer records (same tag, image and push time);
-        their seeders start with the others. A record that cannot be split stays as it is (logged)."""
+        their seeders start with the others. A record that cannot be split stays as it is (logged). The split
+        writes blobs, so it runs under the location's lock: never beside a registry serving the location."""
         with self.db.session() as s:
             todo = list(s.execute(select(Image.repository, Image.tag, Image.blob_digest, Image.pushed_at)
                                   .where(Image.format == FORMAT_TARBALL).order_by(Image.id)))
+        if not todo:
+            return 0
+        with self.location_lock():
+            return self._convert(todo)
+
+    def _convert(self, todo: list) -> int:
         done = 0
         for repository, tag, digest, pushed_at in todo:
             size = self.store.stat(digest) if digest else None

@@ -8,13 +8,14 @@ import tarfile
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from docket.registry.db import Database
 from docket.registry.models import Base, Blob, utcnow
-from docket.registry.store import FileBlobStore
+from docket.registry.store import FileBlobStore, LocationError
 from docket.torrent import build_torrent, read_torrent
 from tests.support.registry_images import build_image_tar
 
@@ -33,10 +34,9 @@ def test_migration_matches_models(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) -> None:
-    """A registry at 0001 with a whole-tarball tag: upgraded to head, start-up splits the tarball (as a tarball PUT
-    is split on arrival) and the tag is served as layers (same image, created and push time), with a V2 manifest;
-    the tarball blob becomes unreferenced and GC takes it after the grace period."""
+def registry_at_0001(tmp_path: Path) -> tuple[Path, FileBlobStore, Path, dict, str]:
+    """A location whose database is at 0001 and holds one whole-tarball tag, team/old:v1 (as pushed before
+    layers): (location, store, tarball, its image info, the tarball blob's digest)."""
     location = tmp_path / "registry"
     store = FileBlobStore(location)
     store.ensure_layout()
@@ -58,7 +58,14 @@ def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) 
                           "VALUES ('team/old', 'v1', :i, '2024-05-06 07:08:09', :n, :d, '2026-01-02 03:04:06')"),
                      {"i": info["image_id"], "n": len(data), "d": digest})
     old.dispose()
+    return location, store, tar, info, digest
 
+
+def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) -> None:
+    """A registry at 0001 with a whole-tarball tag: upgraded to head, start-up splits the tarball (as a tarball PUT
+    is split on arrival) and the tag is served as layers (same image, created and push time), with a V2 manifest;
+    the tarball blob becomes unreferenced and GC takes it after the grace period."""
+    location, store, tar, info, digest = registry_at_0001(tmp_path)
     app = make_app(location=location)
     sv = app.extensions["docket"]
     try:
@@ -89,3 +96,26 @@ def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) 
         assert client.get("/api/v1/repositories/team/old/tags/v1").get_json() == rec
     finally:
         sv.db.dispose()
+
+
+def test_tarball_records_are_not_converted_beside_a_serving_registry(tmp_path: Path, make_app) -> None:
+    """The conversion writes blobs: while another registry holds the location's lock it refuses, with the same
+    "in use" error a second registry gets, and converts nothing; the lock is let go after a conversion."""
+    location, _, _, _, digest = registry_at_0001(tmp_path)
+    serving = FileBlobStore(location)
+    serving.lock()
+    try:
+        with pytest.raises(LocationError, match="in use by another docket-registry"):
+            make_app(location=location)
+        db = Database(f"sqlite:///{location / 'docket.db'}")
+        with db.engine.connect() as conn:
+            assert conn.execute(text("SELECT format, blob_digest FROM images")).all() == [("tarball", digest)]
+        db.dispose()
+        assert sorted(p.name for p in (location / "blobs" / "sha256").iterdir()) == [digest[7:]]
+    finally:
+        serving.unlock()
+    client = make_app(location=location).test_client()
+    assert client.get("/api/v1/repositories/team/old/tags/v1").get_json()["format"] == "layers"
+    other = FileBlobStore(location)
+    other.lock()  # let go after the conversion: the serve command's start() takes it for good
+    other.unlock()
