@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.image_factory import ImageFactory
-from tests.support.procs import free_port, managed_process, wait_until
+from tests.support.procs import background_seeders, free_port, managed_process, stop_background_seeders, wait_until
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import IN_CI, need
 
@@ -124,3 +124,11 @@ def docket_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
 
     return run
 
+
+
+@pytest.fixture(autouse=True)
+def _no_background_seeder_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test ends the background seeders its pulls started (a pull returns while one seeds on)."""
+    before = set(background_seeders())
+    yield
+    stop_background_seeders(before, tmp_path_factory.getbasetemp())

@@ -294,8 +294,11 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
               default=None, help="Port our ctorrent listens on  [default: ctorrent's (2706, lower if busy)]")
 @click.option("--seed-time", type=click.FloatRange(min=0), default=60.0, show_default=True,
               envvar="DOCKET_SEED_TIME", show_envvar=True,
-              help="Seconds to keep seeding after the download (stops early when no peer is still downloading); "
-                   "0 stops at once.")
+              help="Seconds to keep seeding after the download, in the background (stops early when no peer is "
+                   "still downloading); 0 stops at once.")
+@click.option("--wait", is_flag=True, envvar="DOCKET_WAIT", show_envvar=True,
+              help="Seed in the foreground: return only when seeding ended (by default the pull returns once the "
+                   "image is loaded, and a background seeder goes on: `docket seed`).")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               envvar="DOCKET_STALL_TIMEOUT", show_envvar=True,
               help="Fail when the download makes no progress for this many seconds.")
@@ -318,13 +321,16 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int | None, seed_time: float,
-         stall_timeout: float, max_download_rate: int | None, transport: str, fallback_after: float, load: bool,
-         output: Path | None, as_json: bool) -> None:
-    """Download an image through BitTorrent, verify it, load it into Docker, seed it for a while.
+         wait: bool, stall_timeout: float, max_download_rate: int | None, transport: str, fallback_after: float,
+         load: bool, output: Path | None, as_json: bool) -> None:
+    """Download an image through BitTorrent, verify it, load it into Docker; seed it for a while.
 
     A reference without a tag means :latest. An interrupted pull resumes where it stopped. When the swarm gives
     nothing (tracker down, no reachable peer), layers continue over HTTP from the registry (--transport auto).
+    The pull returns once the image is loaded; what it downloaded goes on seeding in a background seeder (one per
+    --location, see `docket seed`) for up to --seed-time, or until no peer still needs it.
     """
+    from docket.client.background import Handoff
     from docket.client.peer import validate_peer_ip
     from docket.client.pull import PullOptions, Puller
 
@@ -335,7 +341,8 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
     opts = PullOptions(location=app.config.location, peer_ip=peer_ip, peer_port=peer_port, seed_time=seed_time,
                        stall_timeout=stall_timeout, load=load, output=output, max_download_rate=max_download_rate,
                        transport=transport.lower(), fallback_after=fallback_after)
-    puller = Puller(app.registry, app.docker if load else None, opts, app.reporter())
+    puller = Puller(app.registry, app.docker if load else None, opts, app.reporter(),
+                    handoff=None if wait else Handoff(app.config.location))
     result = puller.pull(ref)
     if as_json:
         app.out(json.dumps(result.summary()))
@@ -355,6 +362,53 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
         app.out(f"{what} {result.ref} ({result.image_id}) in {result.seconds:.1f} s")
         if result.output:
             app.out(f"Tarball: {result.output}")
+
+
+# -- seed ------------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--list", "show", is_flag=True, help="List what the background seeder seeds (the default).")
+@click.option("--stop", is_flag=True, help="Stop the background seeder and everything it seeds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click.pass_context
+def seed(ctx: click.Context, show: bool, stop: bool, as_json: bool) -> None:
+    """The background seeder of --location: what it seeds for other hosts, or stop it.
+
+    `docket pull` hands the layers it downloaded to it and returns; it seeds each for up to the pull's
+    --seed-time, stops a layer earlier once no peer still downloads it, and ends when it seeds nothing.
+    """
+    from docket.client import background
+
+    app = _app(ctx)
+    location = app.config.location
+    if show and stop:
+        raise click.UsageError("give --list or --stop, not both")
+    if stop:
+        pid = background.stop(location)
+        if as_json:
+            app.out(json.dumps({"stopped": pid is not None, "pid": pid, "location": str(location)}))
+        elif pid is None:
+            app.info(f"No background seeder runs for {location}.")
+        else:
+            app.out(f"Stopped the background seeder (pid {pid}) of {location}")
+        return
+    state = background.SeederFiles(location).read_state()
+    if as_json:
+        app.out(json.dumps(state))
+        return
+    if not state["running"]:
+        app.info(f"No background seeder runs for {location}.")
+        return
+    blobs = state["blobs"]
+    app.info(f"Background seeder pid {state.get('pid')} of {location}: {len(blobs)} layer(s)")
+    if blobs:
+        from docket.client.progress import human_bytes, printable
+
+        rows = [(printable(str(b.get("ref", "")), 200), _short_digest(b.get("digest")),
+                 human_bytes(b["size"]) if isinstance(b.get("size"), int) else "?", str(b.get("peer", "")),
+                 f"{b.get('seconds_left', 0):.0f} s", f"{b.get('uploaded_mb', 0)} MB") for b in blobs]
+        for line in plain_table(("IMAGE", "LAYER", "SIZE", "PEER", "LEFT", "UPLOADED"), rows):
+            app.out(line)
 
 
 # -- images ----------------------------------------------------------------------------------------------------

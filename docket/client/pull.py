@@ -5,8 +5,10 @@
    file), the sink chosen (``docker load`` stream, ``-o`` file, or neither with ``--no-load``).
 2. ``run``: every blob's lock held (cache.py); verified blobs in the cache are kept; the others go through
    ``_download`` (one loop over ``BlobJob``s, MAX_TRANSFERS at a time: transfer.py) and are verified.
-3. The load tarball is generated from the cache (layers.py) into the sink while the finished blobs seed; then
-   seeding goes on until each blob's ``SeedPolicy`` (seeding.py) says nobody needs it.
+3. The load tarball is generated from the cache (layers.py) into the sink. Each blob seeds from the moment its
+   download finished: by default in the background seeder of the location (``handoff``: background.py,
+   seedd.py), so the pull returns once the image is usable; with ``--wait`` in this process, until each blob's
+   ``SeedPolicy`` (seeding.py) says nobody needs it.
 
 No click here: the CLI passes a ``Reporter`` (progress.py) and reads the returned ``PullResult``.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from docket import errors
 from docket.client.api import RegistryClient
+from docket.client.background import Handoff
 from docket.client.cache import (blob_lock, cache_dir, check_output_path, ensure_dir, ensure_space, unlink_link,
                                  write_output)
 from docket.client.digests import digest_algorithm, digest_file, empty_digest
@@ -120,17 +123,19 @@ class Puller:
 
     def __init__(self, api: RegistryClient, docker: DockerOps | None, options: PullOptions,
                  reporter: Reporter | None = None, engine: TorrentEngine | None = None,
-                 scraper: Callable[[str, str], Any] | None = None) -> None:
+                 scraper: Callable[[str, str], Any] | None = None, handoff: Handoff | None = None) -> None:
         self.api = api
         self.docker = docker
         self.opts = options
         self.reporter = reporter or SilentReporter()
         self.engine = engine or CtorrentEngine(tied=True)
         self.tracker = TrackerView(scraper)
+        self.handoff = handoff if options.seed_time > 0 else None
         o = options
         self.transfers = Transfers(api, self.engine, self.reporter, self.warn, seed_time=o.seed_time,
                                    complete_grace=o.complete_grace, fallback_after=o.fallback_after,
-                                   max_download_rate=o.max_download_rate, peer_port=o.peer_port)
+                                   max_download_rate=o.max_download_rate, peer_port=o.peer_port,
+                                   handoff=self.handoff)
         self.jobs: list[BlobJob] = []
 
     def warn(self, text: str) -> None:
@@ -147,8 +152,13 @@ class Puller:
             self.opts.output = check_output_path(self.opts.output)
         self.reporter.info(f"Pulling {ref} from the Docket registry at {self.api.url}")
         plan = self.plan(ref)
+        self.transfers.ref = str(plan.record.ref)
         try:
             return self.run(plan, start)
+        except BaseException:
+            if self.handoff is not None:  # Ctrl-C or a failure: what this pull handed over stops too
+                self.handoff.withdraw()
+            raise
         finally:
             self.transfers.stop_all(self.jobs)
 
@@ -220,6 +230,9 @@ class Puller:
             if cached:
                 rep.info(f"{len(cached)} layer(s) already downloaded and verified in {opts.location}")
             if fetched:
+                if self.handoff is not None:
+                    self.handoff.drop([j.layer.digest for j in fetched])  # a damaged copy it may seed
+                    self.handoff.attach()  # up, and staying up, by the time the first blob is finished
                 result.peer_ip = self._download(record, fetched, self._transport(fetched))
                 if opts.seed_time <= 0:
                     self.transfers.stop_all(self.jobs)
@@ -240,8 +253,27 @@ class Puller:
             result.loaded = True
         result.seconds = round(time.monotonic() - start, 3)
         result.extra = self._summary(plan, cached, fetched)
-        self._seed_rest(record, seeders, policies)
+        if self.handoff is not None:
+            result.extra["seeding"] = self._in_background(record, fetched)
+        else:
+            result.extra["seeding"] = "foreground" if seeders else "none"
+            self._seed_rest(record, seeders, policies)
         return result
+
+    def _in_background(self, record: LayeredRecord, fetched: list[BlobJob]) -> str:
+        """Wait until the background seeder took every blob handed over (it starts in a moment); say so."""
+        handoff = self.handoff
+        assert handoff is not None
+        handed = [j for j in fetched if j.handed_over]
+        if not handoff.settle():
+            self.warn(f"the background seeder of {self.opts.location} did not start (see "
+                      f"{handoff.files.log}); {record.ref} is not seeded for other hosts")
+            return "none"
+        if not handed:
+            return "none"
+        self.reporter.info(f"Seeding {len(handed)} layer(s) of {record.ref} for other peers in the background for "
+                           f"up to {self.opts.seed_time:.0f} s (`docket seed --list`; `docket seed --stop` ends it)")
+        return "background"
 
     def _summary(self, plan: PullPlan, cached: list[BlobJob], fetched: list[BlobJob]) -> dict[str, Any]:
         """The --json keys of a pull (README, "docket pull")."""

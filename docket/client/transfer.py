@@ -19,6 +19,7 @@ from typing import Any
 
 from docket import errors
 from docket.client.api import RegistryClient
+from docket.client.background import Handoff, SeedRequest
 from docket.client.cache import atomic_write
 from docket.client.http_fetch import HttpFetch, piece_hashes, verified_bytes
 from docket.client.progress import Reporter, printable
@@ -61,7 +62,8 @@ class BlobJob:
     last_have: int = -1  # pieces the engine had at the last progress
     last_progress: float = 0.0
     fallback_reason: str | None = None
-    reseed: threading.Thread | None = None  # replacing the finished download with a seeder
+    reseed: threading.Thread | None = None  # replacing the finished download with a seeder (here or in the background)
+    handed_over: bool = False  # the background seeder seeds it (background.py)
     stopping: threading.Thread | None = None
 
     @property
@@ -101,7 +103,8 @@ class Transfers:
 
     def __init__(self, api: RegistryClient, engine: TorrentEngine, reporter: Reporter,
                  warn: Callable[[str], None], *, seed_time: float, complete_grace: float, fallback_after: float,
-                 max_download_rate: int | None, peer_port: int | None) -> None:
+                 max_download_rate: int | None, peer_port: int | None, handoff: Handoff | None = None,
+                 ref: str = "") -> None:
         self.api = api
         self.engine = engine
         self.reporter = reporter
@@ -111,6 +114,8 @@ class Transfers:
         self.fallback_after = fallback_after
         self.max_download_rate = max_download_rate
         self.peer_port = peer_port
+        self.handoff = handoff  # None: finished blobs seed in this process (--wait)
+        self.ref = ref
         self.fallback_reason: str | None = None  # the first reason HTTP took over
 
     def start(self, job: BlobJob, mode: str, peer_ip: str | None, seed_hours: int) -> None:
@@ -160,6 +165,8 @@ class Transfers:
                 job.all_pieces_since = job.all_pieces_since or now
                 if now - job.all_pieces_since >= self.complete_grace:
                     job.done = True
+                    if self.handoff is not None:
+                        self.reseed_async(job, jobs)
                     return job.layer.size, rate
         dead = not proc.alive() and not proc.completed.is_set()
         if mode == "auto" and (dead or now - job.last_progress >= self.fallback_after):
@@ -202,19 +209,47 @@ class Transfers:
         self.http(job, before=stop)
 
     def reseed_async(self, job: BlobJob, jobs: list[BlobJob]) -> None:
-        """Swap a finished download for a fresh seeder (CtorrentProcess.reseed says why), in the background."""
+        """Swap a finished download for a fresh seeder (CtorrentProcess.reseed says why), in a thread: in the
+        background seeder when there is one (``handoff``), else in this process."""
         if self.seed_time <= 0 or job.reseed is not None:
             return
         seeding = sum(1 for j in jobs if j is not job and j.done and j.fetch is None and j.seeding)
-        if seeding >= MAX_SEEDERS:  # enough processes seed for this pull already: this one stops
+        if self.handoff is None and seeding >= MAX_SEEDERS:  # enough processes seed for this pull: this one stops
             self.stop_async(job)
             return
 
         def run() -> None:
-            job.proc = reseeded(job.proc, job.layer.digest)
+            if self.handoff is not None:
+                self.hand_over(job)
+            else:
+                job.proc = reseeded(job.proc, job.layer.digest)
 
         job.reseed = threading.Thread(target=run, name=f"reseed-{job.layer.hex[:12]}", daemon=True)
         job.reseed.start()
+
+    def hand_over(self, job: BlobJob) -> None:
+        """Halt the finished download and give its blob, address and port to the background seeder."""
+        proc, handoff = job.proc, self.handoff
+        assert proc is not None and handoff is not None
+        completed_at = getattr(proc, "completed_at", None) or time.monotonic()
+        try:
+            if hasattr(proc, "halt"):
+                port = proc.halt()
+            else:  # a test double
+                port = getattr(proc, "listen_port", None)
+                proc.stop(timeout=STOP_WAIT)
+        except Exception as exc:  # noqa: BLE001 - the blob is downloaded; only seeding is lost
+            log.warning("could not halt ctorrent for %s: %s", job.layer.digest, exc)
+            return
+        deadline = time.time() + max(0.0, completed_at + self.seed_time - time.monotonic())
+        try:
+            handoff.seed(SeedRequest(digest=job.layer.digest, torrent=str(job.torrent_path), blob=str(job.blob),
+                                     workdir=str(job.workdir), deadline=deadline,
+                                     listen_ip=getattr(proc, "listen_ip", None), port=port, size=job.layer.size,
+                                     ref=self.ref))
+            job.handed_over = True
+        except (OSError, errors.DocketError) as exc:
+            log.warning("could not hand %s to the background seeder: %s", job.layer.digest, exc)
 
     def stop_async(self, job: BlobJob) -> None:
         if job.stopping is None:

@@ -384,19 +384,11 @@ class CtorrentProcess:
         every peer choked at one round waited up to 10 s with 15 finished peers idle (benchmarks/README.md,
         "Stragglers"). A new process connects to the whole swarm again, and each peer still downloading asks it
         for data ("interested"), which ctorrent answers at once while it has fewer than 4 peers unchoked.
-        Two SIGTERMs in a row make ctorrent close every connection, save its bitfield and exit without waiting
-        for the tracker; the new process announces the same address and port as complete.
+        The old process is halted (``halt``); the new one announces the same address and port as complete.
         """
         if not self.completed.is_set():
             raise RuntimeError("reseed() needs a finished download")
-        port = self.listen_port or self.port
-        with self._stop_lock:
-            proc = self._proc
-            if proc is None or self._stopped:
-                raise RuntimeError("reseed() of a stopped ctorrent")
-            self._stopped = True
-            stop_child(proc, timeout, (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL), gap=0.05)
-            self._join_reader(5.0)
+        port = self.halt(timeout)
         new = CtorrentProcess(self.torrent, self.save_as, workdir=self.workdir, listen_ip=self.listen_ip, port=port,
                               seed_only=True, exit_hours=self.exit_hours, cache_mb=self.cache_mb,
                               max_peers=self.max_peers, min_peers=self.min_peers, log_path=self.log_path,
@@ -405,8 +397,25 @@ class CtorrentProcess:
         new.completed_at = self.completed_at
         new.completed.set()  # a seeder has every piece; -f prints no "Download complete."
         new.start()
-        log.info("ctorrent pid %d replaced by seeder pid %s for %s", proc.pid, new.pid, self.torrent.name)
+        log.info("ctorrent pid %s replaced by seeder pid %s for %s", self.pid, new.pid, self.torrent.name)
         return new
+
+    def halt(self, timeout: float = 5.0) -> int | None:
+        """Stop at once, without the "stopped" announce, for a replacement on the same address and port (a
+        seeder of ours, here or in the background seeder); returns that port.
+
+        Two SIGTERMs in a row make ctorrent close every connection, save its bitfield and exit without waiting
+        for the tracker, whose entry for our address and port the replacement's announce then turns complete.
+        """
+        port = self.listen_port or self.port
+        with self._stop_lock:
+            proc = self._proc
+            if proc is None or self._stopped:
+                raise RuntimeError("halt() of a stopped ctorrent")
+            self._stopped = True
+            stop_child(proc, timeout, (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL), gap=0.05)
+            self._join_reader(5.0)
+        return port
 
     def _claim(self) -> subprocess.Popen[bytes] | None:
         """Mark this process as being stopped by the caller; its Popen, or None when someone else stops it."""

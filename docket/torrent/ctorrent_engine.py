@@ -51,8 +51,10 @@ class CtorrentEngine:
         return self._make(torrent, save_as, workdir=workdir, listen_ip=listen_ip, port=port, exit_hours=seed_hours,
                           log_path=log_path, **kw)
 
-    def seed(self, torrent: Path, blob: Path, *, workdir: Path, listen_ip: str | None = None) -> Transfer:
-        return self._make(torrent, blob, workdir=workdir, listen_ip=listen_ip, seed_only=True)
+    def seed(self, torrent: Path, blob: Path, *, workdir: Path, listen_ip: str | None = None,
+             port: int | None = None, log_path: Path | None = None) -> Transfer:
+        return self._make(torrent, blob, workdir=workdir, listen_ip=listen_ip, port=port, seed_only=True,
+                          log_path=log_path)
 
     def stop_all(self, transfers: Sequence[Transfer], timeout: float) -> None:
         if all(isinstance(t, CtorrentProcess) for t in transfers):

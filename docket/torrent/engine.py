@@ -56,6 +56,7 @@ class Transfer(Protocol):
     def wait_listening(self, timeout: float) -> int: ...
     def stop(self, timeout: float = 5.0) -> None: ...
     def reseed(self) -> Transfer: ...  # a finished download replaced by a fresh seeder (same address and port)
+    def halt(self) -> int | None: ...  # stopped at once for a replacement on the same port, which it returns
     def tail(self, n: int = 20) -> list[str]: ...  # the engine's recent output, for error messages
 
 
@@ -68,7 +69,8 @@ class TorrentEngine(Protocol):
                  port: int | None = None, seed_hours: int = 9999, log_path: Path | None = None,
                  max_download_kbps: int | None = None) -> Transfer: ...
 
-    def seed(self, torrent: Path, blob: Path, *, workdir: Path, listen_ip: str | None = None) -> Transfer: ...
+    def seed(self, torrent: Path, blob: Path, *, workdir: Path, listen_ip: str | None = None,
+             port: int | None = None, log_path: Path | None = None) -> Transfer: ...
 
     def stop_all(self, transfers: Sequence[Transfer], timeout: float) -> None:
         """Stop many from the calling thread (cleanup that may not start threads)."""

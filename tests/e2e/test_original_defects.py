@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port, pid_gone, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -236,10 +236,11 @@ def test_memory_stays_bounded_while_pushing(registry_server, image_factory, tmp_
 def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, docket_cli, tmp_path: Path):
     """Defect: pullers exited as soon as they finished (`-e 0`), never seeding for slower peers.
 
-    A `docket pull` finishes; then a slow peer (a plain ctorrent limited to 100 KB/s) joins. The puller must
-    stay in the swarm as a seeder while the slow peer is incomplete, then exit on its own (well before
-    --seed-time) once nobody is downloading.
+    A `docket pull` finishes and returns; its background seeder seeds on, on the address and port the download
+    announced. A slow peer (a plain ctorrent limited to 100 KB/s) joins: the seeder stays while it is incomplete,
+    then ends on its own (well before --seed-time) once nobody is downloading.
     """
+    from docket.client.background import SeederFiles
     from docket.torrent import CtorrentProcess, scrape
 
     ref, _ = image_factory.build(data_mib=2)
@@ -253,36 +254,34 @@ def test_puller_keeps_seeding_for_other_peers(registry_server, image_factory, do
         record = max(record["layers"], key=lambda layer: layer["size"])
     torrent.write_bytes(requests.get(f"{registry_server.url}{record['torrent_url']}", timeout=10).content)
 
-    args = [sys.executable, "-m", "docket.client.cli", "--port", str(registry_server.port), "--location",
-            str(tmp_path / "fast"), "pull", "--no-load", "--seed-time", "120", ref]
-    pull = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "DOCKET_PEER_IP": "127.0.0.23"})
-    try:
-        seen = []
-        for line in pull.stderr:  # plain progress lines when not a terminal
-            seen.append(line)
-            if line.startswith("Seeding"):
-                break
-        assert pull.poll() is None, "".join(seen)
-        # the finished download's ctorrent was replaced by a fresh seeder (CtorrentProcess.reseed) on its port
-        logs = list((tmp_path / "fast" / "torrents").glob("*/ctorrent.log"))
-        assert logs and max(log.read_text(errors="replace").count("Listening on 127.0.0.23:") for log in logs) == 2
-        slow = CtorrentProcess(torrent, tmp_path / "slow" / "image.tar", workdir=tmp_path / "slow",
-                               listen_ip="127.0.0.24", extra_args=["-D", "100"])
-        with slow:
-            # the registry's seeder plus the finished puller: two complete peers while the slow one downloads
-            wait_until(lambda: scrape(announce, record["info_hash"]).complete >= 2, timeout=30,
-                       what="the finished puller to be counted as a seeder")
-            assert not slow.completed.is_set()
-            assert pull.poll() is None, "the puller left while a peer was still downloading"
-            assert slow.wait_complete(timeout=120)
-            started = time.monotonic()
-            assert pull.wait(timeout=60) == 0
-            assert time.monotonic() - started < 60  # it left on its own, not at --seed-time
-    finally:
-        if pull.poll() is None:
-            pull.terminate()
-            pull.wait(30)
+    fast = tmp_path / "fast"
+    out = docket_cli("pull", "--no-load", "--seed-time", "120", "--json", ref, registry=registry_server,
+                     location=fast, peer_ip="127.0.0.23")
+    assert json.loads(out.stdout)["seeding"] == "background"
+    assert "Seeding" in out.stderr and "in the background" in out.stderr
+    files = SeederFiles(fast)
+    assert files.running()
+    # the finished download's ctorrent was halted and the background seeder took its address and port
+    workdir = fast / "torrents" / record["digest"].split(":", 1)[1]
+    listen = re.compile(r"Listening on 127\.0\.0\.23:(\d+)")
+    download_port = listen.findall((workdir / "ctorrent.log").read_text(errors="replace"))
+    wait_until(lambda: listen.findall((workdir / "seed.log").read_text(errors="replace")), timeout=10,
+               what="the background seeder's ctorrent to listen")
+    assert listen.findall((workdir / "seed.log").read_text(errors="replace")) == download_port
+    slow = CtorrentProcess(torrent, tmp_path / "slow" / "image.tar", workdir=tmp_path / "slow",
+                           listen_ip="127.0.0.24", extra_args=["-D", "100"])
+    with slow:
+        # the registry's seeder plus the background seeder: two complete peers while the slow one downloads
+        wait_until(lambda: scrape(announce, record["info_hash"]).complete >= 2, timeout=30,
+                   what="the background seeder to be counted as a seeder")
+        assert not slow.completed.is_set()
+        assert files.running(), "the background seeder left while a peer was still downloading"
+        assert slow.wait_complete(timeout=120)
+        started = time.monotonic()
+        wait_until(lambda: not files.running(), timeout=60, what="the background seeder to end")
+        assert time.monotonic() - started < 30  # it left on its own, not at --seed-time
+    assert not list(fast.glob("torrents/*/ctorrent.pid")) or all(
+        pid_gone(int(p.read_text())) for p in fast.glob("torrents/*/ctorrent.pid"))
 
 
 def test_anyone_can_no_longer_overwrite_a_tag(tmp_path: Path):

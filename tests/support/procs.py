@@ -91,3 +91,35 @@ def managed_process(
         raise
     finally:
         stop_process(proc)
+
+
+def background_seeders() -> dict[int, Path]:
+    """Running background seeders (``docket.client.seedd``): pid -> their location."""
+    found: dict[int, Path] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"docket.client.seedd" in argv and len(argv) >= 2 and argv[-2]:
+            found[int(entry.name)] = Path(os.fsdecode(argv[-2] if argv[-1] == b"" else argv[-1]))
+    return found
+
+
+def stop_background_seeders(started_after: set[int], under: Path) -> list[int]:
+    """Stop the background seeders a test's pulls started (not in ``started_after``, location under ``under``:
+    our own, never another worker's); their pids."""
+    from docket.client import background
+
+    stopped = []
+    for pid, location in background_seeders().items():
+        if pid not in started_after and location.is_relative_to(under):
+            with contextlib.suppress(Exception):
+                background.stop(location, timeout=20)
+            if not pid_gone(pid):  # its location was removed: the pid alone is left
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+    return stopped
