@@ -12,11 +12,14 @@ the host's end, download = egress of the bridge's end), ``--rate-mbit`` each way
 and loopback are used; nothing is created in the root namespace (the veths are created directly inside the
 namespaces), so parallel runs with different pids never collide.
 
-Per N (``--hosts``) a fresh image of ``--size-mib`` MiB is pushed (a synthetic ``docker save`` tarball over HTTP,
-no dockerd needed), then
-  * HTTP:   N hosts run ``curl GET /api/v1/blobs/<digest>`` at once: time until the last one has the whole blob;
-  * docket: N hosts run ``docket pull --no-load --seed-time T --json`` at once (released together from a start
-            barrier after their imports): time from the start to the last host's verified blob.
+Per N (``--hosts``) and layer count (``--layers``) a fresh image of ``--size-mib`` MiB (equal layers) is pushed (a
+synthetic ``docker save`` tarball over HTTP, no dockerd needed), then
+  * HTTP:   N hosts run ``curl GET /api/v1/blobs/<digest>`` for every layer at once: time until the last one has
+            every blob;
+  * docket: N hosts run ``docket pull --no-load --json`` at once, with default flags (no address, no seed time;
+            released together from a start barrier after their imports). Three times per round: until the last
+            host's image is verified ("ready"), until the last ``docket pull`` returned, and until the last
+            background seeder stopped seeding (it seeds on after the pull returned: docket seed).
 
 Everything it created (namespaces, hence veths and bridge; processes it started, and anything still running
 inside its namespaces; temp files) is removed at the end, on failure and on Ctrl-C/SIGTERM.
@@ -63,8 +66,6 @@ import os, sys, time
 ready, go, started = sys.argv[1], sys.argv[2], sys.argv[3]
 import docket.client.cli as cli
 import docket.client.pull, docket.client.seeding, docket.torrent.ctorrent, docket.torrent.tracker, docket.torrent.metainfo  # noqa
-if os.environ.get("DOCKET_BENCH_NO_EARLY_STOP"):  # --no-early-stop: seed the full --seed-time, whoever is left
-    docket.client.seeding.SeedPolicy.done = lambda self: time.monotonic() >= self.deadline
 _trace = open(sys.argv[3] + ".trace", "w", buffering=1)  # per-host progress: wall time, then ctorrent's status
 _line = docket.torrent.ctorrent.CtorrentProcess._line
 def _traced(self, raw, _line=_line):
@@ -89,7 +90,8 @@ class Config:
     size_mib: float = 64.0
     rate_mbit: float = 50.0
     queue_ms: float = 100.0  # tbf latency: the most queueing delay a link adds
-    seed_time: float = 60.0
+    seed_time: float | None = None  # docket pull --seed-time; None: its default
+    layers: list[int] = field(default_factory=lambda: [1])  # layer counts: a round per N and layer count
     out: Path = Path("benchmarks/results")
     prefix: str = "dkbench"
     timeout: float = 900.0
@@ -98,7 +100,6 @@ class Config:
     skip_http: bool = False
     plot: bool = True
     ctorrent_args: str = ""  # $DOCKET_CTORRENT_ARGS for the registry's seeders and every pull's ctorrent
-    no_early_stop: bool = False  # pulls seed the whole --seed-time (the client's early-stop rule off)
     repeat: int = 1  # rounds per N
 
 
@@ -107,7 +108,10 @@ class HostResult:
     host: str
     ok: bool
     seconds: float  # this host's own transfer time (docket: its --json "seconds"; http: curl time_total)
-    done_at: float  # seconds from the round's start until this host had the verified blob
+    done_at: float  # seconds from the round's start until this host had the verified blob(s): "ready"
+    returned_at: float = 0.0  # docket: until its `docket pull` returned
+    seeding_stopped_at: float | None = None  # docket: until its background seeder stopped its last blob
+    seeder_exited_at: float | None = None  # docket: until its background seeder ended
     bytes: int = 0
     sha256_ok: bool = False
     error: str = ""
@@ -123,21 +127,25 @@ class HostResult:
 @dataclass
 class RoundResult:
     n: int
+    layers: int
     size_bytes: int
     rate_mbit: float
     digest: str
     link_bound_s: float  # size / link rate: the best any single host can do
     http_bound_s: float  # n * size / link rate: the registry's uplink carries every byte n times
     http_s: float | None
-    docket_s: float | None
+    docket_s: float | None  # the last host ready (image verified)
     docket_host_max_s: float | None  # slowest host's own --json seconds
     docket_over_bound: float | None
     http_over_docket: float | None
     all_finished: bool
     http_hosts: list[HostResult] = field(default_factory=list)
     docket_hosts: list[HostResult] = field(default_factory=list)
-    docket_all_exited_s: float | None = None  # until every `docket pull` exited (seeding for stragglers included)
+    docket_all_exited_s: float | None = None  # until every `docket pull` returned
+    docket_returned_over_bound: float | None = None
     docket_median_s: float | None = None  # the median host's done_at (the max is set by stragglers)
+    seeding_stopped_s: float | None = None  # until every background seeder stopped its last blob
+    seeders_exited_s: float | None = None  # until every background seeder ended
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average before the round, after it
 
 
@@ -287,42 +295,48 @@ class Lab:
         self.created.clear()
 
 
-def build_image(path: Path, size: int, repo_tag: str) -> str:
-    """A ``docker save``-shaped tarball (Engine 20.10 layout) with one layer of ``size`` random bytes.
+def build_image(path: Path, size: int, repo_tag: str, layers: int = 1) -> str:
+    """A ``docker save``-shaped tarball (Engine 20.10 layout) with ``layers`` layers of random bytes, ``size``
+    bytes in all (equal shares).
 
-    Random data: nothing compresses it away and every run's blob (hence info hash) is new.
+    Random data: nothing compresses it away and every run's blobs (hence info hashes) are new.
     """
+    import io
+
     work = path.parent
-    payload = work / "payload.bin"
-    with open(payload, "wb") as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(MIB, left))
-            f.write(chunk)
-            left -= len(chunk)
-    layer = work / "layer.tar"
-    with tarfile.open(layer, "w", format=tarfile.GNU_FORMAT) as t:
-        info = t.gettarinfo(str(payload), arcname="payload.bin")
-        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-        with open(payload, "rb") as f:
-            t.addfile(info, f)
-    payload.unlink()
-    h = hashlib.sha256()
-    with open(layer, "rb") as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
-    layer_hex = h.hexdigest()
+    layer_hexes = []
+    for k in range(layers):
+        share = size // layers + (size % layers if k == layers - 1 else 0)
+        payload = work / f"payload{k}.bin"
+        with open(payload, "wb") as f:
+            left = share
+            while left:
+                chunk = os.urandom(min(MIB, left))
+                f.write(chunk)
+                left -= len(chunk)
+        layer = work / f"layer{k}.tar"
+        with tarfile.open(layer, "w", format=tarfile.GNU_FORMAT) as t:
+            info = t.gettarinfo(str(payload), arcname=f"payload{k}.bin")
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            with open(payload, "rb") as f:
+                t.addfile(info, f)
+        payload.unlink()
+        h = hashlib.sha256()
+        with open(layer, "rb") as f:
+            while chunk := f.read(MIB):
+                h.update(chunk)
+        layer_hexes.append(h.hexdigest())
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "created": "2026-01-01T00:00:00Z",
-        "config": {"Cmd": ["/payload.bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_hex}"]},
+        "config": {"Cmd": ["/payload0.bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{x}" for x in layer_hexes]},
     }, sort_keys=True).encode()
     config_hex = hashlib.sha256(config).hexdigest()
     repo, _, tag = repo_tag.rpartition(":")
-    manifest = [{"Config": f"{config_hex}.json", "RepoTags": [repo_tag], "Layers": [f"{layer_hex}/layer.tar"]}]
+    manifest = [{"Config": f"{config_hex}.json", "RepoTags": [repo_tag],
+                 "Layers": [f"{x}/layer.tar" for x in layer_hexes]}]
 
     def add(t: tarfile.TarFile, name: str, data: bytes, **kw: object) -> None:
-        import io
         ti = tarfile.TarInfo(name)
         ti.size, ti.mode, ti.mtime = len(data), 0o644, 0
         for k, v in kw.items():
@@ -330,24 +344,26 @@ def build_image(path: Path, size: int, repo_tag: str) -> str:
         t.addfile(ti, io.BytesIO(data))
 
     with tarfile.open(path, "w") as t:
-        add(t, f"{layer_hex}/", b"", type=tarfile.DIRTYPE, mode=0o755)
-        ti = tarfile.TarInfo(f"{layer_hex}/layer.tar")
-        ti.size, ti.mode, ti.mtime = layer.stat().st_size, 0o644, 0
-        with open(layer, "rb") as f:
-            t.addfile(ti, f)
-        add(t, f"{layer_hex}/VERSION", b"1.0")
+        for k, layer_hex in enumerate(layer_hexes):
+            layer = work / f"layer{k}.tar"
+            add(t, f"{layer_hex}/", b"", type=tarfile.DIRTYPE, mode=0o755)
+            ti = tarfile.TarInfo(f"{layer_hex}/layer.tar")
+            ti.size, ti.mode, ti.mtime = layer.stat().st_size, 0o644, 0
+            with open(layer, "rb") as f:
+                t.addfile(ti, f)
+            add(t, f"{layer_hex}/VERSION", b"1.0")
+            layer.unlink()
         add(t, f"{config_hex}.json", config)
-        add(t, "repositories", json.dumps({repo: {tag: layer_hex}}).encode())
+        add(t, "repositories", json.dumps({repo: {tag: layer_hexes[-1]}}).encode())
         add(t, "manifest.json", json.dumps(manifest).encode())
-    layer.unlink()
     return f"sha256:{config_hex}"
 
 
-def image_layer(record: dict) -> dict:
-    """The generated image's one (data) layer: what both HTTP and BitTorrent hosts transfer."""
+def image_layers(record: dict) -> list[dict]:
+    """The generated image's data layers: what both HTTP and BitTorrent hosts transfer."""
     if record.get("format") == "tarball":  # a record from before layer-level distribution
-        return record
-    return max(record["layers"], key=lambda layer: layer["size"])
+        return [record]
+    return [layer for layer in record["layers"] if layer["size"] > 0]
 
 
 def sha256_of(path: Path) -> str:
@@ -374,8 +390,6 @@ class Bench:
             env = dict(os.environ)
             if self.cfg.ctorrent_args:
                 env["DOCKET_CTORRENT_ARGS"] = self.cfg.ctorrent_args
-            if self.cfg.no_early_stop:
-                env["DOCKET_BENCH_NO_EARLY_STOP"] = "1"
             proc = subprocess.Popen(self.lab.exec(ns, args), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, env=env)  # Ctrl-C reaches only us; we stop them in order
         self.procs.append(proc)
@@ -404,12 +418,12 @@ class Bench:
             time.sleep(0.2)
         raise RuntimeError("docket-registry did not become healthy in 60 s:\n" + _tail(self.tmp / "registry.log"))
 
-    def push(self, n: int) -> dict:
+    def push(self, n: int, layers: int) -> dict:
         assert self.tmp
         size = int(self.cfg.size_mib * MIB)
         tar = self.tmp / f"image-n{n}.tar"
-        ref = f"bench/swarm:n{n}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        build_image(tar, size, ref)
+        ref = f"bench/swarm:n{n}-l{layers}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        build_image(tar, size, ref, layers)
         repo, _, tag = ref.rpartition(":")
         # From inside the registry's namespace (over its loopback path to its own address, not the shaped link).
         resp = self.tmp / "push.json"
@@ -440,26 +454,28 @@ class Bench:
 
     # -- rounds ----------------------------------------------------------------------------------------------
     def http_round(self, n: int, record: dict, rdir: Path) -> list[HostResult]:
-        layer = image_layer(record)
-        url = f"{self.base}{layer['blob_url']}"
+        layers = image_layers(record)
         procs, outs = [], []
         t0 = time.monotonic()
         for i in range(n):
-            out = rdir / f"http-c{i}.blob"
-            outs.append(out)
+            files = [rdir / f"http-c{i}-{k}.blob" for k in range(len(layers))]
+            outs.append(files)
+            pairs = [a for layer, out in zip(layers, files) for a in ("-o", str(out), f"{self.base}{layer['blob_url']}")]
             procs.append(self.spawn(self.lab.clients[i], [
-                "curl", "-sS", "-f", "--noproxy", "*", "-o", str(out), "-w", "%{time_total} %{size_download}", url,
+                "curl", "-sS", "-f", "--noproxy", "*", "-w", "%{time_total} %{size_download}\n", *pairs,
             ], rdir / f"http-c{i}.log", stdout=rdir / f"http-c{i}.out"))
         ends = self._await(procs, t0, f"HTTP N={n}")
         hosts = []
-        for i, (p, out, end) in enumerate(zip(procs, outs, ends)):
+        for i, (p, files, end) in enumerate(zip(procs, outs, ends)):
             res = HostResult(host=self.lab.client_ips[i], ok=p.returncode == 0, seconds=end, done_at=end)
-            with contextlib.suppress(ValueError, IndexError, OSError):
-                res.seconds = float((rdir / f"http-c{i}.out").read_text().split()[0])
-            if out.exists():
-                res.bytes = out.stat().st_size
-                res.sha256_ok = sha256_of(out) == layer["digest"]
-                out.unlink()
+            res.sha256_ok = True
+            for layer, out in zip(layers, files):
+                if out.exists():
+                    res.bytes += out.stat().st_size
+                    res.sha256_ok = res.sha256_ok and sha256_of(out) == layer["digest"]
+                    out.unlink()
+                else:
+                    res.sha256_ok = False
             res.ok = res.ok and res.sha256_ok
             if not res.ok:
                 res.error = f"curl exit {p.returncode}: {_tail(rdir / f'http-c{i}.log', 5)}"
@@ -469,14 +485,14 @@ class Bench:
     def docket_round(self, n: int, record: dict, rdir: Path) -> list[HostResult]:
         go = rdir / "go"
         procs = []
+        seed = ["--seed-time", f"{self.cfg.seed_time:g}"] if self.cfg.seed_time is not None else []
         for i in range(n):
             loc = rdir / f"docket-c{i}"
             loc.mkdir(mode=0o700)
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
                 "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
-                "pull", "--no-load", "--seed-time", f"{self.cfg.seed_time:g}", "--peer-ip", self.lab.client_ips[i],
-                "--json", record["ref"],
+                "pull", "--no-load", *seed, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
         deadline = time.monotonic() + 60
         while not all((rdir / f"ready-{i}").exists() for i in range(n)):
@@ -488,12 +504,17 @@ class Bench:
         go.touch()
         sampler = LinkSampler(self.lab, n, t0)
         try:
-            self.last_exit = max(self._await(procs, t0, f"docket N={n}"))
+            returned = self._await(procs, t0, f"docket N={n}")
+            self.last_exit = max(returned)
+            seeders = self._await_seeders([rdir / f"docket-c{i}" for i in range(n)], t0)
         finally:
             links = sampler.stop()
         hosts = []
+        layers = image_layers(record)
         for i, p in enumerate(procs):
-            res = HostResult(host=self.lab.client_ips[i], ok=False, seconds=0.0, done_at=0.0)
+            res = HostResult(host=self.lab.client_ips[i], ok=False, seconds=0.0, done_at=0.0,
+                             returned_at=round(returned[i], 3), seeder_exited_at=seeders[i])
+            res.seeding_stopped_at = _seeding_stopped(rdir / f"docket-c{i}" / "seeder" / "seeder.log", t0_wall)
             try:
                 summary = json.loads((rdir / f"docket-c{i}.out").read_text().strip().splitlines()[-1])
                 started = float((rdir / f"start-{i}").read_text())
@@ -501,13 +522,12 @@ class Bench:
                 res.done_at = started - t0_wall + res.seconds
                 res.progress = read_trace(rdir / f"start-{i}.trace", t0_wall)
                 res.link = links.get(i, [])
-                res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layer, via BitTorrent
-                layer = image_layer(record)
-                blob = rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]
-                # docket pull verified sha256 before printing its summary (exit 0); check the file again anyway
-                res.sha256_ok = summary["digest"] == record["digest"] and blob.exists() and \
-                    sha256_of(blob) == layer["digest"]
-                res.ok = p.returncode == 0 and res.sha256_ok and res.bytes == layer["size"]
+                res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layers, via BitTorrent
+                # docket pull verified every digest before printing its summary (exit 0); check the files again
+                res.sha256_ok = summary["digest"] == record["digest"] and all(
+                    sha256_of(rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]) == layer["digest"]
+                    for layer in layers)
+                res.ok = p.returncode == 0 and res.sha256_ok and res.bytes == sum(x["size"] for x in layers)
             except (OSError, ValueError, KeyError, IndexError) as exc:
                 res.error = f"{exc!r}"
             if not res.ok:
@@ -517,20 +537,37 @@ class Bench:
                 shutil.rmtree(rdir / f"docket-c{i}", ignore_errors=True)
         return hosts
 
-    def one(self, n: int) -> RoundResult:
+    def _await_seeders(self, locations: list[Path], t0: float) -> list[float | None]:
+        """Wait until every host's background seeder ended (``docket seed`` shows none): each one's end, seconds
+        since t0 (None: it never ran)."""
+        from docket.client.background import SeederFiles
+
+        files = [SeederFiles(loc) for loc in locations]
+        ends: list[float | None] = [None] * len(files)
+        ran = [f.log.exists() for f in files]
+        deadline = time.monotonic() + (self.cfg.seed_time or 60.0) + 60
+        while True:
+            for k, f in enumerate(files):
+                if ends[k] is None and ran[k] and not f.running():
+                    ends[k] = round(time.monotonic() - t0, 3)
+            if all(e is not None or not r for e, r in zip(ends, ran)) or time.monotonic() > deadline:
+                return ends
+            time.sleep(0.05)
+
+    def one(self, n: int, layers: int) -> RoundResult:
         assert self.tmp
-        rdir = self.tmp / f"n{n}"
+        rdir = self.tmp / f"n{n}-l{layers}"
         k = 1
-        while rdir.exists():  # --repeat: n16, n16-2, ...
+        while rdir.exists():  # --repeat: n16-l1, n16-l1-2, ...
             k += 1
-            rdir = self.tmp / f"n{n}-{k}"
+            rdir = self.tmp / f"n{n}-l{layers}-{k}"
         rdir.mkdir(mode=0o755)
         load_before = os.getloadavg()[0]
-        record = self.push(n)
-        size = int(image_layer(record)["size"])
+        record = self.push(n, layers)
+        size = sum(int(layer["size"]) for layer in image_layers(record))
         bound = size * 8 / (self.cfg.rate_mbit * 1e6)
-        log(f"N={n}: pushed {record['ref']} ({size / MIB:.1f} MiB, piece {record.get('piece_length')}), "
-            f"link bound {bound:.1f} s")
+        log(f"N={n}: pushed {record['ref']} ({size / MIB:.1f} MiB in {layers} layer(s), piece "
+            f"{record.get('piece_length')}), link bound {bound:.1f} s")
         http_hosts: list[HostResult] = []
         if not self.cfg.skip_http:
             http_hosts = self.http_round(n, record, rdir)
@@ -539,16 +576,20 @@ class Bench:
         ok = all(h.ok for h in docket_hosts) and all(h.ok for h in http_hosts)
         http_s = max(h.done_at for h in http_hosts) if http_hosts else None
         docket_s = max(h.done_at for h in docket_hosts) if all(h.ok for h in docket_hosts) else None
-        log(f"N={n}: docket {docket_s} s" + ("" if ok else " - FAILURES: " +
+        stops = [h.seeding_stopped_at for h in docket_hosts if h.seeding_stopped_at is not None]
+        exits = [h.seeder_exited_at for h in docket_hosts if h.seeder_exited_at is not None]
+        log(f"N={n} layers={layers}: docket ready {docket_s} s, returned {self.last_exit:.1f} s, seeding stopped "
+            f"{max(stops, default=0):.1f} s" + ("" if ok else " - FAILURES: " +
             "; ".join(f"{h.host}: {h.error}" for h in [*http_hosts, *docket_hosts] if not h.ok)))
         return RoundResult(
-            n=n, size_bytes=size, rate_mbit=self.cfg.rate_mbit, digest=record["digest"], link_bound_s=round(bound, 3),
+            n=n, layers=layers, size_bytes=size, rate_mbit=self.cfg.rate_mbit, digest=record["digest"], link_bound_s=round(bound, 3),
             http_bound_s=round(n * bound, 3), http_s=_r(http_s), docket_s=_r(docket_s),
             docket_host_max_s=_r(max(h.seconds for h in docket_hosts)),
             docket_over_bound=_r(docket_s / bound if docket_s else None),
             http_over_docket=_r(http_s / docket_s if http_s and docket_s else None),
             all_finished=ok, http_hosts=http_hosts, docket_hosts=docket_hosts,
-            docket_all_exited_s=_r(self.last_exit),
+            docket_all_exited_s=_r(self.last_exit), docket_returned_over_bound=_r(self.last_exit / bound),
+            seeding_stopped_s=_r(max(stops, default=None)), seeders_exited_s=_r(max(exits, default=None)),
             docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
         )
@@ -561,9 +602,10 @@ class Bench:
         self.start_registry()
         results = []
         for n in self.cfg.hosts:
-            for _ in range(self.cfg.repeat):
-                results.append(self.one(n))
-                write_results(self.cfg, results)
+            for layers in self.cfg.layers:
+                for _ in range(self.cfg.repeat):
+                    results.append(self.one(n, layers))
+                    write_results(self.cfg, results)
         return results
 
     def close(self) -> None:
@@ -584,6 +626,19 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+def _seeding_stopped(seeder_log: Path, t0_wall: float) -> float | None:
+    """When the background seeder's last "stopped seeding" line was logged, seconds since t0_wall."""
+    last = None
+    try:
+        for line in seeder_log.read_text(errors="replace").splitlines():
+            if "stopped seeding" in line:
+                stamp, _, ms = line[:23].partition(",")
+                last = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+    except (OSError, ValueError):
+        return None
+    return None if last is None else round(last - t0_wall, 3)
+
+
 def _tail(path: Path, n: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -596,12 +651,12 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
     (cfg.out / "results.json").write_text(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
-                   "no_early_stop": cfg.no_early_stop,
-                   "repeat": cfg.repeat},
+                   "layers": cfg.layers, "repeat": cfg.repeat},
         "rounds": [asdict(r) for r in results],
     }, indent=2))
-    cols = ["n", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
-            "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s", "docket_median_s",
+    cols = ["n", "layers", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
+            "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
+            "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
             "loadavg", "all_finished"]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -612,13 +667,13 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
 
 def table(results: list[RoundResult]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = [f"{'N':>3} {'HTTP s':>8} {'docket s':>9} {'median s':>9} {'bound s':>8} {'docket/bound':>13} "
-             f"{'HTTP/docket':>12} {'load':>11} ok"]
+    lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'returned s':>10} {'bound s':>8} "
+             f"{'ready/bound':>11} {'returned/bound':>14} {'seeding stopped s':>17} {'load':>9} ok"]
     for r in results:
         load = "/".join(f"{x:.1f}" for x in r.loadavg)
-        lines.append(f"{r.n:>3} {f(r.http_s):>8} {f(r.docket_s):>9} {f(r.docket_median_s):>9} {f(r.link_bound_s):>8} "
-                     f"{f(r.docket_over_bound, 2):>13} {f(r.http_over_docket, 2):>12} {load:>11} "
-                     f"{'yes' if r.all_finished else 'NO'}")
+        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_all_exited_s):>10} "
+                     f"{f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} {f(r.docket_returned_over_bound, 2):>14} "
+                     f"{f(r.seeding_stopped_s):>17} {load:>9} {'yes' if r.all_finished else 'NO'}")
     return "\n".join(lines)
 
 
@@ -630,16 +685,18 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
     except ImportError:
         log("matplotlib not installed (pip install 'docket[bench]' or matplotlib): no plot")
         return None
+    results = [r for r in results if r.layers == cfg.layers[0]]  # one line per measure: the first layer count
     ns = [r.n for r in results]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if any(r.http_s for r in results):
         ax.plot(ns, [r.http_s for r in results], "o-", label="central HTTP (measured)")
         ax.plot(ns, [r.http_bound_s for r in results], ":", color="C0", label="HTTP bound N·S/B")
-    ax.plot(ns, [r.docket_s for r in results], "s-", color="C1", label="docket pull, BitTorrent (measured)")
+    ax.plot(ns, [r.docket_s for r in results], "s-", color="C1", label="docket pull: image ready (measured)")
+    ax.plot(ns, [r.docket_all_exited_s for r in results], "^-", color="C3", label="docket pull returned (measured)")
     ax.plot(ns, [r.link_bound_s for r in results], "--", color="C2", label="link bound S/B")
     ax.set_xlabel("hosts pulling at once (N)")
     ax.set_ylabel("seconds until the last host has the image")
-    ax.set_title(f"{cfg.size_mib:g} MiB image, {cfg.rate_mbit:g} Mbit/s links")
+    ax.set_title(f"{cfg.size_mib:g} MiB image of {cfg.layers[0]} layer(s), {cfg.rate_mbit:g} Mbit/s links")
     ax.set_xticks(ns)
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -694,7 +751,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--size-mib", type=float, default=64.0, help="image size in MiB (default 64)")
     p.add_argument("--rate-mbit", type=float, default=50.0, help="every host's link, each direction (default 50)")
     p.add_argument("--queue-ms", type=float, default=100.0, help="tbf queue (latency) per link (default 100 ms)")
-    p.add_argument("--seed-time", type=float, default=60.0, help="docket pull --seed-time (default 60)")
+    p.add_argument("--seed-time", type=float, default=None, help="docket pull --seed-time (default: not given)")
+    p.add_argument("--layers", default="1,3", help="comma-separated layer counts of the image (default 1,3)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results.json/.csv, swarm.png")
     p.add_argument("--prefix", default="dkbench", help="namespace name prefix; the pid is appended")
     p.add_argument("--timeout", type=float, default=900.0, help="per transfer phase, seconds")
@@ -705,17 +763,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--ctorrent-args", default="",
                    help="extra ctorrent flags for the registry's seeders and every pull (e.g. '-z 64 -C 32'), "
                         "passed as $DOCKET_CTORRENT_ARGS")
-    p.add_argument("--no-early-stop", action="store_true",
-                   help="pulls seed the whole --seed-time (turns off the client's stop-when-nobody-downloads rule)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
     a = p.parse_args(argv)
     hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
     if not hosts or min(hosts) < 1 or max(hosts) > 200:
         p.error("--hosts: values 1..200")
+    layers = [int(x) for x in a.layers.split(",") if x.strip()]
+    if not layers or min(layers) < 1 or max(layers) > 64:
+        p.error("--layers: values 1..64")
     return Config(hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
-                  plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat),
-                  no_early_stop=a.no_early_stop)
+                  plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,7 +203,7 @@ def stop(location: Path, timeout: float = 30.0) -> int | None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while files.running():
+    while files.running() or Path(f"/proc/{pid}").exists():  # its lock goes a moment before the process
         if time.monotonic() >= deadline:
             raise errors.DocketError(f"the background seeder (pid {pid}) did not stop within {timeout:.0f} s")
         time.sleep(0.05)

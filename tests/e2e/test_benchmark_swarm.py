@@ -80,6 +80,12 @@ def test_small_swarm_run(tmp_path: Path) -> None:
         # the kernel's counters of the host's link: the whole layer came in over it (wire bytes >= payload)
         assert h["link"] and h["link"][-1][1] * 1e6 >= r["size_bytes"], h["link"][-3:]
         assert [row[0] for row in h["link"]] == sorted(row[0] for row in h["link"])
-        # ctorrent's status as the pull saw it: ends with every piece
-        assert h["progress"] and h["progress"][-1][1] == h["progress"][-1][2] > 0, h["progress"][-3:]
-    assert (cfg.out / "results.csv").read_text().startswith("n,")
+        # ctorrent's status as the pull saw it (a 4 MiB download may end before its second status line)
+        assert h["progress"] and 0 <= h["progress"][-1][1] <= h["progress"][-1][2] and h["progress"][-1][2] > 0
+        # the pull returned once the image was verified; its background seeder stopped later, by itself
+        assert h["done_at"] <= h["returned_at"] < 60
+        assert h["returned_at"] <= h["seeding_stopped_at"] <= h["seeder_exited_at"] < 60
+    assert r["docket_all_exited_s"] == max(h["returned_at"] for h in r["docket_hosts"])
+    assert r["seeders_exited_s"] == max(h["seeder_exited_at"] for h in r["docket_hosts"])
+    assert r["layers"] == 1
+    assert (cfg.out / "results.csv").read_text().startswith("n,layers,")
