@@ -4,9 +4,15 @@ use of it (peer.py: which -i, and the loopback tracker of a registry on another 
 from __future__ import annotations
 
 import ipaddress
+from types import SimpleNamespace
+
+import pytest
 
 from docket import netaddr
 from docket.client import peer
+from docket.client.api import RegistryClient
+from docket.client.progress import SilentReporter
+from docket.client.pull import PullOptions, Puller
 
 ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth1\t00000000\t010012C6\t0003\t0\t0\t600\t00000000\t0\t0\t0
@@ -65,3 +71,31 @@ def test_loopback_tracker_of_a_registry_elsewhere():
         assert peer.loopback_tracker_elsewhere(f"http://{a}:8000", announce) is None
     assert peer.loopback_tracker_elsewhere("http://198.18.255.254:8000", "http://198.18.255.254:6969/a") is None
     assert ipaddress.ip_address(peer.choose_peer_ip(announce)).is_loopback
+
+
+class _Warnings(SilentReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warning(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _transport(tmp_path, mode: str) -> tuple[str, str | None, list[str]]:
+    """What the pull starts with against a registry on another host whose torrent announces to 127.0.0.1."""
+    rep = _Warnings()
+    puller = Puller(RegistryClient("http://198.18.255.254", 8000), None,
+                    PullOptions(location=tmp_path, transport=mode, load=False), reporter=rep,
+                    scraper=lambda url, ih: pytest.fail("no scrape: the loopback tracker is not this registry's"))
+    job = SimpleNamespace(meta=SimpleNamespace(announce="http://127.0.0.1:6969/announce", info_hash="ab" * 20))
+    return puller._transport([job]), puller.transfers.fallback_reason, rep.lines  # type: ignore[list-item]
+
+
+def test_pull_says_it_once_before_the_transfer(tmp_path):
+    mode, reason, lines = _transport(tmp_path, "auto")
+    assert mode == "http" and reason and "loopback" in reason
+    assert len(lines) == 1 and "--advertise-address" in lines[0] and "over HTTP" in lines[0]
+    mode, reason, lines = _transport(tmp_path, "p2p")
+    assert mode == "p2p" and reason is None and len(lines) == 1 and "anyway" in lines[0]
+    mode, reason, lines = _transport(tmp_path, "http")
+    assert mode == "http" and reason is None and lines == []

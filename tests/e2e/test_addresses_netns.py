@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,30 +21,18 @@ from pathlib import Path
 import pytest
 
 from docket.torrent.metainfo import read_torrent
-from tests.support.netns import Lab
+from tests.support.netns import Lab, require_netns
 from tests.support.procs import stop_process, tail, wait_until
 from tests.support.registry_images import build_image_tar
 from tests.support.robustness_rows import record
-from tests.support.tools import IN_CI
 
 REG_IP, CL_IP = "198.18.0.1", "198.18.0.2"
 BIN = Path(sys.executable).parent
 
 
-def require_netns() -> None:
-    why = "" if os.geteuid() == 0 else "needs root"
-    for tool in ("ip", "curl", "ctorrent", "opentracker"):
-        if not why and shutil.which(tool) is None:
-            why = f"{tool} is not installed"
-    if why:
-        if IN_CI:
-            pytest.fail(f"address e2e cannot run under CI: {why}")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    require_netns()
+    require_netns("address e2e")
     with Lab("dkad", {"reg": REG_IP, "cl": CL_IP}) as lab:
         yield lab
 
@@ -145,7 +132,7 @@ DEFAULT_ADDRESS = "from docket.netaddr import default_address; a = default_addre
 
 @pytest.mark.timeout(60)
 def test_default_address_in_namespaces() -> None:
-    require_netns()
+    require_netns("address e2e")
     tag = f"dkda{os.getpid()}"
     names = {k: f"{tag}-{k}" for k in ("route", "noroute", "lo")}
 
