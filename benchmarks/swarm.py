@@ -403,7 +403,7 @@ class Bench:
         loc = self.tmp / "registry"
         loc.mkdir(mode=0o755)
         self.registry = self.spawn(self.lab.reg, [
-            sys.executable, "-m", "docket.registry.cli", "--bind", REGISTRY_IP, "--advertise-address", REGISTRY_IP,
+            sys.executable, "-m", "docket.registry.cli", "--bind", REGISTRY_IP,  # advertise address: its default
             "--port", str(HTTP_PORT), "--tracker-port", str(TRACKER_PORT), "--location", str(loc),
             "--gc-interval", "0", "--threads", "64", "--log-level", "info",
         ], self.tmp / "registry.log")

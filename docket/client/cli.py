@@ -289,7 +289,7 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.argument("reference", metavar="REPOSITORY[:TAG]")
 @click.option("--peer-ip", envvar="DOCKET_PEER_IP", show_envvar=True, default=None,
               help="Address our ctorrent listens on and connects from  [default: a fresh 127.X.Y.Z when the "
-                   "tracker is on this host, else ctorrent's choice]")
+                   "tracker is on this host, else this host's address towards the tracker]")
 @click.option("--peer-port", envvar="DOCKET_PEER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
               default=None, help="Port our ctorrent listens on  [default: ctorrent's (2706, lower if busy)]")
 @click.option("--seed-time", type=click.FloatRange(min=0), default=60.0, show_default=True,

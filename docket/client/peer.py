@@ -1,9 +1,12 @@
 """Which address our ctorrent listens on (and connects from).
 
 ctorrent drops every peer whose IP equals its own and keeps one connection per remote IP, so two ctorrents on
-127.0.0.1 never exchange a byte. When the tracker is on this machine (its host resolves to loopback), the
-registry's seeder is on this machine too: we then give our ctorrent a loopback address of its own. ctorrent
-binds its tracker and peer connections to ``-i``, so the tracker records that address for us.
+127.0.0.1 never exchange a byte. When the tracker is on this machine (its host is loopback, or one of this host's
+own addresses: a registry here advertising its LAN address, the registry's default), the registry's seeder is on
+this machine too, and a ctorrent of ours on the same address would never exchange a byte with it: we then give our
+ctorrent a loopback address of its own. ctorrent binds its tracker connection to ``-i``, so the tracker records
+that address for us. Otherwise we are a peer on the network that leads to the tracker: ``-i`` is the source
+address the kernel picks towards it, so the address the tracker records for us is the one we listen on.
 """
 
 from __future__ import annotations
@@ -11,38 +14,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import socket
 from urllib.parse import urlsplit
 
 from docket.errors import InvalidRequest
-
-
-def host_is_loopback(host: str) -> bool:
-    """True when ``host`` (a name or IPv4 literal) resolves to a 127.0.0.0/8 address."""
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError):
-        return False
-    return any(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+from docket.netaddr import bindable, is_local_address, resolve_ipv4, route_source
 
 
 def tracker_host(announce_url: str) -> str:
     return urlsplit(announce_url).hostname or ""
-
-
-def _bindable(ip: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True
 
 
 def fresh_loopback_ip(rng: random.Random | None = None, avoid: frozenset[str] = frozenset()) -> str:
@@ -57,7 +36,7 @@ def fresh_loopback_ip(rng: random.Random | None = None, avoid: frozenset[str] = 
         y = rng.randrange(256)
         z = 1 + rng.randrange(254)  # 1..254
         ip = f"127.{x}.{y}.{z}"
-        if ip not in avoid and _bindable(ip):
+        if ip not in avoid and bindable(ip):
             return ip
     raise InvalidRequest("could not find a free loopback address for ctorrent",
                          "give one with --peer-ip 127.X.Y.Z")
@@ -80,9 +59,27 @@ def validate_peer_ip(ip: str) -> str:
 
 
 def choose_peer_ip(announce_url: str, override: str | None = None) -> str | None:
-    """The ``-i`` address for our ctorrent: the override, a fresh loopback when the tracker is local, else None."""
+    """The ``-i`` address for our ctorrent: the override; a fresh loopback when the tracker is on this machine
+    (same-host ctorrents must not share an IP: module docstring); else our source address towards the tracker
+    (None without a route to it: ctorrent's own choice)."""
     if override:
         return validate_peer_ip(override)
-    if host_is_loopback(tracker_host(announce_url)):
+    host = tracker_host(announce_url)
+    if is_local_address(host):
         return fresh_loopback_ip()
-    return None
+    ip = resolve_ipv4(host)
+    return route_source(ip) if ip else None
+
+
+def loopback_tracker_elsewhere(registry_url: str, announce_url: str) -> str | None:
+    """Why BitTorrent cannot work: a registry on another host whose torrents announce to a loopback tracker (it
+    was started with --advertise-address 127.0.0.1). None when that is not the case."""
+    tracker_ip = resolve_ipv4(tracker_host(announce_url))
+    if tracker_ip is None or not ipaddress.IPv4Address(tracker_ip).is_loopback:
+        return None
+    if is_local_address(tracker_host(registry_url)):
+        return None
+    return (f"the registry at {registry_url} is on another host, but its torrents announce to the tracker "
+            f"{announce_url}, a loopback address: from here that is this host, so no peer can be found. Fix: start "
+            "docket-registry with --advertise-address <its LAN address>, or without that flag (it then advertises "
+            "the address of its default route)")

@@ -33,7 +33,7 @@ from docket.client.cache import (blob_lock, cache_dir, check_output_path, ensure
 from docket.client.digests import digest_algorithm, digest_file, empty_digest
 from docket.client.dockerops import DockerOps
 from docket.client.layers import LoadEntry, load_entries, present_prefix, tar_stream
-from docket.client.peer import choose_peer_ip
+from docket.client.peer import choose_peer_ip, loopback_tracker_elsewhere
 from docket.client.progress import Reporter, SilentReporter
 from docket.client.records import (MAX_CONFIG, LayeredRecord, LayerInfo, check_config, check_layer_torrent,
                                    check_torrent_size, image_record)
@@ -299,10 +299,18 @@ class Puller:
         }
 
     def _transport(self, jobs: list[BlobJob]) -> str:
-        """The transport to start with: "auto" becomes "http" when the tracker cannot be reached at all."""
+        """The transport to start with: "auto" becomes "http" when the tracker cannot be reached at all, or is a
+        loopback tracker of a registry on another host (said once, before any transfer; p2p tries anyway)."""
         mode = self.opts.transport
+        meta = jobs[0].meta
+        loopback = loopback_tracker_elsewhere(self.api.url, meta.announce) if mode != "http" else None
+        if loopback and mode == "auto":
+            self.transfers.fallback_reason = loopback
+            self.warn(f"{loopback}. Downloading over HTTP from the registry instead")
+            return "http"
+        if loopback:
+            self.warn(f"{loopback}. Trying BitTorrent anyway (--transport p2p)")
         if mode == "auto":
-            meta = jobs[0].meta
             why = self.tracker.unreachable(meta.announce, meta.info_hash)
             if why:
                 self.transfers.fallback_reason = f"tracker {meta.announce} unreachable ({why})"

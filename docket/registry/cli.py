@@ -21,6 +21,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from docket.errors import DocketError
+from docket.netaddr import default_address
 from docket.registry import create_app
 from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
@@ -83,8 +84,11 @@ def _fail(exc: DocketError) -> None:
 @click.option("--db", "db_url", envvar="DOCKET_REGISTRY_DB", show_envvar=True, default=None,
               help="SQLAlchemy database URL [default: sqlite:///<location>/docket.db].")
 @click.option("--bind", envvar="DOCKET_BIND", show_envvar=True, default="0.0.0.0", help="HTTP bind address.")
-@click.option("--advertise-address", envvar="DOCKET_ADVERTISE_ADDRESS", show_envvar=True, default="127.0.0.1",
-              callback=_ipv4, help="IPv4 address peers use to reach this host (seeders and managed tracker).")
+@click.option("--advertise-address", envvar="DOCKET_ADVERTISE_ADDRESS", show_envvar=True, default=None,
+              callback=lambda c, p, v: None if v is None else _ipv4(c, p, v),
+              help="IPv4 address peers use to reach this host (seeders and managed tracker) [default: the address "
+                   "of the default route's interface, else this host's only non-loopback address, else 127.0.0.1; "
+                   "logged at start]")
 @click.option("--seed-address", envvar="DOCKET_SEED_ADDRESS", show_envvar=True, default=None,
               callback=lambda c, p, v: None if v is None else _ipv4(c, p, v),
               help="IPv4 address the seeders listen on [default: the advertise address; 127.0.0.2 when that is "
@@ -141,7 +145,7 @@ def _fail(exc: DocketError) -> None:
               help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
 @click.option("--tls-key", envvar="DOCKET_TLS_KEY", show_envvar=True, default=None,
               type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
-def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str,
+def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str | None,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
          max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
          gc_interval: float, gc_grace: float, scrub_interval: float, min_free_space: int, adopt_orphans: bool,
@@ -154,6 +158,10 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
     if log_level.lower() != "debug":
         for noisy in ("alembic", "torf", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if advertise_address is None:
+        found = default_address()
+        advertise_address = found.address
+        log.info("advertise address %s (%s); --advertise-address overrides", found.address, found.why)
     if ipaddress.IPv4Address(advertise_address).is_loopback:
         log.warning("advertise address %s is a loopback address: other hosts cannot reach this registry's "
                     "seeders or tracker; set --advertise-address to this host's LAN address", advertise_address)

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.netns import Lab, namespaces
+from tests.support.netns import Lab, namespaces, require_netns
 from tests.support.procs import free_port, stop_process, tail, wait_until
 from tests.support.registry_images import build_image_tar
 from tests.support.robustness_rows import record
-from tests.support.tools import IN_CI, need
+from tests.support.tools import need
 
 
 BIN = Path(sys.executable).parent
@@ -47,17 +47,6 @@ def program(name: str) -> str:
     path = BIN / name
     assert path.exists(), f"{name} is not installed beside {sys.executable}: pip install -e ."
     return str(path)
-
-
-def require_netns() -> None:
-    why = "" if os.geteuid() == 0 else "needs root"
-    for tool in ("ip", "curl", "ctorrent", "opentracker"):
-        if not why and shutil.which(tool) is None:
-            why = f"{tool} is not installed"
-    if why:
-        if IN_CI:
-            pytest.fail(f"external tracker e2e cannot run under CI: {why}")
-        pytest.skip(why)
 
 
 # Runs inside a namespace: poll the tracker until every info hash is accepted (opentracker's whitelist);
@@ -149,7 +138,7 @@ def _stop_tracker(lab: Lab, proc: subprocess.Popen, log: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_external_tracker_design_card(tmp_path: Path, image_factory, docker_host: str) -> None:
-    require_netns()
+    require_netns("external tracker e2e")
     hosts = {"reg": REG_IP, "trk": TRK_IP, **CLIENTS}
     env = {"DOCKER_HOST": docker_host}
     t_start = time.monotonic()

@@ -38,8 +38,10 @@ def _require(tool: str) -> None:
 
 
 def registry_command() -> list[str]:
+    """The registry program, advertising loopback: without the flag it would advertise this host's LAN address,
+    and tests send traffic only to 127.0.0.0/8 (or to namespaces of their own)."""
     exe = shutil.which("docket-registry")
-    return [exe] if exe else [sys.executable, "-m", "docket.registry"]
+    return [*([exe] if exe else [sys.executable, "-m", "docket.registry"]), "--advertise-address", "127.0.0.1"]
 
 
 def children(pid: int) -> set[int]:
@@ -93,7 +95,7 @@ def workdir(tmp_path_factory) -> Path:
 def start_registry(location: Path, port: int, tracker_port: int, log: Path) -> Registry:
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "DOCKET_REGISTRY_LOCATION": str(location), "DOCKET_REGISTRY_PORT": str(port)}  # flags via env vars, too
-    args = [*registry_command(), "--bind", "127.0.0.1", "--advertise-address", "127.0.0.1",
+    args = [*registry_command(), "--bind", "127.0.0.1",
             "--tracker-port", str(tracker_port), "--log-level", "debug", "--gc-interval", "0"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -40,7 +40,8 @@ class Registry:
         self.location = work / "loc"
         self.log = work / "registry.log"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "docket.registry.cli", "--bind", "127.0.0.1", "--port", str(self.port),
+        args = [sys.executable, "-m", "docket.registry.cli", "--bind", "127.0.0.1", "--advertise-address", "127.0.0.1",
+                "--port", str(self.port),
                 "--location", str(self.location), "--no-seeding", "--gc-interval", "0", "--log-level", "debug",
                 "--threads", str(THREADS), "--max-threads", "64", *extra]
         with open(self.log, "ab") as out:
@@ -347,7 +348,8 @@ def test_silent_tls_clients_do_not_stop_an_https_registry(tmp_path: Path) -> Non
 
 
 def test_max_threads_below_threads_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "docket.registry.cli", "--bind", "127.0.0.1", "--port",
+    result = subprocess.run([sys.executable, "-m", "docket.registry.cli", "--bind", "127.0.0.1",
+                             "--advertise-address", "127.0.0.1", "--port",
                              str(free_port()), "--location", str(tmp_path / "loc"), "--no-seeding",
                              "--threads", "16", "--max-threads", "4"],
                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)

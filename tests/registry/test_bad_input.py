@@ -438,8 +438,10 @@ def test_tokens_not_in_config_repr():
 # -- the real server: cheroot's limits, HTTPS, startup errors ----------------------------------------------------
 
 def registry_command() -> list[str]:
+    """The registry program, advertising loopback: without the flag it would advertise this host's LAN address,
+    and tests send traffic only to 127.0.0.0/8 (or to namespaces of their own)."""
     exe = shutil.which("docket-registry")
-    return [exe] if exe else [sys.executable, "-m", "docket.registry"]
+    return [*([exe] if exe else [sys.executable, "-m", "docket.registry"]), "--advertise-address", "127.0.0.1"]
 
 
 def _env(**extra: str) -> dict[str, str]:

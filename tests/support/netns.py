@@ -11,13 +11,30 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from tests.support.tools import IN_CI
+
 NET = ipaddress.ip_network("198.18.0.0/15")
+
+
+def require_netns(what: str, tools: Sequence[str] = ("ip", "curl", "ctorrent", "opentracker")) -> None:
+    """Skip (fail under CI=true) unless we are root and ``tools`` are installed."""
+    why = "" if os.geteuid() == 0 else "needs root"
+    for tool in tools:
+        if not why and shutil.which(tool) is None:
+            why = f"{tool} is not installed"
+    if why:
+        if IN_CI:
+            pytest.fail(f"{what} cannot run under CI: {why}")
+        pytest.skip(why)
 
 
 def _run(args: Sequence[str], check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:

@@ -479,3 +479,27 @@ def test_ctorrent_engine_seeds_downloads_and_keeps_its_state_in_the_workdir(tmp_
     finally:
         engine.stop_all([seeder], 1.0)
     assert not seeder.alive()
+
+
+def test_seeder_on_a_lan_address_takes_an_alias_for_itself(tmp_path: Path) -> None:
+    """-I 127.0.0.2 for a non-loopback seeder (same-host pulls connect from its LAN address: INTERFACE.md)."""
+    made: list[dict] = []
+
+    class Made:
+        pid = None
+
+        def __init__(self, **kw: object) -> None:
+            made.append(kw)
+
+        def start(self) -> None:
+            pass
+
+    engine = CtorrentEngine(process_factory=Made)
+    for ip in ("198.18.0.1", "127.0.0.2", None):
+        engine.seed(tmp_path / "t.torrent", tmp_path / "blob", workdir=tmp_path, listen_ip=ip)
+    engine.download(tmp_path / "t.torrent", tmp_path / "out", workdir=tmp_path, listen_ip="198.18.0.9")
+    assert made[0]["extra_args"] == ["-I", "127.0.0.2"]
+    assert all("extra_args" not in kw for kw in made[1:])
+    argv = CtorrentProcess(tmp_path / "t.torrent", tmp_path / "blob", workdir=tmp_path, listen_ip="198.18.0.1",
+                           seed_only=True, extra_args=made[0]["extra_args"]).args()
+    assert argv[argv.index("-i") + 1] == "198.18.0.1" and argv[argv.index("-I") + 1] == "127.0.0.2"
