@@ -36,6 +36,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -100,6 +101,7 @@ class Config:
     skip_http: bool = False
     plot: bool = True
     ctorrent_args: str = ""  # $DOCKET_CTORRENT_ARGS for the registry's seeders and every pull's ctorrent
+    pull_args: list[str] = field(default_factory=list)  # extra `docket pull` flags (e.g. --wait); none by default
     repeat: int = 1  # rounds per N
 
 
@@ -492,7 +494,7 @@ class Bench:
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
                 "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
-                "pull", "--no-load", *seed, "--json", record["ref"],
+                "pull", "--no-load", *seed, *self.cfg.pull_args, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
         deadline = time.monotonic() + 60
         while not all((rdir / f"ready-{i}").exists() for i in range(n)):
@@ -651,7 +653,7 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
     (cfg.out / "results.json").write_text(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
-                   "layers": cfg.layers, "repeat": cfg.repeat},
+                   "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat},
         "rounds": [asdict(r) for r in results],
     }, indent=2))
     cols = ["n", "layers", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
@@ -763,6 +765,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--ctorrent-args", default="",
                    help="extra ctorrent flags for the registry's seeders and every pull (e.g. '-z 64 -C 32'), "
                         "passed as $DOCKET_CTORRENT_ARGS")
+    p.add_argument("--pull-args", default="", help="extra `docket pull` flags, e.g. '--wait' (default: none)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
     a = p.parse_args(argv)
     hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
@@ -773,7 +776,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--layers: values 1..64")
     return Config(hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
-                  plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers)
+                  plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers,
+                  pull_args=shlex.split(a.pull_args))
 
 
 def main(argv: list[str] | None = None) -> int:
