@@ -134,9 +134,11 @@ def spawn(files: SeederFiles) -> None:
 class Handoff:
     """A pull's link to the background seeder of its location.
 
-    ``attach`` before downloading (the seeder starts, or stays up, while this pull runs); ``seed`` for each blob
-    once its download finished and was halted; ``withdraw`` when the pull fails or is interrupted (what it handed
-    over stops: Ctrl-C stops everything the pull started); ``settle`` before returning (every request taken).
+    ``seed`` for each blob once its download finished and was halted (the first one also attaches the pull: the
+    seeder stays up while it runs, and is started if none runs: not before, so a pull that fails starts nothing
+    and a swarm of pulls starting together does not also start as many seeders); ``withdraw`` when the pull fails
+    or is interrupted (what it handed over stops: Ctrl-C stops everything the pull started); ``settle`` before
+    returning (every request taken).
     """
 
     def __init__(self, location: Path) -> None:
@@ -145,11 +147,9 @@ class Handoff:
         self.posted: list[Path] = []
         self._last_spawn = 0.0
 
-    def attach(self) -> None:
-        self.posted.append(self.files.post({"op": "attach", "pid": os.getpid()}))
-        self._ensure_running()
-
     def seed(self, request: SeedRequest) -> None:
+        if not self.handed:
+            self.posted.append(self.files.post({"op": "attach", "pid": os.getpid()}))
         self.handed.append(request.digest)
         self.posted.append(self.files.post({"op": "seed", **asdict(request)}))
         self._ensure_running()

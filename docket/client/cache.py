@@ -17,9 +17,13 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from docket import errors
-from docket.client.progress import Reporter
-from docket.torrent.engine import TorrentEngine
+
+if TYPE_CHECKING:  # annotations only: the background seeder imports this module and needs neither
+    from docket.client.progress import Reporter
+    from docket.torrent.engine import TorrentEngine
 
 log = logging.getLogger(__name__)
 

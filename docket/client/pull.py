@@ -232,7 +232,6 @@ class Puller:
             if fetched:
                 if self.handoff is not None:
                     self.handoff.drop([j.layer.digest for j in fetched])  # a damaged copy it may seed
-                    self.handoff.attach()  # up, and staying up, by the time the first blob is finished
                 result.peer_ip = self._download(record, fetched, self._transport(fetched))
                 if opts.seed_time <= 0:
                     self.transfers.stop_all(self.jobs)

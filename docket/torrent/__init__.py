@@ -3,12 +3,25 @@
 Never imports Flask, click or docker: registry and client both build on this small public surface.
 """
 
-from docket.torrent.ctorrent import CtorrentProcess, CtorrentStatus, find_ctorrent, parse_status_line
-from docket.torrent.ctorrent_engine import CtorrentEngine
-from docket.torrent.engine import TorrentEngine, TorrentStatus, Transfer
-from docket.torrent.metainfo import PieceHasher, TorrentMeta, build_torrent, read_torrent
-from docket.torrent.opentracker import Opentracker, find_opentracker
-from docket.torrent.tracker import ScrapeResult, scrape
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562), so that a process needing one part (the client's background seeder: ctorrent
+# and scrapes) does not pay for the others (opentracker, the tracker guard) at start-up.
+_WHERE = {
+    "CtorrentProcess": "ctorrent", "CtorrentStatus": "ctorrent", "find_ctorrent": "ctorrent",
+    "parse_status_line": "ctorrent", "CtorrentEngine": "ctorrent_engine", "TorrentEngine": "engine",
+    "TorrentStatus": "engine", "Transfer": "engine", "PieceHasher": "metainfo", "TorrentMeta": "metainfo",
+    "build_torrent": "metainfo", "read_torrent": "metainfo", "Opentracker": "opentracker",
+    "find_opentracker": "opentracker", "ScrapeResult": "tracker", "scrape": "tracker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'docket.torrent' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"docket.torrent.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "CtorrentEngine",
