@@ -255,7 +255,7 @@ class Puller:
         if self.handoff is not None:
             result.extra["seeding"] = self._in_background(record, fetched)
         else:
-            result.extra["seeding"] = "foreground" if seeders else "none"
+            result.extra["seeding"] = "foreground" if any(j.seeding for j in seeders) else "none"
             self._seed_rest(record, seeders, policies)
         return result
 

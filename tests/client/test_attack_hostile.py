@@ -371,7 +371,7 @@ def test_a_trickling_tracker_does_not_extend_the_seeding(hostile: Hostile, tmp_p
                              listen_ip="127.0.0.77", port=seed_port, seed_only=True) as seeder:
             seeder.wait_listening(10)
             t0 = time.monotonic()
-            res = docket_cli(*cli_args(hostile, "pull", "--no-load", "--transport", "p2p", "--seed-time", "3",
+            res = docket_cli(*cli_args(hostile, "pull", "--no-load", "--transport", "p2p", "--wait", "--seed-time", "3",
                                        "--json", "evil:latest"), check=False, timeout=180)
             took = time.monotonic() - t0
     finally:
@@ -379,7 +379,7 @@ def test_a_trickling_tracker_does_not_extend_the_seeding(hostile: Hostile, tmp_p
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["transport"] == "p2p"
     assert took < 40, took
-    record("client", "tracker trickles its scrape answers while the pull seeds (--transport p2p --seed-time 3)",
+    record("client", "tracker trickles its scrape answers while the pull seeds (--transport p2p --wait --seed-time 3)",
            f"each scrape cut at 5 s; the pull (download + seeding) ended after {took:.1f} s")
 
 

@@ -276,7 +276,7 @@ class FakeCtorrent:
         return ["Listening on 127.1.2.3:2706", "tracker said no"]
 
 
-def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", scrapes=None,
+def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", scrapes=None, handoff: Any = None,
                 **opts: Any) -> Puller:
     piece = 256 * 1024
 
@@ -290,7 +290,7 @@ def make_puller(canned: Canned, tmp_path: Path, data: bytes, mode: str = "ok", s
 
     options = PullOptions(location=tmp_path / "loc", poll_interval=0.02, scrape_interval=0.05, **opts)
     return Puller(RegistryClient("127.0.0.1", canned.port), None, options,
-                  engine=CtorrentEngine(process_factory=factory), scraper=scraper)
+                  engine=CtorrentEngine(process_factory=factory), scraper=scraper, handoff=handoff)
 
 
 # -- layer pulls: a scripted ctorrent per layer, a Docker stand-in, the puller using them -------------------------
