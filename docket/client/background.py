@@ -134,11 +134,10 @@ def spawn(files: SeederFiles) -> None:
 class Handoff:
     """A pull's link to the background seeder of its location.
 
-    ``seed`` for each blob once its download finished and was halted (the first one also attaches the pull: the
-    seeder stays up while it runs, and is started if none runs: not before, so a pull that fails starts nothing
-    and a swarm of pulls starting together does not also start as many seeders); ``withdraw`` when the pull fails
-    or is interrupted (what it handed over stops: Ctrl-C stops everything the pull started); ``settle`` before
-    returning (every request taken).
+    ``attach`` when the download starts (the seeder is started if none runs, and stays up while this pull runs:
+    its Python start-up overlaps the download instead of delaying the pull's return); ``seed`` for each blob once
+    its download finished and was halted; ``withdraw`` when the pull fails or is interrupted (what it handed over
+    stops: Ctrl-C stops everything the pull started); ``settle`` before returning (every request taken).
     """
 
     def __init__(self, location: Path) -> None:
@@ -147,9 +146,11 @@ class Handoff:
         self.posted: list[Path] = []
         self._last_spawn = 0.0
 
+    def attach(self) -> None:
+        self.posted.append(self.files.post({"op": "attach", "pid": os.getpid()}))
+        self._ensure_running()
+
     def seed(self, request: SeedRequest) -> None:
-        if not self.handed:
-            self.posted.append(self.files.post({"op": "attach", "pid": os.getpid()}))
         self.handed.append(request.digest)
         self.posted.append(self.files.post({"op": "seed", **asdict(request)}))
         self._ensure_running()

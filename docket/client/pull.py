@@ -232,6 +232,8 @@ class Puller:
             if fetched:
                 if self.handoff is not None:
                     self.handoff.drop([j.layer.digest for j in fetched])  # a damaged copy it may seed
+                    if opts.transport != "http":  # nothing to hand over when every layer comes over HTTP
+                        self.handoff.attach()
                 result.peer_ip = self._download(record, fetched, self._transport(fetched))
                 if opts.seed_time <= 0:
                     self.transfers.stop_all(self.jobs)

@@ -195,6 +195,7 @@ def test_a_failed_pull_withdraws_what_it_handed_over(tmp_path: Path, monkeypatch
     loc = tmp_path / "loc"
     handoff = Handoff(loc)
     req = _blob(loc)
+    handoff.attach()
     handoff.seed(req)
     handoff.withdraw()
     requests = [json.loads(p.read_text()) for p in sorted(SeederFiles(loc).inbox.iterdir())]
