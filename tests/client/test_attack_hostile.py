@@ -30,7 +30,7 @@ import pytest
 
 
 from docket.torrent.metainfo import build_torrent
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port, process_argvs, wait_until
 from tests.support.robustness_rows import record
 
 ESC = "\x1b"
@@ -222,17 +222,8 @@ def run_measured(location: Path, *args: str, timeout: float = 120) -> tuple[subp
 
 def ctorrents_under(path: Path) -> list[int]:
     """Pids of ctorrent processes whose command line names ``path`` (ours: the test's tmp_path)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) == b"ctorrent" and any(str(path).encode() in a for a in argv):
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, argv in process_argvs()
+            if argv and os.path.basename(argv[0]) == b"ctorrent" and any(str(path).encode() in a for a in argv)]
 
 
 def running(pid: int) -> bool:

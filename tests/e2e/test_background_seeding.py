@@ -169,7 +169,7 @@ def test_no_process_left_after_seed_time_or_a_removed_cache(registry_server, ima
         wait_until(lambda: not SeederFiles(timed).running(), timeout=30, what="the seeder to end at --seed-time")
         took = time.monotonic() - started
         assert 6 <= took < 30
-        assert pid_gone(timed_state["pid"])
+        wait_until(lambda: pid_gone(timed_state["pid"]), timeout=5, what="the process, a moment after its lock")
         log = (timed / "seeder" / "seeder.log").read_text()
         assert "its seed time ended" in log and "no peer still downloads it" not in log
     pids = [int(p.read_text()) for p in timed.glob("torrents/*/ctorrent.pid")]

@@ -14,7 +14,7 @@ _pids = itertools.count(1000)
 class FakeProc:
     instances: list[FakeProc] = []
 
-    def __init__(self, torrent, save_as, *, workdir, listen_ip, seed_only):
+    def __init__(self, torrent, save_as, *, workdir, listen_ip, seed_only, **engine_kw):  # port, log_path, ...
         self.pid = next(_pids)
         self.listen_port = None
         self.status = None

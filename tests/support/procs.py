@@ -93,19 +93,22 @@ def managed_process(
         stop_process(proc)
 
 
-def background_seeders() -> dict[int, Path]:
-    """Running background seeders (``docket.client.seedd``): pid -> their location."""
-    found: dict[int, Path] = {}
+def process_argvs() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process we may read (/proc), those that end meanwhile skipped."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            raw = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"docket.client.seedd" in argv and len(argv) >= 2 and argv[-2]:
-            found[int(entry.name)] = Path(os.fsdecode(argv[-2] if argv[-1] == b"" else argv[-1]))
-    return found
+        yield int(entry.name), raw.rstrip(b"\0").split(b"\0")
+
+
+def background_seeders() -> dict[int, Path]:
+    """Running background seeders (``docket.client.seedd``): pid -> their location."""
+    return {pid: Path(os.fsdecode(argv[-1])) for pid, argv in process_argvs()
+            if len(argv) >= 2 and b"docket.client.seedd" in argv[:-1]}
 
 
 def stop_background_seeders(started_after: set[int], under: Path) -> list[int]:
