@@ -135,6 +135,17 @@ def test_seed_list_json_and_stop(registry_server, image_factory, docket_cli, tmp
         listing = docket_cli("seed", "--list", location=loc)
         assert all(digest.split(":")[1][:12] in listing.stdout for digest in layers)
         assert ref in listing.stdout and "LEFT" in listing.stdout
+        # the next pull of this location hands its layers to the same seeder instead of starting another
+        other, _ = image_factory.build(data_mib=1)
+        docket_cli("push", other, registry=registry_server)
+        with NeedyPeer(registry_server, other):
+            docket_cli("pull", "--no-load", "--seed-time", "300", other, registry=registry_server, location=loc,
+                       peer_ip="127.0.0.43")
+            wait_until(lambda: {b["ref"] for b in SeederFiles(loc).read_state()["blobs"]} == {ref, other},
+                       timeout=10, what="the second image's layers in the same seeder")
+        state = json.loads(docket_cli("seed", "--json", location=loc).stdout)
+        assert state["pid"] == SeederFiles(loc).daemon_pid()
+        pids = [b["pid"] for b in state["blobs"]]
         stopped = docket_cli("seed", "--stop", location=loc)
         assert f"pid {state['pid']}" in stopped.stdout
         assert pid_gone(state["pid"]) and all(pid_gone(pid) for pid in pids)
