@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from docket.client import background
 from tests.support.netns import Lab, namespaces, require_netns
 from tests.support.procs import free_port, stop_process, tail, wait_until
 from tests.support.registry_images import build_image_tar
@@ -120,9 +121,10 @@ def _all_through_bittorrent(summary: dict, what: str) -> int:
 
 
 def _start_tracker(lab: Lab, log: Path) -> subprocess.Popen:
+    started = log.read_text().count("opentracker pid") if log.exists() else 0  # a restart appends to the log
     proc = lab.spawn("trk", [program("docket-tracker"), "--registry", REGISTRY, "--port", str(TRK_PORT),
                              "--bind", TRK_IP], log)
-    wait_until(lambda: proc.poll() is not None or "opentracker pid" in log.read_text(), timeout=30,
+    wait_until(lambda: proc.poll() is not None or log.read_text().count("opentracker pid") > started, timeout=30,
                what="docket-tracker to start opentracker")
     assert proc.poll() is None, f"docket-tracker exited {proc.returncode}:\n{tail(log)}"
     return proc
@@ -201,9 +203,14 @@ def test_external_tracker_design_card(tmp_path: Path, image_factory, docker_host
             loaded = sorted(float(summary["seconds"]) for summary in summaries)
             record("tracker", "3 hosts pull at once via the external tracker, default flags",
                    f"loaded in {loaded[0]:.1f}-{loaded[-1]:.1f}s, {peer_bytes[0]} layer bytes each via BitTorrent, "
-                   f"0 over HTTP; all exit 0 after seeding ({pull_s:.0f}s)")
+                   f"0 over HTTP; all returned at load ({pull_s:.0f}s), seeding on in the background")
 
-            # 4. the tracker restarts while the registry runs: a later pull still goes through BitTorrent
+            # 4. the tracker restarts while the registry runs: a later pull still goes through BitTorrent.
+            # The pulls' background seeders are stopped first: while they seed, the registry's check (does the
+            # tracker still list a seeder for a hash it listed one for?) can see theirs announced again and miss
+            # that the registry's own were forgotten (README, "Seeding in the background": known limit)
+            for name in CLIENTS:
+                background.stop(tmp_path / name)
             _stop_tracker(lab, tracker, tlog)
             tracker = _start_tracker(lab, tlog)
             restarted_at = time.monotonic()
