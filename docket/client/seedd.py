@@ -29,7 +29,7 @@ from docket.client.cache import atomic_write
 from docket.client.seeding import SeedPolicy, TrackerView
 from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine, Transfer
-from docket.torrent.metainfo import TorrentMeta, read_torrent
+from docket.torrent.metainfo import read_torrent
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ _TAKE_LOCK_FOR = 1.0  # a `docket seed --list` probe holds the lock shared for a
 @dataclass
 class Seeding:
     request: SeedRequest
-    meta: TorrentMeta
     transfer: Transfer
     policy: SeedPolicy
     started: float = field(default_factory=time.time)
@@ -193,7 +192,7 @@ class SeedDaemon:
         transfer = self.engine.seed(Path(req.torrent), Path(req.blob), workdir=Path(req.workdir),
                                     listen_ip=req.listen_ip, port=req.port, log_path=Path(req.workdir) / "seed.log")
         policy = SeedPolicy(self.tracker, meta, time.monotonic(), seed_for, self.scrape_interval)
-        self.seeding[req.digest] = Seeding(req, meta, transfer, policy)
+        self.seeding[req.digest] = Seeding(req, transfer, policy)
         self._state_at = 0.0  # written at once
         log.info("seeding %s (%s) on %s:%s for up to %.0f s", req.digest, req.ref or "?",
                  req.listen_ip or "*", req.port or "?", seed_for)

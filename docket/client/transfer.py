@@ -103,8 +103,7 @@ class Transfers:
 
     def __init__(self, api: RegistryClient, engine: TorrentEngine, reporter: Reporter,
                  warn: Callable[[str], None], *, seed_time: float, complete_grace: float, fallback_after: float,
-                 max_download_rate: int | None, peer_port: int | None, handoff: Handoff | None = None,
-                 ref: str = "") -> None:
+                 max_download_rate: int | None, peer_port: int | None, handoff: Handoff | None = None) -> None:
         self.api = api
         self.engine = engine
         self.reporter = reporter
@@ -115,7 +114,7 @@ class Transfers:
         self.max_download_rate = max_download_rate
         self.peer_port = peer_port
         self.handoff = handoff  # None: finished blobs seed in this process (--wait)
-        self.ref = ref
+        self.ref = ""  # the image's reference, for the background seeder's listing (set once the plan is known)
         self.fallback_reason: str | None = None  # the first reason HTTP took over
 
     def start(self, job: BlobJob, mode: str, peer_ip: str | None, seed_hours: int) -> None:
