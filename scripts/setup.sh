@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a Debian/Ubuntu machine for Docket: system packages and a virtualenv in .venv.
+# containerd is a dependency of docker.io already; it is named because tests run it on its own (ctr pulls).
 # Used by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
