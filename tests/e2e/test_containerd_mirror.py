@@ -2,8 +2,7 @@
 (tests/support/containerd.py: private config, temp dirs, native snapshotter) and `ctr images pull --hosts-dir` with a
 ``hosts.toml`` that names a mirror for the registry's host, so the image keeps the registry's name.
 
-The mirror is the registry itself until the agent exists; pointing it at an agent is the one line marked AGENT in
-``mirror_url``. containerd falls back to ``server`` silently when the mirror fails (only a "trying next host" line on
+The mirror is a `docket agent` (``mirror_url``). containerd falls back to ``server`` silently when the mirror fails (only a "trying next host" line on
 ctr's stderr says so: the second test shows it), so the pull test asserts that line is absent, and an agent's own
 accounting must say it served the layers.
 """
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.agent import AgentProcess
 from tests.support.containerd import Containerd, write_hosts_toml
 from tests.support.procs import free_port
 from tests.support.registry_server import RegistryServer
@@ -33,13 +33,13 @@ def containerd() -> Iterator[Containerd]:
 
 
 @pytest.fixture
-def mirror_url(registry_server: RegistryServer) -> str:
-    """The mirror containerd is told to pull through."""
-    # AGENT: start a `docket agent` against registry_server here and return its URL instead, e.g.
-    #   return agent.url   # http://127.0.0.1:<agent port>
-    # containerd then asks it for /v2/<repo>/manifests|blobs/...?ns=127.0.0.1%3A<registry port> (the `ns` query
-    # names the registry the mirror stands for: the agent must accept and may ignore it).
-    return registry_server.url
+def mirror_url(registry_server: RegistryServer, tmp_path: Path) -> Iterator[str]:
+    """The mirror containerd is told to pull through: a `docket agent` for the registry. containerd asks it for
+    /v2/<repo>/manifests|blobs/...?ns=127.0.0.1%3A<registry port> (the `ns` query names the registry the mirror
+    stands for: the agent ignores it)."""
+    with AgentProcess(registry_server.url, tmp_path / "agent", free_port(), tmp_path / "agent.log",
+                      peer_ip="127.0.47.1") as agent:
+        yield agent.url
 
 
 def _host(server: RegistryServer) -> str:
@@ -89,11 +89,16 @@ def test_ctr_pull_through_hosts_toml_mirror(containerd: Containerd, registry_ser
     assert set(layers) <= set(content)
     assert _unpacked_with(containerd, marker), f"no snapshot holds the image's files: {containerd.snapshot_dirs()}"
 
-    if mirror_url != registry_server.url:
-        # AGENT: its accounting must list every layer it served (the swarm or its cache, see issue 14); the lead
-        # tightens this to "bytes from peers, none from the registry" once the agent's accounting is settled.
-        served = requests.get(f"{mirror_url}/_docket/agent", timeout=10).json()
-        assert set(layers) <= {blob["digest"] for blob in served["blobs"]}
+    # the agent fetched every layer through the swarm: from peers, none over HTTP from the registry
+    served = requests.get(f"{mirror_url}/_docket/agent", timeout=10).json()
+    got = {blob["digest"]: blob for blob in served["blobs"]}
+    assert set(layers) <= set(got), served
+    for digest in layers:
+        assert got[digest]["via"] == "p2p" and got[digest]["bytes_from_http"] == 0, got[digest]
+    assert served["totals"]["blobs_served"] >= len(layers)
+    sent = [ln for ln in registry_server.log.read_text(errors="replace").splitlines()
+            if "sending blob" in ln and any(d in ln for d in layers)]
+    assert sent == [], sent
 
 
 def test_ctr_falls_back_to_the_server_when_the_mirror_is_down(containerd: Containerd,
