@@ -11,6 +11,7 @@ registry's HTTP server (cheroot with slow-client deadlines) until SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from docket import errors
 from docket.agent.fetcher import Fetcher
 from docket.agent.store import AgentStore
 from docket.agent.upstream import Upstream
+from docket.client import background
 from docket.client.background import SeederFiles
 from docket.client.seedd import SeedDaemon
 from docket.torrent.ctorrent_engine import CtorrentEngine
@@ -76,19 +78,31 @@ class Agent:
     # -- life ------------------------------------------------------------------------------------------------
     def start(self) -> None:
         if not self.seeder.take_lock():
-            raise errors.DocketError(
-                f"another process seeds {self.store.location} (a docket agent, or the background seeder of a "
-                "docket pull)", "stop it (`docket seed --stop` for the background seeder), or give this agent "
-                "another --cache-dir")
+            self._take_over()
         self._seeder_thread = threading.Thread(target=self.seeder.run, name="seeder", daemon=True)
         self._seeder_thread.start()
         self.evict()
-        self._restore()
+        threading.Thread(target=self._restore, name="restore", daemon=True).start()
+
+    def _take_over(self) -> None:
+        """The location's background seeder (a `docket pull`'s) runs: stop it and seed its blobs ourselves (they
+        are in the cache: ``_restore`` hashes them once). Another agent is refused."""
+        files = self.seeder.files
+        with contextlib.suppress(OSError):
+            if files.pid.read_text().split()[1:2] == ["agent"]:
+                raise errors.DocketError(f"another docket agent runs on {self.store.location}",
+                                         "stop it, or give this agent another --cache-dir")
+        log.info("stopping the background seeder of %s: the agent seeds what the cache holds", self.store.location)
+        background.stop(self.store.location)
+        if not self.seeder.take_lock():
+            raise errors.DocketError(f"another process holds {files.lock}",
+                                     "stop it (`docket seed --stop`), or give this agent another --cache-dir")
 
     def _restore(self) -> None:
-        """Seed again what the cache held when the agent last ran (verified blobs that have a torrent)."""
+        """Seed again what the cache holds (after a restart, or what pulls left): every blob that has a torrent
+        and verifies (a blob without our record, e.g. a pull's, is hashed once)."""
         count = 0
-        for held in self.store.held():
+        for held in self._candidates():
             try:
                 meta = read_torrent(held.torrent.read_bytes())
             except (OSError, ValueError):
@@ -99,6 +113,17 @@ class Agent:
             count += 1
         if count:
             log.info("seeding the %d blob(s) the cache held again", count)
+
+    def _candidates(self) -> list[Any]:
+        out = []
+        for entry in sorted(self.store.blobs.iterdir()):
+            digest = f"sha256:{entry.name}"
+            if (self.store.torrents / entry.name / f"{entry.name}.torrent").is_file():
+                with contextlib.suppress(OSError, ValueError):
+                    held = self.store.verified(digest)
+                    if held is not None:
+                        out.append(held)
+        return out
 
     def stop(self) -> None:
         self.fetcher.stop()

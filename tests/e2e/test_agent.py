@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -312,3 +313,25 @@ def test_a_peer_serving_corrupt_pieces_never_reaches_dockerd(registry_server, im
         assert len(_blobs_sent(registry, [big])) > sent_before
         log = (a.cache_dir / "torrents" / big.split(":")[1] / "ctorrent.log").read_text(errors="replace")
         assert "hash check failed" in log.lower(), log[-3000:]
+
+
+def test_an_agent_takes_over_from_a_pulls_background_seeder(registry_server, image_factory, docket_cli,
+                                                            tmp_path: Path):
+    """A `docket pull` ran before the agent started: its background seeder holds the cache. The agent stops it
+    (by its checked pid) and seeds the pulled layers itself, hashing each once; another agent on the same cache is
+    refused."""
+    ref, _, repo, tag = _push(docket_cli, registry_server, image_factory, data_mib=1)
+    _, layers = _layers(registry_server, repo, tag)
+    cache = tmp_path / "agent-a"
+    res = docket_cli("pull", "--json", "--no-load", "--seed-time", "600", ref, registry=registry_server,
+                     location=cache, peer_ip="127.0.48.2")
+    assert json.loads(res.stdout)["seeding"] == "background"
+    seeder_pid = json.loads(docket_cli("seed", "--json", location=cache).stdout)["pid"]
+    with _agent(tmp_path, registry_server, "a", peer_ip="127.0.48.1") as a:
+        assert not Path(f"/proc/{seeder_pid}").exists()
+        wait_until(lambda: {s["digest"] for s in a.status()["seeding"]} == set(layers), timeout=30,
+                   what="the agent seeds the pulled layers")
+        second = _agent(tmp_path, registry_server, "a")
+        second.cache_dir = cache
+        res = subprocess.run(second.args(), capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and "another docket agent" in res.stderr, res.stderr
