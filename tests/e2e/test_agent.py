@@ -335,3 +335,43 @@ def test_an_agent_takes_over_from_a_pulls_background_seeder(registry_server, ima
         second.cache_dir = cache
         res = subprocess.run(second.args(), capture_output=True, text=True, timeout=60)
         assert res.returncode != 0 and "another docket agent" in res.stderr, res.stderr
+
+
+def test_registry_tokens_through_the_agent(tmp_path: Path, image_factory, docket_cli, docker_client):
+    """A registry with read tokens: an agent with its own token serves dockerd without credentials; an agent
+    without one passes the registry's 401 (and its challenge) through, and forwards the credentials dockerd got
+    from the registry's token endpoint (docker login's password is the token)."""
+    need("ctorrent")
+    push, read = "push-token-agent-0123456789", "read-token-agent-0123456789"
+    registry = RegistryServer(location=tmp_path / "registry", port=free_port(), tracker_port=free_port(),
+                              log=tmp_path / "registry.log", extra_args=["--auth-token", push, "--read-token", read])
+    registry.start()
+    try:
+        ref, marker = image_factory.build(data_mib=1)
+        docket_cli("push", ref, registry=registry, env={"DOCKET_TOKEN": push})
+        repo, tag = ref.split(":")
+        image_factory.remove(ref)
+        with _agent(tmp_path, registry, "a", peer_ip="127.0.49.1") as a, \
+                _agent(tmp_path, registry, "b", peer_ip="127.0.49.2") as b:
+            a.stop()
+            a.env = {"DOCKET_TOKEN": read}
+            a.start()
+            pulled = f"{a.address}/{repo}:{tag}"
+            docker_client.images.pull(pulled)
+            try:
+                assert image_factory.run(pulled) == marker
+            finally:
+                image_factory.remove(pulled)
+            got = requests.get(f"{b.url}/v2/{repo}/manifests/{tag}", headers={"Accept": MANIFEST_ACCEPT}, timeout=10)
+            assert got.status_code == 401 and "Bearer" in got.headers.get("WWW-Authenticate", ""), got.text
+            got = requests.get(f"{b.url}/v2/{repo}/manifests/{tag}", timeout=10,
+                               headers={"Accept": MANIFEST_ACCEPT, "Authorization": f"Bearer {read}"})
+            assert got.status_code == 200, got.text
+            pulled = f"{b.address}/{repo}:{tag}"
+            docker_client.images.pull(pulled, auth_config={"username": "ci", "password": read})
+            try:
+                assert image_factory.run(pulled) == marker
+            finally:
+                image_factory.remove(pulled)
+    finally:
+        registry.stop()
