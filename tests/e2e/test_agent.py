@@ -375,3 +375,31 @@ def test_registry_tokens_through_the_agent(tmp_path: Path, image_factory, docket
                 image_factory.remove(pulled)
     finally:
         registry.stop()
+
+
+def test_local_clients_asking_for_one_blob_share_one_download(registry_server, image_factory, docket_cli,
+                                                              tmp_path: Path):
+    ref, _, repo, tag = _push(docket_cli, registry_server, image_factory, data_mib=4)
+    _, layers = _layers(registry_server, repo, tag)
+    sizes = {d: int(requests.head(f"{registry_server.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
+             for d in layers}
+    big = max(layers, key=sizes.__getitem__)
+    with _agent(tmp_path, registry_server, "a", "--max-download-rate", "2000", peer_ip="127.0.50.1") as a:
+        results: list[requests.Response] = []
+
+        def get() -> None:
+            results.append(requests.get(f"{a.url}/v2/{repo}/blobs/{big}", timeout=120))
+
+        threads = [threading.Thread(target=get) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert len(results) == 5
+        assert all(r.status_code == 200 and "sha256:" + hashlib.sha256(r.content).hexdigest() == big
+                   for r in results)
+        downloads = [b for b in a.status()["blobs"] if b["digest"] == big]
+        assert len(downloads) == 1 and downloads[0]["clients"] == 5, downloads
+        # a Range request is answered from the verified file
+        part = requests.get(f"{a.url}/v2/{repo}/blobs/{big}", headers={"Range": "bytes=10-19"}, timeout=30)
+        assert part.status_code == 206 and part.content == results[0].content[10:20]
