@@ -21,15 +21,13 @@ from werkzeug.exceptions import HTTPException
 from docket import errors
 from docket.reference import ANY_DIGEST_RE
 from docket.registry.bodies import _ReleaseOnClose, send_ranged_file
+from docket.registry.v2 import API_VERSION_HEADER, validate_name
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("agent_v2", __name__, url_prefix="/v2")
 
-API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
-NAME_RE = re.compile(r"\A[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z")
 TAG_RE = re.compile(r"\A[\w][\w.-]{0,127}\Z")
-MAX_NAME = 255
 MANIFEST_TYPES = ("application/vnd.docker.distribution.manifest.v2+json, "
                   "application/vnd.docker.distribution.manifest.list.v2+json, "
                   "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json")
@@ -51,8 +49,10 @@ def v2_error(status: int, code: str, message: str, detail: Any = None,
 
 
 def _check_name(name: str) -> None:
-    if len(name) > MAX_NAME or not NAME_RE.fullmatch(name):
-        raise _Refused(v2_error(400, "NAME_INVALID", f"invalid repository name {name[:300]!r}"))
+    try:
+        validate_name(name)
+    except errors.DocketError as exc:
+        raise _Refused(v2_error(400, "NAME_INVALID", exc.message)) from exc
 
 
 class _Refused(Exception):

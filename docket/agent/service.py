@@ -14,12 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from docket import errors
@@ -188,7 +186,7 @@ class Agent:
 def serve(config: AgentConfig) -> None:
     """Bind, start the seeder, serve until SIGTERM/SIGINT, then stop everything (its ctorrents die with it)."""
     from docket.agent.app import create_app
-    from docket.registry.server import Deadlines, Server
+    from docket.registry.server import Deadlines, Server, run_until_signalled
 
     agent = Agent(config)
     app = create_app(agent)
@@ -196,40 +194,13 @@ def serve(config: AgentConfig) -> None:
     server = Server((config.listen_host, config.listen_port), app, deadlines=Deadlines(),
                     min_threads=config.threads, max_threads=config.max_threads, server_name="docket-agent",
                     shutdown_timeout=10, request_queue_size=1024)
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    thread: threading.Thread | None = None
-    failed = None
-    try:
-        try:
-            server.prepare()
-        except OSError as exc:
-            raise errors.DocketError(f"cannot listen on {config.listen_host}:{config.listen_port}: "
-                                     f"{exc.strerror or exc}", "choose another --listen or stop what uses it") from exc
-        agent.start()
-        thread = threading.Thread(target=server.serve, name="http", daemon=True)
-        thread.start()
+    def started() -> None:
         log.info("docket agent serving /v2 on http://%s:%d for the registry at %s (cache %s, at most %d bytes)",
                  config.listen_host, config.listen_port, config.registry, config.cache_dir, config.cache_size)
-        while not stop.wait(0.5):
-            if not thread.is_alive():
-                failed = "the HTTP server stopped unexpectedly"
-                break
-            if not agent.healthy():
-                failed = f"the seeder stopped ({config.cache_dir} was removed?)"
-                break
-    finally:
-        server.stop()
-        if thread is not None:
-            thread.join(timeout=15)
-        agent.stop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        log.info("docket agent stopped")
-    if failed:
-        raise errors.ServiceUnavailable(f"docket agent stopped: {failed}")
+
+    def broken() -> str | None:
+        return None if agent.healthy() else f"its seeder stopped ({config.cache_dir} was removed?)"
+
+    run_until_signalled(server, name="docket agent", bind=config.listen_host, port=config.listen_port,
+                        start=agent.start, stop=agent.stop, started=started, broken=broken)

@@ -10,11 +10,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +21,7 @@ from docket.netaddr import default_address
 from docket.registry import create_app
 from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
-from docket.registry.server import Deadlines, LazyTLSAdapter, Server
+from docket.registry.server import Deadlines, LazyTLSAdapter, Server, run_until_signalled
 from docket.registry.storage import startup_error
 from docket.clicktypes import ByteSize
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
@@ -247,38 +244,18 @@ def serve(config: RegistryConfig) -> None:
             raise DocketError(f"cannot set up TLS with {config.tls_cert}: {exc}",
                               "check --tls-cert and --tls-key") from exc
         scheme = "https"
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    thread: threading.Thread | None = None
-    try:
-        try:
-            server.prepare()  # bind now: a busy port fails before any child process starts
-        except OSError as exc:
-            raise DocketError(f"cannot listen on {config.bind}:{config.port}: {exc.strerror or exc}",
-                              "choose another --port or stop what is using it") from exc
-        services.start()
-        thread = threading.Thread(target=server.serve, name="http", daemon=True)
-        thread.start()
+    def started() -> None:
         log.info("docket-registry serving on %s://%s:%d (location %s, tracker %s%s)", scheme, config.bind,
-                 config.port, config.location, services.swarm.announce_url, "" if services.swarm.tracker.managed else " external")
-        while not stop.wait(0.5):
-            if not thread.is_alive():
-                log.error("HTTP server stopped unexpectedly")
-                break
-    finally:
-        server.stop()
-        if thread is not None:
-            thread.join(timeout=15)
+                 config.port, config.location, services.swarm.announce_url,
+                 "" if services.swarm.tracker.managed else " external")
+
+    def stop() -> None:
         services.stop()
         services.db.dispose()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        log.info("docket-registry stopped")
+
+    run_until_signalled(server, name="docket-registry", bind=config.bind, port=config.port, start=services.start,
+                        stop=stop, started=started)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,14 @@ import json
 import logging
 import re
 import selectors
+import signal
 import socket
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from cheroot import connections, errors, server, wsgi
@@ -37,6 +41,7 @@ from cheroot.makefile import MakeFile, StreamReader, StreamWriter
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
+from docket.errors import DocketError, ServiceUnavailable
 from docket.registry.edges import is_v2, status_error
 
 log = logging.getLogger("docket.registry.server")
@@ -456,3 +461,48 @@ class Server(wsgi.Server):
             self._connections.wait(conn)
         else:
             conn.close()
+
+
+def run_until_signalled(server: Server, *, name: str, bind: str, port: int, start: Callable[[], None],
+                        stop: Callable[[], None], started: Callable[[], None],
+                        broken: Callable[[], str | None] = lambda: None) -> None:
+    """Bind (a busy port fails before ``start`` starts any child process), ``start``, serve in a thread until
+    SIGTERM/SIGINT, the server thread's end or ``broken()`` saying why; then stop the server and ``stop``.
+    Shared by docket-registry and docket agent. Raises ServiceUnavailable when it ended for ``broken``'s reason."""
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread: threading.Thread | None = None
+    failed = None
+    try:
+        try:
+            server.prepare()
+        except OSError as exc:
+            raise DocketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
+                              "choose another port or stop what is using it") from exc
+        start()
+        thread = threading.Thread(target=server.serve, name="http", daemon=True)
+        thread.start()
+        started()
+        while not done.wait(0.5):
+            if not thread.is_alive():
+                log.error("HTTP server stopped unexpectedly")
+                break
+            failed = broken()
+            if failed:
+                log.error("%s stopping: %s", name, failed)
+                break
+    finally:
+        server.stop()
+        if thread is not None:
+            thread.join(timeout=15)
+        stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("%s stopped", name)
+    if failed:
+        raise ServiceUnavailable(f"{name} stopped: {failed}")

@@ -45,6 +45,11 @@ def _layers(registry: RegistryServer, repo: str, tag: str) -> tuple[dict, list[s
     return manifest, [layer["digest"] for layer in manifest["layers"]]
 
 
+def _sizes(registry: RegistryServer, repo: str, digests: list[str]) -> dict[str, int]:
+    return {d: int(requests.head(f"{registry.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
+            for d in digests}
+
+
 def _push(docket_cli, registry: RegistryServer, image_factory, data_mib: float = 3) -> tuple[str, str, str, str]:
     ref, marker = image_factory.build(data_mib=data_mib)
     docket_cli("push", ref, registry=registry)
@@ -232,8 +237,7 @@ def test_an_agent_killed_mid_pull_keeps_what_it_verified(registry_server, image_
     registry = registry_server
     ref, _, repo, tag = _push(docket_cli, registry, image_factory, data_mib=6)
     _, layers = _layers(registry, repo, tag)
-    sizes = {d: int(requests.head(f"{registry.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
-             for d in layers}
+    sizes = _sizes(registry, repo, layers)
     big = max(layers, key=sizes.__getitem__)
     small = [d for d in layers if d != big]
     a = _agent(tmp_path, registry, "a", "--max-download-rate", "300", peer_ip="127.0.45.1")
@@ -290,8 +294,7 @@ def test_a_peer_serving_corrupt_pieces_never_reaches_dockerd(registry_server, im
     registry = registry_server
     ref, marker, repo, tag = _push(docket_cli, registry, image_factory, data_mib=3)
     _, layers = _layers(registry, repo, tag)
-    sizes = {d: int(requests.head(f"{registry.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
-             for d in layers}
+    sizes = _sizes(registry, repo, layers)
     big = max(layers, key=sizes.__getitem__)
     torrent = tmp_path / "evil.torrent"
     torrent.write_bytes(requests.get(f"{registry.url}/api/v1/blobs/{big}/torrent", timeout=10).content)
@@ -381,8 +384,7 @@ def test_local_clients_asking_for_one_blob_share_one_download(registry_server, i
                                                               tmp_path: Path):
     ref, _, repo, tag = _push(docket_cli, registry_server, image_factory, data_mib=4)
     _, layers = _layers(registry_server, repo, tag)
-    sizes = {d: int(requests.head(f"{registry_server.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
-             for d in layers}
+    sizes = _sizes(registry_server, repo, layers)
     big = max(layers, key=sizes.__getitem__)
     with _agent(tmp_path, registry_server, "a", "--max-download-rate", "2000", peer_ip="127.0.50.1") as a:
         results: list[requests.Response] = []
