@@ -272,7 +272,8 @@ def agent(a: argparse.Namespace, work: Path) -> list[TreeMemory]:
     results = []
     reg_ip, port = a.tracker_ip, a.registry_port
     base = f"http://{reg_ip}:{port}"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (os.environ.get("PYTHONPATH"), root) if x))
     if a.cache_mb is not None:
         env["DOCKET_CTORRENT_ARGS"] = f"-C {int(a.cache_mb)}"
 
@@ -319,7 +320,7 @@ def agent(a: argparse.Namespace, work: Path) -> list[TreeMemory]:
             acct = _json(f"http://{agents[0][1]}:5000/_docket/agent")
             m = measure(agents[0][0].pid, f"agent {agents[0][1]} " + ("after its pull" if k == 0 else
                                                                         "after a second agent pulled from it"))
-            m.child_rss_mib["_accounting_seeding"] = acct.get("seeding", acct.get("totals", {}).get("seeding"))
+            m.label += f" (its accounting: seeding {acct.get('totals', {}).get('seeding')} blobs)"
             results.append(m)
             show(m)
         return results

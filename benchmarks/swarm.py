@@ -21,10 +21,20 @@ synthetic ``docker save`` tarball over HTTP, no dockerd needed), then
             host's image is verified ("ready"), until the last ``docket pull`` returned, and until the last
             background seeder stopped seeding (it seeds on after the pull returned: docket seed).
 
+``--mode`` (a comma list; default ``docket``, the two rounds above) adds the Registry V2 rounds of issue 14, on the
+same image: every host runs ``benchmarks/v2pull.py`` (dockerd's order: manifest, config, then the layers three at a
+time, each sha256-checked), released together from a start barrier, and the last host done is timed:
+  * v2-direct: against the registry's own ``/v2`` (``http://198.18.0.1:8000``): its uplink carries every byte N times;
+  * agent:     against a ``docket agent`` started in each host's namespace on 127.0.0.1:5000 with its own empty
+               cache (``--peer-ip`` the host's address), answering ``GET /v2/`` before the round starts (not
+               counted) and stopped by pid after it; each agent's ``GET /_docket/agent`` accounting is kept.
+
 Everything it created (namespaces, hence veths and bridge; processes it started, and anything still running
 inside its namespaces; temp files) is removed at the end, on failure and on Ctrl-C/SIGTERM.
 
     sudo python benchmarks/swarm.py --hosts 1,4,8,16 --size-mib 64 --rate-mbit 50 --out benchmarks/results
+    sudo python benchmarks/swarm.py --mode v2-direct,agent --layers 3 --repeat 3 --workdir /dev/shm \
+        --out benchmarks/results/issue14
 """
 
 from __future__ import annotations
@@ -166,6 +176,8 @@ class RoundResult:
     agent_over_bound: float | None = None
     v2_direct_over_agent: float | None = None
     agent_start_s: float | None = None  # how long the N agents took to answer GET /v2/ (not counted in agent_s)
+    agent_bytes_from_peers: int | None = None  # the agents' accounting (GET /_docket/agent totals), all hosts
+    agent_bytes_from_http: int | None = None  # what the registry served them over HTTP (config, fallbacks)
     v2_direct_hosts: list[HostResult] = field(default_factory=list)
     agent_hosts: list[HostResult] = field(default_factory=list)
 
@@ -722,6 +734,8 @@ class Bench:
             agent_over_bound=_r(agent_s / bound if agent_s else None),
             v2_direct_over_agent=_r(v2_s / agent_s if v2_s and agent_s else None),
             agent_start_s=_r(agent_start), v2_direct_hosts=v2_hosts, agent_hosts=agent_hosts,
+            agent_bytes_from_peers=_agent_total(agent_hosts, "bytes_from_peers"),
+            agent_bytes_from_http=_agent_total(agent_hosts, "bytes_from_http"),
             n=n, layers=layers, size_bytes=size, rate_mbit=self.cfg.rate_mbit, digest=record["digest"], link_bound_s=round(bound, 3),
             http_bound_s=round(n * bound, 3), http_s=_r(http_s), docket_s=_r(docket_s),
             docket_host_max_s=_r(max((h.seconds for h in docket_hosts), default=None)),
@@ -770,6 +784,11 @@ def _r(x: float | None) -> float | None:
 def _last(hosts: list[HostResult]) -> float | None:
     """The last host done, if every host finished verified (None: a failure, or no such round)."""
     return max(h.done_at for h in hosts) if hosts and all(h.ok for h in hosts) else None
+
+
+def _agent_total(hosts: list[HostResult], key: str) -> int | None:
+    vals = [h.agent.get("totals", {}).get(key) for h in hosts]
+    return sum(vals) if hosts and all(isinstance(v, int) for v in vals) else None
 
 
 def _median(hosts: list[HostResult]) -> float | None:
@@ -841,7 +860,7 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
             "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
             "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
             "v2_direct_s", "agent_s", "v2_direct_over_bound", "agent_over_bound", "v2_direct_over_agent",
-            "agent_start_s", "loadavg", "all_finished"]
+            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished"]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
