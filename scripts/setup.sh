@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a Debian/Ubuntu machine for Docket: system packages and a virtualenv in .venv.
+# containerd is a dependency of docker.io already; it is named because tests run it on its own (ctr pulls).
 # Used by scripts/demo.sh, scripts/test.sh and .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-packages=(docker.io docker-compose ctorrent opentracker busybox-static iproute2 curl skopeo python3 python3-venv python3-pip)
+packages=(docker.io docker-compose ctorrent opentracker busybox-static iproute2 curl skopeo python3 python3-venv python3-pip
+          containerd systemd)  # containerd (ctr) and systemd (systemd-analyze): the deploy/ files checked with them
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -197,6 +197,12 @@ def stop(location: Path, timeout: float = 30.0) -> int | None:
     files = SeederFiles(location)
     if not files.running():
         return None
+    with contextlib.suppress(OSError):
+        lines = files.pid.read_text().split()
+        if lines[1:2] == ["agent"]:
+            raise errors.DocketError(f"docket agent (pid {lines[0]}) seeds {location}: it seeds what its cache holds "
+                                     "for as long as it holds it",
+                                     "stop the agent to stop its seeding (e.g. `systemctl stop docket-agent`)")
     pid = files.daemon_pid()
     if pid is None:
         raise errors.DocketError(f"a background seeder holds {files.lock} but its pid is unknown",

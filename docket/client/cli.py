@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from docket import __version__, errors
+from docket.clicktypes import ByteSize
 from docket.reference import Reference, parse_reference
 
 # Start-up time: the modules behind the subcommands (requests, docker, rich.progress, the pull engine) are
@@ -213,6 +214,7 @@ def cli(ctx: click.Context, host: str, port: int, location: Path | None, timeout
       docket push myapp:v1
       docket pull myapp:v1
       docket images
+      docket agent       (on every host: docker pull 127.0.0.1:5000/myapp:v1)
     """
     loc = (location.expanduser() if location else default_location()).absolute()
     if not token and token_file is not None:
@@ -400,15 +402,71 @@ def seed(ctx: click.Context, show: bool, stop: bool, as_json: bool) -> None:
         app.info(f"No background seeder runs for {location}.")
         return
     blobs = state["blobs"]
-    app.info(f"Background seeder pid {state.get('pid')} of {location}: {len(blobs)} layer(s)")
+    who = "docket agent" if state.get("agent") else "Background seeder"
+    app.info(f"{who} pid {state.get('pid')} of {location}: {len(blobs)} layer(s)")
     if blobs:
         from docket.client.progress import human_bytes, printable
 
         rows = [(printable(str(b.get("ref", "")), 200), _short_digest(b.get("digest")),
                  human_bytes(b["size"]) if isinstance(b.get("size"), int) else "?", str(b.get("peer", "")),
-                 f"{b.get('seconds_left', 0):.0f} s", f"{b.get('uploaded_mb', 0)} MB") for b in blobs]
+                 "while held" if b.get("seconds_left") is None else f"{b['seconds_left']:.0f} s",
+                 f"{b.get('uploaded_mb', 0)} MB") for b in blobs]
         for line in plain_table(("IMAGE", "LAYER", "SIZE", "PEER", "LEFT", "UPLOADED"), rows):
             app.out(line)
+
+
+# -- agent ----------------------------------------------------------------------------------------------------
+
+def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:5000)")
+    return host.strip("[]"), int(port)
+
+
+@cli.command()
+@click.option("--listen", envvar="DOCKET_AGENT_LISTEN", show_envvar=True, default="127.0.0.1:5000",
+              show_default=True, callback=_listen, help="Address and port of the /v2 API for local clients.")
+@click.option("--cache-dir", envvar="DOCKET_AGENT_CACHE_DIR", show_envvar=True, default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where blobs are kept  [default: --location, the cache docket pull uses]")
+@click.option("--cache-size", envvar="DOCKET_AGENT_CACHE_SIZE", show_envvar=True, type=ByteSize(), default="20GiB",
+              show_default=True, help="Most bytes of blobs kept; the least recently used go first.")
+@click.option("--peer-ip", envvar="DOCKET_PEER_IP", show_envvar=True, default=None,
+              help="Address the agent's ctorrents listen on and announce  [default: chosen towards the tracker]")
+@click.option("--fallback-after", envvar="DOCKET_FALLBACK_AFTER", show_envvar=True, type=click.FloatRange(min=0),
+              default=20.0, show_default=True, help="Seconds without swarm progress before a blob goes over HTTP.")
+@click.option("--max-download-rate", envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
+              type=click.IntRange(min=1), default=None, help="KB/s cap per blob download  [default: none]")
+@click.option("--log-level", envvar="DOCKET_LOG_LEVEL", show_envvar=True, default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.pass_context
+def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, cache_size: int,
+          peer_ip: str | None, fallback_after: float, max_download_rate: int | None, log_level: str) -> None:
+    """Serve `docker pull` for this host through the swarm (runs until stopped).
+
+    \b
+    Serves the read side of the Registry V2 API on --listen to the local dockerd,
+    containerd or kubelet; blobs come through BitTorrent from the other hosts and
+    the registry's seeders (HTTP when the swarm gives nothing), and everything the
+    agent holds it seeds. With the default --listen:
+      docker pull 127.0.0.1:5000/myapp:v42
+    """
+    from docket.agent.service import AgentConfig, serve
+    from docket.client.api import base_url
+    from docket.client.peer import validate_peer_ip
+
+    app = _app(ctx)
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, log_level.upper()))
+    for handler in root.handlers:
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    config = AgentConfig(registry=base_url(app.config.host, app.config.port),
+                         cache_dir=(cache_dir.expanduser() if cache_dir else app.config.location).absolute(),
+                         cache_size=cache_size, listen_host=listen[0], listen_port=listen[1], token=app.config.token,
+                         ca_bundle=app.config.ca_bundle, peer_ip=validate_peer_ip(peer_ip) if peer_ip else None,
+                         fallback_after=fallback_after, max_download_rate=max_download_rate)
+    serve(config)
 
 
 # -- images ----------------------------------------------------------------------------------------------------

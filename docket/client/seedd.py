@@ -40,6 +40,8 @@ MAX_SEEDERS = 64  # blobs seeded at once; the one closest to its deadline stops 
 MAX_REQUEST = 64 * 1024  # bytes: a larger inbox file is not ours
 STOP_WAIT = 2.0
 LOG_LIMIT = 1024 * 1024  # bytes of seeder.log kept from earlier runs
+KEEP_FOR = 10 * 365 * 86400.0  # seconds: "as long as it holds it" (an agent's seeder: docket/agent)
+RESTART_AFTER = 5.0  # seconds before an agent's seeder whose ctorrent exited is started again
 _DIGEST = re.compile(r"\A[a-z0-9]+:[a-f0-9]{32,128}\Z")
 _TAKE_LOCK_FOR = 1.0  # a `docket seed --list` probe holds the lock shared for a moment: retry that long
 
@@ -51,14 +53,21 @@ class Seeding:
     policy: SeedPolicy
     started: float = field(default_factory=time.time)
     unneeded: bool = False  # the policy said nobody needs it (set by the scrape thread)
+    exited_at: float | None = None  # keep mode: when its ctorrent was found dead (restarted RESTART_AFTER later)
 
 
 class SeedDaemon:
-    """The loop of one location's background seeder (``engine`` and ``tracker`` replaceable for tests)."""
+    """The loop of one location's background seeder (``engine`` and ``tracker`` replaceable for tests).
+
+    ``keep``: the seeder of a ``docket agent`` (docket/agent), which seeds everything its cache holds for as long
+    as it holds it: no deadline, no scrape policy, no idle end, a ctorrent that exits is started again; a blob
+    stops only on a ``drop`` (the agent evicts it, a pull downloads it again) or when its file is gone."""
 
     def __init__(self, files: SeederFiles, engine: TorrentEngine | None = None, tracker: TrackerView | None = None,
-                 scrape_interval: float = 2.0) -> None:
+                 scrape_interval: float = 2.0, *, keep: bool = False, max_seeders: int = MAX_SEEDERS) -> None:
         self.files = files
+        self.keep = keep
+        self.max_seeders = max_seeders
         self.engine = engine or CtorrentEngine(tied=True)
         self.tracker = tracker or TrackerView()
         self.scrape_interval = scrape_interval
@@ -87,13 +96,13 @@ class SeedDaemon:
                     return False
                 time.sleep(0.02)
         self._lock_fd, self._lock_ino = fd, os.fstat(fd).st_ino
-        self.files.pid.write_text(f"{os.getpid()}\n")
+        self.files.pid.write_text(f"{os.getpid()}\n" + ("agent\n" if self.keep else ""))
         return True
 
     def run(self) -> None:
         log.info("background seeder pid %d for %s", os.getpid(), self.files.location)
-        scraper = threading.Thread(target=self._scrape_loop, name="scrapes", daemon=True)
-        scraper.start()
+        if not self.keep:  # an agent's blobs seed while it holds them: no policy to check
+            threading.Thread(target=self._scrape_loop, name="scrapes", daemon=True).start()
         try:
             while not self.term.is_set():
                 if self._location_gone():
@@ -115,6 +124,8 @@ class SeedDaemon:
             return True
 
     def _idle(self) -> bool:
+        if self.keep:
+            return False
         self.attached = {pid for pid in self.attached if _alive(pid)}
         busy = self.seeding or self.attached or any(t.is_alive() for t in self.stopping) or self._inbox()
         if busy:
@@ -178,7 +189,7 @@ class SeedDaemon:
         for path in (req.torrent, req.blob, req.workdir):  # only files of this location are seeded
             if not Path(path).resolve().is_relative_to(self.files.location.resolve()):
                 raise ValueError(f"{path} is outside {self.files.location}")
-        seed_for = req.deadline - time.time()
+        seed_for = KEEP_FOR if self.keep else req.deadline - time.time()
         current = self.seeding.get(req.digest)
         if current is not None and current.transfer.alive():
             current.policy.deadline = max(current.policy.deadline, time.monotonic() + seed_for)
@@ -186,26 +197,51 @@ class SeedDaemon:
             return
         if seed_for <= 0:
             return
-        if len(self.seeding) >= MAX_SEEDERS:
+        if len(self.seeding) >= self.max_seeders:
             self._stop(min(self.seeding, key=lambda d: self.seeding[d].request.deadline), "too many seeders")
         meta = read_torrent(Path(req.torrent).read_bytes())
-        transfer = self.engine.seed(Path(req.torrent), Path(req.blob), workdir=Path(req.workdir),
-                                    listen_ip=req.listen_ip, port=req.port, log_path=Path(req.workdir) / "seed.log")
+        transfer = self._start(req)
         policy = SeedPolicy(self.tracker, meta, time.monotonic(), seed_for, self.scrape_interval)
         self.seeding[req.digest] = Seeding(req, transfer, policy)
         self._state_at = 0.0  # written at once
         log.info("seeding %s (%s) on %s:%s for up to %.0f s", req.digest, req.ref or "?",
                  req.listen_ip or "*", req.port or "?", seed_for)
 
+    def _start(self, req: SeedRequest) -> Transfer:
+        return self.engine.seed(Path(req.torrent), Path(req.blob), workdir=Path(req.workdir),
+                                listen_ip=req.listen_ip, port=req.port, log_path=Path(req.workdir) / "seed.log")
+
     # -- seeders ---------------------------------------------------------------------------------------------
     def _tend(self) -> None:
         for digest, s in list(self.seeding.items()):
-            if not s.transfer.alive():
+            if self.keep and not s.transfer.alive():
+                self._restart(digest, s)
+            elif not s.transfer.alive():
                 self._finish(digest, "ctorrent exited")
             elif time.monotonic() >= s.policy.deadline:
                 self._stop(digest, "its seed time ended")
             elif s.unneeded:
                 self._stop(digest, "no peer still downloads it")
+
+    def _restart(self, digest: str, s: Seeding) -> None:
+        """Keep mode: a ctorrent that exited is started again (on the same address and port) after RESTART_AFTER;
+        a blob whose file is gone stops."""
+        if not Path(s.request.blob).exists():
+            self._finish(digest, "its file is gone")
+            return
+        now = time.monotonic()
+        if s.exited_at is None:
+            s.exited_at = now
+            log.warning("ctorrent seeding %s exited; starting it again in %.0f s", digest, RESTART_AFTER)
+            return
+        if now - s.exited_at < RESTART_AFTER:
+            return
+        s.exited_at = None
+        try:
+            s.transfer = self._start(s.request)
+        except Exception as exc:  # noqa: BLE001 - tried again after RESTART_AFTER
+            s.exited_at = now
+            log.warning("could not start seeding %s again: %s", digest, exc)
 
     def _scrape_loop(self) -> None:
         """The policies' tracker scrapes, apart from the main loop: a dead tracker (2 s per scrape) must not keep
@@ -246,10 +282,10 @@ class SeedDaemon:
             blobs.append({"digest": digest, "ref": s.request.ref, "size": s.request.size,
                           "peer": f"{s.request.listen_ip or '*'}:{s.transfer.listen_port or s.request.port or '?'}",
                           "pid": s.transfer.pid, "since": s.started,
-                          "seconds_left": round(max(0.0, s.policy.deadline - now), 1),
+                          "seconds_left": None if self.keep else round(max(0.0, s.policy.deadline - now), 1),
                           "uploaded_mb": st.uploaded_mb if st else 0, "peers": st.leechers if st else 0})
         state = {"pid": os.getpid(), "updated": time.time(), "blobs": blobs, "attached": sorted(self.attached),
-                 "finished": self.finished}
+                 "finished": self.finished, "agent": self.keep}
         with contextlib.suppress(OSError):
             atomic_write(self.files.state, json.dumps(state).encode())
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from werkzeug.exceptions import ClientDisconnected, RequestedRangeNotSatisfiable
 
 from docket.errors import DocketError, InvalidRequest, NotFound, TooLarge
 from docket.registry.edges import api_error
+
+log = logging.getLogger(__name__)
 
 
 class LengthRequired(DocketError):
@@ -226,6 +229,9 @@ def send_blob(digest: str, digest_header: str, download_name: str | None = None)
         return resp
     # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
     resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
+    if request.method == "GET":  # the registry's own account of the blob bytes it sent (the swarm spares these)
+        log.info("sending blob %s to %s: %d bytes%s", digest, request.remote_addr, resp.content_length or 0,
+                 f" ({resp.headers['Content-Range']})" if resp.status_code == 206 else "")
     resp.headers[digest_header] = digest
     resp.cache_control.immutable = True
     return resp

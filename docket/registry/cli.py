@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -27,27 +26,10 @@ from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
 from docket.registry.server import Deadlines, LazyTLSAdapter, Server
 from docket.registry.storage import startup_error
+from docket.clicktypes import ByteSize
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
 
 log = logging.getLogger("docket.registry")
-
-_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*\Z", re.IGNORECASE)
-
-
-class ByteSize(click.ParamType):
-    """``20GiB``, ``512M``, ``1000000`` -> bytes (K/M/G/T are binary multiples)."""
-
-    name = "size"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        m = _SIZE.match(str(value))
-        if not m:
-            self.fail(f"{value!r} is not a size such as 20GiB, 512MiB or 1000000", param, ctx)
-        number, unit = float(m.group(1)), m.group(2).upper()
-        return int(number * 1024 ** " KMGT".index(unit or " "))
-
 
 def _ipv4(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
