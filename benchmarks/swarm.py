@@ -21,10 +21,20 @@ synthetic ``docker save`` tarball over HTTP, no dockerd needed), then
             host's image is verified ("ready"), until the last ``docket pull`` returned, and until the last
             background seeder stopped seeding (it seeds on after the pull returned: docket seed).
 
+``--mode`` (a comma list; default ``docket``, the two rounds above) adds the Registry V2 rounds of issue 14, on the
+same image: every host runs ``benchmarks/v2pull.py`` (dockerd's order: manifest, config, then the layers three at a
+time, each sha256-checked), released together from a start barrier, and the last host done is timed:
+  * v2-direct: against the registry's own ``/v2`` (``http://198.18.0.1:8000``): its uplink carries every byte N times;
+  * agent:     against a ``docket agent`` started in each host's namespace on 127.0.0.1:5000 with its own empty
+               cache (``--peer-ip`` the host's address), answering ``GET /v2/`` before the round starts (not
+               counted) and stopped by pid after it; each agent's ``GET /_docket/agent`` accounting is kept.
+
 Everything it created (namespaces, hence veths and bridge; processes it started, and anything still running
 inside its namespaces; temp files) is removed at the end, on failure and on Ctrl-C/SIGTERM.
 
     sudo python benchmarks/swarm.py --hosts 1,4,8,16 --size-mib 64 --rate-mbit 50 --out benchmarks/results
+    sudo python benchmarks/swarm.py --mode v2-direct,agent --layers 3 --repeat 3 --workdir /dev/shm \
+        --out benchmarks/results/issue14
 """
 
 from __future__ import annotations
@@ -59,6 +69,8 @@ FIRST_CLIENT_IP = ipaddress.ip_address("198.18.0.11")
 HTTP_PORT = 8000
 TRACKER_PORT = 6969
 MIB = 1024 * 1024
+AGENT_PORT = 5000  # each host's `docket agent` listens on 127.0.0.1:AGENT_PORT inside its namespace
+V2PULL = Path(__file__).resolve().parent / "v2pull.py"  # dockerd's pull sequence, run in each host namespace
 
 # Runs inside each client namespace: import everything first, signal readiness, wait for the shared start
 # barrier, note the wall-clock start, then run the real `docket` CLI (same process, so no import time counted).
@@ -103,6 +115,10 @@ class Config:
     ctorrent_args: str = ""  # $DOCKET_CTORRENT_ARGS for the registry's seeders and every pull's ctorrent
     pull_args: list[str] = field(default_factory=list)  # extra `docket pull` flags (e.g. --wait); none by default
     repeat: int = 1  # rounds per N
+    # What each round measures: "docket" (curl over HTTP unless skip_http, then `docket pull`: the default),
+    # "v2-direct" (every host pulls as dockerd would from the registry's /v2), "agent" (the same through a
+    # `docket agent` in every host's namespace). A comma list runs several on the same image each round.
+    modes: list[str] = field(default_factory=lambda: ["docket"])
 
 
 @dataclass
@@ -124,6 +140,8 @@ class HostResult:
     # docket only: the kernel's byte counters of this host's link, every ~0.25 s: [s since the round's start,
     # MB received, MB sent] (wire bytes, headers included): when a host's download ran at the link's rate or stalled
     link: list[list[float]] = field(default_factory=list)
+    retries: int = 0  # v2 modes: blob downloads v2pull had to retry
+    agent: dict = field(default_factory=dict)  # agent mode: the agent's GET /_docket/agent after the round
 
 
 @dataclass
@@ -149,6 +167,19 @@ class RoundResult:
     seeding_stopped_s: float | None = None  # until every background seeder stopped its last blob
     seeders_exited_s: float | None = None  # until every background seeder ended
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average before the round, after it
+    # v2 modes (--mode v2-direct / agent): the last host done (manifest, config and every layer verified)
+    v2_direct_s: float | None = None
+    v2_direct_median_s: float | None = None
+    v2_direct_over_bound: float | None = None
+    agent_s: float | None = None
+    agent_median_s: float | None = None
+    agent_over_bound: float | None = None
+    v2_direct_over_agent: float | None = None
+    agent_start_s: float | None = None  # how long the N agents took to answer GET /v2/ (not counted in agent_s)
+    agent_bytes_from_peers: int | None = None  # the agents' accounting (GET /_docket/agent totals), all hosts
+    agent_bytes_from_http: int | None = None  # what the registry served them over HTTP (config, fallbacks)
+    v2_direct_hosts: list[HostResult] = field(default_factory=list)
+    agent_hosts: list[HostResult] = field(default_factory=list)
 
 
 class LinkSampler:
@@ -539,6 +570,98 @@ class Bench:
                 shutil.rmtree(rdir / f"docket-c{i}", ignore_errors=True)
         return hosts
 
+    def v2_round(self, n: int, record: dict, rdir: Path, mode: str, bases: list[str]) -> list[HostResult]:
+        """Every host runs ``benchmarks/v2pull.py`` against its base URL (dockerd's order: manifest, config, then the
+        layers three at a time, each sha256-checked), released together from a start barrier."""
+        go = rdir / f"{mode}-go"
+        ref = record["ref"]
+        procs = []
+        for i in range(n):
+            procs.append(self.spawn(self.lab.clients[i], [
+                sys.executable, str(V2PULL), bases[i], ref, "--ready", str(rdir / f"{mode}-ready-{i}"), "--go", str(go),
+                "--timeout", "120",
+            ], rdir / f"{mode}-c{i}.log", stdout=rdir / f"{mode}-c{i}.out"))
+        deadline = time.monotonic() + 60
+        while not all((rdir / f"{mode}-ready-{i}").exists() for i in range(n)):
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"v2pull ({mode}) did not start:\n" + _tail(rdir / f"{mode}-c0.log"))
+            time.sleep(0.01)
+        t0_wall, t0 = time.time(), time.monotonic()
+        go.touch()
+        sampler = LinkSampler(self.lab, n, t0)
+        try:
+            ends = self._await(procs, t0, f"{mode} N={n}")
+        finally:
+            links = sampler.stop()
+        size = sum(int(x["size"]) for x in image_layers(record)) + int(record["config"]["size"])
+        hosts = []
+        for i, p in enumerate(procs):
+            res = HostResult(host=self.lab.client_ips[i], ok=False, seconds=0.0, done_at=0.0,
+                             returned_at=round(ends[i], 3), link=links.get(i, []))
+            try:
+                out = json.loads((rdir / f"{mode}-c{i}.out").read_text().strip().splitlines()[-1])
+                res.seconds = float(out["seconds"])
+                res.done_at = round(float(out["started"]) - t0_wall + res.seconds, 3)
+                res.bytes, res.retries = int(out["bytes"]), int(out["retries"])
+                res.sha256_ok = bool(out["ok"])  # v2pull checked every blob against its digest
+                res.ok = p.returncode == 0 and res.sha256_ok and len(out["blobs"]) == len(image_layers(record)) + 1
+                res.error = out.get("error", "")
+                if res.bytes < size:
+                    res.ok, res.error = False, f"{res.bytes} bytes of {size} {res.error}"
+            except (OSError, ValueError, KeyError, IndexError) as exc:
+                res.error = f"{exc!r} exit {p.returncode}: " + _tail(rdir / f"{mode}-c{i}.log", 8)
+            hosts.append(res)
+        return hosts
+
+    def start_agents(self, n: int, rdir: Path) -> list[subprocess.Popen]:
+        """A ``docket agent`` in each of the first n host namespaces, on 127.0.0.1:5000 there, each with its own
+        empty cache; returns once every one answers GET /v2/ with 200 (or raises)."""
+        agents = []
+        for i in range(n):
+            cache = rdir / f"agent-cache-c{i}"
+            cache.mkdir(mode=0o700)
+            agents.append(self.spawn(self.lab.clients[i], [
+                sys.executable, "-m", "docket.client", "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT),
+                "agent", "--listen", f"127.0.0.1:{AGENT_PORT}", "--cache-dir", str(cache),
+                "--peer-ip", self.lab.client_ips[i], "--log-level", "info",
+            ], rdir / f"agent-c{i}.log"))
+        pending = set(range(n))
+        deadline = time.monotonic() + 90
+        while pending:
+            for i in sorted(pending):
+                if agents[i].poll() is not None:
+                    raise RuntimeError(f"docket agent on c{i} exited ({agents[i].returncode}):\n"
+                                       + _tail(rdir / f"agent-c{i}.log"))
+                r = self.curl(self.lab.clients[i], "-o", "/dev/null", "-w", "%{http_code}",
+                              f"http://127.0.0.1:{AGENT_PORT}/v2/", timeout=10)
+                if r.stdout.strip() == "200":
+                    pending.discard(i)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"docket agent not answering GET /v2/ on {sorted(pending)} after 90 s:\n"
+                                   + _tail(rdir / f"agent-c{min(pending)}.log"))
+            time.sleep(0.1)
+        return agents
+
+    def agent_round(self, n: int, record: dict, rdir: Path) -> tuple[list[HostResult], float]:
+        t = time.monotonic()
+        agents = self.start_agents(n, rdir)
+        started = time.monotonic() - t
+        try:
+            hosts = self.v2_round(n, record, rdir, "agent", [f"http://127.0.0.1:{AGENT_PORT}"] * n)
+            for i, h in enumerate(hosts):
+                r = self.curl(self.lab.clients[i], f"http://127.0.0.1:{AGENT_PORT}/_docket/agent", timeout=10)
+                with contextlib.suppress(ValueError):
+                    h.agent = json.loads(r.stdout)
+        finally:
+            for a in agents:
+                stop_pid(a, timeout=10)
+                with contextlib.suppress(ValueError):
+                    self.procs.remove(a)
+        if not self.cfg.keep:
+            for i in range(n):
+                shutil.rmtree(rdir / f"agent-cache-c{i}", ignore_errors=True)
+        return hosts, started
+
     def _await_seeders(self, locations: list[Path], t0: float) -> list[float | None]:
         """Wait until every host's background seeder ended (``docket seed`` shows none): each one's end, seconds
         since t0 (None: it never ran)."""
@@ -571,26 +694,56 @@ class Bench:
         log(f"N={n}: pushed {record['ref']} ({size / MIB:.1f} MiB in {layers} layer(s), piece "
             f"{record.get('piece_length')}), link bound {bound:.1f} s")
         http_hosts: list[HostResult] = []
-        if not self.cfg.skip_http:
-            http_hosts = self.http_round(n, record, rdir)
-            log(f"N={n}: HTTP {max(h.done_at for h in http_hosts):.1f} s")
-        docket_hosts = self.docket_round(n, record, rdir)
-        ok = all(h.ok for h in docket_hosts) and all(h.ok for h in http_hosts)
+        docket_hosts: list[HostResult] = []
+        v2_hosts: list[HostResult] = []
+        agent_hosts: list[HostResult] = []
+        agent_start = None
+        self.last_exit = 0.0
+        if "docket" in self.cfg.modes:
+            if not self.cfg.skip_http:
+                http_hosts = self.http_round(n, record, rdir)
+                log(f"N={n}: HTTP {max(h.done_at for h in http_hosts):.1f} s")
+            docket_hosts = self.docket_round(n, record, rdir)
+        if "v2-direct" in self.cfg.modes:
+            v2_hosts = self.v2_round(n, record, rdir, "v2-direct", [self.base] * n)
+            log(f"N={n}: v2-direct {_last(v2_hosts)} s")
+        if "agent" in self.cfg.modes:
+            agent_hosts, agent_start = self.agent_round(n, record, rdir)
+            log(f"N={n}: agent {_last(agent_hosts)} s (agents answered after {agent_start:.1f} s)")
+        everyone = [*http_hosts, *docket_hosts, *v2_hosts, *agent_hosts]
+        ok = all(h.ok for h in everyone)
         http_s = max(h.done_at for h in http_hosts) if http_hosts else None
-        docket_s = max(h.done_at for h in docket_hosts) if all(h.ok for h in docket_hosts) else None
+        docket_s = _last(docket_hosts)
+        v2_s, agent_s = _last(v2_hosts), _last(agent_hosts)
         stops = [h.seeding_stopped_at for h in docket_hosts if h.seeding_stopped_at is not None]
         exits = [h.seeder_exited_at for h in docket_hosts if h.seeder_exited_at is not None]
-        log(f"N={n} layers={layers}: docket ready {docket_s} s, returned {self.last_exit:.1f} s, seeding stopped "
-            f"{max(stops, default=0):.1f} s" + ("" if ok else " - FAILURES: " +
-            "; ".join(f"{h.host}: {h.error}" for h in [*http_hosts, *docket_hosts] if not h.ok)))
+        parts = []
+        if docket_hosts:
+            parts.append(f"docket ready {docket_s} s, returned {self.last_exit:.1f} s, seeding stopped "
+                         f"{max(stops, default=0):.1f} s")
+        if v2_hosts:
+            parts.append(f"v2-direct {v2_s} s")
+        if agent_hosts:
+            parts.append(f"agent {agent_s} s")
+        log(f"N={n} layers={layers}: " + "; ".join(parts) + ("" if ok else " - FAILURES: " +
+            "; ".join(f"{h.host}: {h.error}" for h in everyone if not h.ok)))
         return RoundResult(
+            v2_direct_s=_r(v2_s), v2_direct_median_s=_r(_median(v2_hosts)),
+            v2_direct_over_bound=_r(v2_s / bound if v2_s else None),
+            agent_s=_r(agent_s), agent_median_s=_r(_median(agent_hosts)),
+            agent_over_bound=_r(agent_s / bound if agent_s else None),
+            v2_direct_over_agent=_r(v2_s / agent_s if v2_s and agent_s else None),
+            agent_start_s=_r(agent_start), v2_direct_hosts=v2_hosts, agent_hosts=agent_hosts,
+            agent_bytes_from_peers=_agent_total(agent_hosts, "bytes_from_peers"),
+            agent_bytes_from_http=_agent_total(agent_hosts, "bytes_from_http"),
             n=n, layers=layers, size_bytes=size, rate_mbit=self.cfg.rate_mbit, digest=record["digest"], link_bound_s=round(bound, 3),
             http_bound_s=round(n * bound, 3), http_s=_r(http_s), docket_s=_r(docket_s),
-            docket_host_max_s=_r(max(h.seconds for h in docket_hosts)),
+            docket_host_max_s=_r(max((h.seconds for h in docket_hosts), default=None)),
             docket_over_bound=_r(docket_s / bound if docket_s else None),
             http_over_docket=_r(http_s / docket_s if http_s and docket_s else None),
             all_finished=ok, http_hosts=http_hosts, docket_hosts=docket_hosts,
-            docket_all_exited_s=_r(self.last_exit), docket_returned_over_bound=_r(self.last_exit / bound),
+            docket_all_exited_s=_r(self.last_exit or None),
+            docket_returned_over_bound=_r(self.last_exit / bound if self.last_exit else None),
             seeding_stopped_s=_r(max(stops, default=None)), seeders_exited_s=_r(max(exits, default=None)),
             docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -628,6 +781,52 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+def _last(hosts: list[HostResult]) -> float | None:
+    """The last host done, if every host finished verified (None: a failure, or no such round)."""
+    return max(h.done_at for h in hosts) if hosts and all(h.ok for h in hosts) else None
+
+
+def _agent_total(hosts: list[HostResult], key: str) -> int | None:
+    vals = [h.agent.get("totals", {}).get(key) for h in hosts]
+    return sum(vals) if hosts and all(isinstance(v, int) for v in vals) else None
+
+
+def _median(hosts: list[HostResult]) -> float | None:
+    return statistics.median(h.done_at for h in hosts) if hosts and all(h.ok for h in hosts) else None
+
+
+def summary(results: list[RoundResult]) -> list[dict]:
+    """Per N and layer count, the median over rounds of each measure (issue 14's targets use the N=16 median)."""
+    out = []
+    for key in sorted({(r.n, r.layers) for r in results}):
+        rs = [r for r in results if (r.n, r.layers) == key]
+        row: dict = {"n": key[0], "layers": key[1], "rounds": len(rs), "link_bound_s": rs[0].link_bound_s,
+                     "http_bound_s": rs[0].http_bound_s}
+        for m in ("http_s", "docket_s", "v2_direct_s", "agent_s"):
+            vals = [getattr(r, m) for r in rs if getattr(r, m) is not None]
+            row[m] = vals
+            row[f"{m}_median"] = _r(statistics.median(vals)) if vals and len(vals) == len(rs) else None
+        b = rs[0].link_bound_s
+        row["agent_over_bound_median"] = _r(row["agent_s_median"] / b if row["agent_s_median"] else None)
+        row["v2_direct_over_bound_median"] = _r(row["v2_direct_s_median"] / b if row["v2_direct_s_median"] else None)
+        row["v2_direct_over_agent_median"] = _r(row["v2_direct_s_median"] / row["agent_s_median"]
+                                                if row["v2_direct_s_median"] and row["agent_s_median"] else None)
+        out.append(row)
+    return out
+
+
+def summary_table(rows: list[dict]) -> str:
+    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [f"{'N':>3} {'layers':>6} {'rounds':>6} {'bound s':>8} {'v2-direct s (median)':>21} {'agent s (median)':>17} "
+             f"{'agent/bound':>11} {'direct/bound':>12} {'direct/agent':>12}"]
+    for r in rows:
+        lines.append(f"{r['n']:>3} {r['layers']:>6} {r['rounds']:>6} {f(r['link_bound_s']):>8} "
+                     f"{f(r['v2_direct_s_median']):>21} {f(r['agent_s_median']):>17} "
+                     f"{f(r['agent_over_bound_median'], 2):>11} {f(r['v2_direct_over_bound_median'], 2):>12} "
+                     f"{f(r['v2_direct_over_agent_median'], 2):>12}")
+    return "\n".join(lines)
+
+
 def _seeding_stopped(seeder_log: Path, t0_wall: float) -> float | None:
     """When the background seeder's last "stopped seeding" line was logged, seconds since t0_wall."""
     last = None
@@ -653,13 +852,15 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
     (cfg.out / "results.json").write_text(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
-                   "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat},
+                   "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat, "modes": cfg.modes},
+        "summary": summary(results),
         "rounds": [asdict(r) for r in results],
     }, indent=2))
     cols = ["n", "layers", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
             "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
             "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
-            "loadavg", "all_finished"]
+            "v2_direct_s", "agent_s", "v2_direct_over_bound", "agent_over_bound", "v2_direct_over_agent",
+            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished"]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -676,6 +877,18 @@ def table(results: list[RoundResult]) -> str:
         lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_all_exited_s):>10} "
                      f"{f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} {f(r.docket_returned_over_bound, 2):>14} "
                      f"{f(r.seeding_stopped_s):>17} {load:>9} {'yes' if r.all_finished else 'NO'}")
+    return "\n".join(lines)
+
+
+def v2_table(results: list[RoundResult]) -> str:
+    f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [f"{'N':>3} {'layers':>6} {'v2-direct s':>11} {'agent s':>8} {'bound s':>8} {'agent/bound':>11} "
+             f"{'direct/agent':>12} {'agents up s':>11} {'load':>9} ok"]
+    for r in results:
+        load = "/".join(f"{x:.1f}" for x in r.loadavg)
+        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.v2_direct_s):>11} {f(r.agent_s):>8} {f(r.link_bound_s):>8} "
+                     f"{f(r.agent_over_bound, 2):>11} {f(r.v2_direct_over_agent, 2):>12} {f(r.agent_start_s):>11} "
+                     f"{load:>9} {'yes' if r.all_finished else 'NO'}")
     return "\n".join(lines)
 
 
@@ -741,7 +954,7 @@ def benchmark(cfg: Config) -> list[RoundResult]:
                 for s, h in old.items():
                     signal.signal(s, h)
     write_results(cfg, results)
-    if cfg.plot:
+    if cfg.plot and "docket" in cfg.modes:
         plot(cfg, results)
     return results
 
@@ -767,6 +980,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "passed as $DOCKET_CTORRENT_ARGS")
     p.add_argument("--pull-args", default="", help="extra `docket pull` flags, e.g. '--wait' (default: none)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
+    p.add_argument("--mode", default="docket",
+                   help="comma list of: docket (curl + `docket pull`, the default), v2-direct (every host pulls as "
+                        "dockerd would from the registry's /v2), agent (the same from a `docket agent` per host)")
     a = p.parse_args(argv)
     hosts = [int(x) for x in a.hosts.split(",") if x.strip()]
     if not hosts or min(hosts) < 1 or max(hosts) > 200:
@@ -774,7 +990,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     layers = [int(x) for x in a.layers.split(",") if x.strip()]
     if not layers or min(layers) < 1 or max(layers) > 64:
         p.error("--layers: values 1..64")
-    return Config(hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
+    modes = [m.strip() for m in a.mode.split(",") if m.strip()]
+    if not modes or set(modes) - {"docket", "v2-direct", "agent"}:
+        p.error("--mode: a comma list of docket, v2-direct, agent")
+    return Config(modes=modes, hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
                   plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers,
                   pull_args=shlex.split(a.pull_args))
@@ -791,7 +1010,11 @@ def main(argv: list[str] | None = None) -> int:
         detail = getattr(exc, "stderr", "") or ""
         log(f"failed: {exc} {detail}".strip())
         return 1
-    print(table(results))
+    if "docket" in cfg.modes:
+        print(table(results))
+    if set(cfg.modes) & {"v2-direct", "agent"}:
+        print(v2_table(results))
+        print(summary_table(summary(results)))
     print(f"results: {cfg.out / 'results.json'}, {cfg.out / 'results.csv'}, {cfg.out / 'swarm.png'}")
     return 0 if all(r.all_finished for r in results) else 1
 

@@ -89,3 +89,62 @@ def test_small_swarm_run(tmp_path: Path) -> None:
     assert r["seeders_exited_s"] == max(h["seeder_exited_at"] for h in r["docket_hosts"])
     assert r["layers"] == 1
     assert (cfg.out / "results.csv").read_text().startswith("n,layers,")
+
+
+@pytest.mark.timeout(240)
+def test_small_v2_direct_run(tmp_path: Path) -> None:
+    """--mode v2-direct: every host pulls as dockerd would from the registry's /v2; figures and clean-up."""
+    _require()
+    prefix = "dkbv"
+    tag = f"{prefix}{os.getpid()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = swarm.Config(hosts=[2], size_mib=4, rate_mbit=100, layers=[4], out=tmp_path / "out", prefix=prefix,
+                       timeout=120, workdir=work, plot=False, modes=["v2-direct"])
+    try:
+        swarm.benchmark(cfg)
+    finally:
+        left = [ns for ns in _namespaces() if ns.startswith(tag)]
+        assert not left, f"namespaces left behind: {left}"
+    assert not list(work.iterdir()), "temp files left behind"
+    data = json.loads((cfg.out / "results.json").read_text())
+    r = data["rounds"][0]
+    assert r["all_finished"] is True and r["docket_hosts"] == [] and r["http_hosts"] == [] and r["docket_s"] is None
+    assert len(r["v2_direct_hosts"]) == 2
+    for h in r["v2_direct_hosts"]:
+        assert h["ok"] and h["sha256_ok"] and h["retries"] == 0, h
+        assert h["bytes"] > r["size_bytes"]  # the layers and the config
+        assert h["link"] and h["link"][-1][1] * 1e6 >= r["size_bytes"]
+    # the registry's one 100 Mbit/s uplink carried both hosts' copies: the last host cannot beat 2x the bound
+    assert r["v2_direct_s"] == max(h["done_at"] for h in r["v2_direct_hosts"])
+    assert r["v2_direct_s"] >= 2 * r["link_bound_s"] * 0.9, r
+    assert data["summary"][0]["v2_direct_s_median"] == r["v2_direct_s"]
+
+
+@pytest.mark.timeout(240)
+def test_small_agent_run(tmp_path: Path) -> None:
+    """--mode agent: a `docket agent` per host namespace, pulled through as dockerd would; the layers come from
+    peers (the agents' own accounting), and the agents are gone with the namespaces."""
+    _require()
+    prefix = "dkba"
+    tag = f"{prefix}{os.getpid()}"
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = swarm.Config(hosts=[2], size_mib=4, rate_mbit=200, layers=[3], out=tmp_path / "out", prefix=prefix,
+                       timeout=120, workdir=work, plot=False, modes=["agent"])
+    try:
+        swarm.benchmark(cfg)
+    finally:
+        left = [ns for ns in _namespaces() if ns.startswith(tag)]
+        assert not left, f"namespaces left behind: {left}"
+    assert not list(work.iterdir()), "temp files left behind"
+    r = json.loads((cfg.out / "results.json").read_text())["rounds"][0]
+    assert r["all_finished"] is True and r["v2_direct_hosts"] == [] and r["agent_s"] > 0
+    assert r["agent_start_s"] > 0
+    for h in r["agent_hosts"]:
+        assert h["ok"] and h["retries"] == 0, h
+        layers = [b for b in h["agent"]["blobs"] if b["size"] > 1024]  # the three layers (not the config)
+        assert len(layers) == 3 and all(b["via"] == "p2p" for b in layers), h["agent"]["blobs"]
+        assert h["agent"]["totals"]["bytes_from_peers"] == r["size_bytes"]
+        assert h["agent"]["pid"] > 0 and not Path(f"/proc/{h['agent']['pid']}").exists()  # stopped after the round
+    assert r["agent_bytes_from_peers"] == 2 * r["size_bytes"]
