@@ -52,6 +52,7 @@ class AgentConfig:
     max_download_rate: int | None = None  # KB/s per download (ctorrent -D)
     threads: int = 16
     max_threads: int = 256
+    seed_engine: str = "libtorrent"  # "libtorrent": one in-process session seeds every blob; "ctorrent": a process each
 
 
 class Agent:
@@ -60,7 +61,8 @@ class Agent:
         self.engine = engine or CtorrentEngine(tied=True)
         self.store = AgentStore(config.cache_dir, config.cache_size)
         self.upstream = Upstream(config.registry, token=config.token, ca_bundle=config.ca_bundle)
-        self.seeder = SeedDaemon(SeederFiles(self.store.location), engine=self.engine, keep=True,
+        self.seed_engine = self._seed_engine(config.seed_engine, engine)
+        self.seeder = SeedDaemon(SeederFiles(self.store.location), engine=self.seed_engine, keep=True,
                                  max_seeders=MAX_SEEDERS)
         self.fetcher = Fetcher(self.store, self.upstream, self.engine, peer_ip=config.peer_ip,
                                fallback_after=config.fallback_after, stall_timeout=config.stall_timeout,
@@ -72,6 +74,17 @@ class Agent:
         self._lock = threading.Lock()
         self._seeder_thread: threading.Thread | None = None
         self._evicting = threading.Lock()
+
+    def _seed_engine(self, name: str, engine: TorrentEngine | None) -> TorrentEngine:
+        if name == "ctorrent" or engine is not None:
+            return self.engine
+        from docket.torrent import libtorrent_engine
+
+        if not libtorrent_engine.available():
+            log.warning("libtorrent is not installed (pip install libtorrent): every held blob is seeded by a "
+                        "ctorrent process of its own")
+            return self.engine
+        return libtorrent_engine.LibtorrentSeedEngine()  # type: ignore[return-value]
 
     # -- life ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -128,6 +141,9 @@ class Agent:
         self.seeder.term.set()
         if self._seeder_thread is not None:
             self._seeder_thread.join(timeout=30)
+        close = getattr(self.seed_engine, "close", None)
+        if close is not None:
+            close()
         self.upstream.close()
 
     def healthy(self) -> bool:

@@ -438,11 +438,15 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
               default=20.0, show_default=True, help="Seconds without swarm progress before a blob goes over HTTP.")
 @click.option("--max-download-rate", envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
               type=click.IntRange(min=1), default=None, help="KB/s cap per blob download  [default: none]")
+@click.option("--seed-engine", envvar="DOCKET_AGENT_SEED_ENGINE", show_envvar=True, default="libtorrent",
+              show_default=True, type=click.Choice(["libtorrent", "ctorrent"]),
+              help="What seeds the held blobs: one libtorrent session in the agent, or a ctorrent process each.")
 @click.option("--log-level", envvar="DOCKET_LOG_LEVEL", show_envvar=True, default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
 def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, cache_size: int,
-          peer_ip: str | None, fallback_after: float, max_download_rate: int | None, log_level: str) -> None:
+          peer_ip: str | None, fallback_after: float, max_download_rate: int | None, seed_engine: str,
+          log_level: str) -> None:
     """Serve `docker pull` for this host through the swarm (runs until stopped).
 
     \b
@@ -465,7 +469,8 @@ def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, c
                          cache_dir=(cache_dir.expanduser() if cache_dir else app.config.location).absolute(),
                          cache_size=cache_size, listen_host=listen[0], listen_port=listen[1], token=app.config.token,
                          ca_bundle=app.config.ca_bundle, peer_ip=validate_peer_ip(peer_ip) if peer_ip else None,
-                         fallback_after=fallback_after, max_download_rate=max_download_rate)
+                         fallback_after=fallback_after, max_download_rate=max_download_rate,
+                         seed_engine=seed_engine)
     serve(config)
 
 
