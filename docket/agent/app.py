@@ -82,7 +82,8 @@ def _version_header(resp: Response) -> Response:
 
 @bp.get("/")
 def version_check() -> Response:
-    answer = _agent().upstream.request("GET", "/v2/", authorization=request.headers.get("Authorization"))
+    answer = _agent().upstream.request("GET", "/v2/", authorization=request.headers.get("Authorization"),
+                                       small=True)
     if answer.ok:
         return jsonify({})
     return _passthrough(answer, "GET", "UNKNOWN", "/v2/")
