@@ -7,6 +7,8 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,27 @@ def test_names_that_are_not_digests_never_become_paths(store):
         with pytest.raises(ValueError):
             store.manifest(bad)
     store.touch("sha256:../../x")  # no exception: a touch of nothing is nothing
+
+
+def test_two_evictions_at_once_do_not_evict_more_than_needed(store, put_blob):
+    """The fetcher evicts before each download and the agent after each one, from different threads: two passes
+    that overlap must together free what one would, not count the same blob twice and go on to the next."""
+    digests = _three(store, put_blob)
+    store.max_bytes = 250 * KIB
+    evicted: list[list[str]] = []
+    start = threading.Barrier(2)
+
+    def slow_drop(ds: list[str]) -> None:
+        time.sleep(0.2)  # stopping a seeder takes a moment: the other pass catches up meanwhile
+
+    def one() -> None:
+        start.wait()
+        evicted.append(store.evict(slow_drop))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(sum(evicted, [])) == [digests[0]], evicted  # once, and only the oldest
+    assert {h.digest for h in store.held()} == set(digests[1:])
