@@ -177,8 +177,10 @@ def blob(name: str, digest: str) -> Response:
         return _passthrough(head, request.method, "BLOB_UNKNOWN", f"blob {digest} of {name}")
     try:
         size = int(head.headers["Content-Length"])
+        if size < 0:  # int() takes "-1": no blob has that size, and the download plan would be nonsense
+            raise ValueError(size)
     except (KeyError, ValueError):
-        return v2_error(502, "UNKNOWN", f"the registry gave no size for blob {digest}")
+        return v2_error(502, "UNKNOWN", f"the registry gave no valid size for blob {digest}")
     if request.method == "HEAD":
         resp = Response(status=200, content_type="application/octet-stream")
         resp.headers.update({"Content-Length": str(size), "Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})

@@ -99,6 +99,12 @@ class HostileRegistry:
                                         {"Content-Type": "application/json"})
                 if path == f"/v2/app/blobs/{BLOB_DIGEST}" or path == f"/v2/app/blobs/{BAD_BLOB_DIGEST}":
                     return self._answer(200, BLOB, {"Content-Type": "application/octet-stream"})
+                if path in (f"/v2/app/blobs/sha256:{'6' * 64}", f"/v2/app/blobs/sha256:{'7' * 64}"):
+                    size = "-1" if "6666" in path else str(10 ** 18)  # a size no blob has
+                    self.send_response(200)
+                    self.send_header("Content-Length", size)
+                    self.end_headers()
+                    return None
                 if path.startswith("/v2/app/blobs/sha256:"):  # a HEAD without a size
                     return self._answer(200, b"", {"Content-Type": "application/octet-stream"}, length=False)
                 if path.startswith("/api/v1/blobs/") and path.endswith("/torrent"):
@@ -153,9 +159,10 @@ def silent_registry() -> Iterator[str]:
         sock.close()
 
 
-def _agent(tmp_path: Path, url: str, name: str = "a", env: dict[str, str] | None = None) -> AgentProcess:
+def _agent(tmp_path: Path, url: str, name: str = "a", env: dict[str, str] | None = None,
+           extra: list[str] | None = None) -> AgentProcess:
     return AgentProcess(url, tmp_path / f"agent-{name}", free_port(), tmp_path / f"agent-{name}.log",
-                        env=env or {})
+                        env=env or {}, extra_args=extra or [])
 
 
 def _error(resp: requests.Response) -> dict:
@@ -215,15 +222,25 @@ def test_an_oversized_manifest_is_refused_with_bounded_memory(hostile, tmp_path:
 
 
 def test_a_blob_without_a_size_or_with_wrong_bytes_is_never_served(hostile, tmp_path: Path):
-    with _agent(tmp_path, hostile.url) as a:
-        nosize = f"sha256:{'5' * 64}"
-        for method in ("HEAD", "GET"):
-            got = requests.request(method, f"{a.url}/v2/app/blobs/{nosize}", timeout=30)
-            assert got.status_code == 502, (method, got.status_code, got.text)
+    with _agent(tmp_path, hostile.url, extra=["--cache-size", "1MiB"]) as a:
         # the control: a blob without a torrent comes over HTTP and is served whole
         ok = requests.get(f"{a.url}/v2/app/blobs/{BLOB_DIGEST}", timeout=60)
         assert ok.status_code == 200 and ok.content == BLOB, ok.text[:300]
         assert a.outcome(BLOB_DIGEST)["via"] == "http"
+        held = a.cache_dir / "blobs" / BLOB_DIGEST[7:]
+        assert held.exists()
+        nosize = f"sha256:{'5' * 64}"
+        for method in ("HEAD", "GET"):
+            got = requests.request(method, f"{a.url}/v2/app/blobs/{nosize}", timeout=30)
+            assert got.status_code == 502, (method, got.status_code, got.text)
+        negative, exabyte = f"sha256:{'6' * 64}", f"sha256:{'7' * 64}"
+        got = requests.get(f"{a.url}/v2/app/blobs/{negative}", timeout=30)
+        assert got.status_code == 502 and "no valid size" in _error(got)["message"], (got.status_code, got.text)
+        assert not [b for b in a.status()["blobs"] if b["digest"] == negative]  # no download was tried
+        got = requests.get(f"{a.url}/v2/app/blobs/{exabyte}", timeout=30)
+        assert 500 <= got.status_code < 600 and "disk space" in _error(got)["message"], (got.status_code, got.text)
+        assert held.exists(), "a size no disk holds emptied the cache before failing"
+        assert "evicted" not in a.log.read_text()
         # the registry's bytes do not hash to the digest asked for: 502, the file deleted, nothing marked
         bad = requests.get(f"{a.url}/v2/app/blobs/{BAD_BLOB_DIGEST}", timeout=60)
         assert bad.status_code == 502 and BLOB not in bad.content, (bad.status_code, bad.text[:300])
@@ -231,6 +248,8 @@ def test_a_blob_without_a_size_or_with_wrong_bytes_is_never_served(hostile, tmp_
         hexd = BAD_BLOB_DIGEST[7:]
         assert not (a.cache_dir / "blobs" / hexd).exists()
         assert not (a.cache_dir / "torrents" / hexd / "verified").exists()
+        again = requests.get(f"{a.url}/v2/app/blobs/{BLOB_DIGEST}", timeout=60)  # still held: no new download
+        assert again.content == BLOB and [b["digest"] for b in a.status()["blobs"]].count(BLOB_DIGEST) == 1
 
 
 def test_a_registry_that_never_answers_is_a_503_at_the_read_deadline(tmp_path: Path):
