@@ -46,6 +46,7 @@ class HostileRegistry:
 
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)
     huge_sent: int = 0
+    blob_delay: float = 0.0  # seconds before the bytes of a blob are sent
     port: int = 0
 
     @property
@@ -110,6 +111,7 @@ class HostileRegistry:
                 if path.startswith("/api/v1/blobs/") and path.endswith("/torrent"):
                     return self._answer(404, b'{"errors":[]}', {"Content-Type": "application/json"})
                 if path in (f"/api/v1/blobs/{BLOB_DIGEST}", f"/api/v1/blobs/{BAD_BLOB_DIGEST}"):
+                    time.sleep(reg.blob_delay)
                     return self._answer(200, BLOB, {"Content-Type": "application/octet-stream"})
                 return self._answer(404, b'{"errors":[{"code":"NOT_FOUND"}]}', {"Content-Type": "application/json"})
 
@@ -313,3 +315,31 @@ def test_the_clients_authorization_is_forwarded_and_the_agents_token_used_withou
             assert hostile.auth_of(path) and set(hostile.auth_of(path)) == {"Bearer client-token"}, \
                 (path, hostile.seen)
         assert "agent-secret" not in a.log.read_text()  # never logged
+
+
+def test_many_clients_asking_for_one_blob_share_one_download(hostile, tmp_path: Path):
+    """Eight local clients GET the same blob at once (the registry takes a second to answer): one download from
+    the registry, eight whole answers; then a Range read of the held blob."""
+    hostile.blob_delay = 1.0
+    with _agent(tmp_path, hostile.url) as a:
+        got: list[requests.Response] = []
+        start = threading.Barrier(8)
+
+        def one() -> None:
+            start.wait()
+            got.append(requests.get(f"{a.url}/v2/app/blobs/{BLOB_DIGEST}", timeout=60))
+
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(got) == 8 and all(r.status_code == 200 and r.content == BLOB for r in got), \
+            [(r.status_code, len(r.content)) for r in got]
+        assert hostile.auth_of(f"/api/v1/blobs/{BLOB_DIGEST}") == [None]  # the bytes were fetched once
+        outcomes = [b for b in a.status()["blobs"] if b["digest"] == BLOB_DIGEST]
+        assert len(outcomes) == 1 and outcomes[0]["clients"] == 8, outcomes
+        assert a.status()["totals"]["blobs_served"] == 8
+        part = requests.get(f"{a.url}/v2/app/blobs/{BLOB_DIGEST}", headers={"Range": "bytes=1000-1999"}, timeout=30)
+        assert part.status_code == 206 and part.content == BLOB[1000:2000]
+        assert part.headers["Content-Range"] == f"bytes 1000-1999/{len(BLOB)}"
