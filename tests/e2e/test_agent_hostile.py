@@ -47,6 +47,7 @@ class HostileRegistry:
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)
     huge_sent: int = 0
     blob_delay: float = 0.0  # seconds before the bytes of a blob are sent
+    ping_401: bool = False  # /v2/ asks for credentials (docker's first request: the challenge it learns from)
     port: int = 0
 
     @property
@@ -80,6 +81,9 @@ class HostileRegistry:
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 reg.seen.append((self.command, self.path, self.headers.get("Authorization")))
+                if path == "/v2/" and reg.ping_401:
+                    return self._answer(401, DENIED, {"Content-Type": "application/json",
+                                                      "WWW-Authenticate": CHALLENGE})
                 if path == "/v2/":
                     return self._answer(200, b"{}", {"Content-Type": "application/json"})
                 if path == "/v2/app/manifests/good":
@@ -298,6 +302,10 @@ def test_a_401_and_its_challenge_reach_the_client_unchanged(hostile, tmp_path: P
             elif method == "GET":  # the blob's HEAD had no body: the agent's own, same code
                 assert _error(got)["code"] == "UNAUTHORIZED"
         assert not (a.cache_dir / "blobs" / BLOB_DIGEST[7:]).exists()
+        hostile.ping_401 = True
+        ping = requests.get(f"{a.url}/v2/", timeout=30)
+        assert ping.status_code == 401 and ping.headers.get("WWW-Authenticate") == CHALLENGE
+        assert ping.content == DENIED and ping.headers["Docker-Distribution-API-Version"] == "registry/2.0"
 
 
 def test_the_clients_authorization_is_forwarded_and_the_agents_token_used_without_one(hostile, tmp_path: Path):
