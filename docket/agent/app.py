@@ -185,7 +185,8 @@ def blob(name: str, digest: str) -> Response:
         resp = Response(status=200, content_type="application/octet-stream")
         resp.headers.update({"Content-Length": str(size), "Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
         return resp
-    held = agent.store.verified(digest, size)
+    # while our download writes it, the file is not hashed per request (GiBs each): the request joins the download
+    held = agent.store.verified(digest, size, check=not agent.store.downloading(digest))
     if held is None:
         agent.fetcher.get(digest, size, auth, agent.config.blob_timeout)
         held = agent.store.verified(digest, size, check=False)

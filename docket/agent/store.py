@@ -153,6 +153,11 @@ class AgentStore:
 
         return release
 
+    def downloading(self, digest: str) -> bool:
+        """A download of ``digest`` runs: its file is being written (hashing it would be wasted)."""
+        with self._lock:
+            return self._busy[digest] > 0
+
     def in_use(self, digest: str) -> bool:
         with self._lock:
             return self._readers[digest] > 0 or self._busy[digest] > 0
