@@ -82,7 +82,8 @@ def _version_header(resp: Response) -> Response:
 
 @bp.get("/")
 def version_check() -> Response:
-    answer = _agent().upstream.request("GET", "/v2/", authorization=request.headers.get("Authorization"))
+    answer = _agent().upstream.request("GET", "/v2/", authorization=request.headers.get("Authorization"),
+                                       small=True)
     if answer.ok:
         return jsonify({})
     return _passthrough(answer, "GET", "UNKNOWN", "/v2/")
@@ -176,13 +177,16 @@ def blob(name: str, digest: str) -> Response:
         return _passthrough(head, request.method, "BLOB_UNKNOWN", f"blob {digest} of {name}")
     try:
         size = int(head.headers["Content-Length"])
+        if size < 0:  # int() takes "-1": no blob has that size, and the download plan would be nonsense
+            raise ValueError(size)
     except (KeyError, ValueError):
-        return v2_error(502, "UNKNOWN", f"the registry gave no size for blob {digest}")
+        return v2_error(502, "UNKNOWN", f"the registry gave no valid size for blob {digest}")
     if request.method == "HEAD":
         resp = Response(status=200, content_type="application/octet-stream")
         resp.headers.update({"Content-Length": str(size), "Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
         return resp
-    held = agent.store.verified(digest, size)
+    # while our download writes it, the file is not hashed per request (GiBs each): the request joins the download
+    held = agent.store.verified(digest, size, check=not agent.store.downloading(digest))
     if held is None:
         agent.fetcher.get(digest, size, auth, agent.config.blob_timeout)
         held = agent.store.verified(digest, size, check=False)

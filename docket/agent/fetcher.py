@@ -164,7 +164,12 @@ class Fetcher:
                 return
             torrent = self.upstream.torrent(out.digest, authorization)
             blob = store.blob_path(out.digest)
-            store.evict(self._drop, need=out.size)
+            # a size the disk could not hold even with the cache emptied (a registry's lie: an exabyte) fails here,
+            # before evicting anything; one larger than the whole cache does not empty it up front either (after
+            # the download, on_held evicts the least recently used down to --cache-size)
+            ensure_space(blob.parent, [(blob, max(0, out.size - store.usage()))])
+            if out.size <= store.max_bytes:
+                store.evict(self._drop, need=out.size)
             ensure_space(blob.parent, [(blob, out.size)])
             if torrent is None:
                 self._over_http(out, authorization)

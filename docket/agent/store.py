@@ -64,6 +64,7 @@ class AgentStore:
         self._lock = threading.Lock()
         self._readers: Counter[str] = Counter()
         self._busy: Counter[str] = Counter()  # downloads in progress
+        self._evicting = threading.Lock()  # one pass at a time: two would both count the same blob as freed
 
     # -- paths -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -152,6 +153,11 @@ class AgentStore:
 
         return release
 
+    def downloading(self, digest: str) -> bool:
+        """A download of ``digest`` runs: its file is being written (hashing it would be wasted)."""
+        with self._lock:
+            return self._busy[digest] > 0
+
     def in_use(self, digest: str) -> bool:
         with self._lock:
             return self._readers[digest] > 0 or self._busy[digest] > 0
@@ -168,7 +174,10 @@ class AgentStore:
     def evict(self, drop: Callable[[list[str]], None], need: int = 0) -> list[str]:
         """Remove the least recently used blobs until the cache holds at most ``max_bytes - need``; ``drop``
         stops seeding them first. Returns the evicted digests."""
-        target = max(0, self.max_bytes - need)
+        with self._evicting:
+            return self._evict(drop, max(0, self.max_bytes - need))
+
+    def _evict(self, drop: Callable[[list[str]], None], target: int) -> list[str]:
         used = self.usage()
         if used <= target:
             return []
@@ -182,6 +191,8 @@ class AgentStore:
             if lock is None:  # a pull (or our own download) holds it
                 continue
             try:
+                if self.verified(held.digest, check=False) is None or self.in_use(held.digest):
+                    continue  # gone, changed, or taken by a reader since the listing
                 drop([held.digest])
                 freed = _blocks(held.blob)
                 with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import requests
 
 from tests.support.agent import AgentProcess
@@ -111,6 +110,12 @@ def test_docker_pull_through_an_agent_gets_the_layers_from_the_other_agent(
             t0 = time.monotonic()
             docker_client.images.pull(pulled)
             took = time.monotonic() - t0
+            # a mixed swarm: a plain `docket pull` (ctorrent) gets every layer from the agents' seeders
+            res = docket_cli("pull", "--json", "--no-load", "--transport", "p2p", "--seed-time", "0", ref,
+                             registry=registry, location=tmp_path / "plain-pull", peer_ip="127.0.41.9")
+            plain = json.loads(res.stdout)
+            assert plain["bytes_from_http"] == 0 and plain["bytes_from_peers"] == sum(
+                x["size"] for x in plain["layer_transfers"]), plain
         try:
             assert image_factory.run(pulled) == marker  # `docker run` prints what the image was built to print
             fetched = [d for d in layers if any(x["digest"] == d for x in b.status()["blobs"])]
@@ -405,3 +410,59 @@ def test_local_clients_asking_for_one_blob_share_one_download(registry_server, i
         # a Range request is answered from the verified file
         part = requests.get(f"{a.url}/v2/{repo}/blobs/{big}", headers={"Range": "bytes=10-19"}, timeout=30)
         assert part.status_code == 206 and part.content == results[0].content[10:20]
+
+def test_a_full_cache_evicts_the_least_recently_used_layer_and_fetches_it_again(registry_server, image_factory,
+                                                                                docket_cli, tmp_path: Path):
+    """--cache-size 5MiB: the layers of image 1 (a 3 MiB data layer) fit; those of image 2 (another 3 MiB) push
+    image 1's data layer out (file gone, no longer seeded, "evicted" in the log) while image 2's are held and
+    seeded; a GET of image 1's data layer downloads it again and serves the right bytes."""
+    registry = registry_server
+    images = []
+    for _ in range(2):
+        _, _, repo, tag = _push(docket_cli, registry, image_factory, data_mib=3)
+        _, layers = _layers(registry, repo, tag)
+        sizes = {d: int(requests.head(f"{registry.url}/v2/{repo}/blobs/{d}", timeout=10).headers["Content-Length"])
+                 for d in layers}
+        images.append((repo, layers, max(layers, key=sizes.__getitem__)))
+    (repo1, layers1, big1), (repo2, layers2, big2) = images
+    assert not set(layers1) & set(layers2)
+    with _agent(tmp_path, registry, "a", "--cache-size", "5MiB", peer_ip="127.0.47.1") as a:
+        def get(repo: str, digest: str) -> None:
+            got = requests.get(f"{a.url}/v2/{repo}/blobs/{digest}", timeout=120)
+            assert got.status_code == 200, (digest, got.status_code, got.text, tail(a.log))
+            assert "sha256:" + hashlib.sha256(got.content).hexdigest() == digest
+
+        def seeding() -> set[str]:
+            return {s["digest"] for s in a.status()["seeding"]}
+
+        def held(digest: str) -> bool:
+            return (a.cache_dir / "blobs" / digest.split(":")[1]).exists()
+
+        for digest in layers1:
+            get(repo1, digest)
+        wait_until(lambda: seeding() == set(layers1), timeout=20, what="image 1's layers seeded")
+        assert all(held(d) for d in layers1)
+        assert "evicted" not in a.log.read_text()  # image 1 alone fits
+
+        for digest in layers2:
+            get(repo2, digest)
+        wait_until(lambda: big1 not in seeding() and set(layers2) <= seeding(), timeout=20,
+                   what="image 1's data layer no longer seeded, image 2's seeded")
+        assert not held(big1)
+        assert all(held(d) for d in layers2)
+        assert any("evicted" in line and big1 in line for line in a.log.read_text().splitlines()), tail(a.log)
+        status = a.status()
+        assert status["cache_used"] <= status["cache_size"] == 5 * 1024 * 1024, status
+        assert not (a.cache_dir / "torrents" / big1.split(":")[1] / "verified").exists()
+        assert (a.cache_dir / "torrents" / big1.split(":")[1] / "lock").exists()
+
+        get(repo1, big1)  # needed again: downloaded again
+        assert [b["via"] for b in a.status()["blobs"] if b["digest"] == big1] == ["p2p", "p2p"]
+        assert held(big1)
+        wait_until(lambda: big1 in seeding(), timeout=20, what="image 1's data layer seeded again")
+        status = a.status()
+        assert status["cache_used"] <= status["cache_size"], status
+        # 5 MiB holds one data layer: image 2's went for it; what is held is exactly what is seeded
+        assert not held(big2)
+        wait_until(lambda: seeding() == {d for d in layers1 + layers2 if held(d)}, timeout=20,
+                   what="the seeded blobs to be the held ones")
