@@ -305,7 +305,8 @@ def agent(a: argparse.Namespace, work: Path) -> list[TreeMemory]:
             cache = work / f"agent{k}"
             cache.mkdir()
             p = spawn([py, "-m", "docket.client", "--host", f"http://{reg_ip}", "--port", str(port), "agent",
-                       "--listen", f"{ip}:5000", "--cache-dir", str(cache), "--peer-ip", ip, "--log-level", "info"],
+                       "--listen", f"{ip}:5000", "--cache-dir", str(cache), "--peer-ip", ip, "--log-level", "info",
+                       "--seed-engine", a.seed_engine],
                       work / f"agent{k}.log")
             _wait(f"agent {ip} GET /v2/", lambda ip=ip: _http_ok(f"http://{ip}:5000/v2/"), 90, p, work / f"agent{k}.log")
             t = time.monotonic()
@@ -320,7 +321,7 @@ def agent(a: argparse.Namespace, work: Path) -> list[TreeMemory]:
             acct = _json(f"http://{agents[0][1]}:5000/_docket/agent")
             m = measure(agents[0][0].pid, f"agent {agents[0][1]} " + ("after its pull" if k == 0 else
                                                                         "after a second agent pulled from it"))
-            m.label += f" (its accounting: seeding {acct.get('totals', {}).get('seeding')} blobs)"
+            m.label += f" (--seed-engine {a.seed_engine}; its accounting: seeding {acct.get('totals', {}).get('seeding')} blobs)"
             results.append(m)
             show(m)
         return results
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blobs", type=int, default=100)
     p.add_argument("--blob-mib", type=float, default=4.0)
     p.add_argument("--cache-mb", type=int, default=None, help="ctorrent -C (MB) for every ctorrent (default: its own)")
+    p.add_argument("--seed-engine", choices=["libtorrent", "ctorrent"], default="libtorrent",
+                   help="agent mode: the agents' --seed-engine")
     p.add_argument("--serve", action="store_true", help="have every blob downloaded from the seeders once, measure again")
     p.add_argument("--leech-parallel", type=int, default=10, help="prototype --serve: leechers at a time")
     p.add_argument("--tracker-ip", default="127.0.0.71", help="tracker (prototype) / registry (agent) address")

@@ -226,6 +226,9 @@ class Fetcher:
         reason = loopback_tracker_elsewhere(self.upstream.url, meta.announce)
         if reason is None:
             why = self.tracker.unreachable(meta.announce, meta.info_hash)
+            if why:  # once more before a whole blob goes over HTTP: one failed probe under load is not a dead tracker
+                time.sleep(1.0)
+                why = self.tracker.unreachable(meta.announce, meta.info_hash)
             reason = f"tracker {meta.announce} unreachable ({why})" if why else None
         if reason:
             log.warning("blob %s over HTTP from the registry: %s", out.digest, reason)

@@ -129,6 +129,9 @@ def test_docker_pull_through_an_agent_gets_the_layers_from_the_other_agent(
             assert status["totals"]["bytes_from_http"] < 4096  # the config only (it has no torrent)
             assert status["totals"]["seeding"] == len(fetched)  # B seeds what it holds too
             assert status["totals"]["blobs_served"] >= len(fetched) + 1  # the layers and the config, to dockerd
+            # A's seeders (one libtorrent session) count what they uploaded: at least B's share of the data layer
+            wait_until(lambda: sum(x["uploaded_mb"] for x in a.status()["seeding"]) >= 3, timeout=20,
+                       what=f"agent A's upload count: {a.status()['seeding']}")
         finally:
             image_factory.remove(pulled)
     assert took < 90, took
