@@ -33,7 +33,10 @@ SETTINGS: dict[str, Any] = {
     "allow_multiple_connections_per_ip": True,  # same-host peers all connect from 127.0.0.1
     "anonymous_mode": False, "announce_to_all_trackers": True,
     "alert_mask": 0,  # nobody reads alerts: they would pile up in memory
-    "unchoke_slots_limit": 8, "seed_choking_algorithm": 0,  # round robin between the downloaders
+    # every downloader served at once (a LAN of hosts, not the internet), choices made every 2 s, deep send buffers
+    "unchoke_slots_limit": -1, "unchoke_interval": 2, "optimistic_unchoke_interval": 4,
+    "send_buffer_watermark": 4 * 1024 * 1024, "send_buffer_low_watermark": 1024 * 1024,
+    "send_buffer_watermark_factor": 150,
     "cache_size_volatile": 64,
     "aio_threads": 2, "hashing_threads": 1,
     "connections_limit": 400,
