@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,39 +19,8 @@ from docket.client.seedd import SeedDaemon
 from docket.client.seeding import TrackerView
 from docket.torrent.metainfo import build_torrent
 from docket.torrent.tracker import ScrapeResult
+from tests.support.fakes import FakeSeedEngine
 from tests.support.procs import wait_until
-
-
-class FakeSeed:
-    """A seeding ctorrent: ``exit()`` makes it die by itself (as a crashed ctorrent would)."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.kw = kw
-        self.pid = 4242
-        self.listen_port = kw.get("port")
-        self.status = None
-        self.stopped = False
-        self.exited = False
-
-    def alive(self) -> bool:
-        return not (self.stopped or self.exited)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.stopped = True
-
-
-class FakeEngine:
-    def __init__(self) -> None:
-        self.seeds: list[FakeSeed] = []
-
-    def seed(self, torrent: Path, blob: Path, **kw: Any) -> FakeSeed:
-        seed = FakeSeed(torrent=torrent, blob=blob, **kw)
-        self.seeds.append(seed)
-        return seed
-
-    def stop_all(self, transfers, timeout: float) -> None:
-        for t in transfers:
-            t.stop()
 
 
 def _blob(loc: Path, data: bytes, deadline_in: float = 60.0) -> SeedRequest:
@@ -68,11 +36,11 @@ def _blob(loc: Path, data: bytes, deadline_in: float = 60.0) -> SeedRequest:
 
 
 @pytest.fixture
-def keep(tmp_path: Path) -> Iterator[tuple[SeedDaemon, FakeEngine, SeederFiles, threading.Thread]]:
+def keep(tmp_path: Path) -> Iterator[tuple[SeedDaemon, FakeSeedEngine, SeederFiles, threading.Thread]]:
     """A keep-mode daemon running in a thread; its tracker says nobody downloads anything (a normal seeder would
     stop every blob and end)."""
     loc = tmp_path / "loc"
-    engine = FakeEngine()
+    engine = FakeSeedEngine()
     daemon = SeedDaemon(SeederFiles(loc), engine=engine, tracker=TrackerView(lambda url, ih: ScrapeResult(1, 0, 0)),
                         scrape_interval=0.05, keep=True)
     assert daemon.take_lock()

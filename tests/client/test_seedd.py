@@ -12,7 +12,6 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,41 +22,10 @@ from docket.client.seeding import TrackerView
 from docket.reference import parse_reference
 from docket.torrent.metainfo import build_torrent
 from docket.torrent.tracker import ScrapeResult
-from tests.support.fakes import FakeCtorrent, make_puller
+from tests.support.fakes import FakeSeedEngine, FakeCtorrent, make_puller
 from tests.support.procs import wait_until
 
 REF = parse_reference("team/app:v1")
-
-
-class FakeSeed:
-    def __init__(self, **kw: Any) -> None:
-        self.kw = kw
-        self.pid = 4242
-        self.listen_port = kw.get("port")
-        self.status = None
-        self.completed = threading.Event()
-        self.completed.set()
-        self.stopped = False
-
-    def alive(self) -> bool:
-        return not self.stopped
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.stopped = True
-
-
-class FakeEngine:
-    def __init__(self) -> None:
-        self.seeds: list[FakeSeed] = []
-
-    def seed(self, torrent: Path, blob: Path, **kw: Any) -> FakeSeed:
-        seed = FakeSeed(torrent=torrent, blob=blob, **kw)
-        self.seeds.append(seed)
-        return seed
-
-    def stop_all(self, transfers, timeout: float) -> None:
-        for t in transfers:
-            t.stop()
 
 
 def _blob(loc: Path, data: bytes = b"x" * 100_000) -> SeedRequest:
@@ -73,9 +41,9 @@ def _blob(loc: Path, data: bytes = b"x" * 100_000) -> SeedRequest:
                        size=len(data), ref=str(REF))
 
 
-def _daemon(loc: Path, counts: list[int]) -> tuple[SeedDaemon, FakeEngine]:
+def _daemon(loc: Path, counts: list[int]) -> tuple[SeedDaemon, FakeSeedEngine]:
     """A daemon whose tracker reports ``counts[0]`` incomplete peers (a test changes it)."""
-    engine = FakeEngine()
+    engine = FakeSeedEngine()
     tracker = TrackerView(lambda url, ih: ScrapeResult(1, counts[0], 0))
     daemon = SeedDaemon(SeederFiles(loc), engine=engine, tracker=tracker, scrape_interval=0.05)
     assert daemon.take_lock()

@@ -345,3 +345,39 @@ def layer_puller(reg: FakeRegistry, tmp_path: Path, by_hex: dict[str, bytes], do
     return Puller(RegistryClient("127.0.0.1", reg.port), docker, options,
                   engine=CtorrentEngine(process_factory=lambda **kw: FakeTorrentProc(by_hex, **kw)),
                   scraper=lambda url, ih: type("S", (), {"incomplete": 0, "complete": 1})())
+
+
+class FakeSeed:
+    """A seeding transfer of ``FakeSeedEngine``: ``exited = True`` makes it die by itself (as a crashed ctorrent)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.kw = kw
+        self.pid = 4242
+        self.listen_port = kw.get("port")
+        self.status = None
+        self.completed = threading.Event()
+        self.completed.set()
+        self.stopped = False
+        self.exited = False
+
+    def alive(self) -> bool:
+        return not (self.stopped or self.exited)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+
+
+class FakeSeedEngine:
+    """The seed half of an engine, recording every seed (the background seeder's and the agent's tests)."""
+
+    def __init__(self) -> None:
+        self.seeds: list[FakeSeed] = []
+
+    def seed(self, torrent: Path, blob: Path, **kw: Any) -> FakeSeed:
+        seed = FakeSeed(torrent=torrent, blob=blob, **kw)
+        self.seeds.append(seed)
+        return seed
+
+    def stop_all(self, transfers: Any, timeout: float) -> None:
+        for t in transfers:
+            t.stop()
