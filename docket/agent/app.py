@@ -185,8 +185,9 @@ def blob(name: str, digest: str) -> Response:
         resp = Response(status=200, content_type="application/octet-stream")
         resp.headers.update({"Content-Length": str(size), "Docker-Content-Digest": digest, "Accept-Ranges": "bytes"})
         return resp
-    # while our download writes it, the file is not hashed per request (GiBs each): the request joins the download
-    held = agent.store.verified(digest, size, check=not agent.store.downloading(digest))
+    # only a verified record is trusted here; anything else (a pull's blob, a half-written file) goes to the
+    # fetcher, which hashes it once under the blob's lock or downloads it (never a hash per request)
+    held = agent.store.verified(digest, size, check=False)
     if held is None:
         agent.fetcher.get(digest, size, auth, agent.config.blob_timeout)
         held = agent.store.verified(digest, size, check=False)

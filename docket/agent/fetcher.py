@@ -29,6 +29,7 @@ from docket.client.http_fetch import HttpFetch
 from docket.client.peer import choose_peer_ip, loopback_tracker_elsewhere
 from docket.client.progress import SilentReporter
 from docket.client.records import LayerInfo, check_torrent_size
+from docket.client.seedd import KEEP_FOR as KEEP_SEEDING  # the agent seeds what it holds while it holds it
 from docket.client.seeding import TrackerView
 from docket.client.transfer import BlobJob, Transfers
 from docket.torrent.engine import TorrentEngine
@@ -36,7 +37,6 @@ from docket.torrent.metainfo import read_torrent
 
 log = logging.getLogger(__name__)
 
-KEEP_SEEDING = 10 * 365 * 86400.0  # seconds: the agent seeds what it holds for as long as it holds it
 HTTP_PIECE = 4 * 1024 * 1024  # piece length for the resume plan of a blob that has no torrent
 
 
@@ -266,9 +266,9 @@ class Fetcher:
     def _drop(self, digests: list[str]) -> None:
         self.handoff.files.post({"op": "drop", "digests": digests})
 
-    def seed(self, digest: str, size: int, torrent: Any, peer_ip: str | None, port: int | None = None) -> None:
+    def seed(self, digest: str, size: int, torrent: Any, peer_ip: str | None) -> None:
         """Ask the agent's seeder to seed a held blob."""
         with contextlib.suppress(OSError, errors.DocketError):
             self.handoff.seed(SeedRequest(digest=digest, torrent=str(torrent), blob=str(self.store.blob_path(digest)),
                                           workdir=str(self.store.workdir(digest)), deadline=time.time() + KEEP_SEEDING,
-                                          listen_ip=peer_ip, port=port, size=size, ref="docket agent"))
+                                          listen_ip=peer_ip, size=size, ref="docket agent"))

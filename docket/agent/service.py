@@ -33,7 +33,7 @@ from docket.torrent.metainfo import read_torrent
 
 log = logging.getLogger(__name__)
 
-MAX_SEEDERS = 1024  # blobs seeded at once (one ctorrent each); a cache holding more stops the least recently used
+MAX_SEEDERS = 1024  # blobs seeded at once; past it, the seeder stops the one it started first
 
 
 @dataclass
@@ -73,7 +73,6 @@ class Agent:
                                          "manifests_cached": 0}
         self._lock = threading.Lock()
         self._seeder_thread: threading.Thread | None = None
-        self._evicting = threading.Lock()
 
     def _seed_engine(self, name: str, engine: TorrentEngine | None) -> TorrentEngine:
         if name == "ctorrent" or engine is not None:
@@ -113,7 +112,7 @@ class Agent:
         """Seed again what the cache holds (after a restart, or what pulls left): every blob that has a torrent
         and verifies (a blob without our record, e.g. a pull's, is hashed once)."""
         count = 0
-        for held in self._candidates():
+        for held in self.store.held(check=True):
             try:
                 meta = read_torrent(held.torrent.read_bytes())
             except (OSError, ValueError):
@@ -124,17 +123,6 @@ class Agent:
             count += 1
         if count:
             log.info("seeding the %d blob(s) the cache held again", count)
-
-    def _candidates(self) -> list[Any]:
-        out = []
-        for entry in sorted(self.store.blobs.iterdir()):
-            digest = f"sha256:{entry.name}"
-            if (self.store.torrents / entry.name / f"{entry.name}.torrent").is_file():
-                with contextlib.suppress(OSError, ValueError):
-                    held = self.store.verified(digest)
-                    if held is not None:
-                        out.append(held)
-        return out
 
     def stop(self) -> None:
         self.fetcher.stop()
@@ -160,15 +148,11 @@ class Agent:
             self.counters["bytes_served"] += nbytes
 
     def evict(self) -> None:
-        """Bring the cache back under --cache-size (one eviction pass at a time)."""
-        if not self._evicting.acquire(blocking=False):
-            return
+        """Bring the cache back under --cache-size (the store runs one pass at a time)."""
         try:
             self.store.evict(lambda digests: self.seeder.files.post({"op": "drop", "digests": digests}))
         except OSError as exc:
             log.warning("eviction failed: %s", exc)
-        finally:
-            self._evicting.release()
 
     def status(self) -> dict[str, Any]:
         """GET /_docket/agent: what came from where, what is seeded, the cache."""
@@ -190,7 +174,7 @@ class Agent:
                          else 0} for s in seeding],
             "totals": {
                 **counters,
-                "downloads": len(outcomes),
+                "downloads": sum(1 for o in outcomes if o.via != "cached"),  # a pull's blob hashed once is none
                 "bytes_from_peers": sum(o.bytes_from_peers for o in outcomes),
                 "bytes_from_http": sum(o.bytes_from_http for o in outcomes),
                 "bytes_resumed": sum(o.bytes_resumed for o in outcomes),

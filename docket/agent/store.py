@@ -113,8 +113,9 @@ class AgentStore:
         with contextlib.suppress(OSError, ValueError):
             os.utime(self.torrents / self.hex_of(digest) / VERIFIED)
 
-    def held(self) -> list[Held]:
-        """Every verified blob, by its record alone (start-up and eviction: no hashing)."""
+    def held(self, *, check: bool = False) -> list[Held]:
+        """Every verified blob: by its record alone (eviction), or with ``check`` also every blob without a
+        matching record that hashes right (the agent's start: what pulls left, hashed once)."""
         out = []
         for entry in os.scandir(self.blobs):
             if not entry.is_file(follow_symlinks=False):
@@ -122,7 +123,7 @@ class AgentStore:
             for alg in ("sha256", "sha512"):
                 digest = f"{alg}:{entry.name}"
                 if ANY_DIGEST_RE.fullmatch(digest):
-                    held = self.verified(digest, check=False)
+                    held = self.verified(digest, check=check)
                     if held is not None:
                         out.append(held)
         return out
@@ -152,11 +153,6 @@ class AgentStore:
                     self._readers[digest] -= 1
 
         return release
-
-    def downloading(self, digest: str) -> bool:
-        """A download of ``digest`` runs: its file is being written (hashing it would be wasted)."""
-        with self._lock:
-            return self._busy[digest] > 0
 
     def in_use(self, digest: str) -> bool:
         with self._lock:

@@ -32,22 +32,14 @@ from tests.support.netns import Lab, namespaces, require_netns
 from tests.support.procs import free_port, stop_process, tail, wait_until
 from tests.support.registry_images import build_image_tar
 from tests.support.robustness_rows import record
-from tests.support.tools import need
+from tests.support.tools import need, program
 
 
-BIN = Path(sys.executable).parent
 REG_IP, TRK_IP = "198.18.0.1", "198.18.0.2"
 CLIENTS = {"c1": "198.18.0.11", "c2": "198.18.0.12", "c3": "198.18.0.13"}
 REG_PORT, TRK_PORT = 8000, 8940
 INTERVAL = 5.0  # docket-tracker's default --interval
 REGISTRY = f"http://{REG_IP}:{REG_PORT}"
-
-
-def program(name: str) -> str:
-    """The console script pip installed (pyproject [project.scripts]), next to this interpreter."""
-    path = BIN / name
-    assert path.exists(), f"{name} is not installed beside {sys.executable}: pip install -e ."
-    return str(path)
 
 
 # Runs inside a namespace: poll the tracker until every info hash is accepted (opentracker's whitelist);

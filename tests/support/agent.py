@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import requests
 
 from tests.support.procs import port_open, stop_process, tail, wait_until
+from tests.support.tools import program
 
 
 @dataclass
@@ -36,7 +36,7 @@ class AgentProcess:
         return f"127.0.0.1:{self.port}"
 
     def args(self) -> list[str]:
-        a = [sys.executable, "-m", "docket.client.cli", "--host", self.registry_url, "agent",
+        a = [program("docket"), "--host", self.registry_url, "agent",  # the installed program, as users start it
              "--listen", f"127.0.0.1:{self.port}", "--cache-dir", str(self.cache_dir), "--log-level", "debug"]
         if self.peer_ip:
             a += ["--peer-ip", self.peer_ip]

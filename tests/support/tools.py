@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 BUSYBOX = Path("/bin/busybox")
+
+
+def program(name: str) -> str:
+    """A console script pip installed (pyproject [project.scripts]: docket, docket-registry, docket-tracker), next to
+    this interpreter: tests start the programs users run, not only their modules."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is not installed beside {sys.executable}: pip install -e ."
+    return str(path)
 
 
 def need(tool: str) -> str:
