@@ -475,15 +475,15 @@ def run_until_signalled(server: Server, *, name: str, bind: str, port: int, star
         log.info("received %s; shutting down", signal.Signals(signum).name)
         done.set()
 
+    try:
+        server.prepare()
+    except OSError as exc:  # nothing started yet: nothing to stop
+        raise DocketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
+                          "choose another port or stop what is using it") from exc
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     thread: threading.Thread | None = None
     failed = None
     try:
-        try:
-            server.prepare()
-        except OSError as exc:
-            raise DocketError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}",
-                              "choose another port or stop what is using it") from exc
         start()
         thread = threading.Thread(target=server.serve, name="http", daemon=True)
         thread.start()
