@@ -70,10 +70,12 @@ class Registry:
                         self.send_header("Docker-Content-Digest", _digest(body))
                     self.end_headers()
                     time.sleep(0.1)
-                    self.wfile.write(body)
                 finally:
+                    # counted out before the body goes: once the client has it, it may start its next request at
+                    # once, before this thread would get back from write() (a 4th "at once" that was not)
                     with reg.lock:
                         reg.active -= 1
+                self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
