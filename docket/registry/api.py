@@ -24,6 +24,7 @@ from docket.registry.db import get_session
 from docket.registry.models import FORMAT_LAYERS, FORMAT_TARBALL, KIND_CONFIG, KIND_LAYER, Image
 from docket.registry.oci import DOCKER_LAYER_TAR
 from docket.registry.queries import find_image, image_by_id, list_images as all_images, whitelist
+from docket.registry.retention import RetentionPolicy, check_keep_tags
 from docket.registry.store import digest_hex, validate_digest
 
 log = logging.getLogger(__name__)
@@ -272,3 +273,72 @@ def scrub_now() -> Response:
     sv = services()
     sv.scrubber.run_once()
     return jsonify(sv.scrubber.status())
+
+
+MAX_ADMIN_BODY = 64 * 1024
+RETENTION_KEYS = {"dry_run", "keep_tags", "keep_patterns"}
+
+
+def _admin_body() -> dict[str, Any]:
+    """An optional small JSON object body (empty: ``{}``)."""
+    length = request.content_length
+    if length is not None and length > MAX_ADMIN_BODY:
+        raise TooLarge(f"the body is {human(length)}; the limit is {human(MAX_ADMIN_BODY)}")
+    try:
+        raw = request.stream.read(MAX_ADMIN_BODY + 1)
+    except (ClientDisconnected, OSError) as exc:
+        raise too_slow(exc) or InvalidRequest("the request body ended early", "send it again") from exc
+    if not raw.strip():
+        return {}
+    if request.mimetype and request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}", "send JSON")
+    body = jsonstrict.loads(raw, what="request body", max_bytes=MAX_ADMIN_BODY)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object", '{"dry_run": false, "keep_tags": 3}')
+    return body
+
+
+def _retention_request() -> tuple[bool, RetentionPolicy | None]:
+    """(dry run, the one-off policy or None for the registry's) from the query and/or a JSON body."""
+    hint = ('query: ?dry_run=false&keep_tags=3&keep_pattern=v1* (repeatable); or a JSON body '
+            '{"dry_run": false, "keep_tags": 3, "keep_patterns": ["v1*"]}')
+    body = _admin_body()
+    unknown = sorted(set(body) - RETENTION_KEYS) + sorted(set(request.args) - {"dry_run", "keep_tags",
+                                                                                 "keep_pattern"})
+    if unknown:
+        raise InvalidRequest(f"unknown parameter {unknown[0]!r}", hint)
+    both = {"dry_run", "keep_tags"} & set(body) & set(request.args) | \
+        ({"keep_patterns"} if "keep_patterns" in body and "keep_pattern" in request.args else set())
+    if both:
+        raise InvalidRequest(f"{sorted(both)[0]} is given in both the query and the body", hint)
+    dry_run: object = body.get("dry_run", True)
+    if "dry_run" in request.args:
+        dry_run = {"true": True, "1": True, "false": False, "0": False}.get(request.args["dry_run"].lower(),
+                                                                           request.args["dry_run"])
+    if not isinstance(dry_run, bool):
+        raise InvalidRequest(f"dry_run must be true or false, not {dry_run!r}", hint)
+    keep_tags: object = body.get("keep_tags")
+    if "keep_tags" in request.args:
+        text = request.args["keep_tags"]
+        keep_tags = int(text) if text.isdigit() and len(text) < 10 else text
+    patterns: object = body.get("keep_patterns")
+    if "keep_pattern" in request.args:
+        patterns = request.args.getlist("keep_pattern")
+    if keep_tags is None and patterns is None:
+        return dry_run, None
+    if patterns is not None and not isinstance(patterns, list):
+        raise InvalidRequest(f"keep_patterns must be a list of patterns, not {patterns!r}", hint)
+    configured = services().retention.policy
+    policy = RetentionPolicy(configured.keep_tags if keep_tags is None else check_keep_tags(keep_tags),
+                             configured.keep_patterns if patterns is None else tuple(patterns))
+    return dry_run, policy
+
+
+@bp.post("/admin/retention")
+def retention_now() -> Response:
+    """Admin: the retention policy now (push token). A dry run unless ``dry_run=false``: it lists what would
+    go and removes nothing. ``keep_tags``/``keep_pattern`` give a one-off policy instead of the registry's."""
+    dry_run, policy = _retention_request()
+    plan = services().retention.apply(dry_run, policy)
+    return jsonify({"dry_run": dry_run, "policy": plan.policy.describe(),
+                    "removed": [c.describe() for c in plan.remove], "kept": plan.kept})

@@ -21,6 +21,7 @@ from docket.netaddr import default_address
 from docket.registry import create_app
 from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
+from docket.registry.retention import RetentionPolicy
 from docket.registry.server import Deadlines, LazyTLSAdapter, Server, run_until_signalled
 from docket.registry.storage import startup_error
 from docket.clicktypes import ByteSize
@@ -124,13 +125,26 @@ def _fail(exc: DocketError) -> None:
               help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
 @click.option("--tls-key", envvar="DOCKET_TLS_KEY", show_envvar=True, default=None,
               type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
+@click.option("--keep-tags", envvar="DOCKET_KEEP_TAGS", show_envvar=True, type=click.IntRange(1), default=None,
+              help="Retention: keep the newest N tags (by push time) of each repository; older ones are removed "
+                   "every --retention-interval and their blobs freed by GC after the grace [default: no policy, "
+                   "nothing removed]. POST /api/v1/admin/retention shows what would go.")
+@click.option("--keep-pattern", "keep_patterns", envvar="DOCKET_KEEP_PATTERNS", show_envvar=True, multiple=True,
+              metavar="GLOB", help="Retention: tags matching this shell glob (e.g. 'v1*', 'release-*'; whole tag, "
+                                   "case-sensitive) are never removed and do not count toward --keep-tags "
+                                   "(repeatable; the env var is space-separated).")
+@click.option("--retention-interval", envvar="DOCKET_RETENTION_INTERVAL", show_envvar=True,
+              type=click.FloatRange(0), default=3600.0,
+              help="Seconds between retention runs, the first one interval after start (0: only on request); "
+                   "only with --keep-tags.")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str | None,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
          max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
          gc_interval: float, gc_grace: float, scrub_interval: float, min_free_space: int, adopt_orphans: bool,
          seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
-         tls_cert: Path | None, tls_key: Path | None) -> None:
+         tls_cert: Path | None, tls_key: Path | None, keep_tags: int | None, keep_patterns: tuple[str, ...],
+         retention_interval: float) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
     BitTorrent."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -147,6 +161,7 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
     try:
         push, read = collect_tokens(auth_tokens, auth_token_file, read_tokens, read_token_file)
         cert, key = check_tls(tls_cert, tls_key)
+        policy = RetentionPolicy(keep_tags, tuple(keep_patterns))  # a bad pattern: exit 2 before anything starts
         config = RegistryConfig(location=location.absolute(), db_url=db_url, tracker=tracker,
                                 advertise_address=advertise_address, seed_address=seed_address,
                                 tracker_port=tracker_port, bind=bind, port=port,
@@ -156,7 +171,8 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 gc_interval=gc_interval, gc_grace=check_grace(gc_grace),
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 min_free_space=min_free_space, adopt_orphans=adopt_orphans,
-                                tls_cert=cert, tls_key=key)
+                                tls_cert=cert, tls_key=key, keep_tags=policy.keep_tags,
+                                keep_patterns=policy.keep_patterns, retention_interval=retention_interval)
         if read and seeding:
             log.warning("read tokens protect the HTTP API and the tracker, not the peer wire: a seeder tells its "
                         "info hash to whoever connects (ctorrent), so keep %s (--seed-address) on a network only "

@@ -19,6 +19,7 @@ from docket.registry.db import Database
 from docket.registry.gc import GarbageCollector
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
+from docket.registry.retention import Retention, RetentionPolicy
 from docket.registry.scrub import BlobScrubber
 from docket.registry.seeder import SeederSupervisor
 from docket.registry.startup import Reconciler
@@ -46,6 +47,7 @@ class Components:
     downloads: DownloadCounter
     gc: GarbageCollector
     reconciler: Reconciler
+    retention: Retention
     started: bool = field(default=False)
 
     def start(self) -> None:
@@ -58,11 +60,13 @@ class Components:
         self.swarm.start([(b.digest, b.info_hash) for b in blobs if b.seeded and b.info_hash])
         self.started = True
         self.gc.start()
+        self.retention.start()  # first run one interval from now (retention.py)
         self.scrubber.start()  # first pass now, in the background; requests are served meanwhile
 
     def stop(self) -> None:
-        """Stop scrubber, GC, seeders, tracker (in that order); idempotent."""
+        """Stop scrubber, retention, GC, seeders, tracker (in that order); idempotent."""
         self.scrubber.stop()
+        self.retention.stop()
         self.gc.stop()
         self.swarm.stop()
         self.started = False
@@ -98,9 +102,11 @@ def build(config: RegistryConfig) -> Components:
                           grace=config.gc_grace)
     reconciler = Reconciler(db, store, locks, swarm, adopt_orphans=config.adopt_orphans,
                             adopt_limit=config.threads)
+    retention = Retention(db, manifests, RetentionPolicy(config.keep_tags, config.keep_patterns),
+                          interval=config.retention_interval)
     tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
     return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
-                      reconciler)
+                      reconciler, retention)
 
 
 def _space_paths(store: FileBlobStore, db: Database) -> list[Path]:

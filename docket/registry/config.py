@@ -51,6 +51,11 @@ class RegistryConfig:
     min_free_space: int = GIB
     # start-up registers blob files the database does not know (a lost or replaced database) instead of refusing
     adopt_orphans: bool = False
+    # tag retention (retention.py): the newest keep_tags tags of each repository are kept, plus every tag
+    # matching a keep pattern (shell glob); None: no policy. The timer runs every retention_interval s (0: off)
+    keep_tags: int | None = None
+    keep_patterns: tuple[str, ...] = ()
+    retention_interval: float = 3600.0
 
     def with_overrides(self, **overrides: object) -> RegistryConfig:
         """A copy with some fields replaced (unknown names raise TypeError)."""

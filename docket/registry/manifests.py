@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -39,7 +40,8 @@ from docket.registry.queries import (
     ORIGIN_DOCKET, find_image, find_manifest, image_digests, parent_indexes, unused_docket_manifests,
 )
 from docket.registry.rows import (
-    close_tag, drop_docket_manifest_if_unused, drop_manifest_row, drop_tag, open_tag, save_manifest_row,
+    close_tag, drop_docket_manifest_if_unused, drop_manifest_row, drop_tag, drop_untagged_manifests, open_tag,
+    save_manifest_row,
 )
 from docket.registry.scrub import BlobScrubber
 from docket.registry.store import BlobStore
@@ -301,17 +303,29 @@ class Manifests:
                                   "push it again", detail={"digest": row.digest}) from exc
 
     # -- deletes --------------------------------------------------------------------------------------------
-    def delete_tag(self, repository: str, tag: str) -> None:
+    def delete_tag(self, repository: str, tag: str, *, expect: tuple[str | None, datetime] | None = None,
+                   prune: bool = False) -> bool:
         """The tag goes; a manifest docket wrote for it goes too unless another tag or an index uses it (a V2
-        manifest stays until DELETE /v2/<name>/manifests/<digest>); blobs nothing uses become unreferenced."""
+        manifest stays until DELETE /v2/<name>/manifests/<digest>, unless ``prune``: then any manifest left
+        untagged and unlisted goes, with the index children it alone kept); blobs nothing uses become
+        unreferenced. ``expect`` (manifest digest, pushed_at): delete only a tag still as it was then, else
+        False (retention: a push racing it is never undone)."""
         with self.locks.tags, self.db.session() as s:
             image = find_image(s, repository, tag)
             if image is None:
-                raise NotFound(f"no image {repository}:{tag} in this registry")
+                raise NotFound(f"no image {repository}:{tag} in this registry",
+                               "list the tags with `docket images` (GET /api/v1/images)")
+            if expect is not None and (image.manifest_digest, image.pushed_at) != expect:
+                return False
             digests = image_digests(image)
-            drop_docket_manifest_if_unused(s, repository, drop_tag(s, image))
+            manifest = drop_tag(s, image)
+            if prune:
+                drop_untagged_manifests(s, repository, manifest)
+            else:
+                drop_docket_manifest_if_unused(s, repository, manifest)
             s.commit()
         log.info("deleted tag %s:%s (blobs %s kept until GC)", repository, tag, ", ".join(sorted(digests)))
+        return True
 
     def delete(self, repository: str, reference: str) -> None:
         """By digest: the manifest and every tag of it in this repository (refused while an index of the

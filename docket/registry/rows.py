@@ -66,6 +66,23 @@ def drop_docket_manifest_if_unused(s: Session, repository: str, digest: str | No
     return True
 
 
+def drop_untagged_manifests(s: Session, repository: str, digest: str | None) -> list[str]:
+    """Retention: the manifest ``digest`` (either origin) goes when no tag and no index of ``repository`` uses it
+    any more, then the children of an index that only it kept. Returns the digests dropped."""
+    if not digest:
+        return []
+    row = find_manifest(s, repository, digest)
+    if row is None or manifest_in_use(s, repository, digest):
+        return []
+    children = [r.digest for r in row.refs if r.kind == REF_MANIFEST]
+    drop_manifest_row(s, row)
+    log.info("dropped manifest %s of %s: its last tag is gone", digest, repository)
+    dropped = [digest]
+    for child in dict.fromkeys(children):
+        dropped += drop_untagged_manifests(s, repository, child)
+    return dropped
+
+
 def open_tag(s: Session, repository: str, tag: str) -> tuple[Image, set[str], str | None]:
     """The tag's row (new, or emptied of its layers) to fill in, with the blobs and manifest it used before."""
     image = find_image(s, repository, tag)
