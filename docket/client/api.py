@@ -452,6 +452,31 @@ class RegistryClient:
             raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}")
         return record
 
+    def delete_tag(self, ref: Reference) -> None:
+        """``DELETE`` the tag (push token); its blobs are the registry's GC's after the grace."""
+        what = f"deleting {ref}"
+        try:
+            self._request("DELETE", self._tag_path(ref), what, ok=(204,))
+        except errors.NotFound as exc:
+            raise errors.NotFound(f"{ref} is not in the registry at {self.url}",
+                                  "`docket images` lists what it has") from exc
+
+    def retention(self, *, dry_run: bool, keep_tags: int | None = None,
+                  keep_patterns: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``POST /admin/retention`` (push token): what the policy removed, or would remove (``dry_run``)."""
+        what = "running the retention policy" if not dry_run else "asking what the retention policy would remove"
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if keep_tags is not None:
+            body["keep_tags"] = keep_tags
+        if keep_patterns:
+            body["keep_patterns"] = list(keep_patterns)
+        reply = self._json(self._request("POST", f"{API}/admin/retention", what, json=body,
+                                         read_timeout=self.push_timeout, limit=MAX_LIST_REPLY), what)
+        if not isinstance(reply, dict) or not isinstance(reply.get("removed"), list):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}",
+                                            "is --host/--port pointing at a docket-registry with retention?")
+        return reply
+
     @staticmethod
     def _manifest_path(ref: Reference) -> str:
         return f"{API}/repositories/{quote(ref.repository, safe='/')}/manifests/{quote(ref.tag, safe='')}"

@@ -509,6 +509,73 @@ def images(ctx: click.Context, as_json: bool) -> None:
             app.out(line)
 
 
+# -- rm and retention ------------------------------------------------------------------------------------------
+
+def _explicit_ref(text: str) -> Reference:
+    """``rm`` takes no implicit :latest: deleting what a missing tag defaults to would surprise."""
+    ref = _ref(text)
+    if not text.endswith(f":{ref.tag}"):
+        raise errors.InvalidReference(f"{text!r} names no tag", f"give the tag to delete, e.g. {ref.repository}:latest")
+    return ref
+
+
+@cli.command()
+@click.argument("references", metavar="REPOSITORY:TAG...", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the deleted tags as a JSON list.")
+@click.pass_context
+def rm(ctx: click.Context, references: tuple[str, ...], as_json: bool) -> None:
+    """Delete tags from the registry (needs a push token: --token / DOCKET_TOKEN).
+
+    Every reference is checked first: a malformed one (exit 2) or a tag the registry does not have (exit 4)
+    deletes nothing. The blobs no other tag uses are freed by the registry's GC after its grace period.
+    Local Docker images are not touched (that is `docker rmi`).
+    """
+    app = _app(ctx)
+    refs = list(dict.fromkeys(_explicit_ref(text) for text in references))
+    digests = {ref: app.registry.get_image(ref).get("digest") for ref in refs}  # all there, or nothing goes
+    for ref in refs:
+        app.registry.delete_tag(ref)
+        if not as_json:
+            app.out(str(ref) if app.config.quiet else f"Deleted {ref} ({_short_digest(digests[ref])})")
+    if as_json:
+        app.out(json.dumps([{"ref": str(ref), "digest": digests[ref]} for ref in refs]))
+
+
+@cli.command()
+@click.option("--keep-tags", type=click.IntRange(1), default=None,
+              help="Keep the newest N tags of each repository, for this run  [default: the registry's --keep-tags]")
+@click.option("--keep-pattern", "keep_patterns", multiple=True, metavar="GLOB",
+              help="Never remove tags matching this shell glob, for this run (repeatable)  [default: the "
+                   "registry's --keep-pattern]")
+@click.option("--apply", "apply_", is_flag=True, help="Remove the tags (without it: a dry run that lists them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry's answer as JSON.")
+@click.pass_context
+def retention(ctx: click.Context, keep_tags: int | None, keep_patterns: tuple[str, ...], apply_: bool,
+              as_json: bool) -> None:
+    """List the tags the registry's retention policy would remove now; --apply removes them (push token).
+
+    Per repository the newest N tags by push time stay, and every tag matching a keep pattern (not counted
+    in N). GC frees their blobs after its grace period.
+    """
+    app = _app(ctx)
+    reply = app.registry.retention(dry_run=not apply_, keep_tags=keep_tags, keep_patterns=keep_patterns)
+    if as_json:
+        app.out(json.dumps(reply))
+        return
+    from docket.client.progress import printable
+
+    gone = [r for r in reply["removed"] if isinstance(r, dict)]
+    for r in gone:
+        line = f"{r.get('repository')}:{r.get('tag')}"
+        app.out(printable(line, 300) if app.config.quiet else
+                f"{'Removed' if apply_ else 'Would remove'} {printable(line, 300)} ({_short_digest(r.get('digest'))}, "
+                f"pushed {readable_time(r.get('pushed_at'))})")
+    if not app.config.quiet:
+        verb = "removed" if apply_ else "would be removed"
+        click.echo(f"{len(gone)} tag(s) {verb}, {reply.get('kept')} kept"
+                   + ("" if apply_ or not gone else "; run with --apply to remove them"), err=True)
+
+
 def _short(value: Any, n: int = 12) -> str:
     text = str(value or "")
     return text.split(":", 1)[1][:n] if text.startswith(("sha256:", "sha512:")) else text[:n]
