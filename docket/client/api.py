@@ -453,10 +453,10 @@ class RegistryClient:
         return record
 
     def delete_tag(self, ref: Reference) -> None:
-        """``DELETE`` the tag (push token); its blobs are the registry's GC's after the grace."""
+        """``DELETE`` the tag (push token) and, once unused, its manifest (``prune``): GC frees its blobs."""
         what = f"deleting {ref}"
         try:
-            self._request("DELETE", self._tag_path(ref), what, ok=(204,))
+            self._request("DELETE", self._tag_path(ref), what, ok=(204,), params={"prune": "true"})
         except errors.NotFound as exc:
             raise errors.NotFound(f"{ref} is not in the registry at {self.url}",
                                   "`docket images` lists what it has") from exc

@@ -211,9 +211,13 @@ def get_image(repository: str, tag: str) -> Response:
 
 @bp.delete("/repositories/<path:repository>/tags/<tag>")
 def delete_image(repository: str, tag: str) -> tuple[str, int]:
+    """``?prune=true`` (``docket rm``): the manifest goes too once unused, whoever pushed it, so GC frees it."""
     validate_repository(repository)
     validate_tag(tag)
-    services().manifests.delete_tag(repository, tag)
+    prune = request.args.get("prune", "false")
+    if prune not in ("true", "false"):
+        raise InvalidRequest(f"prune must be true or false, not {prune!r}")
+    services().manifests.delete_tag(repository, tag, prune=prune == "true")
     return "", 204
 
 

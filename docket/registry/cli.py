@@ -162,6 +162,9 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
         push, read = collect_tokens(auth_tokens, auth_token_file, read_tokens, read_token_file)
         cert, key = check_tls(tls_cert, tls_key)
         policy = RetentionPolicy(keep_tags, tuple(keep_patterns))  # a bad pattern: exit 2 before anything starts
+        if keep_patterns and keep_tags is None:
+            log.warning("--keep-pattern without --keep-tags: no retention runs (the patterns apply to "
+                        "POST /api/v1/admin/retention with keep_tags)")
         config = RegistryConfig(location=location.absolute(), db_url=db_url, tracker=tracker,
                                 advertise_address=advertise_address, seed_address=seed_address,
                                 tracker_port=tracker_port, bind=bind, port=port,

@@ -264,3 +264,16 @@ def test_timer_runs_after_one_interval(app, client):
     assert sv.retention.stats.tags_removed == 1 and tags(client) == ["app:b"]
     with sv.db.session() as s:
         assert s.get(Blob, sha(layer_tar(b"a"))).unreferenced_at is not None
+
+
+def test_delete_with_prune_frees_a_v2_tag_and_bad_prune_is_400(app, client):
+    raw = _v2_image(app, client, "pruned", "v1", b"pruned image")
+    kept = _v2_image(app, client, "plain", "v1", b"plain delete")
+    resp = client.delete("/api/v1/repositories/pruned/tags/v1?prune=maybe")
+    assert resp.status_code == 400 and client.get("/v2/pruned/manifests/v1").status_code == 200
+    assert client.delete("/api/v1/repositories/pruned/tags/v1?prune=true").status_code == 204
+    assert client.delete("/api/v1/repositories/plain/tags/v1").status_code == 204  # as before: the manifest stays
+    assert client.get(f"/v2/pruned/manifests/{sha(raw)}").status_code == 404
+    assert client.get(f"/v2/plain/manifests/{sha(kept)}").status_code == 200
+    freed = app.extensions["docket"].gc.run_once(now=utcnow() + timedelta(hours=1))
+    assert {sha(raw), sha(layer_tar(b"pruned image"))} <= set(freed) and sha(kept) not in freed
