@@ -125,6 +125,8 @@ def choose(policy: RetentionPolicy, tags: list[Candidate]) -> tuple[list[Candida
 
 
 class Retention:
+    """The registry's policy, run by its timer and by POST /api/v1/admin/retention; one pass at a time."""
+
     def __init__(self, db: Database, manifests: Manifests, policy: RetentionPolicy, *,
                  interval: float = 3600.0) -> None:
         self.db = db
