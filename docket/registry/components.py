@@ -17,6 +17,7 @@ from docket.registry.blobs import Blobs, DownloadCounter
 from docket.registry.config import RegistryConfig
 from docket.registry.db import Database
 from docket.registry.gc import GarbageCollector
+from docket.registry.hosts import Hosts
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
 from docket.registry.scrub import BlobScrubber
@@ -47,6 +48,7 @@ class Components:
     gc: GarbageCollector
     reconciler: Reconciler
     started: bool = field(default=False)
+    hosts: Hosts = field(default=None)  # type: ignore[assignment] - set by build: the agents' heartbeats
 
     def start(self) -> None:
         """The location's lock, start-up clean-up, then tracker (with the full whitelist), every seeder, GC."""
@@ -100,7 +102,7 @@ def build(config: RegistryConfig) -> Components:
                             adopt_limit=config.threads)
     tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
     return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
-                      reconciler)
+                      reconciler, hosts=Hosts(db))
 
 
 def _space_paths(store: FileBlobStore, db: Database) -> list[Path]:
