@@ -123,7 +123,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(v2.bp)
-    app.register_blueprint(hosts.bp)
+    hosts.init_app(app)
     web.init_app(app)
     app.register_error_handler(DocketError, _docket_error)
     app.register_error_handler(HTTPException, _http_error)

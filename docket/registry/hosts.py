@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy import delete, func, select
 from werkzeug.exceptions import ClientDisconnected
 
@@ -194,6 +194,15 @@ class Hosts:
 
 
 bp = Blueprint("hosts", __name__, url_prefix="/api/v1")
+
+
+def init_app(app: Flask) -> None:
+    """The blueprint; heartbeats check their token in the view (a read token may send one: a PUT otherwise needs
+    a push token)."""
+    app.register_blueprint(bp)
+    auth = app.extensions.get("docket_auth")
+    if auth is not None:
+        auth.delegate("hosts.heartbeat")
 
 
 def _hosts() -> Hosts:
