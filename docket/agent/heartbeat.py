@@ -57,7 +57,7 @@ class Heartbeat:
         self._timer.start()  # interval 0: disabled, nothing started
 
     def stop(self) -> None:
-        self._timer.stop(timeout=15)
+        self._timer.stop(timeout=1)  # a heartbeat stuck on a hung registry ends by its own deadline (daemon thread)
 
     def body(self) -> dict[str, Any]:
         agent = self.agent

@@ -21,6 +21,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from docket import jsonstrict
 from docket.errors import DocketError, InvalidJSON, InvalidRequest, TooLarge
+from docket.registry.bodies import too_slow
 from docket.registry.db import Database, get_session
 from docket.registry.models import Host, utcnow
 from docket.registry.store import validate_digest
@@ -216,7 +217,7 @@ def _body() -> bytes:
     try:
         raw = request.stream.read(MAX_BODY + 1)
     except (ClientDisconnected, OSError) as exc:
-        raise InvalidRequest("the request body ended early", "send the heartbeat again") from exc
+        raise too_slow(exc) or InvalidRequest("the request body ended early", "send the heartbeat again") from exc
     if len(raw) > MAX_BODY:
         raise TooLarge(f"the heartbeat exceeds {MAX_BODY} bytes")
     return raw
