@@ -17,10 +17,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy import delete, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import ClientDisconnected
 
 from docket import jsonstrict
-from docket.errors import DocketError, InvalidJSON, InvalidRequest, TooLarge
+from docket.errors import DocketError, InvalidJSON, InvalidRequest, NotFound, TooLarge
 from docket.registry.bodies import too_slow
 from docket.registry.db import Database, get_session
 from docket.registry.models import Host, utcnow
@@ -146,13 +148,17 @@ def _rfc3339(value: datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
-def host_record(row: Host, now: datetime) -> dict[str, Any]:
+def host_record(row: Host, now: datetime, *, digests: bool = True) -> dict[str, Any]:
+    """A host as /api/v1/hosts shows it; the list leaves out the digests (up to 1,000 a host), one host has them."""
+    held: dict[str, Any] = {"count": row.blobs, "bytes": row.blob_bytes}
+    if digests:
+        held["digests"] = json.loads(row.digests)
     return {"id": row.id, "hostname": row.hostname, "peer_address": row.peer_address,
             "listen_address": row.listen_address, "remote_address": row.remote_address, "version": row.version,
             "interval": row.interval, "state": host_state(row.last_seen, row.interval, now),
             "last_seen": _rfc3339(row.last_seen), "seconds_since": round((now - row.last_seen).total_seconds(), 1),
             "first_seen": _rfc3339(row.first_seen), "started": _rfc3339(row.started),
-            "blobs": {"count": row.blobs, "bytes": row.blob_bytes, "digests": json.loads(row.digests)},
+            "blobs": held,
             "served": {"count": row.served_blobs, "bytes": row.served_bytes},
             "downloaded": {"count": row.downloaded_blobs, "bytes": row.downloaded_bytes}}
 
@@ -164,6 +170,12 @@ class Hosts:
         self.db = db
 
     def record(self, host_id: str, beat: Heartbeat, remote: str | None) -> dict[str, Any]:
+        try:
+            return self._record(host_id, beat, remote)
+        except sa_exc.IntegrityError:  # the same new id inserted by another request (or registry) meanwhile
+            return self._record(host_id, beat, remote)
+
+    def _record(self, host_id: str, beat: Heartbeat, remote: str | None) -> dict[str, Any]:
         now = utcnow()
         with self.db.session() as s:
             s.execute(delete(Host).where(Host.last_seen < now - EXPIRE))  # the expiry: on every heartbeat
@@ -184,14 +196,19 @@ class Hosts:
             s.commit()
             return host_record(row, now)
 
-    def list(self, session: Any = None) -> list[dict[str, Any]]:
-        """Every host heard from within a day, by id."""
+    def list(self, session: Session) -> list[dict[str, Any]]:
+        """Every host heard from within a day, by id (without their digests)."""
         now = utcnow()
-        if session is not None:
-            rows = session.scalars(select(Host).where(Host.last_seen >= now - EXPIRE).order_by(Host.id))
-            return [host_record(r, now) for r in rows]
-        with self.db.session() as s:
-            return self.list(s)
+        rows = session.scalars(select(Host).where(Host.last_seen >= now - EXPIRE).order_by(Host.id))
+        return [host_record(r, now, digests=False) for r in rows]
+
+    def get(self, session: Session, host_id: str) -> dict[str, Any]:
+        now = utcnow()
+        row = session.get(Host, host_id)
+        if row is None or row.last_seen < now - EXPIRE:
+            raise NotFound(f"no host {host_id} has reported to this registry within a day",
+                           "list the hosts with GET /api/v1/hosts (docket hosts)")
+        return host_record(row, now)
 
 
 bp = Blueprint("hosts", __name__, url_prefix="/api/v1")
@@ -244,3 +261,9 @@ def heartbeat(host_id: str) -> Response | tuple[Response, int, dict[str, str]]:
 @bp.get("/hosts")
 def list_hosts() -> Response:
     return jsonify({"hosts": _hosts().list(get_session())})
+
+
+@bp.get("/hosts/<host_id>")
+def get_host(host_id: str) -> Response:
+    """One host's last heartbeat, with the digests it holds."""
+    return jsonify(_hosts().get(get_session(), validate_host_id(host_id)))

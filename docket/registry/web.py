@@ -21,6 +21,7 @@ from docket.registry.swarmview import SwarmCounts
 bp = Blueprint("web", __name__)
 BASIC_CHALLENGE = 'Basic realm="docket", charset="UTF-8"'
 MAX_QUERY = 255
+MAX_HOSTS_SHOWN = 200  # the page's host table; `docket hosts` lists them all
 
 
 def init_app(app: Flask) -> None:
@@ -55,7 +56,8 @@ def _common() -> dict[str, Any]:
     sv = current_app.extensions["docket"]
     ok, checks = health.report(sv)
     now = datetime.now(UTC)
-    return {"health_ok": ok, "checks": checks, "hosts": sv.hosts.list(get_session()), "now": now,
+    hosts = sv.hosts.list(get_session())
+    return {"health_ok": ok, "checks": checks, "hosts": hosts[:MAX_HOSTS_SHOWN], "host_count": len(hosts), "now": now,
             "ago": lambda when: webview.ago(when, now), "ago_text": lambda text: webview.ago(_parse(text), now),
             "announce_url": sv.swarm.announce_url}
 

@@ -230,6 +230,16 @@ def test_malformed_and_huge_heartbeats_are_refused(web: FlaskClient) -> None:
     assert hosts(web) == []
 
 
+def test_one_host_with_its_digests(web: FlaskClient) -> None:
+    digests = ["sha256:" + c * 64 for c in "abc"]
+    assert web.put("/api/v1/hosts/web01", json=beat(blobs={"count": 3, "bytes": 30, "digests": digests})).status_code == 200
+    assert hosts(web)[0]["blobs"] == {"count": 3, "bytes": 30}  # the list leaves the digests out
+    one = web.get("/api/v1/hosts/web01")
+    assert one.status_code == 200 and one.get_json()["blobs"]["digests"] == digests
+    assert web.get("/api/v1/hosts/web02").status_code == 404
+    assert web.get("/api/v1/hosts/-bad").get_json()["error"]["code"] == "INVALID_REQUEST"
+
+
 def test_a_host_is_silent_after_three_missed_intervals(web: FlaskClient) -> None:
     assert web.put("/api/v1/hosts/quick", json=beat(interval=0.2)).status_code == 200
     assert web.put("/api/v1/hosts/slow", json=beat(interval=60)).status_code == 200
