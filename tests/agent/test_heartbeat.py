@@ -90,3 +90,20 @@ def test_host_ids() -> None:
     for bad in ("", "-x", "a b", "a/b", "x" * 129):
         with pytest.raises(InvalidRequest):
             validate_host_id(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heartbeat-interval", "0.05"], "at least 0.1"), (["--heartbeat-interval", "-1"], "--heartbeat-interval"),
+    (["--host-id", "no spaces"], "invalid host id"), (["--host-id", "x" * 129], "invalid host id"),
+])
+def test_bad_heartbeat_options_are_refused_before_anything_starts(tmp_path: Path, args: list[str],
+                                                                   message: str) -> None:
+    from click.testing import CliRunner
+
+    from docket.client.cli import cli
+
+    result = CliRunner().invoke(cli, ["--location", str(tmp_path), "agent", "--listen", f"127.0.0.1:{free_port()}",
+                                      *args], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "seeder").exists()  # nothing started
