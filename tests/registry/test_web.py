@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import socket
-import threading
+import base64
 import time
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -163,7 +163,7 @@ def test_read_tokens_guard_the_page_with_a_basic_prompt(make_app, dead_tracker_p
             assert resp.status_code == 401
             assert resp.headers["WWW-Authenticate"].startswith('Basic realm="docket"')
             assert "secret" not in resp.get_data(as_text=True)
-    basic = "Basic " + __import__("base64").b64encode(f"anyone:{READ}".encode()).decode()
+    basic = "Basic " + base64.b64encode(f"anyone:{READ}".encode()).decode()
     for auth in (basic, f"Bearer {READ}", f"Bearer {PUSH}"):
         resp = web.get("/", headers={"Authorization": auth})
         assert resp.status_code == 200 and "secret/app:v1" in resp.get_data(as_text=True)
