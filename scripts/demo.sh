@@ -54,6 +54,9 @@ docker run --rm --network none "$REF"
 echo "==> docker pull 127.0.0.1:$PORT/$REF   (the same image through the standard registry API)"
 docker pull -q "127.0.0.1:$PORT/$REF"
 docker rmi -f "127.0.0.1:$PORT/$REF" >/dev/null
+echo "==> the web page: http://127.0.0.1:$PORT/   (repositories, layers and their swarms, health, hosts)"
+curl -fsS "http://127.0.0.1:$PORT/" -o "$DEMO_DIR/page.html"
+grep -q "$REF" "$DEMO_DIR/page.html" || { echo "the web page does not list $REF" >&2; exit 1; }
 
 if [ "${DEMO_EXIT:-0}" = "1" ]; then
   echo "==> demo done; stopping the registry"

@@ -22,6 +22,7 @@ from typing import Any
 
 from docket import errors
 from docket.agent.fetcher import Fetcher
+from docket.agent.heartbeat import Heartbeat, default_host_id
 from docket.agent.store import AgentStore
 from docket.agent.upstream import Upstream
 from docket.client import background
@@ -53,6 +54,8 @@ class AgentConfig:
     threads: int = 16
     max_threads: int = 256
     seed_engine: str = "libtorrent"  # "libtorrent": one in-process session seeds every blob; "ctorrent": a process each
+    heartbeat_interval: float = 5.0  # seconds between heartbeats to the registry (agent/heartbeat.py); 0: none
+    host_id: str | None = None  # None: this machine's host name
 
 
 class Agent:
@@ -73,6 +76,7 @@ class Agent:
                                          "manifests_cached": 0}
         self._lock = threading.Lock()
         self._seeder_thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat(self, config.host_id or default_host_id(), config.heartbeat_interval)
 
     def _seed_engine(self, name: str, engine: TorrentEngine | None) -> TorrentEngine:
         if name == "ctorrent" or engine is not None:
@@ -93,6 +97,7 @@ class Agent:
         self._seeder_thread.start()
         self.evict()
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
+        self.heartbeat.start()
 
     def _take_over(self) -> None:
         """The location's background seeder (a `docket pull`'s) runs: stop it and seed its blobs ourselves (they
@@ -125,6 +130,7 @@ class Agent:
             log.info("seeding the %d blob(s) the cache held again", count)
 
     def stop(self) -> None:
+        self.heartbeat.stop()
         self.fetcher.stop()
         self.seeder.term.set()
         if self._seeder_thread is not None:

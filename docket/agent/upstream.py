@@ -69,7 +69,7 @@ class Upstream:
 
     def request(self, method: str, path: str, *, authorization: str | None = None,
                 headers: dict[str, str] | None = None, query: str = "", limit: int = MAX_DOCUMENT,
-                small: bool = False) -> Answer:
+                small: bool = False, data: bytes | None = None) -> Answer:
         """One call, its body read up to ``limit`` bytes (more: a 502-class error). Network failures and
         deadlines become ``ServiceUnavailable`` (503 to the local client). A HEAD, or a ``small`` call, has
         ``head_timeout`` seconds."""
@@ -77,7 +77,7 @@ class Upstream:
         hdrs = {**(headers or {}), **self.auth_headers(authorization), "Accept-Encoding": "identity"}
         deadline = self.head_timeout if method == "HEAD" or small else self.read_timeout
         try:
-            with self.session.request(method, url, headers=hdrs, stream=True, allow_redirects=False,
+            with self.session.request(method, url, headers=hdrs, data=data, stream=True, allow_redirects=False,
                                       timeout=(CONNECT_TIMEOUT, deadline), verify=self.session.verify,
                                       deadline=deadline) as resp:
                 body = b""

@@ -287,6 +287,16 @@ class RegistryClient:
                                         "refused", "the registry is broken or hostile")
         return [i for i in images if isinstance(i, dict)]
 
+    def list_hosts(self) -> list[dict[str, Any]]:
+        """The hosts whose agents reported in (``GET /api/v1/hosts``)."""
+        what = "listing hosts"
+        body = self._json(self._request("GET", f"{API}/hosts", what, limit=MAX_LIST_REPLY), what)
+        hosts = body.get("hosts") if isinstance(body, dict) else None
+        if not isinstance(hosts, list):
+            raise errors.ServiceUnavailable(f"{what}: unexpected reply from {self.url}",
+                                            "is --host/--port pointing at a docket-registry that lists hosts?")
+        return [h for h in hosts if isinstance(h, dict)]
+
     def get_torrent(self, digest: str) -> bytes:
         """The .torrent of a blob, capped at 4 MiB (ctorrent's limit) while reading."""
         if not BLOB_DIGEST_RE.match(digest):

@@ -441,12 +441,17 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
 @click.option("--seed-engine", envvar="DOCKET_AGENT_SEED_ENGINE", show_envvar=True, default="libtorrent",
               show_default=True, type=click.Choice(["libtorrent", "ctorrent"]),
               help="What seeds the held blobs: one libtorrent session in the agent, or a ctorrent process each.")
+@click.option("--heartbeat-interval", envvar="DOCKET_AGENT_HEARTBEAT_INTERVAL", show_envvar=True,
+              type=click.FloatRange(min=0, max=3600), default=5.0, show_default=True, metavar="SECONDS",
+              help="Seconds between reports to the registry (docket hosts, its web page); 0: none.")
+@click.option("--host-id", envvar="DOCKET_AGENT_HOST_ID", show_envvar=True, default=None,
+              help="This host's name in the registry's host list  [default: the host name]")
 @click.option("--log-level", envvar="DOCKET_LOG_LEVEL", show_envvar=True, default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
 def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, cache_size: int,
           peer_ip: str | None, fallback_after: float, max_download_rate: int | None, seed_engine: str,
-          log_level: str) -> None:
+          heartbeat_interval: float, host_id: str | None, log_level: str) -> None:
     """Serve `docker pull` for this host through the swarm (runs until stopped).
 
     \b
@@ -456,7 +461,11 @@ def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, c
     agent holds it seeds. With the default --listen:
       docker pull 127.0.0.1:5000/myapp:v42
     """
+    from docket.agent.heartbeat import validate_host_id
     from docket.agent.service import AgentConfig, serve
+
+    if 0 < heartbeat_interval < 0.1:
+        raise click.BadParameter("give at least 0.1 seconds, or 0 for no heartbeat", param_hint="--heartbeat-interval")
     from docket.client.api import base_url
     from docket.client.peer import validate_peer_ip
 
@@ -470,7 +479,8 @@ def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, c
                          cache_size=cache_size, listen_host=listen[0], listen_port=listen[1], token=app.config.token,
                          ca_bundle=app.config.ca_bundle, peer_ip=validate_peer_ip(peer_ip) if peer_ip else None,
                          fallback_after=fallback_after, max_download_rate=max_download_rate,
-                         seed_engine=seed_engine)
+                         seed_engine=seed_engine, heartbeat_interval=heartbeat_interval,
+                         host_id=validate_host_id(host_id) if host_id is not None else None)
     serve(config)
 
 
@@ -574,6 +584,34 @@ def retention(ctx: click.Context, keep_tags: int | None, keep_patterns: tuple[st
         verb = "removed" if apply_ else "would be removed"
         click.echo(f"{len(gone)} tag(s) {verb}, {reply.get('kept')} kept"
                    + ("" if apply_ or not gone else "; run with --apply to remove them"), err=True)
+# -- hosts ------------------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the host records as a JSON list.")
+@click.pass_context
+def hosts(ctx: click.Context, as_json: bool) -> None:
+    """List the hosts whose `docket agent` reported to the registry."""
+    from docket.client.progress import human_bytes, printable
+
+    app = _app(ctx)
+    records = app.registry.list_hosts()
+    if as_json:
+        app.out(json.dumps(records, indent=2 if app.stdout_isatty else None))
+        return
+    if not records:
+        click.echo(f"No agent has reported to the registry at {app.registry.url}.", err=True)
+        return
+    headers = ("HOST", "ADDRESS", "LAST SEEN", "BLOBS", "BYTES", "STATE")
+    rows = []
+    for r in records:
+        blobs = r.get("blobs") if isinstance(r.get("blobs"), dict) else {}
+        count, size = blobs.get("count"), blobs.get("bytes")
+        rows.append((printable(str(r.get("id", "?")), 128),
+                     printable(str(r.get("peer_address") or r.get("remote_address") or "?"), 64),
+                     printable(_ago(r.get("last_seen")), 100), str(count) if isinstance(count, int) else "?",
+                     human_bytes(size) if isinstance(size, int) else "?", printable(str(r.get("state", "?")), 16)))
+    for line in plain_table(headers, rows):
+        app.out(line)
 
 
 def _short(value: Any, n: int = 12) -> str:

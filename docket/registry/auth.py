@@ -113,6 +113,12 @@ class TokenAuth:
     def __init__(self, push_tokens: Iterable[str], read_tokens: Iterable[str]) -> None:
         self._push = tuple(t.encode() for t in push_tokens)
         self._read = tuple(t.encode() for t in read_tokens)
+        self._own_check: set[str] = set()  # endpoints whose views check tokens themselves (``delegate``)
+
+    def delegate(self, *endpoints: str) -> None:
+        """Leave these endpoints' token checks to their views (the web page's Basic prompt, heartbeats that a
+        read token may send): they call ``may_read`` or ``decide`` themselves."""
+        self._own_check.update(endpoints)
 
     @property
     def enabled(self) -> bool:
@@ -164,9 +170,12 @@ class TokenAuth:
         return jsonify({"token": token, "access_token": token, "expires_in": 3600})
 
     def check(self) -> tuple[Response, int, dict[str, str]] | None:
-        if request.path in OPEN_PATHS or request.method == "OPTIONS":
+        if request.path in OPEN_PATHS or request.method == "OPTIONS" or request.endpoint in self._own_check:
             return None
-        write = request.method in WRITE_METHODS
+        return self.decide(write=request.method in WRITE_METHODS)
+
+    def decide(self, *, write: bool) -> tuple[Response, int, dict[str, str]] | None:
+        """None when the current request's token allows a read (``write`` False) or a write; else the 401/403."""
         # the V2 version check is the one read that always wants credentials when tokens exist: docker (and the
         # spec's clients) send credentials only to registries whose /v2/ answered 401 with a challenge
         version_check = request.path in ("/v2", "/v2/")

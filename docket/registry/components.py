@@ -17,6 +17,7 @@ from docket.registry.blobs import Blobs, DownloadCounter
 from docket.registry.config import RegistryConfig
 from docket.registry.db import Database
 from docket.registry.gc import GarbageCollector
+from docket.registry.hosts import Hosts
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
 from docket.registry.retention import Retention, RetentionPolicy
@@ -48,6 +49,7 @@ class Components:
     gc: GarbageCollector
     reconciler: Reconciler
     retention: Retention
+    hosts: Hosts  # the agents' heartbeats
     started: bool = field(default=False)
 
     def start(self) -> None:
@@ -106,7 +108,7 @@ def build(config: RegistryConfig) -> Components:
                           interval=config.retention_interval)
     tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
     return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
-                      reconciler, retention)
+                      reconciler, retention, Hosts(db))
 
 
 def _space_paths(store: FileBlobStore, db: Database) -> list[Path]:

@@ -17,7 +17,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from docket.errors import DocketError
-from docket.registry import api, db, health, v2
+from docket.registry import api, db, health, hosts, v2, web
 from docket.registry.auth import TokenAuth
 from docket.registry.components import build
 from docket.registry.config import RegistryConfig
@@ -123,6 +123,8 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(v2.bp)
+    hosts.init_app(app)
+    web.init_app(app)
     app.register_error_handler(DocketError, _docket_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

@@ -108,9 +108,8 @@ def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, An
     return result
 
 
-@bp.get("/healthz")
-def healthz() -> tuple[Response, int]:
-    sv = current_app.extensions["docket"]
+def report(sv: Any) -> tuple[bool, dict[str, Any]]:
+    """(ok, checks): what /healthz answers (the web page shows it too)."""
     blobs = _blobs(sv)
     try:
         tracker = sv.swarm.tracker.check()
@@ -123,7 +122,12 @@ def healthz() -> tuple[Response, int]:
         "tracker": tracker,
         "seeders": _seeders(sv, blobs),
     }
-    ok = all(c["ok"] for c in checks.values())
+    return all(c["ok"] for c in checks.values()), checks
+
+
+@bp.get("/healthz")
+def healthz() -> tuple[Response, int]:
+    ok, checks = report(current_app.extensions["docket"])
     auth = current_app.extensions.get("docket_auth")
     if auth is not None and not auth.may_read():  # read tokens: digests, pids and ports are for token holders
         return jsonify({"status": "ok" if ok else "degraded"}), 200 if ok else 503

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint, func, select
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -178,3 +178,28 @@ def count_references(session: Session, digest: str) -> int:
     refs = session.scalar(select(func.count()).select_from(ManifestRef)
                           .where(ManifestRef.digest == digest, ManifestRef.kind != REF_MANIFEST))
     return int(images or 0) + int(layers or 0) + int(manifests or 0) + int(refs or 0)
+
+
+class Host(Base):
+    """The last heartbeat of a ``docket agent`` (docket/registry/hosts.py): one row per host id, kept in the
+    database so that every registry instance sharing it lists the same fleet; rows a day old are removed."""
+
+    __tablename__ = "hosts"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    peer_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    listen_address: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    remote_address: Mapped[str | None] = mapped_column(String(64), nullable=True)  # what the registry saw
+    version: Mapped[str] = mapped_column(String(64))
+    interval: Mapped[float] = mapped_column(Float)  # seconds between its heartbeats: silent after 3 of them
+    blobs: Mapped[int] = mapped_column(BigInteger)
+    blob_bytes: Mapped[int] = mapped_column(BigInteger)
+    digests: Mapped[str] = mapped_column(Text)  # JSON list, capped (hosts.MAX_DIGESTS)
+    served_blobs: Mapped[int] = mapped_column(BigInteger)
+    served_bytes: Mapped[int] = mapped_column(BigInteger)
+    downloaded_blobs: Mapped[int] = mapped_column(BigInteger)
+    downloaded_bytes: Mapped[int] = mapped_column(BigInteger)
+    started: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

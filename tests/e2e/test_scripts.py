@@ -56,3 +56,4 @@ def test_demo_command_pushes_and_pulls(docker_host: str, tmp_path: Path):
     assert "hello from a docket pull" in result.stdout
     assert "docket-demo/hello:v1" in result.stdout
     assert f"127.0.0.1:{env['DOCKET_PORT']}/docket-demo/hello:v1" in result.stdout  # docker pull printed the ref
+    assert f"the web page: http://127.0.0.1:{env['DOCKET_PORT']}/" in result.stdout
