@@ -23,7 +23,7 @@ from docket.registry.auth import clean_tokens, read_token_file
 from docket.registry.gc import check_grace
 from docket.registry.server import Deadlines, LazyTLSAdapter, Server, run_until_signalled
 from docket.registry.storage import startup_error
-from docket.clicktypes import ByteSize
+from docket.clicktypes import ByteRate, ByteSize
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
 
 log = logging.getLogger("docket.registry")
@@ -124,13 +124,16 @@ def _fail(exc: DocketError) -> None:
               help="PEM certificate (chain): serve HTTPS. Needs --tls-key.")
 @click.option("--tls-key", envvar="DOCKET_TLS_KEY", show_envvar=True, default=None,
               type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --tls-cert.")
+@click.option("--max-upload-rate", envvar="DOCKET_REGISTRY_MAX_UPLOAD_RATE", show_envvar=True, type=ByteRate(),
+              default=None, metavar="RATE", help="Bytes per second for all the seeders together, with a unit: 2MB, "
+                                                 "500KiB (KB/MB: 1000, KiB/MiB: 1024)  [default: unlimited]")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str | None,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
          max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
          gc_interval: float, gc_grace: float, scrub_interval: float, min_free_space: int, adopt_orphans: bool,
          seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
-         tls_cert: Path | None, tls_key: Path | None) -> None:
+         tls_cert: Path | None, tls_key: Path | None, max_upload_rate: int | None) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
     BitTorrent."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -156,7 +159,7 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 gc_interval=gc_interval, gc_grace=check_grace(gc_grace),
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 min_free_space=min_free_space, adopt_orphans=adopt_orphans,
-                                tls_cert=cert, tls_key=key)
+                                tls_cert=cert, tls_key=key, max_upload_rate=max_upload_rate)
         if read and seeding:
             log.warning("read tokens protect the HTTP API and the tracker, not the peer wire: a seeder tells its "
                         "info hash to whoever connects (ctorrent), so keep %s (--seed-address) on a network only "

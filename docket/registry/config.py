@@ -51,6 +51,8 @@ class RegistryConfig:
     min_free_space: int = GIB
     # start-up registers blob files the database does not know (a lost or replaced database) instead of refusing
     adopt_orphans: bool = False
+    # bytes/s for all the seeders together (None: unlimited); docket/torrent/ratelimit.py
+    max_upload_rate: int | None = None
 
     def with_overrides(self, **overrides: object) -> RegistryConfig:
         """A copy with some fields replaced (unknown names raise TypeError)."""
