@@ -20,8 +20,8 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 TICK = 1.0  # seconds between rebalances
-USED = 0.8  # a participant moving at >= USED * its limit wants more ("hungry")
-HEADROOM = 1.25  # a participant below that keeps HEADROOM x its rate (room to grow until the next tick)
+USED = 0.5  # a participant moving at >= USED * its limit wants more ("hungry"): ctorrent keeps well below its cap
+HEADROOM = 1.5  # a participant below that keeps HEADROOM x its rate (room to grow until the next tick)
 MIN_LIMIT = 1024  # bytes/s: no participant is capped lower (ctorrent and libtorrent read 0 as "unlimited")
 
 
@@ -132,7 +132,10 @@ class Budget:
                     except Exception:  # noqa: BLE001 - one broken participant must not stop the others
                         rate = None
                     demands.append(None if rate is None else demand(rate, given.get(direction)))
-                for (part, given), limit in zip(members, share(budget, demands)):
+                limits = share(budget, demands)
+                log.debug("bandwidth %s: demands %s -> limits %s", direction,
+                          ["more" if d is None else int(d) for d in demands], limits)
+                for (part, given), limit in zip(members, limits):
                     old = given.get(direction)
                     if old is not None and abs(limit - old) <= 0.02 * old:
                         continue

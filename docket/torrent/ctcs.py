@@ -16,12 +16,14 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import Any
 
 from docket.torrent.bandwidth import Budget
 
 log = logging.getLogger(__name__)
 
+MIN_SPAN = 0.3  # seconds between two status answers for a rate from their totals
 MAX_LINE = 8192  # a longer line without "\n" from a client: it is dropped
 
 
@@ -34,6 +36,7 @@ class CtcsClient:
         self.rates: dict[str, float] = {}  # "download"/"upload" -> bytes/s, from CTSTATUS or CTBW
         self.limits: dict[str, int] = {}  # what ctorrent says its limits are
         self._buf = b""
+        self._last: tuple[float, int, int] | None = None  # (monotonic time, download total, upload total)
         self._send_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -74,16 +77,33 @@ class CtcsClient:
             if kind == "CTORRENT" and len(words) >= 5:
                 self.torrent = " ".join(words[4:])
             elif kind == "CTSTATUS" and len(words) >= 6:
-                self._pairs(words[3], words[5])
+                self._pairs(words[3], words[5], own_rates=self._last is None)
+                self._totals(words[4])
             elif kind == "CTBW" and len(words) >= 3:
-                self._pairs(words[1], words[2])
+                self._pairs(words[1], words[2], own_rates=self._last is None)
         except ValueError:
             log.debug("ctcs: unreadable line %r", line)
 
-    def _pairs(self, rates: str, limits: str) -> None:
+    def _totals(self, totals: str) -> None:
+        """Rates from the byte totals of two answers in a row: ctorrent's own rates are averaged over many
+        seconds (they lag a change by several ticks, and linger after a transfer ended)."""
+        now = time.monotonic()
+        down, up = (int(x) for x in totals.split(","))
+        if self._last is not None:
+            at, last_down, last_up = self._last
+            if now - at >= MIN_SPAN:
+                self.rates = {"download": max(0, down - last_down) / (now - at),
+                              "upload": max(0, up - last_up) / (now - at)}
+            else:
+                return  # too close to the last one for a rate: measured from the older one next time
+        self._last = (now, down, up)
+
+    def _pairs(self, rates: str, limits: str, own_rates: bool) -> None:
+        """``own_rates``: take ctorrent's averaged rates (until two status answers give a measured one)."""
         down, up = (float(x) for x in rates.split(","))
         dlimit, ulimit = (int(x) for x in limits.split(","))
-        self.rates = {"download": down, "upload": up}
+        if own_rates:
+            self.rates = {"download": down, "upload": up}
         self.limits = {"download": dlimit, "upload": ulimit}
 
 

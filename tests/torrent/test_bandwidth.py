@@ -36,8 +36,8 @@ def test_share_gives_an_idle_share_to_the_busy_ones():
 
 
 def test_demand_marks_a_participant_using_its_limit_hungry():
-    assert demand(900, 1000) is None and demand(100, None) is None
-    assert demand(400, 1000) == 500
+    assert demand(500, 1000) is None and demand(100, None) is None
+    assert demand(900, 1000) is None and demand(400, 1000) == 600
 
 
 def test_byte_rate_needs_a_unit():
@@ -71,7 +71,7 @@ def test_budget_rebalances_on_join_leave_and_use():
     assert a.limits == {"upload": 1_000_000}  # no download budget: no download limit set
     budget.join(b)
     assert a.limits["upload"] == b.limits["upload"] == 500_000
-    a.r, b.r = 0.0, 490_000.0  # a idles, b uses its share
+    a.r, b.r = 0.0, 300_000.0  # a idles, b uses (more than half) its share
     budget.rebalance()
     assert a.limits["upload"] == 62_500 and b.limits["upload"] == 937_500
     budget.leave(a)
