@@ -155,3 +155,12 @@ def test_engine_starts_ctorrents_in_the_budget(tmp_path: Path):
         assert "extra_args" not in made[1]  # no budget: no flags
     finally:
         rates.close()
+
+
+def test_boost_follows_the_measured_total():
+    from docket.torrent.bandwidth import BOOST, corrected
+
+    assert corrected(1.0, 1_000_000, 800_000, hungry=True) == pytest.approx(1.1)  # caps not reached: raise them
+    assert corrected(1.2, 1_000_000, 1_100_000, hungry=True) == pytest.approx(1.14)  # above the budget: lower
+    assert corrected(1.2, 1_000_000, 100_000, hungry=False) == pytest.approx(1.1)  # idle: back towards 1
+    assert corrected(1.45, 1_000_000, 0, hungry=True) == BOOST[1]
