@@ -165,6 +165,7 @@ class Puller:
             raise
         finally:
             self.transfers.stop_all(self.jobs)
+            self.rates.close()  # its CTCS server and budget thread (nothing left to limit)
 
     # -- 1. the plan -----------------------------------------------------------------------------------------
 
