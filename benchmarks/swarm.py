@@ -62,6 +62,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.netns import stop_pids  # noqa: E402 - the tests' namespace clean-up, shared
+import click  # noqa: E402
+from docket.clicktypes import ByteRate  # noqa: E402 - the same parsing as the command lines
 
 NET = ipaddress.ip_network("198.18.0.0/15")
 REGISTRY_IP = "198.18.0.1"
@@ -119,6 +121,10 @@ class Config:
     # "v2-direct" (every host pulls as dockerd would from the registry's /v2), "agent" (the same through a
     # `docket agent` in every host's namespace). A comma list runs several on the same image each round.
     modes: list[str] = field(default_factory=lambda: ["docket"])
+    # issue 15: bandwidth limits (bytes/s) on one host, checked against its link counter (``limit_check``)
+    limit_host_download: int | None = None  # `docket pull --max-download-rate` on the first client only
+    limit_host_upload: int | None = None  # `docket pull --max-upload-rate` on the first client only
+    registry_max_upload_rate: int | None = None  # `docket-registry --max-upload-rate`
 
 
 @dataclass
@@ -180,6 +186,31 @@ class RoundResult:
     agent_bytes_from_http: int | None = None  # what the registry served them over HTTP (config, fallbacks)
     v2_direct_hosts: list[HostResult] = field(default_factory=list)
     agent_hosts: list[HostResult] = field(default_factory=list)
+    limits: list[dict] = field(default_factory=list)  # limit_check() of each limited host's link (issue 15)
+    registry_link: list[list[float]] = field(default_factory=list)  # the registry's link, as HostResult.link
+
+
+def limit_check(link: list[list[float]], column: int, limit: int, what: str) -> dict:
+    """A host's link counter (``link`` rows [s, MB received, MB sent]; ``column`` 1 or 2) against ``limit``
+    bytes/s: the mean rate while it moved (from 5 % to 95 % of its total: the ramp and the tail left out) and
+    over its whole transfer (first byte to last), each as a ratio to the limit."""
+    rows = [(t, mb * 1e6) for t, *v in link for mb in [v[column - 1]]]
+    total = rows[-1][1] if rows else 0.0
+    out: dict = {"what": what, "limit_bytes_s": limit, "total_bytes": int(total)}
+    if total <= 0:
+        return out
+
+    def at(fraction: float) -> float:
+        return next(t for t, b in rows if b >= fraction * total)
+    t5, t95, t0, t1 = at(0.05), at(0.95), at(0.001), at(1.0)
+    if t95 > t5:
+        out["steady_bytes_s"] = round(0.9 * total / (t95 - t5))
+        out["steady_ratio"] = round(out["steady_bytes_s"] / limit, 3)
+    if t1 > t0:
+        out["whole_bytes_s"] = round(total / (t1 - t0))
+        out["whole_ratio"] = round(out["whole_bytes_s"] / limit, 3)
+        out["seconds"] = round(t1 - t0, 2)
+    return out
 
 
 class LinkSampler:
@@ -187,7 +218,7 @@ class LinkSampler:
 
     def __init__(self, lab: Lab, n: int, t0: float, interval: float = 0.25) -> None:
         self.lab, self.n, self.t0, self.interval = lab, n, t0, interval
-        self.rows: dict[int, list[list[float]]] = {i: [] for i in range(n)}
+        self.rows: dict[int, list[list[float]]] = {i: [] for i in range(-1, n)}  # -1: the registry
         self.base: dict[int, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="link-sampler", daemon=True)
@@ -202,7 +233,7 @@ class LinkSampler:
                 links = {d["ifname"]: d["stats64"] for d in json.loads(out) if "stats64" in d}
             except (OSError, subprocess.SubprocessError, ValueError, KeyError):
                 links = {}
-            for i in range(self.n):
+            for i in range(-1, self.n):
                 st = links.get(f"p{i + 1}")  # p0 is the registry
                 if st is None:
                     continue
@@ -439,6 +470,8 @@ class Bench:
             sys.executable, "-m", "docket.registry.cli", "--bind", REGISTRY_IP,  # advertise address: its default
             "--port", str(HTTP_PORT), "--tracker-port", str(TRACKER_PORT), "--location", str(loc),
             "--gc-interval", "0", "--threads", "64", "--log-level", "info",
+            *(["--max-upload-rate", f"{self.cfg.registry_max_upload_rate}B"] if self.cfg.registry_max_upload_rate
+              else []),
         ], self.tmp / "registry.log")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -522,10 +555,15 @@ class Bench:
         for i in range(n):
             loc = rdir / f"docket-c{i}"
             loc.mkdir(mode=0o700)
+            limit = []  # issue 15: the first host's limits
+            if i == 0 and self.cfg.limit_host_download:
+                limit += ["--max-download-rate", f"{self.cfg.limit_host_download}B"]
+            if i == 0 and self.cfg.limit_host_upload:
+                limit += ["--max-upload-rate", f"{self.cfg.limit_host_upload}B"]
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
                 "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
-                "pull", "--no-load", *seed, *self.cfg.pull_args, "--json", record["ref"],
+                "pull", "--no-load", *seed, *self.cfg.pull_args, *limit, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
         deadline = time.monotonic() + 60
         while not all((rdir / f"ready-{i}").exists() for i in range(n)):
@@ -542,6 +580,7 @@ class Bench:
             seeders = self._await_seeders([rdir / f"docket-c{i}" for i in range(n)], t0)
         finally:
             links = sampler.stop()
+        self.registry_link = links.get(-1, [])
         hosts = []
         layers = image_layers(record)
         for i, p in enumerate(procs):
@@ -699,11 +738,17 @@ class Bench:
         agent_hosts: list[HostResult] = []
         agent_start = None
         self.last_exit = 0.0
+        self.registry_link: list[list[float]] = []
         if "docket" in self.cfg.modes:
             if not self.cfg.skip_http:
                 http_hosts = self.http_round(n, record, rdir)
                 log(f"N={n}: HTTP {max(h.done_at for h in http_hosts):.1f} s")
             docket_hosts = self.docket_round(n, record, rdir)
+        limits = self.limit_checks(docket_hosts)
+        for c in limits:
+            log(f"N={n}: {c['what']}: limit {c['limit_bytes_s']} B/s, link {c.get('steady_bytes_s')} B/s while "
+                f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
+                f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
         if "v2-direct" in self.cfg.modes:
             v2_hosts = self.v2_round(n, record, rdir, "v2-direct", [self.base] * n)
             log(f"N={n}: v2-direct {_last(v2_hosts)} s")
@@ -747,7 +792,22 @@ class Bench:
             seeding_stopped_s=_r(max(stops, default=None)), seeders_exited_s=_r(max(exits, default=None)),
             docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+            limits=limits, registry_link=self.registry_link,
         )
+
+    def limit_checks(self, docket_hosts: list[HostResult]) -> list[dict]:
+        """Issue 15: each limited host's link counter against its limit (sampled during the docket round)."""
+        checks = []
+        if docket_hosts and self.cfg.limit_host_download:
+            checks.append(limit_check(docket_hosts[0].link, 1, self.cfg.limit_host_download,
+                                      f"{docket_hosts[0].host} download (--max-download-rate)"))
+        if docket_hosts and self.cfg.limit_host_upload:
+            checks.append(limit_check(docket_hosts[0].link, 2, self.cfg.limit_host_upload,
+                                      f"{docket_hosts[0].host} upload (--max-upload-rate)"))
+        if self.registry_link and self.cfg.registry_max_upload_rate:
+            checks.append(limit_check(self.registry_link, 2, self.cfg.registry_max_upload_rate,
+                                      f"registry {REGISTRY_IP} upload (docket-registry --max-upload-rate)"))
+        return checks
 
     def main(self) -> list[RoundResult]:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.lab.tag}-", dir=self.cfg.workdir))
@@ -852,7 +912,9 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
     (cfg.out / "results.json").write_text(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
-                   "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat, "modes": cfg.modes},
+                   "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat, "modes": cfg.modes,
+                   "limit_host_download": cfg.limit_host_download, "limit_host_upload": cfg.limit_host_upload,
+                   "registry_max_upload_rate": cfg.registry_max_upload_rate},
         "summary": summary(results),
         "rounds": [asdict(r) for r in results],
     }, indent=2))
@@ -980,6 +1042,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "passed as $DOCKET_CTORRENT_ARGS")
     p.add_argument("--pull-args", default="", help="extra `docket pull` flags, e.g. '--wait' (default: none)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
+    p.add_argument("--limit-host-download", default=None, metavar="RATE",
+                   help="issue 15: `docket pull --max-download-rate RATE` (e.g. 2MB) on the first host only; its "
+                        "link counter is reported against it")
+    p.add_argument("--limit-host-upload", default=None, metavar="RATE",
+                   help="issue 15: `docket pull --max-upload-rate RATE` on the first host only, reported likewise")
+    p.add_argument("--registry-max-upload-rate", default=None, metavar="RATE",
+                   help="issue 15: `docket-registry --max-upload-rate RATE`; the registry's link is reported")
     p.add_argument("--mode", default="docket",
                    help="comma list of: docket (curl + `docket pull`, the default), v2-direct (every host pulls as "
                         "dockerd would from the registry's /v2), agent (the same from a `docket agent` per host)")
@@ -993,7 +1062,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     modes = [m.strip() for m in a.mode.split(",") if m.strip()]
     if not modes or set(modes) - {"docket", "v2-direct", "agent"}:
         p.error("--mode: a comma list of docket, v2-direct, agent")
-    return Config(modes=modes, hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
+    rates = {}
+    for name in ("limit_host_download", "limit_host_upload", "registry_max_upload_rate"):
+        text = getattr(a, name)
+        try:
+            rates[name] = ByteRate().convert(text, None, None) if text else None
+        except click.BadParameter as exc:
+            p.error(f"--{name.replace('_', '-')}: {exc.message}")
+    return Config(**rates, modes=modes, hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
                   plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers,
                   pull_args=shlex.split(a.pull_args))

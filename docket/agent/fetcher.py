@@ -34,6 +34,7 @@ from docket.client.seeding import TrackerView
 from docket.client.transfer import BlobJob, Transfers
 from docket.torrent.engine import TorrentEngine
 from docket.torrent.metainfo import read_torrent
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Fetcher:
 
     def __init__(self, store: AgentStore, upstream: Upstream, engine: TorrentEngine, *, peer_ip: str | None,
                  fallback_after: float = 20.0, stall_timeout: float = 120.0, poll_interval: float = 0.2,
-                 max_download_rate: int | None = None) -> None:
+                 rates: HostRates | None = None) -> None:
         self.store = store
         self.upstream = upstream
         self.engine = engine
@@ -90,7 +91,7 @@ class Fetcher:
         self.fallback_after = fallback_after
         self.stall_timeout = stall_timeout
         self.poll_interval = poll_interval
-        self.max_download_rate = max_download_rate
+        self.rates = rates  # the agent's bandwidth budget (its engines have it too): HTTP fetches take part
         self.tracker = TrackerView()
         self.handoff = OwnSeeder(store.location)
         self.outcomes: list[Outcome] = []  # the last downloads (accounting), newest last
@@ -189,7 +190,8 @@ class Fetcher:
         """A blob without a torrent (a config, a blob the registry keeps no torrent for): HTTP only, not seeded."""
         client = self.upstream.blob_client(authorization)
         try:
-            fetch = HttpFetch(client, out.digest, out.size, self.store.blob_path(out.digest), HTTP_PIECE, None)
+            fetch = HttpFetch(client, out.digest, out.size, self.store.blob_path(out.digest), HTTP_PIECE, None,
+                              rates=self.rates)
             fetch.start()
             self._wait_http(fetch, out)
             out.via, out.bytes_from_http = "http", fetch.received
@@ -220,7 +222,7 @@ class Fetcher:
         client = self.upstream.blob_client(authorization)
         transfers = Transfers(client, self.engine, SilentReporter(), lambda text: log.warning("%s", text),
                               seed_time=KEEP_SEEDING, complete_grace=5.0, fallback_after=self.fallback_after,
-                              max_download_rate=self.max_download_rate, peer_port=None, handoff=self.handoff)
+                              rates=self.rates, peer_port=None, handoff=self.handoff)
         transfers.ref = out.digest
         mode = "auto"
         reason = loopback_tracker_elsewhere(self.upstream.url, meta.announce)

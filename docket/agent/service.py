@@ -28,9 +28,11 @@ from docket.agent.upstream import Upstream
 from docket.client import background
 from docket.client.background import SeederFiles
 from docket.client.seedd import SeedDaemon
+from docket.torrent.bandwidth import RateLimits
 from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine
 from docket.torrent.metainfo import read_torrent
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ class AgentConfig:
     fallback_after: float = 20.0
     stall_timeout: float = 120.0
     blob_timeout: float = 3600.0  # seconds a local GET waits for its blob's download
-    max_download_rate: int | None = None  # KB/s per download (ctorrent -D)
+    max_download_rate: int | None = None  # bytes/s for all the agent's downloads together (ratelimit.py)
+    max_upload_rate: int | None = None  # bytes/s for all its uploads together
     threads: int = 16
     max_threads: int = 256
     seed_engine: str = "libtorrent"  # "libtorrent": one in-process session seeds every blob; "ctorrent": a process each
@@ -61,7 +64,8 @@ class AgentConfig:
 class Agent:
     def __init__(self, config: AgentConfig, engine: TorrentEngine | None = None) -> None:
         self.config = config
-        self.engine = engine or CtorrentEngine(tied=True)
+        self.rates = HostRates(RateLimits(upload=config.max_upload_rate, download=config.max_download_rate))
+        self.engine = engine or CtorrentEngine(tied=True, rates=self.rates)
         self.store = AgentStore(config.cache_dir, config.cache_size)
         self.upstream = Upstream(config.registry, token=config.token, ca_bundle=config.ca_bundle)
         self.seed_engine = self._seed_engine(config.seed_engine, engine)
@@ -69,7 +73,7 @@ class Agent:
                                  max_seeders=MAX_SEEDERS)
         self.fetcher = Fetcher(self.store, self.upstream, self.engine, peer_ip=config.peer_ip,
                                fallback_after=config.fallback_after, stall_timeout=config.stall_timeout,
-                               max_download_rate=config.max_download_rate)
+                               rates=self.rates)
         self.fetcher.on_held = self.evict
         self.started = time.time()
         self.counters: dict[str, int] = {"blobs_served": 0, "bytes_served": 0, "manifests_fetched": 0,
@@ -87,7 +91,7 @@ class Agent:
             log.warning("libtorrent is not installed (pip install libtorrent): every held blob is seeded by a "
                         "ctorrent process of its own")
             return self.engine
-        return libtorrent_engine.LibtorrentSeedEngine()  # type: ignore[return-value]
+        return libtorrent_engine.LibtorrentSeedEngine(rates=self.rates)  # type: ignore[return-value]
 
     # -- life ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +139,7 @@ class Agent:
         self.seeder.term.set()
         if self._seeder_thread is not None:
             self._seeder_thread.join(timeout=30)
+        self.rates.close()
         close = getattr(self.seed_engine, "close", None)
         if close is not None:
             close()

@@ -34,6 +34,7 @@ from docket import errors
 from docket.client.cache import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
+UPLOAD_RATE_ENV = "DOCKET_MAX_UPLOAD_RATE"  # the background seeder's upload budget (a rate with a unit)
 
 DAEMON_MODULE = "docket.client.seedd"
 SPAWN_EVERY = 1.0  # seconds between attempts to start a seeder while a request waits
@@ -121,14 +122,18 @@ class SeederFiles:
         return state
 
 
-def spawn(files: SeederFiles) -> None:
+def spawn(files: SeederFiles, max_upload_rate: int | None = None) -> None:
     """Start a background seeder for ``files.location``, detached: its own session (no Ctrl-C or hang-up from our
     terminal), no inherited pipes (a caller capturing our output must not wait for it). A second one started in
-    a race finds the lock taken and exits."""
+    a race finds the lock taken and exits. ``max_upload_rate`` (bytes/s): the seeder's upload budget for its whole
+    life (UPLOAD_RATE_ENV; without it, the one in our environment, if any, is inherited)."""
     files.make()
+    env = dict(os.environ)
+    if max_upload_rate:
+        env[UPLOAD_RATE_ENV] = f"{int(max_upload_rate)}B"
     with open(files.log, "ab") as logf:
         subprocess.Popen([sys.executable, "-m", DAEMON_MODULE, str(files.location)], stdin=subprocess.DEVNULL,
-                         stdout=logf, stderr=logf, close_fds=True, start_new_session=True, cwd="/")
+                         stdout=logf, stderr=logf, close_fds=True, start_new_session=True, cwd="/", env=env)
 
 
 class Handoff:
@@ -140,8 +145,10 @@ class Handoff:
     stops: Ctrl-C stops everything the pull started); ``settle`` before returning (every request taken).
     """
 
-    def __init__(self, location: Path) -> None:
+    def __init__(self, location: Path, max_upload_rate: int | None = None) -> None:
+        """``max_upload_rate``: the upload budget of a seeder this pull starts (one already running keeps its own)."""
         self.files = SeederFiles(location)
+        self.max_upload_rate = max_upload_rate
         self.handed: list[str] = []
         self.posted: list[Path] = []
         self._last_spawn = 0.0
@@ -188,7 +195,7 @@ class Handoff:
         now = time.monotonic()
         if now - self._last_spawn >= SPAWN_EVERY and not self.files.running():
             self._last_spawn = now
-            spawn(self.files)
+            spawn(self.files, self.max_upload_rate)
 
 
 def stop(location: Path, timeout: float = 30.0) -> int | None:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from docket import __version__, errors
-from docket.clicktypes import ByteSize
+from docket.clicktypes import ByteRate, ByteSize
 from docket.reference import Reference, parse_reference
 
 # Start-up time: the modules behind the subcommands (requests, docker, rich.progress, the pull engine) are
@@ -304,9 +304,14 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
               envvar="DOCKET_STALL_TIMEOUT", show_envvar=True,
               help="Fail when the download makes no progress for this many seconds.")
-@click.option("--max-download-rate", type=click.IntRange(min=1), default=None, metavar="KB/S",
+@click.option("--max-download-rate", type=ByteRate(), default=None, metavar="RATE",
               envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
-              help="Cap the download rate of each ctorrent at this many KB/s (ctorrent -D)  [default: unlimited]")
+              help="Bytes per second for all of this pull's downloads together (BitTorrent and HTTP), with a "
+                   "unit: 2MB, 500KiB (KB/MB: 1000, KiB/MiB: 1024)  [default: unlimited]")
+@click.option("--max-upload-rate", type=ByteRate(), default=None, metavar="RATE",
+              envvar="DOCKET_MAX_UPLOAD_RATE", show_envvar=True,
+              help="Bytes per second for all of this pull's uploads together, and for the background seeder it "
+                   "starts (one already running keeps the limit it was started with)  [default: unlimited]")
 @click.option("--transport", type=click.Choice(["auto", "p2p", "http"], case_sensitive=False), default="auto",
               show_default=True, envvar="DOCKET_TRANSPORT", show_envvar=True,
               help="auto: BitTorrent, each layer continuing over HTTP from the registry when the swarm gives no "
@@ -323,8 +328,8 @@ def push_image(app: AppContext, ref: Reference, as_json: bool = False) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int | None, seed_time: float,
-         wait: bool, stall_timeout: float, max_download_rate: int | None, transport: str, fallback_after: float,
-         load: bool, output: Path | None, as_json: bool) -> None:
+         wait: bool, stall_timeout: float, max_download_rate: int | None, max_upload_rate: int | None,
+         transport: str, fallback_after: float, load: bool, output: Path | None, as_json: bool) -> None:
     """Download an image through BitTorrent, verify it, load it into Docker; seed it for a while.
 
     A reference without a tag means :latest. An interrupted pull resumes where it stopped. When the swarm gives
@@ -342,9 +347,9 @@ def pull(ctx: click.Context, reference: str, peer_ip: str | None, peer_port: int
         peer_ip = validate_peer_ip(peer_ip)
     opts = PullOptions(location=app.config.location, peer_ip=peer_ip, peer_port=peer_port, seed_time=seed_time,
                        stall_timeout=stall_timeout, load=load, output=output, max_download_rate=max_download_rate,
-                       transport=transport.lower(), fallback_after=fallback_after)
+                       max_upload_rate=max_upload_rate, transport=transport.lower(), fallback_after=fallback_after)
     puller = Puller(app.registry, app.docker if load else None, opts, app.reporter(),
-                    handoff=None if wait else Handoff(app.config.location))
+                    handoff=None if wait else Handoff(app.config.location, max_upload_rate))
     result = puller.pull(ref)
     if as_json:
         app.out(json.dumps(result.summary()))
@@ -436,8 +441,12 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
               help="Address the agent's ctorrents listen on and announce  [default: chosen towards the tracker]")
 @click.option("--fallback-after", envvar="DOCKET_FALLBACK_AFTER", show_envvar=True, type=click.FloatRange(min=0),
               default=20.0, show_default=True, help="Seconds without swarm progress before a blob goes over HTTP.")
-@click.option("--max-download-rate", envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True,
-              type=click.IntRange(min=1), default=None, help="KB/s cap per blob download  [default: none]")
+@click.option("--max-download-rate", envvar="DOCKET_MAX_DOWNLOAD_RATE", show_envvar=True, type=ByteRate(),
+              default=None, metavar="RATE", help="Bytes per second for all the agent's downloads together "
+                                                 "(BitTorrent and HTTP), with a unit: 2MB, 500KiB  [default: none]")
+@click.option("--max-upload-rate", envvar="DOCKET_MAX_UPLOAD_RATE", show_envvar=True, type=ByteRate(),
+              default=None, metavar="RATE", help="Bytes per second for all the agent's uploads together (its "
+                                                 "seeders and downloads)  [default: none]")
 @click.option("--seed-engine", envvar="DOCKET_AGENT_SEED_ENGINE", show_envvar=True, default="libtorrent",
               show_default=True, type=click.Choice(["libtorrent", "ctorrent"]),
               help="What seeds the held blobs: one libtorrent session in the agent, or a ctorrent process each.")
@@ -450,8 +459,8 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.pass_context
 def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, cache_size: int,
-          peer_ip: str | None, fallback_after: float, max_download_rate: int | None, seed_engine: str,
-          heartbeat_interval: float, host_id: str | None, log_level: str) -> None:
+          peer_ip: str | None, fallback_after: float, max_download_rate: int | None, max_upload_rate: int | None,
+          seed_engine: str, heartbeat_interval: float, host_id: str | None, log_level: str) -> None:
     """Serve `docker pull` for this host through the swarm (runs until stopped).
 
     \b
@@ -479,6 +488,7 @@ def agent(ctx: click.Context, listen: tuple[str, int], cache_dir: Path | None, c
                          cache_size=cache_size, listen_host=listen[0], listen_port=listen[1], token=app.config.token,
                          ca_bundle=app.config.ca_bundle, peer_ip=validate_peer_ip(peer_ip) if peer_ip else None,
                          fallback_after=fallback_after, max_download_rate=max_download_rate,
+                         max_upload_rate=max_upload_rate,
                          seed_engine=seed_engine, heartbeat_interval=heartbeat_interval,
                          host_id=validate_host_id(host_id) if host_id is not None else None)
     serve(config)

@@ -9,6 +9,7 @@ blob's digest afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +21,8 @@ from typing import Any, BinaryIO
 
 from docket import errors
 from docket.client.api import RegistryClient
+from docket.torrent.bandwidth import TokenBucket
+from docket.torrent.ratelimit import HostRates
 from docket.torrent.tracker import BdecodeError, bdecode
 
 log = logging.getLogger(__name__)
@@ -116,6 +119,7 @@ class HttpFetch:
     piece_length: int
     hashes: list[bytes] | None
     before: Callable[[], Any] | None = None
+    rates: HostRates | None = None  # the process's download budget (a token bucket shared by its HTTP fetches)
     plan: ResumePlan | None = None
     received: int = 0  # bytes received over HTTP (kept, i.e. inside the requested ranges)
     error: BaseException | None = None
@@ -141,7 +145,8 @@ class HttpFetch:
                 self.plan = plan_resume(self.path, self.size, self.piece_length, self.hashes)
                 log.info("http fetch %s: %d bytes valid on disk, %d to fetch in %d range(s)", self.digest,
                          self.plan.valid, self.plan.missing, len(self.plan.runs))
-                self._fetch(self.plan)
+                with self.rates.http() if self.rates else contextlib.nullcontext() as bucket:
+                    self._fetch(self.plan, bucket)
         except BaseException as exc:  # noqa: BLE001 - handed to the polling thread
             self.error = exc
         finally:
@@ -150,17 +155,17 @@ class HttpFetch:
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
-    def _fetch(self, plan: ResumePlan) -> None:
+    def _fetch(self, plan: ResumePlan, bucket: TokenBucket | None = None) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         with os.fdopen(fd, "r+b") as f:
             for start, end in plan.runs:
-                self._fetch_run(f, start, end)
+                self._fetch_run(f, start, end, bucket)
             if os.fstat(f.fileno()).st_size != self.size:
                 f.truncate(self.size)
             f.flush()
             os.fsync(f.fileno())
 
-    def _fetch_run(self, f: Any, start: int, end: int) -> None:
+    def _fetch_run(self, f: Any, start: int, end: int, bucket: TokenBucket | None = None) -> None:
         """``[start, end)`` with one Range request, written in place, each piece checked as it completes."""
         pl = self.piece_length
         offset = start
@@ -170,6 +175,8 @@ class HttpFetch:
             if self.cancel.is_set():
                 raise errors.TransferError(f"download of {self.digest} over HTTP cancelled")
             f.write(chunk)
+            if bucket is not None:
+                bucket.take(len(chunk))
             if self.hashes is not None:
                 view = memoryview(chunk)
                 pos = offset

@@ -40,9 +40,11 @@ from docket.client.records import (MAX_CONFIG, LayeredRecord, LayerInfo, check_c
 from docket.client.seeding import SeedPolicy, TrackerView
 from docket.client.transfer import BlobJob, Transfers, bitfield_bytes
 from docket.reference import Reference
+from docket.torrent.bandwidth import RateLimits
 from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine
 from docket.torrent.metainfo import TorrentMeta, read_torrent
+from docket.torrent.ratelimit import HostRates
 
 TRANSPORTS = ("auto", "p2p", "http")
 DEFAULT_FALLBACK_AFTER = 20.0  # s without swarm progress; ctorrent retries a failed tracker announce every ~15 s
@@ -62,7 +64,8 @@ class PullOptions:
     poll_interval: float = 0.25
     scrape_interval: float = 2.0
     complete_grace: float = 5.0  # all pieces present but no "Download complete." line: trust it after this
-    max_download_rate: int | None = None  # KB/s cap per transfer (ctorrent -D); None: unlimited
+    max_download_rate: int | None = None  # bytes/s for all of this pull's downloads together; None: unlimited
+    max_upload_rate: int | None = None  # bytes/s for all its uploads, and the background seeder it starts
     transport: str = "auto"  # "auto" | "p2p" | "http" (transfer.py)
     fallback_after: float = DEFAULT_FALLBACK_AFTER  # auto: seconds without swarm progress before HTTP takes over
 
@@ -128,13 +131,14 @@ class Puller:
         self.docker = docker
         self.opts = options
         self.reporter = reporter or SilentReporter()
-        self.engine = engine or CtorrentEngine(tied=True)
+        self.rates = HostRates(RateLimits(upload=options.max_upload_rate, download=options.max_download_rate))
+        self.engine = engine or CtorrentEngine(tied=True, rates=self.rates)
         self.tracker = TrackerView(scraper)
         self.handoff = handoff if options.seed_time > 0 else None
         o = options
         self.transfers = Transfers(api, self.engine, self.reporter, self.warn, seed_time=o.seed_time,
                                    complete_grace=o.complete_grace, fallback_after=o.fallback_after,
-                                   max_download_rate=o.max_download_rate, peer_port=o.peer_port,
+                                   rates=self.rates, peer_port=o.peer_port,
                                    handoff=self.handoff)
         self.jobs: list[BlobJob] = []
 
@@ -161,6 +165,7 @@ class Puller:
             raise
         finally:
             self.transfers.stop_all(self.jobs)
+            self.rates.close()  # its CTCS server and budget thread (nothing left to limit)
 
     # -- 1. the plan -----------------------------------------------------------------------------------------
 

@@ -24,12 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docket.client.background import SeederFiles, SeedRequest
+import click
+
+from docket.client.background import UPLOAD_RATE_ENV, SeederFiles, SeedRequest
 from docket.client.cache import atomic_write
 from docket.client.seeding import SeedPolicy, TrackerView
+from docket.clicktypes import ByteRate
+from docket.torrent.bandwidth import RateLimits
 from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine, Transfer
 from docket.torrent.metainfo import read_torrent
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +305,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def upload_rate_from_env() -> int | None:
+    """The upload budget the pull that started us gave (background.spawn), or None: unlimited."""
+    text = os.environ.get(UPLOAD_RATE_ENV)
+    if not text:
+        return None
+    try:
+        return ByteRate().convert(text, None, None)
+    except click.BadParameter as exc:
+        raise ValueError(f"{UPLOAD_RATE_ENV}={text!r}: {exc.message}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -309,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.fstat(2).st_size > LOG_LIMIT:
             os.ftruncate(2, 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    daemon = SeedDaemon(SeederFiles(Path(args[0])))
+    try:
+        rates = HostRates(RateLimits(upload=upload_rate_from_env()))
+    except ValueError as exc:
+        print(f"seedd: {exc}", file=sys.stderr)
+        return 2
+    daemon = SeedDaemon(SeederFiles(Path(args[0])), engine=CtorrentEngine(tied=True, rates=rates))
     if not daemon.take_lock():
         return 0  # another one runs: it takes the requests
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

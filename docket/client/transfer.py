@@ -26,6 +26,7 @@ from docket.client.progress import Reporter, printable
 from docket.client.records import LayerInfo
 from docket.torrent.engine import TorrentEngine, Transfer
 from docket.torrent.metainfo import TorrentMeta
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Transfers:
 
     def __init__(self, api: RegistryClient, engine: TorrentEngine, reporter: Reporter,
                  warn: Callable[[str], None], *, seed_time: float, complete_grace: float, fallback_after: float,
-                 max_download_rate: int | None, peer_port: int | None, handoff: Handoff | None = None) -> None:
+                 rates: HostRates | None, peer_port: int | None, handoff: Handoff | None = None) -> None:
         self.api = api
         self.engine = engine
         self.reporter = reporter
@@ -111,7 +112,7 @@ class Transfers:
         self.seed_time = seed_time
         self.complete_grace = complete_grace
         self.fallback_after = fallback_after
-        self.max_download_rate = max_download_rate
+        self.rates = rates  # the pull's bandwidth budget (its engine has it too): HTTP fetches take part
         self.peer_port = peer_port
         self.handoff = handoff  # None: finished blobs seed in this process (--wait)
         self.ref = ""  # the image's reference, for the background seeder's listing (set once the plan is known)
@@ -132,12 +133,11 @@ class Transfers:
             self.reporter.info(f"Resuming layer {job.layer.digest}: {job.resumed} bytes already downloaded")
         job.proc = self.engine.download(job.torrent_path, job.blob, workdir=job.workdir, listen_ip=peer_ip,
                                         port=self.peer_port, seed_hours=seed_hours,
-                                        log_path=job.workdir / "ctorrent.log",
-                                        max_download_kbps=self.max_download_rate)
+                                        log_path=job.workdir / "ctorrent.log")
 
     def http(self, job: BlobJob, before: Callable[[], Any] | None = None) -> HttpFetch:
         job.fetch = HttpFetch(self.api, job.layer.digest, job.layer.size, job.blob, job.meta.piece_length,
-                              piece_hashes(job.torrent), before=before).start()
+                              piece_hashes(job.torrent), before=before, rates=self.rates).start()
         return job.fetch
 
     def poll(self, job: BlobJob, now: float, mode: str, ref: object, jobs: list[BlobJob]) -> tuple[int, float]:

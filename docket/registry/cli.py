@@ -24,7 +24,7 @@ from docket.registry.gc import check_grace
 from docket.registry.retention import RetentionPolicy
 from docket.registry.server import Deadlines, LazyTLSAdapter, Server, run_until_signalled
 from docket.registry.storage import startup_error
-from docket.clicktypes import ByteSize
+from docket.clicktypes import ByteRate, ByteSize
 from docket.registry.config import DEFAULT_LOCATION, RegistryConfig, parse_host_port
 
 log = logging.getLogger("docket.registry")
@@ -137,6 +137,9 @@ def _fail(exc: DocketError) -> None:
               type=click.FloatRange(0), default=3600.0,
               help="Seconds between retention runs, the first one interval after start (0: only on request); "
                    "only with --keep-tags.")
+@click.option("--max-upload-rate", envvar="DOCKET_REGISTRY_MAX_UPLOAD_RATE", show_envvar=True, type=ByteRate(),
+              default=None, metavar="RATE", help="Bytes per second for all the seeders together, with a unit: 2MB, "
+                                                 "500KiB (KB/MB: 1000, KiB/MiB: 1024)  [default: unlimited]")
 def main(tracker: str | None, port: int, location: Path, db_url: str | None, bind: str, advertise_address: str | None,
          seed_address: str | None, tracker_port: int, log_level: str, max_upload_size: int, threads: int,
          max_threads: int, header_timeout: float, body_timeout: float, body_min_rate: int,
@@ -144,7 +147,7 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
          seeding: bool, auth_tokens: tuple[str, ...],
          auth_token_file: Path | None, read_tokens: tuple[str, ...], read_token_file: Path | None,
          tls_cert: Path | None, tls_key: Path | None, keep_tags: int | None, keep_patterns: tuple[str, ...],
-         retention_interval: float) -> None:
+         retention_interval: float, max_upload_rate: int | None) -> None:
     """Run the Docket registry: receives `docker save` tarballs, stores them by digest and seeds them over
     BitTorrent."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -175,7 +178,8 @@ def main(tracker: str | None, port: int, location: Path, db_url: str | None, bin
                                 scrub_interval=scrub_interval, auth_tokens=push, read_tokens=read,
                                 min_free_space=min_free_space, adopt_orphans=adopt_orphans,
                                 tls_cert=cert, tls_key=key, keep_tags=policy.keep_tags,
-                                keep_patterns=policy.keep_patterns, retention_interval=retention_interval)
+                                keep_patterns=policy.keep_patterns, retention_interval=retention_interval,
+                                max_upload_rate=max_upload_rate)
         if read and seeding:
             log.warning("read tokens protect the HTTP API and the tracker, not the peer wire: a seeder tells its "
                         "info hash to whoever connects (ctorrent), so keep %s (--seed-address) on a network only "

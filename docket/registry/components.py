@@ -85,7 +85,8 @@ def build(config: RegistryConfig) -> Components:
         ExternalTracker(config.tracker) if config.tracker
         else ManagedTracker(config.advertise_address, config.tracker_port, store.tracker_dir,
                             enabled=config.seeding, private=bool(config.read_tokens)))
-    seeders = (SeederSupervisor(listen_ip=config.seeder_ip, tracker=tracker)  # external: re-announce on restart
+    seeders = (SeederSupervisor(listen_ip=config.seeder_ip, tracker=tracker,  # external: re-announce on restart
+                                max_upload_rate=config.max_upload_rate)
                if config.seeding else None)
     # with read tokens: info hashes nobody can compute from content (README "Access control")
     secret = torrent_secret(config.location) if config.read_tokens else None

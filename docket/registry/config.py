@@ -56,6 +56,8 @@ class RegistryConfig:
     keep_tags: int | None = None
     keep_patterns: tuple[str, ...] = ()
     retention_interval: float = 3600.0
+    # bytes/s for all the seeders together (None: unlimited); docket/torrent/ratelimit.py
+    max_upload_rate: int | None = None
 
     def with_overrides(self, **overrides: object) -> RegistryConfig:
         """A copy with some fields replaced (unknown names raise TypeError)."""

@@ -21,8 +21,10 @@ from typing import Any, Protocol
 
 from docket.registry.periodic import Periodic
 from docket.torrent.ctorrent import CtorrentProcess
+from docket.torrent.bandwidth import RateLimits
 from docket.torrent.ctorrent_engine import CtorrentEngine
 from docket.torrent.engine import TorrentEngine, Transfer
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +68,16 @@ class SeederSupervisor:
         interval: float = 1.0,
         process_factory: Callable[..., Any] = CtorrentProcess,
         engine: TorrentEngine | None = None,
+        max_upload_rate: int | None = None,
     ) -> None:
         """``engine``: the BitTorrent engine seeding (default: ctorrent, its processes made by
-        ``process_factory``, which tests replace)."""
+        ``process_factory``, which tests replace). ``max_upload_rate``: bytes/s for all the seeders together
+        (the default engine's ctorrents share one budget: docket/torrent/ratelimit.py)."""
         self.listen_ip = listen_ip
         self.tracker = tracker
         self.interval = interval
-        self.engine = engine or CtorrentEngine(process_factory=process_factory)
+        self.rates = HostRates(RateLimits(upload=max_upload_rate))
+        self.engine = engine or CtorrentEngine(process_factory=process_factory, rates=self.rates)
         self._table: dict[str, _Seeder] = {}
         self._lock = threading.Lock()
         self._worker = Periodic("seeder-supervisor", interval, self.tick)
@@ -93,6 +98,7 @@ class SeederSupervisor:
             t.start()
         for t in stoppers:
             t.join(timeout=60)
+        self.rates.close()
 
     def tick(self) -> None:
         """One round: tracker first (seeders announce to it), then every seeder."""

@@ -12,6 +12,7 @@ from typing import Any
 from docket.torrent.ctorrent import CtorrentProcess, stop_many
 from docket.torrent.engine import Transfer
 from docket.torrent.processes import record_pid, stop_orphan
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,20 @@ class CtorrentEngine:
     double taking the same arguments.
     """
 
-    def __init__(self, *, tied: bool = False, process_factory: Callable[..., Any] = CtorrentProcess) -> None:
+    def __init__(self, *, tied: bool = False, process_factory: Callable[..., Any] = CtorrentProcess,
+                 rates: HostRates | None = None) -> None:
+        """``rates``: the process's bandwidth budget; every ctorrent started here takes part in it (ratelimit.py)."""
         self.tied = tied
         self._factory = process_factory
+        self.rates = rates
 
     def _make(self, torrent: Path, save_as: Path, **kw: Any) -> Transfer:
         """Started; its pid recorded in the work directory (for ``reap``)."""
         pid_file = Path(kw["workdir"]) / PID_FILE
         if self._factory is CtorrentProcess:
             kw.update(die_with_parent=self.tied, pid_file=pid_file)
+        if self.rates:
+            kw["extra_args"] = [*kw.get("extra_args", []), *self.rates.ctorrent_args()]
         transfer = self._factory(torrent=torrent, save_as=save_as, **kw)
         transfer.start()
         if self._factory is not CtorrentProcess and isinstance(getattr(transfer, "pid", None), int):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from docket.torrent.engine import TorrentStatus, Transfer
+from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +116,13 @@ class LibtorrentSeed:
 class LibtorrentSeedEngine:
     """One libtorrent session per listen address, seeding every blob given to ``seed``."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, rates: HostRates | None = None) -> None:
+        """``rates``: the process's bandwidth budget; each session (one per address) takes part in it."""
         import libtorrent as lt
 
         self._lt = lt
         self._port = port
+        self._rates = rates
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -133,6 +136,8 @@ class LibtorrentSeedEngine:
                     settings["outgoing_interfaces"] = listen_ip
                 session = self._lt.session(settings)
                 self._sessions[ip] = session
+                if self._rates:
+                    self._rates.libtorrent(session)
                 log.info("libtorrent session seeding on %s:%s", ip, session.listen_port())
             return session
 

@@ -1,4 +1,4 @@
-"""--max-download-rate reaches ctorrent as -D; bytes_resumed is read from ctorrent's saved bitfield."""
+"""--max-download-rate and --max-upload-rate take units; bytes_resumed is read from ctorrent's saved bitfield."""
 
 from __future__ import annotations
 
@@ -15,28 +15,17 @@ META = TorrentMeta(info_hash="a" * 40, name="x.tar", length=10 * 256 * 1024 + 10
                    pieces=11, announce="http://127.0.0.1:6969/announce")
 
 
-class _Made:
-    def __init__(self, made: list[dict], **kw) -> None:
-        made.append(kw)
-
-    def start(self) -> None:
-        pass
-
-
-def test_max_download_rate_is_passed_to_ctorrent_as_D(tmp_path: Path):
-    made: list[dict] = []
-    engine = CtorrentEngine(process_factory=lambda **kw: _Made(made, **kw))
-    engine.download(tmp_path / "t.torrent", tmp_path / "blob", workdir=tmp_path, max_download_kbps=400)
-    assert made[0]["extra_args"] == ["-D", "400"]
-    engine.download(tmp_path / "t.torrent", tmp_path / "blob", workdir=tmp_path)
-    assert "extra_args" not in made[1]  # unlimited by default
-
-
-def test_max_download_rate_option_and_env(monkeypatch):
-    out = CliRunner().invoke(cli, ["pull", "--help"])
-    assert "--max-download-rate" in out.output and "DOCKET_MAX_DOWNLOAD_RATE" in out.output
-    bad = CliRunner().invoke(cli, ["pull", "--max-download-rate", "0", "x:y"])
-    assert bad.exit_code == 2
+def test_rate_options_take_units_and_refuse_a_bare_number(monkeypatch):
+    """The old --max-download-rate took KB/s: a bare number now fails with a hint instead of meaning bytes."""
+    for command in ("pull", "agent"):
+        out = CliRunner().invoke(cli, [command, "--help"])
+        assert "--max-download-rate" in out.output and "DOCKET_MAX_DOWNLOAD_RATE" in out.output
+        assert "--max-upload-rate" in out.output and "DOCKET_MAX_UPLOAD_RATE" in out.output
+        bad = CliRunner().invoke(cli, [command, "--max-download-rate", "500", *(["x:y"] if command == "pull" else [])])
+        assert bad.exit_code == 2 and "give a unit, e.g. 500KB" in bad.output
+    monkeypatch.setenv("DOCKET_MAX_UPLOAD_RATE", "300")
+    bad = CliRunner().invoke(cli, ["pull", "x:y"])
+    assert bad.exit_code == 2 and "has no unit" in bad.output and "--max-upload-rate" in bad.output
 
 
 def test_bitfield_bytes(tmp_path: Path):

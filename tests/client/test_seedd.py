@@ -139,7 +139,7 @@ def test_a_pull_hands_its_finished_blob_over_and_returns(served, tmp_path: Path,
     --json says "background"; nothing seeds in the pull itself."""
     canned, data, digest = served
     spawned: list[Path] = []
-    monkeypatch.setattr(background, "spawn", lambda files: spawned.append(files.location))
+    monkeypatch.setattr(background, "spawn", lambda files, rate=None: spawned.append(files.location))
     loc = tmp_path / "loc"
     counts = [1]
     daemon, engine = _daemon(loc, counts)  # in this process: the pull finds it running (its lock is held)
@@ -159,7 +159,7 @@ def test_a_pull_hands_its_finished_blob_over_and_returns(served, tmp_path: Path,
 
 
 def test_a_failed_pull_withdraws_what_it_handed_over(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(background, "spawn", lambda files: None)
+    monkeypatch.setattr(background, "spawn", lambda files, rate=None: None)
     loc = tmp_path / "loc"
     handoff = Handoff(loc)
     req = _blob(loc)

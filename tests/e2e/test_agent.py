@@ -248,7 +248,7 @@ def test_an_agent_killed_mid_pull_keeps_what_it_verified(registry_server, image_
     sizes = _sizes(registry, repo, layers)
     big = max(layers, key=sizes.__getitem__)
     small = [d for d in layers if d != big]
-    a = _agent(tmp_path, registry, "a", "--max-download-rate", "300", peer_ip="127.0.45.1")
+    a = _agent(tmp_path, registry, "a", "--max-download-rate", "300KiB", peer_ip="127.0.45.1")
     a.start()
     try:
         for digest in small:
@@ -394,7 +394,7 @@ def test_local_clients_asking_for_one_blob_share_one_download(registry_server, i
     _, layers = _layers(registry_server, repo, tag)
     sizes = _sizes(registry_server, repo, layers)
     big = max(layers, key=sizes.__getitem__)
-    with _agent(tmp_path, registry_server, "a", "--max-download-rate", "2000", peer_ip="127.0.50.1") as a:
+    with _agent(tmp_path, registry_server, "a", "--max-download-rate", "2000KiB", peer_ip="127.0.50.1") as a:
         results: list[requests.Response] = []
 
         def get() -> None:

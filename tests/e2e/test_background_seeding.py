@@ -87,7 +87,7 @@ def test_pull_and_run_return_while_a_second_peer_still_downloads_from_it(registr
             if line.startswith("Verified"):
                 break
         slow = subprocess.Popen(_cli(registry_server, second, "pull", "--no-load", "--json", "--transport", "p2p",
-                                     "--max-download-rate", "300", "--seed-time", "120", ref, peer_ip="127.0.0.42"),
+                                     "--max-download-rate", "300KiB", "--seed-time", "120", ref, peer_ip="127.0.0.42"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=_env("127.0.0.42"))
         out, err = deploy.communicate(timeout=120)

@@ -148,3 +148,16 @@ def test_small_agent_run(tmp_path: Path) -> None:
         assert h["agent"]["totals"]["bytes_from_peers"] == r["size_bytes"]
         assert h["agent"]["pid"] > 0 and not Path(f"/proc/{h['agent']['pid']}").exists()  # stopped after the round
     assert r["agent_bytes_from_peers"] == 2 * r["size_bytes"]
+
+
+def test_limit_check_reads_a_link_counter_against_the_limit():
+    """Issue 15's figure: the mean rate while the counter moved (5 % to 95 % of its total) and first to last byte."""
+    # [s, MB received, MB sent]: 1 s of nothing, then 2 MB/s for 10 s, then still
+    link = [[t / 4, max(0.0, min(20.0, 2.0 * (t / 4 - 1))), 0.0] for t in range(0, 60)]
+    check = swarm.limit_check(link, 1, 2_000_000, "c0 download")
+    assert check["total_bytes"] == 20_000_000
+    assert check["steady_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert check["whole_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert "steady_ratio" not in swarm.limit_check(link, 2, 2_000_000, "c0 upload")  # nothing sent
+    with pytest.raises(SystemExit):
+        swarm.parse_args(["--registry-max-upload-rate", "2000"])  # a bare number: refused, as by the programs

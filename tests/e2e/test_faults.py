@@ -282,7 +282,7 @@ def test_interrupted_pull_resumes_where_it_stopped(registry_server, image_factor
     blob = location / "blobs" / layer["digest"].split(":")[1]
     cmd = [sys.executable, "-m", "docket.client.cli", "--host", "http://127.0.0.1", "--port",
            str(registry_server.port), "--location", str(location), "pull", "--seed-time", "0",
-           "--max-download-rate", "400", ref]
+           "--max-download-rate", "400KiB", ref]
     env = {**os.environ, "DOCKET_PEER_IP": "127.0.0.46"}
     log = tmp_path / "first-pull.log"
     with open(log, "wb") as out:
