@@ -55,6 +55,13 @@ class _Seeder:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class SupervisorStats:
+    """Counts since start (read by /metrics)."""
+
+    restarts: int = 0  # seeders started again: died, tracker restarted, re-announced
+
+
 class SeederSupervisor:
     """Owns every seeding ctorrent of this registry process."""
 
@@ -75,6 +82,7 @@ class SeederSupervisor:
         self.engine = engine or CtorrentEngine(process_factory=process_factory)
         self._table: dict[str, _Seeder] = {}
         self._lock = threading.Lock()
+        self.stats = SupervisorStats()
         self._worker = Periodic("seeder-supervisor", interval, self.tick)
         self._stop = self._worker.stopping
 
@@ -113,7 +121,7 @@ class SeederSupervisor:
                 ran = now - s.started_at
                 s.failures = s.failures + 1 if ran < STABLE_AFTER else 1
                 s.next_start = now + _backoff(s.failures)
-                s.restarts += 1
+                self._restarted(s)
                 s.last_error = f"exited after {ran:.0f}s"
                 log.warning("seeder for %s (pid %s) exited after %.0fs; restarting in %.0fs. last output: %s",
                             s.spec.digest, proc.pid, ran, s.next_start - now,
@@ -165,7 +173,7 @@ class SeederSupervisor:
         for t in stoppers:
             t.join(timeout=60)
         for s in seeders:
-            s.restarts += 1
+            self._restarted(s)
             self._start_one(s)
 
     def reannounce(self, digests: list[str]) -> None:
@@ -178,7 +186,7 @@ class SeederSupervisor:
 
         def restart(s: _Seeder) -> None:
             self._stop_one(s)
-            s.restarts += 1
+            self._restarted(s)
             self._start_one(s)
 
         for s in seeders:
@@ -207,6 +215,11 @@ class SeederSupervisor:
                 "error": s.last_error,
             }
         return out
+
+    def _restarted(self, s: _Seeder) -> None:
+        with self._lock:  # restarts happen in several threads (re-announces)
+            s.restarts += 1
+            self.stats.restarts += 1
 
     # -- processes ------------------------------------------------------------------------------------------
     def _start_one(self, s: _Seeder) -> None:
