@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -231,50 +232,51 @@ def _with_a_torrent(app: Flask) -> None:
         s.commit()
 
 
-def test_a_silent_tracker_costs_one_bounded_scrape_per_ttl(app: Flask):
-    _with_a_torrent(app)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)  # connections complete in the kernel; nobody ever answers
-    now = [0.0]
+def _totals(app: Flask, swarm: SwarmStub, **kw) -> SwarmTotals:
+    return SwarmTotals(app.extensions["docket"].db, swarm, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def silent_tracker() -> Iterator[str]:
+    """The announce URL of a tracker that takes connections (the kernel does) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
     try:
-        swarm = SwarmStub(f"http://127.0.0.1:{silent.getsockname()[1]}/announce")
-        totals = SwarmTotals(app.extensions["docket"].db, swarm, ttl=10, deadline=0.5, clock=lambda: now[0])  # type: ignore[arg-type]
-        t0 = time.monotonic()
-        first = totals.current()
-        assert time.monotonic() - t0 < 3
-        assert first is not None and first.up is False and first.torrents == 1
-        t0 = time.monotonic()
-        assert totals.current() is first and time.monotonic() - t0 < 0.1  # cached: no second wait
-        now[0] = 11.0
-        assert totals.current() is not first  # asked again after the ttl
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/announce"
     finally:
-        silent.close()
+        sock.close()
+
+
+def test_a_silent_tracker_costs_one_bounded_scrape_per_ttl(app: Flask, silent_tracker: str):
+    _with_a_torrent(app)
+    now = [0.0]
+    totals = _totals(app, SwarmStub(silent_tracker), ttl=10, deadline=0.5, clock=lambda: now[0])
+    t0 = time.monotonic()
+    first = totals.current()
+    assert time.monotonic() - t0 < 3
+    assert first is not None and first.up is False and first.torrents == 1
+    t0 = time.monotonic()
+    assert totals.current() is first and time.monotonic() - t0 < 0.1  # cached: no second wait
+    now[0] = 11.0
+    assert totals.current() is not first  # asked again after the ttl
 
 
 def test_no_swarm_no_totals_and_an_empty_one_says_whether_the_tracker_runs(app: Flask):
-    db = app.extensions["docket"].db
-    assert SwarmTotals(db, SwarmStub("http://127.0.0.1:9/announce", seeding=False)).current() is None  # type: ignore[arg-type]
-    counts = SwarmTotals(db, SwarmStub("http://127.0.0.1:9/announce", tracker=Tracker(up=True))).current()  # type: ignore[arg-type]
+    assert _totals(app, SwarmStub("http://127.0.0.1:9/announce", seeding=False)).current() is None
+    counts = _totals(app, SwarmStub("http://127.0.0.1:9/announce", tracker=Tracker(up=True))).current()
     assert counts is not None and counts.up and counts.torrents == 0
 
 
-def test_one_refresh_at_a_time(app: Flask):
+def test_one_refresh_at_a_time(app: Flask, silent_tracker: str):
     """A scrape arriving while another refreshes gets the last totals instead of asking the tracker again."""
     _with_a_torrent(app)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    try:
-        totals = SwarmTotals(app.extensions["docket"].db,
-                             SwarmStub(f"http://127.0.0.1:{silent.getsockname()[1]}/announce"),  # type: ignore[arg-type]
-                             deadline=1.0)
-        slow = threading.Thread(target=totals.current)
-        slow.start()
-        time.sleep(0.2)
-        t0 = time.monotonic()
-        assert totals.current() is None  # nothing known yet, and nobody waits for the slow refresh
-        assert time.monotonic() - t0 < 0.2
-        slow.join(5)
-    finally:
-        silent.close()
+    totals = _totals(app, SwarmStub(silent_tracker), deadline=1.0)
+    slow = threading.Thread(target=totals.current)
+    slow.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    assert totals.current() is None  # nothing known yet, and nobody waits for the slow refresh
+    assert time.monotonic() - t0 < 0.2
+    slow.join(5)
+    assert not slow.is_alive()
