@@ -51,8 +51,8 @@ class RegistryMetrics:
         self.registry = CollectorRegistry()
         self.http = RequestMetrics(self.registry)
         r = self.registry
-        self.pushes = Counter("docket_pushes", "Pushes: tags committed by a manifest PUT (/v2 or docket's) or a "
-                              "whole-tarball PUT answered 201", ["api"], registry=r)
+        self.pushes = Counter("docket_pushes", "Pushes: a manifest PUT (/v2 or docket's) or whole-tarball PUT that "
+                              "tagged an image (201; a /v2 PUT by digest without ?tag= is none)", ["api"], registry=r)
         self.push_bytes = Counter("docket_push_bytes", "Bytes of blob and tarball bodies received whole by pushes",
                                   ["api"], registry=r)
         self.pulls = Counter("docket_pulls", f"Pulls: {PULL_HELP}", ["api"], registry=r)
@@ -84,7 +84,7 @@ class RegistryMetrics:
     def _account(self, resp: Response) -> Response:
         api = api_of(request.path)
         if request.endpoint in PUSH_ENDPOINTS:
-            if resp.status_code == 201:
+            if resp.status_code == 201 and _tags_something():
                 self.pushes.labels(api).inc()
             return resp
         size = pulled_bytes(resp)
@@ -92,6 +92,15 @@ class RegistryMetrics:
             self.pulls.labels(api).inc()
             self.pull_bytes.labels(api).inc(size)
         return resp
+
+
+def _tags_something() -> bool:
+    """Whether the PUT names a tag: a /v2 manifest PUT by digest (a platform's manifest before its index, an
+    artifact) moves none and is no push of its own."""
+    if request.endpoint != "v2.put_manifest":
+        return True
+    reference = (request.view_args or {}).get("reference", "")
+    return ":" not in reference or bool(request.args.getlist("tag"))
 
 
 class ComponentsCollector(Collector):

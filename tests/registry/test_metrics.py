@@ -75,6 +75,9 @@ def push_v2(client: FlaskClient, name: str, tag: str, layers: list[bytes]) -> by
                            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                                       "size": len(config), "digest": sha(config)},
                            "layers": [{"mediaType": LAYER_V2, "size": len(x), "digest": sha(x)} for x in layers]})
+    by_digest = client.put(f"/v2/{name}/manifests/{sha(manifest.encode())}", data=manifest,
+                           headers={"Content-Type": MANIFEST_V2})  # stored untagged first: no push yet
+    assert by_digest.status_code == 201, by_digest.get_data(as_text=True)
     resp = client.put(f"/v2/{name}/manifests/{tag}", data=manifest, headers={"Content-Type": MANIFEST_V2})
     assert resp.status_code == 201, resp.get_data(as_text=True)
     return config
