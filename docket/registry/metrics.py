@@ -144,7 +144,8 @@ class ComponentsCollector(Collector):
         yield CounterMetricFamily("docket_seeder_restarts", "Seeders started again (died, tracker restarted, "
                                   "re-announced)", value=supervisor.stats.restarts)
         yield GaugeMetricFamily("docket_seeder_uploaded_bytes", "Bytes the running seeders report uploaded to "
-                                "peers (a gauge: a seeder started again counts from 0; MiB resolution)",
+                                "peers (a gauge: a seeder started again counts from 0; MiB resolution; ctorrent's "
+                                "status output arrives in blocks, so it can lag a minute or two)",
                                 value=sum((s.get("uploaded_mb") or 0) for s in snap.values()) * MiB)
 
     def _swarm(self) -> Iterator[Metric]:

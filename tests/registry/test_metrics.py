@@ -4,6 +4,7 @@ with dockerd, ctorrent and opentracker is in tests/e2e/test_metrics.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import socket
@@ -15,9 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from docket.registry.metrics import ComponentsCollector
+from docket.registry.seeder import SeederSupervisor, SeedSpec
 from docket.registry.swarm_totals import SwarmTotals
+from docket.torrent.engine import TorrentStatus
 
 PUSH_TOKEN, READ_TOKEN = "push-token-0123456789", "read-token-0123456789"
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -28,13 +33,17 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample as {(name, sorted labels): value}, parsed by prometheus_client's parser."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def scrape(client: FlaskClient, **headers: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics as {(name, sorted labels): value}, parsed by prometheus_client's parser."""
     resp = client.get("/metrics", headers=headers)
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.headers["Content-Type"].startswith("text/plain; version=")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(resp.get_data(as_text=True)) for s in family.samples}
+    return parse(resp.get_data(as_text=True))
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -225,6 +234,7 @@ class SwarmStub:
     announce_url: str
     seeding: bool = True
     tracker: Tracker = field(default_factory=Tracker)
+    seeders: SeederSupervisor | None = None
 
 
 def _with_a_torrent(app: Flask) -> None:
@@ -283,3 +293,55 @@ def test_one_refresh_at_a_time(app: Flask, silent_tracker: str):
     assert time.monotonic() - t0 < 0.2
     slow.join(5)
     assert not slow.is_alive()
+
+
+# -- the seeders, as the supervisor holds them -----------------------------------------------------------------
+
+class Seeding:
+    """A seeding transfer as the engine returns it, with the status ctorrent last printed."""
+
+    def __init__(self, uploaded_mb: int) -> None:
+        self.pid, self.listen_port, self.running = 4242, 7000, True
+        self.status = TorrentStatus(0, 1, 1, 4, 4, 4, 0, uploaded_mb, 0.0, 0.0)
+
+    def alive(self) -> bool:
+        return self.running
+
+    def wait_listening(self, timeout: float) -> int:
+        return 7000
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.running = False
+
+
+class Engine:
+    """Seeds with 3 MiB, then 5 MiB uploaded (the BitTorrent engine of docket/torrent/engine.py, seeding only)."""
+
+    def __init__(self) -> None:
+        self.uploads = iter([3, 5, 0, 0])
+
+    def seed(self, torrent, blob, **kw) -> Seeding:
+        return Seeding(next(self.uploads))
+
+    def forget(self, workdir) -> None:
+        pass
+
+
+def test_seeders_running_restarted_and_their_uploads(app: Flask, tmp_path):
+    sv = app.extensions["docket"]
+    supervisor = SeederSupervisor(listen_ip="127.0.0.2", engine=Engine())  # type: ignore[arg-type]
+    for n in (1, 2):
+        spec = SeedSpec(f"sha256:{n:064x}", tmp_path / f"{n}.torrent", tmp_path / f"{n}", tmp_path / f"seeder-{n}")
+        assert supervisor.ensure(spec, wait_listening=0)
+    swarm = SwarmStub("http://127.0.0.1:9/announce", seeding=False, seeders=supervisor)
+    registry = CollectorRegistry()
+    registry.register(ComponentsCollector(dataclasses.replace(sv, swarm=swarm), _totals(app, swarm)))
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "docket_seeders_running") == 2
+    assert value(samples, "docket_seeder_uploaded_bytes") == (3 + 5) * 2**20
+    assert value(samples, "docket_seeder_restarts_total") == 0
+    supervisor.restart_all()  # as after a tracker restart: each counts from 0 again
+    samples = parse(generate_latest(registry).decode())
+    assert value(samples, "docket_seeder_restarts_total") == 2
+    assert value(samples, "docket_seeder_uploaded_bytes") == 0
+    supervisor.stop()
