@@ -23,8 +23,6 @@ _START = "docket.metrics.start"  # request.environ keys
 _DONE = "docket.metrics.done"
 FLUSH_EVERY = 4 * 1024 * 1024  # a long download shows in the byte counters while it runs, not only at its end
 # what a pull asks for last: an image's manifest (an index or list only points at one per platform)
-INDEX_TYPES = frozenset({"application/vnd.oci.image.index.v1+json",
-                         "application/vnd.docker.distribution.manifest.list.v2+json"})
 IMAGE_MANIFEST_TYPES = frozenset({"application/vnd.oci.image.manifest.v1+json",
                                   "application/vnd.docker.distribution.manifest.v2+json"})
 PULL_HELP = ("a GET answered 200 with an image manifest (/v2, not an index) or an image record "

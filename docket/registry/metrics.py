@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from docket.metrics_http import PULL_HELP, RequestMetrics, count_body, exposition, pulled_bytes
 from docket.registry.components import Components
-from docket.registry.models import Blob
+from docket.registry.models import KIND_BLOB, KIND_CONFIG, KIND_LAYER, KIND_MANIFEST, KIND_TARBALL, Blob
 from docket.registry.swarm_totals import SwarmTotals
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ bp = Blueprint("metrics", __name__)
 # the views that commit a tag (Manifests.commit) and answer 201 when they did
 PUSH_ENDPOINTS = frozenset({"api.push", "api.put_manifest", "v2.put_manifest"})
 MiB = 1024 * 1024
+KINDS = (KIND_LAYER, KIND_CONFIG, KIND_MANIFEST, KIND_TARBALL, KIND_BLOB)
 
 
 def api_of(path: str) -> str:
@@ -125,10 +126,13 @@ class ComponentsCollector(Collector):
         except Exception as exc:  # noqa: BLE001 - a scrape reports what it can; the database has /healthz
             log.warning("metrics: cannot count blobs: %s", exc)
             return
-        count = GaugeMetricFamily("docket_blobs_stored", "Blobs stored, by kind (layer, config, manifest, "
-                                  "tarball)", labels=["kind"])
+        found = {kind: (n, total) for kind, n, total in rows}
+        count = GaugeMetricFamily("docket_blobs_stored", "Blobs stored, by kind (layer, config, manifest, tarball; "
+                                  "blob: pushed through /v2 and no layer, such as a /v2 image's config)",
+                                  labels=["kind"])
         size = GaugeMetricFamily("docket_blobs_stored_bytes", "Bytes of the blobs stored, by kind", labels=["kind"])
-        for kind, n, total in rows:
+        for kind in sorted(set(KINDS) | set(found)):  # every kind from 0 on
+            n, total = found.get(kind, (0, 0))
             count.add_metric([kind], n)
             size.add_metric([kind], total)
         yield count

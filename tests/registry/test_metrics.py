@@ -172,6 +172,7 @@ def test_components_are_read_at_scrape_time(app: Flask, client: FlaskClient):
     sv = app.extensions["docket"]
     samples = scrape(client)
     assert value(samples, "docket_upload_sessions_open") == 0
+    assert value(samples, "docket_blobs_stored", kind="layer") == 0  # every kind from 0 on, even when empty
     assert not any(n.startswith("docket_retention") for n, _ in samples)  # no retention component: not exported
     assert not any(n.startswith(("docket_seeder", "docket_tracker", "docket_swarm")) for n, _ in samples)  # no P2P
 
