@@ -19,6 +19,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from docket import errors
+from docket.agent.metrics import AgentMetrics
 from docket.reference import ANY_DIGEST_RE
 from docket.registry.bodies import _ReleaseOnClose, send_ranged_file
 from docket.registry.v2 import API_VERSION_HEADER, validate_name
@@ -188,6 +189,7 @@ def blob(name: str, digest: str) -> Response:
     # only a verified record is trusted here; anything else (a pull's blob, a half-written file) goes to the
     # fetcher, which hashes it once under the blob's lock or downloads it (never a hash per request)
     held = agent.store.verified(digest, size, check=False)
+    hit = held is not None  # served from the cache (metrics)
     if held is None:
         agent.fetcher.get(digest, size, auth, agent.config.blob_timeout)
         held = agent.store.verified(digest, size, check=False)
@@ -206,6 +208,8 @@ def blob(name: str, digest: str) -> Response:
     resp.response = _ReleaseOnClose(resp.response, release)
     resp.headers["Docker-Content-Digest"] = digest
     agent.served(digest, resp.content_length or 0)
+    if resp.status_code in (200, 206):  # a 304 or 416 sends no blob
+        current_app.extensions["docket_agent_metrics"].sending_blob(resp, hit=hit)
     return resp
 
 
@@ -223,6 +227,7 @@ def create_app(agent: Any) -> Flask:
     """The agent's WSGI app around one ``Agent`` (service.py)."""
     app = Flask("docket.agent")
     app.extensions["docket_agent"] = agent
+    AgentMetrics(agent).init_app(app)  # GET /metrics; counts every request
     app.register_blueprint(bp)
 
     @app.get("/_docket/agent")

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from docket import errors
@@ -58,6 +58,16 @@ class Outcome:
     fallback_reason: str | None = None
 
 
+@dataclass
+class FetchTotals:
+    """Every download since start (``Fetcher.outcomes`` keeps only the last ones), for /metrics."""
+
+    downloads: int = 0  # finished and verified (a blob found in the cache is none)
+    failed: int = 0
+    bytes_from_peers: int = 0
+    bytes_from_http: int = 0  # from the registry
+
+
 class OwnSeeder(Handoff):
     """The agent's link to its own seeder (the ``SeedDaemon`` running in the agent): requests go through the
     location's inbox like a pull's, but no seeder process is ever started for it, and nothing is remembered."""
@@ -95,6 +105,7 @@ class Fetcher:
         self.tracker = TrackerView()
         self.handoff = OwnSeeder(store.location)
         self.outcomes: list[Outcome] = []  # the last downloads (accounting), newest last
+        self.totals = FetchTotals()
         self._fetches: dict[str, Fetch] = {}
         self._peer_ips: dict[str, str | None] = {}
         self._lock = threading.Lock()
@@ -154,7 +165,22 @@ class Fetcher:
             with self._lock:
                 self._fetches.pop(out.digest, None)
                 self.outcomes = (self.outcomes + [out])[-1000:]
+                self._total(out)
             fetch.done.set()
+
+    def totals_now(self) -> FetchTotals:
+        """A copy of the totals, consistent (for /metrics)."""
+        with self._lock:
+            return replace(self.totals)
+
+    def _total(self, out: Outcome) -> None:
+        totals = self.totals  # caller holds self._lock
+        if out.via == "failed":
+            totals.failed += 1
+        elif out.via != "cached":
+            totals.downloads += 1
+        totals.bytes_from_peers += out.bytes_from_peers  # a failed download's bytes came too
+        totals.bytes_from_http += out.bytes_from_http
 
     def _fetch(self, out: Outcome, authorization: str | None) -> None:
         store = self.store

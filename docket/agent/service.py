@@ -153,6 +153,11 @@ class Agent:
         with self._lock:
             self.counters[key] = self.counters.get(key, 0) + n
 
+    def counted(self) -> dict[str, int]:
+        """A copy of the counters (for /metrics)."""
+        with self._lock:
+            return dict(self.counters)
+
     def served(self, digest: str, nbytes: int) -> None:
         with self._lock:
             self.counters["blobs_served"] += 1

@@ -52,6 +52,14 @@ class Held:
         return self.workdir / f"{self.blob.name}.torrent"
 
 
+@dataclass
+class StoreStats:
+    """Evictions since start (read by /metrics)."""
+
+    evictions: int = 0  # blobs evicted
+    evicted_bytes: int = 0  # disk space they freed
+
+
 class AgentStore:
     """The cache directory of one agent (thread-safe)."""
 
@@ -65,6 +73,7 @@ class AgentStore:
         self._readers: Counter[str] = Counter()
         self._busy: Counter[str] = Counter()  # downloads in progress
         self._evicting = threading.Lock()  # one pass at a time: two would both count the same blob as freed
+        self.stats = StoreStats()
 
     # -- paths -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -200,6 +209,8 @@ class AgentStore:
                             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 used -= freed
                 evicted.append(held.digest)
+                self.stats.evictions += 1  # under _evicting: one pass at a time
+                self.stats.evicted_bytes += freed
                 log.info("evicted %s (%d bytes, last used %.0f s ago): the cache is over %d bytes", held.digest,
                          held.size, time.time() - held.used, self.max_bytes)
             finally:

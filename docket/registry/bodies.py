@@ -76,12 +76,15 @@ def receive(up: Any, length: int | None, what: str, *, allow_empty: bool = False
     ``up.size`` (which counts what ``up`` held before). ``finish``: fsync and close ``up`` at the end."""
     config = _config()
     with current_app.extensions["docket"].uploads.activity.active():  # a push in progress: GC holds its blobs
-        _receive(up, length, what, config.max_upload_size, config.chunk_size, allow_empty)
+        received = _receive(up, length, what, config.max_upload_size, config.chunk_size, allow_empty)
+    metrics = current_app.extensions.get("docket_metrics")
+    if metrics is not None:
+        metrics.received(received)  # push bytes (docket/registry/metrics.py)
     if finish:
         up.finish()
 
 
-def _receive(up: Any, length: int | None, what: str, limit: int, chunk_size: int, allow_empty: bool) -> None:
+def _receive(up: Any, length: int | None, what: str, limit: int, chunk_size: int, allow_empty: bool) -> int:
     stream = request.stream
     start = up.size
     while True:
@@ -103,6 +106,7 @@ def _receive(up: Any, length: int | None, what: str, limit: int, chunk_size: int
                              "the client disconnected; push again")
     if received == 0 and not allow_empty:
         raise InvalidRequest("empty request body", f"the body must be the {what}")
+    return received
 
 
 BLOB_MAX_AGE = 365 * 24 * 3600  # blobs are immutable: cache them forever
@@ -230,6 +234,9 @@ def send_blob(digest: str, digest_header: str, download_name: str | None = None)
     # werkzeug hands a direct-passthrough body to the server as is (call_on_close would never run): wrap it
     resp.response = _ReleaseOnClose(resp.response, lambda: sv.downloads.release(digest))
     if request.method == "GET":  # the registry's own account of the blob bytes it sent (the swarm spares these)
+        metrics = current_app.extensions.get("docket_metrics")
+        if metrics is not None:
+            metrics.sending_blob(resp)  # bytes counted as the server sends them
         log.info("sending blob %s to %s: %d bytes%s", digest, request.remote_addr, resp.content_length or 0,
                  f" ({resp.headers['Content-Range']})" if resp.status_code == 206 else "")
     resp.headers[digest_header] = digest

@@ -22,6 +22,7 @@ from docket.registry.auth import TokenAuth
 from docket.registry.components import build
 from docket.registry.config import RegistryConfig
 from docket.registry.edges import api_error, status_error
+from docket.registry.metrics import RegistryMetrics
 from docket.registry.storage import storage_error
 from docket.registry.v2 import blobs, manifests  # noqa: F401 - importing them registers their routes on v2.bp
 
@@ -120,6 +121,7 @@ def create_app(config: RegistryConfig | Mapping[str, Any] | None = None) -> Flas
     db.init_app(app)
     app.before_request(_check_request_shape(config.max_header_bytes))
     TokenAuth(config.auth_tokens, config.read_tokens).init_app(app)
+    RegistryMetrics(app.extensions["docket"]).init_app(app)  # GET /metrics; counts every request from here on
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(v2.bp)

@@ -19,6 +19,7 @@ could leave rows pointing at nothing.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -49,6 +50,14 @@ def check_grace(grace: float) -> float:
     return grace
 
 
+@dataclass
+class GcStats:
+    """What GC did since start (read by /metrics)."""
+
+    runs: int = 0  # passes finished
+    blobs_removed: int = 0
+
+
 class GarbageCollector:
     def __init__(self, db: Database, locks: Locks, blobs: Blobs, manifests: Manifests, swarm: Swarm,
                  downloads: DownloadCounter, uploads: UploadSessions, *, interval: float = 30.0,
@@ -64,6 +73,7 @@ class GarbageCollector:
         self.grace = grace
         self.max_wait = timedelta(seconds=max_wait)
         self._busy_since: dict[str, datetime] = {}  # digest -> when GC first found it being downloaded
+        self.stats = GcStats()
         self._worker = Periodic("blob-gc", interval, self.run_once)
         self._stop = self._worker.stopping
 
@@ -94,6 +104,8 @@ class GarbageCollector:
                     deleted.append(digest)
         for digest in set(self._busy_since) - set(candidates):
             del self._busy_since[digest]  # referenced again, or gone
+        self.stats.runs += 1
+        self.stats.blobs_removed += len(deleted)
         return deleted
 
     def _collect(self, digest: str, cutoff: datetime, now: datetime) -> bool:

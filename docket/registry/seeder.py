@@ -57,6 +57,13 @@ class _Seeder:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class SupervisorStats:
+    """Counts since start (read by /metrics)."""
+
+    restarts: int = 0  # seeders started again: died, tracker restarted, re-announced
+
+
 class SeederSupervisor:
     """Owns every seeding ctorrent of this registry process."""
 
@@ -80,6 +87,7 @@ class SeederSupervisor:
         self.engine = engine or CtorrentEngine(process_factory=process_factory, rates=self.rates)
         self._table: dict[str, _Seeder] = {}
         self._lock = threading.Lock()
+        self.stats = SupervisorStats()
         self._worker = Periodic("seeder-supervisor", interval, self.tick)
         self._stop = self._worker.stopping
 
@@ -119,7 +127,7 @@ class SeederSupervisor:
                 ran = now - s.started_at
                 s.failures = s.failures + 1 if ran < STABLE_AFTER else 1
                 s.next_start = now + _backoff(s.failures)
-                s.restarts += 1
+                self._restarted(s)
                 s.last_error = f"exited after {ran:.0f}s"
                 log.warning("seeder for %s (pid %s) exited after %.0fs; restarting in %.0fs. last output: %s",
                             s.spec.digest, proc.pid, ran, s.next_start - now,
@@ -171,7 +179,7 @@ class SeederSupervisor:
         for t in stoppers:
             t.join(timeout=60)
         for s in seeders:
-            s.restarts += 1
+            self._restarted(s)
             self._start_one(s)
 
     def reannounce(self, digests: list[str]) -> None:
@@ -184,7 +192,7 @@ class SeederSupervisor:
 
         def restart(s: _Seeder) -> None:
             self._stop_one(s)
-            s.restarts += 1
+            self._restarted(s)
             self._start_one(s)
 
         for s in seeders:
@@ -213,6 +221,11 @@ class SeederSupervisor:
                 "error": s.last_error,
             }
         return out
+
+    def _restarted(self, s: _Seeder) -> None:
+        with self._lock:  # restarts happen in several threads (re-announces)
+            s.restarts += 1
+            self.stats.restarts += 1
 
     # -- processes ------------------------------------------------------------------------------------------
     def _start_one(self, s: _Seeder) -> None:

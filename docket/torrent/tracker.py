@@ -146,7 +146,36 @@ def scrape(announce_url: str, info_hash: str, *, timeout: float = 5.0,
     files = reply.get(b"files", {})
     if not isinstance(files, dict):
         raise ServiceUnavailable("tracker scrape reply has no files dictionary")
-    entry = files.get(raw)
+    return _counts(files.get(raw))
+
+
+MAX_SCRAPE_BATCH = 64  # info hashes in one scrape request (opentracker answers up to 64 at once)
+
+
+def scrape_many(announce_url: str, info_hashes: list[str], *, timeout: float = 5.0,
+                session: requests.Session | None = None) -> dict[str, ScrapeResult]:
+    """Counts for many torrents, MAX_SCRAPE_BATCH per request (BEP 48's repeated ``info_hash``; the registry's
+    guard passes them on); a hash the tracker does not list counts as zeros. Raises ServiceUnavailable like
+    ``scrape``."""
+    url = scrape_url(announce_url)
+    raws = {_check_hash(h): h.strip().lower() for h in info_hashes}
+    out: dict[str, ScrapeResult] = {}
+    keys = list(raws)
+    for i in range(0, len(keys), MAX_SCRAPE_BATCH):
+        batch = keys[i:i + MAX_SCRAPE_BATCH]
+        query = "&".join("info_hash=" + urllib.parse.quote_from_bytes(raw, safe="") for raw in batch)
+        reply = _get(url, query, timeout, session)
+        if b"failure reason" in reply:
+            raise ServiceUnavailable(f"tracker refused scrape: {reply[b'failure reason']!r}")
+        files = reply.get(b"files", {})
+        if not isinstance(files, dict):
+            raise ServiceUnavailable("tracker scrape reply has no files dictionary")
+        for raw in batch:
+            out[raws[raw]] = _counts(files.get(raw))
+    return out
+
+
+def _counts(entry: Any) -> ScrapeResult:
     if entry is None:
         return ScrapeResult(0, 0, 0)
     if not isinstance(entry, dict):

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -456,6 +457,9 @@ def test_a_full_cache_evicts_the_least_recently_used_layer_and_fetches_it_again(
         assert any("evicted" in line and big1 in line for line in a.log.read_text().splitlines()), tail(a.log)
         status = a.status()
         assert status["cache_used"] <= status["cache_size"] == 5 * 1024 * 1024, status
+        metrics = requests.get(f"{a.url}/metrics", timeout=10).text  # the same, as Prometheus sees it
+        assert re.search(r"^docket_agent_evictions_total [1-9]", metrics, re.M), metrics
+        assert re.search(r"^docket_agent_cache_limit_bytes 5\.24288e\+06$", metrics, re.M)
         assert not (a.cache_dir / "torrents" / big1.split(":")[1] / "verified").exists()
         assert (a.cache_dir / "torrents" / big1.split(":")[1] / "lock").exists()
 

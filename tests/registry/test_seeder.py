@@ -78,6 +78,7 @@ def test_restart_dead_seeder_and_tracker(tmp_path: Path) -> None:
         wait_until(lambda: tracker.restarts == 1 and len(FakeProc.instances) == count + 2, 2)
         sup.remove(b.digest)
         assert b.digest not in sup.snapshot()
+        assert sup.stats.restarts == 3  # /metrics: a's death, then both with the tracker; kept when b goes
     finally:
         sup.stop()
     assert all(not p.running for p in FakeProc.instances)
