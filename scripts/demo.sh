@@ -56,12 +56,17 @@ docker pull -q "127.0.0.1:$PORT/$REF"
 docker rmi -f "127.0.0.1:$PORT/$REF" >/dev/null
 echo "==> the web page: http://127.0.0.1:$PORT/   (repositories, layers and their swarms, health, hosts)"
 curl -fsS "http://127.0.0.1:$PORT/" -o "$DEMO_DIR/page.html"
-grep -q "$REF" "$DEMO_DIR/page.html" || { echo "the web page does not list $REF" >&2; exit 1; }
+grep -q "${REF%%:*}" "$DEMO_DIR/page.html" || { echo "the web page does not list ${REF%%:*}" >&2; exit 1; }
+echo "==> the metrics: http://127.0.0.1:$PORT/metrics   (Prometheus text format; a few of them:)"
+curl -fsS "http://127.0.0.1:$PORT/metrics" -o "$DEMO_DIR/metrics.txt"
+grep -E '^docket_(pushes_total|pulls_total|blobs_stored|seeders_running)' "$DEMO_DIR/metrics.txt" \
+  || { echo "the metrics lack docket_pushes_total" >&2; exit 1; }
 
 if [ "${DEMO_EXIT:-0}" = "1" ]; then
   echo "==> demo done; stopping the registry"
   exit 0
 fi
 echo "==> the registry is running at http://127.0.0.1:$PORT - try: DOCKET_PORT=$PORT .venv/bin/docket images"
+echo "    web page: http://127.0.0.1:$PORT/   metrics: http://127.0.0.1:$PORT/metrics"
 echo "    press Ctrl-C to stop it (log: $DEMO_DIR/registry.log)"
 wait "$registry_pid"

@@ -202,6 +202,16 @@ class Hosts:
         rows = session.scalars(select(Host).where(Host.last_seen >= now - EXPIRE).order_by(Host.id))
         return [host_record(r, now, digests=False) for r in rows]
 
+    def states(self) -> dict[str, int]:
+        """How many hosts heard from within a day are "ok" and "silent" (for /metrics: one narrow query)."""
+        now = utcnow()
+        counts = {"ok": 0, "silent": 0}
+        with self.db.session() as s:
+            for last_seen, interval in s.execute(select(Host.last_seen, Host.interval)
+                                                 .where(Host.last_seen >= now - EXPIRE)):
+                counts[host_state(last_seen, interval, now)] += 1
+        return counts
+
     def get(self, session: Session, host_id: str) -> dict[str, Any]:
         now = utcnow()
         row = session.get(Host, host_id)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter
@@ -182,12 +181,21 @@ class ComponentsCollector(Collector):
         yield GaugeMetricFamily("docket_scrub_corrupt_blobs", "Blobs the scrubber found corrupt or missing (not "
                                 "served or seeded until repaired)", value=len(sv.scrubber.damaged()))
         yield GaugeMetricFamily("docket_upload_sessions_open", "/v2 upload sessions open", value=len(sv.uploads))
-        retention: Any = getattr(sv, "retention", None)
-        stats = getattr(retention, "stats", None)
-        if stats is not None:
-            yield CounterMetricFamily("docket_retention_runs", "Retention policy passes", value=stats.runs)
-            yield CounterMetricFamily("docket_retention_tags_removed", "Tags the retention policy removed",
-                                      value=stats.tags_removed)
+        try:
+            states = sv.hosts.states()
+        except Exception as exc:  # noqa: BLE001 - as _blobs: the rest of the scrape still answers
+            log.warning("metrics: cannot count hosts: %s", exc)
+        else:
+            hosts = GaugeMetricFamily("docket_hosts", "Hosts whose docket agent reported within a day, by state (ok; "
+                                      "silent: missed three heartbeats)", labels=["state"])
+            for state, n in sorted(states.items()):
+                hosts.add_metric([state], n)
+            yield hosts
+        stats = sv.retention.stats
+        yield CounterMetricFamily("docket_retention_runs", "Retention policy passes that removed what the policy "
+                                  "says (dry runs not counted)", value=stats.runs)
+        yield CounterMetricFamily("docket_retention_tags_removed", "Tags the retention policy removed",
+                                  value=stats.tags_removed)
 
 
 @bp.get("/metrics")

@@ -57,3 +57,6 @@ def test_demo_command_pushes_and_pulls(docker_host: str, tmp_path: Path):
     assert "docket-demo/hello:v1" in result.stdout
     assert f"127.0.0.1:{env['DOCKET_PORT']}/docket-demo/hello:v1" in result.stdout  # docker pull printed the ref
     assert f"the web page: http://127.0.0.1:{env['DOCKET_PORT']}/" in result.stdout
+    assert f"the metrics: http://127.0.0.1:{env['DOCKET_PORT']}/metrics" in result.stdout
+    pushes = [line for line in result.stdout.splitlines() if line.startswith("docket_pushes_total")]
+    assert pushes and any(float(line.rsplit(" ", 1)[1]) >= 1 for line in pushes), result.stdout

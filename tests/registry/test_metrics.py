@@ -173,7 +173,8 @@ def test_components_are_read_at_scrape_time(app: Flask, client: FlaskClient):
     samples = scrape(client)
     assert value(samples, "docket_upload_sessions_open") == 0
     assert value(samples, "docket_blobs_stored", kind="layer") == 0  # every kind from 0 on, even when empty
-    assert not any(n.startswith("docket_retention") for n, _ in samples)  # no retention component: not exported
+    assert value(samples, "docket_retention_runs_total") == 0  # no policy: no pass yet, still exported
+    assert value(samples, "docket_hosts", state="ok") == 0
     assert not any(n.startswith(("docket_seeder", "docket_tracker", "docket_swarm")) for n, _ in samples)  # no P2P
 
     push_v1(client, "team/app:v1", [b"layer " * 100])
@@ -185,12 +186,7 @@ def test_components_are_read_at_scrape_time(app: Flask, client: FlaskClient):
     layer.write_bytes(b"rot " * 150)  # same size, other bytes
     sv.scrubber.run_once()
 
-    @dataclass
-    class RetentionStats:
-        runs: int = 2
-        tags_removed: int = 5
-
-    sv.retention = type("Retention", (), {"stats": RetentionStats()})()  # the component of docket/registry/retention.py
+    sv.retention.stats.runs, sv.retention.stats.tags_removed = 2, 5  # as two passes of docket/registry/retention.py
     samples = scrape(client)
     assert value(samples, "docket_upload_sessions_open") == 1
     assert value(samples, "docket_gc_runs_total") == 1

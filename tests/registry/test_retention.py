@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from docket.errors import InvalidRequest
@@ -61,6 +62,14 @@ def tags(client: FlaskClient, headers: dict | None = None) -> list[str]:
 
 def retention(client: FlaskClient, query: str = "", **kw: Any):
     return client.post(f"/api/v1/admin/retention{query}", **kw)
+
+
+def scraped(client: FlaskClient, name: str) -> float:
+    """One sample of /metrics, parsed with prometheus_client's own parser."""
+    text = client.get("/metrics").get_data(as_text=True)
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+    assert len(values) == 1, (name, values)
+    return values[0]
 
 
 def removed(resp) -> list[str]:
@@ -128,12 +137,15 @@ def test_dry_run_lists_and_changes_nothing_then_apply_and_gc(app, client, locati
     assert sv.retention.stats.last_run is not None
     assert removed(retention(client, json={"dry_run": False})) == []  # nothing more to do
     assert sv.retention.stats.runs == 2 and sv.retention.stats.tags_removed == 2
+    assert scraped(client, "docket_retention_runs_total") == 2  # the real component, read by /metrics
+    assert scraped(client, "docket_retention_tags_removed_total") == 2
 
     # GC: the removed tags' own layers, configs and manifests go after the grace; the shared base stays
     gone = {four[t][k] for t in ("b", "c") for k in ("digest", "image_id")} | \
         {four[t]["layers"][1]["digest"] for t in ("b", "c")}
     assert sv.gc.run_once() == []
     assert set(sv.gc.run_once(now=utcnow() + timedelta(hours=1))) == gone
+    assert scraped(client, "docket_gc_blobs_removed_total") == len(gone)
     stored = {f"sha256:{p.name}" for p in (location / "blobs" / "sha256").iterdir()}
     assert not gone & stored and four["d"]["layers"][0]["digest"] in stored
     assert client.get(f"/api/v1/blobs/{four['d']['layers'][1]['digest']}").status_code == 200

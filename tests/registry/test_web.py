@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 
 import pytest
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from docket.registry.hosts import MAX_BODY, MAX_DIGESTS, host_state
 from docket.registry.models import Host
@@ -248,6 +249,10 @@ def test_a_host_is_silent_after_three_missed_intervals(web: FlaskClient) -> None
     assert {h["id"]: h["state"] for h in hosts(web)} == {"quick": "silent", "slow": "ok"}
     text, _ = page_text(web.get("/"))
     assert re.search(r"quick .*? silent", text) and "slow" in text
+    scrape = web.get("/metrics").get_data(as_text=True)
+    states = {s.labels["state"]: s.value for f in text_string_to_metric_families(scrape) for s in f.samples
+              if s.name == "docket_hosts"}
+    assert states == {"ok": 1, "silent": 1}
     assert web.put("/api/v1/hosts/quick", json=beat(interval=0.2)).status_code == 200  # back again
     assert {h["id"]: h["state"] for h in hosts(web)}["quick"] == "ok"
 
