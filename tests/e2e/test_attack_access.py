@@ -271,7 +271,7 @@ def test_a_seeder_port_tells_its_info_hash_to_whoever_connects(private: Private)
 def _openapi_gets(p: Private) -> list[str]:
     doc = requests.get(f"{p.server.url}/openapi.json", timeout=10).json()
     values = {"repository": "app", "tag": "v1", "digest": p.digest, "name": "app", "reference": "v1",
-              "uuid": str(uuid.uuid4())}
+              "uuid": str(uuid.uuid4()), "host_id": "web01"}
     paths = []
     for path, ops in doc["paths"].items():
         if "get" in ops:
