@@ -548,6 +548,15 @@ class Bench:
             hosts.append(res)
         return hosts
 
+    def first_host_limits(self, i: int) -> list[str]:
+        """Issue 15: the first host's --max-download-rate/--max-upload-rate (its docket pull, or its agent)."""
+        limit = []
+        if i == 0 and self.cfg.limit_host_download:
+            limit += ["--max-download-rate", f"{self.cfg.limit_host_download}B"]
+        if i == 0 and self.cfg.limit_host_upload:
+            limit += ["--max-upload-rate", f"{self.cfg.limit_host_upload}B"]
+        return limit
+
     def docket_round(self, n: int, record: dict, rdir: Path) -> list[HostResult]:
         go = rdir / "go"
         procs = []
@@ -555,11 +564,7 @@ class Bench:
         for i in range(n):
             loc = rdir / f"docket-c{i}"
             loc.mkdir(mode=0o700)
-            limit = []  # issue 15: the first host's limits
-            if i == 0 and self.cfg.limit_host_download:
-                limit += ["--max-download-rate", f"{self.cfg.limit_host_download}B"]
-            if i == 0 and self.cfg.limit_host_upload:
-                limit += ["--max-upload-rate", f"{self.cfg.limit_host_upload}B"]
+            limit = self.first_host_limits(i)
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
                 "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
@@ -662,7 +667,7 @@ class Bench:
             agents.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-m", "docket.client", "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT),
                 "agent", "--listen", f"127.0.0.1:{AGENT_PORT}", "--cache-dir", str(cache),
-                "--peer-ip", self.lab.client_ips[i], "--log-level", "info",
+                "--peer-ip", self.lab.client_ips[i], "--log-level", "info", *self.first_host_limits(i),
             ], rdir / f"agent-c{i}.log"))
         pending = set(range(n))
         deadline = time.monotonic() + 90
@@ -744,17 +749,17 @@ class Bench:
                 http_hosts = self.http_round(n, record, rdir)
                 log(f"N={n}: HTTP {max(h.done_at for h in http_hosts):.1f} s")
             docket_hosts = self.docket_round(n, record, rdir)
-        limits = self.limit_checks(docket_hosts)
-        for c in limits:
-            log(f"N={n}: {c['what']}: limit {c['limit_bytes_s']} B/s, link {c.get('steady_bytes_s')} B/s while "
-                f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
-                f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
         if "v2-direct" in self.cfg.modes:
             v2_hosts = self.v2_round(n, record, rdir, "v2-direct", [self.base] * n)
             log(f"N={n}: v2-direct {_last(v2_hosts)} s")
         if "agent" in self.cfg.modes:
             agent_hosts, agent_start = self.agent_round(n, record, rdir)
             log(f"N={n}: agent {_last(agent_hosts)} s (agents answered after {agent_start:.1f} s)")
+        limits = self.limit_checks(docket_hosts or agent_hosts)
+        for c in limits:
+            log(f"N={n}: {c['what']}: limit {c['limit_bytes_s']} B/s, link {c.get('steady_bytes_s')} B/s while "
+                f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
+                f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
         everyone = [*http_hosts, *docket_hosts, *v2_hosts, *agent_hosts]
         ok = all(h.ok for h in everyone)
         http_s = max(h.done_at for h in http_hosts) if http_hosts else None
@@ -796,7 +801,8 @@ class Bench:
         )
 
     def limit_checks(self, docket_hosts: list[HostResult]) -> list[dict]:
-        """Issue 15: each limited host's link counter against its limit (sampled during the docket round)."""
+        """Issue 15: each limited host's link counter against its limit (sampled during the docket round, or the
+        agent round without one: the first host's agent has the limits then)."""
         checks = []
         if docket_hosts and self.cfg.limit_host_download:
             checks.append(limit_check(docket_hosts[0].link, 1, self.cfg.limit_host_download,
@@ -1043,10 +1049,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--pull-args", default="", help="extra `docket pull` flags, e.g. '--wait' (default: none)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per N (timings on a shared machine are noisy)")
     p.add_argument("--limit-host-download", default=None, metavar="RATE",
-                   help="issue 15: `docket pull --max-download-rate RATE` (e.g. 2MB) on the first host only; its "
-                        "link counter is reported against it")
+                   help="issue 15: `--max-download-rate RATE` (e.g. 2MB) on the first host only (its `docket pull`, "
+                        "or its `docket agent` in agent mode); its link counter is reported against it")
     p.add_argument("--limit-host-upload", default=None, metavar="RATE",
-                   help="issue 15: `docket pull --max-upload-rate RATE` on the first host only, reported likewise")
+                   help="issue 15: `--max-upload-rate RATE` on the first host only (pull or agent), reported likewise")
     p.add_argument("--registry-max-upload-rate", default=None, metavar="RATE",
                    help="issue 15: `docket-registry --max-upload-rate RATE`; the registry's link is reported")
     p.add_argument("--mode", default="docket",
