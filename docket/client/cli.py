@@ -594,6 +594,8 @@ def retention(ctx: click.Context, keep_tags: int | None, keep_patterns: tuple[st
         verb = "removed" if apply_ else "would be removed"
         click.echo(f"{len(gone)} tag(s) {verb}, {reply.get('kept')} kept"
                    + ("" if apply_ or not gone else "; run with --apply to remove them"), err=True)
+
+
 # -- hosts ------------------------------------------------------------------------------------------------------
 
 @cli.command()

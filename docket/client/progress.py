@@ -14,17 +14,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-
-def human_bytes(n: float | int | None) -> str:
-    """Decimal units, as ``docker images`` shows sizes."""
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+from docket.units import human_bytes
 
 
 def printable(text: str, limit: int = 2000) -> str:

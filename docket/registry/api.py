@@ -12,13 +12,12 @@ from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from werkzeug.exceptions import ClientDisconnected
 
 from docket import jsonstrict
-from docket.errors import DocketError, IntegrityError, InvalidJSON, InvalidRequest, NotFound, TooLarge
+from docket.errors import DocketError, IntegrityError, InvalidJSON, InvalidRequest, NotFound
 from docket.limits import MAX_LAYERS  # the one limit of /api/v1, /v2 and the client
 from docket.reference import validate_repository, validate_tag
-from docket.registry.bodies import check_body_headers, human, receive, send_blob, send_ranged_file, too_slow
+from docket.registry.bodies import check_body_headers, read_small, receive, send_blob, send_ranged_file
 from docket.registry.components import Components
 from docket.registry.db import get_session
 from docket.registry.models import FORMAT_LAYERS, FORMAT_TARBALL, KIND_CONFIG, KIND_LAYER, Image
@@ -150,15 +149,7 @@ def _manifest_body() -> tuple[str, list[str]]:
     if request.mimetype and request.mimetype not in MANIFEST_TYPES:
         raise UnsupportedMediaType(f"unsupported Content-Type {request.mimetype!r}",
                                    "send the manifest as application/json")
-    length = request.content_length
-    if length is not None and length > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest is {human(length)}; the limit is {human(MAX_MANIFEST_BYTES)}")
-    try:
-        raw = request.stream.read(MAX_MANIFEST_BYTES + 1)
-    except (ClientDisconnected, OSError) as exc:
-        raise too_slow(exc) or InvalidRequest("the request body ended early", "send the manifest again") from exc
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise TooLarge(f"manifest exceeds {human(MAX_MANIFEST_BYTES)}")
+    raw = read_small(MAX_MANIFEST_BYTES, "manifest")
     hint = 'the body is {"config": "sha256:<hex>", "layers": ["sha256:<hex>", ...]} (layers base first)'
     try:  # strict: UTF-8 without BOM, unique keys, no NaN, int64, bounded depth (docket/jsonstrict.py)
         body = jsonstrict.loads(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES)
@@ -285,13 +276,7 @@ RETENTION_KEYS = {"dry_run", "keep_tags", "keep_patterns"}
 
 def _admin_body() -> dict[str, Any]:
     """An optional small JSON object body (empty: ``{}``)."""
-    length = request.content_length
-    if length is not None and length > MAX_ADMIN_BODY:
-        raise TooLarge(f"the body is {human(length)}; the limit is {human(MAX_ADMIN_BODY)}")
-    try:
-        raw = request.stream.read(MAX_ADMIN_BODY + 1)
-    except (ClientDisconnected, OSError) as exc:
-        raise too_slow(exc) or InvalidRequest("the request body ended early", "send it again") from exc
+    raw = read_small(MAX_ADMIN_BODY, "request body")
     if not raw.strip():
         return {}
     if request.mimetype and request.mimetype != "application/json":

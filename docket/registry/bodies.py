@@ -38,6 +38,21 @@ def too_slow(exc: BaseException) -> RequestTimeout | None:
     return None
 
 
+def read_small(limit: int, what: str) -> bytes:
+    """A whole small body (a manifest, a heartbeat, an admin request) of at most ``limit`` bytes: TooLarge when its
+    length says more or it brings more, RequestTimeout when it is too slow, InvalidRequest when it ends early."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise TooLarge(f"the {what} is {human(length)}; the limit is {human(limit)}")
+    try:
+        raw = request.stream.read(limit + 1)
+    except (ClientDisconnected, OSError) as exc:
+        raise too_slow(exc) or InvalidRequest("the request body ended early", f"send the {what} again") from exc
+    if len(raw) > limit:
+        raise TooLarge(f"the {what} exceeds {human(limit)}")
+    return raw
+
+
 def human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

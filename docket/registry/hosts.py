@@ -19,11 +19,10 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy import delete, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
-from werkzeug.exceptions import ClientDisconnected
 
 from docket import jsonstrict
 from docket.errors import DocketError, InvalidJSON, InvalidRequest, NotFound, TooLarge
-from docket.registry.bodies import too_slow
+from docket.registry.bodies import read_small
 from docket.registry.db import Database, get_session
 from docket.registry.models import Host, utcnow
 from docket.registry.store import validate_digest
@@ -237,19 +236,6 @@ def _hosts() -> Hosts:
     return current_app.extensions["docket"].hosts
 
 
-def _body() -> bytes:
-    length = request.content_length
-    if length is not None and length > MAX_BODY:
-        raise TooLarge(f"the heartbeat is {length} bytes; the limit is {MAX_BODY}")
-    try:
-        raw = request.stream.read(MAX_BODY + 1)
-    except (ClientDisconnected, OSError) as exc:
-        raise too_slow(exc) or InvalidRequest("the request body ended early", "send the heartbeat again") from exc
-    if len(raw) > MAX_BODY:
-        raise TooLarge(f"the heartbeat exceeds {MAX_BODY} bytes")
-    return raw
-
-
 def may_heartbeat() -> Response | tuple[Response, int, dict[str, str]] | None:
     """Any read or push token may heartbeat (an agent holds a read token); where reads are open, anyone."""
     auth = current_app.extensions.get("docket_auth")
@@ -264,7 +250,7 @@ def heartbeat(host_id: str) -> Response | tuple[Response, int, dict[str, str]]:
     validate_host_id(host_id)
     if request.mimetype and request.mimetype != "application/json":
         raise InvalidRequest(f"unsupported Content-Type {request.mimetype!r}", "send the heartbeat as application/json")
-    beat = parse_heartbeat(_body())
+    beat = parse_heartbeat(read_small(MAX_BODY, "heartbeat"))
     return jsonify(_hosts().record(host_id, beat, request.remote_addr))
 
 

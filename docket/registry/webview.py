@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from docket.registry.models import FORMAT_LAYERS, Image, ImageLayer
 from docket.registry.queries import image_query, repositories
+from docket.units import human_bytes
 
 PAGE_SIZE = 20
 TAGS_SHOWN = 10
@@ -24,16 +25,7 @@ MAX_TAGS = 500
 MAX_SHARED_LISTED = 5
 
 
-def human_size(n: int | None) -> str:
-    """Decimal units, as ``docker images`` and ``docket images`` show sizes: "12.3 MB"."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "PB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} PB"
+human_size = human_bytes  # the page shows sizes as the CLI does
 
 
 def ago(when: datetime | None, now: datetime | None = None) -> str:
