@@ -2,8 +2,8 @@
 tracker's scrape reports them.
 
 A scrape of /metrics must stay cheap and must not hang on a dead or slow tracker: the totals are kept for ``ttl``
-seconds, fetched with opentracker's multi-scrape (64 info hashes a request, which the private tracker's guard
-passes on too), each request ending within ``deadline`` seconds and the whole refresh within ``budget``. A
+seconds, fetched with opentracker's multi-scrape (``scrape_many``: 64 info hashes a request, which the private
+tracker's guard passes on too), each request ending within ``deadline`` seconds and the whole refresh within ``budget``. A
 failed refresh is remembered (as ``up=False``) for ``ttl`` seconds too, so a dead tracker costs one failed
 connection per ``ttl``, not one per scrape. One refresh at a time: a scrape arriving meanwhile gets the last
 totals.
@@ -22,13 +22,13 @@ from docket.errors import DocketError
 from docket.registry.db import Database
 from docket.registry.queries import whitelist
 from docket.registry.swarm import Swarm
-from docket.torrent.tracker import MAX_SCRAPE_BATCH, scrape_many
+from docket.torrent.tracker import scrape_many
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SwarmCounts:
+class Totals:
     up: bool  # the tracker answered every scrape of the refresh
     torrents: int = 0  # info hashes asked about
     seeds: int = 0  # peers with the whole blob (our seeders included)
@@ -46,10 +46,10 @@ class SwarmTotals:
         self.deadline = deadline
         self.budget = budget
         self._clock = clock
-        self._last: SwarmCounts | None = None
+        self._last: Totals | None = None
         self._refreshing = threading.Lock()
 
-    def current(self) -> SwarmCounts | None:
+    def current(self) -> Totals | None:
         """The totals at most ``ttl`` seconds old; None where the registry runs no swarm (seeding disabled)."""
         if not self.swarm.seeding:
             return None
@@ -64,25 +64,17 @@ class SwarmTotals:
         finally:
             self._refreshing.release()
 
-    def _fetch(self) -> SwarmCounts:
-        started = self._clock()
+    def _fetch(self) -> Totals:
         with self.db.session() as s:
             hashes = whitelist(s)
         if not hashes:  # nothing to scrape: whether the tracker runs (or answers TCP) is all there is to say
-            return SwarmCounts(up=self.swarm.tracker.alive(), at=self._clock())
-        seeds = downloading = downloaded = 0
+            return Totals(up=self.swarm.tracker.alive(), at=self._clock())
         try:
             with DeadlineSession(self.deadline) as session:
-                for i in range(0, len(hashes), MAX_SCRAPE_BATCH):
-                    if self._clock() - started > self.budget:
-                        raise TimeoutError(f"scraping {len(hashes)} torrents took over {self.budget:g} s")
-                    batch = scrape_many(self.swarm.announce_url, hashes[i:i + MAX_SCRAPE_BATCH],
-                                        timeout=self.deadline, session=session)
-                    for counts in batch.values():
-                        seeds += counts.complete
-                        downloading += counts.incomplete
-                        downloaded += counts.downloaded
-        except (DocketError, TimeoutError) as exc:
-            log.warning("metrics: the tracker's counts are unknown: %s", getattr(exc, "message", exc))
-            return SwarmCounts(up=False, torrents=len(hashes), at=self._clock())
-        return SwarmCounts(True, len(hashes), seeds, downloading, downloaded, at=self._clock())
+                counts = scrape_many(self.swarm.announce_url, hashes, timeout=self.deadline, session=session,
+                                     budget=self.budget).values()
+        except DocketError as exc:
+            log.warning("metrics: the tracker's counts are unknown: %s", exc.message)
+            return Totals(up=False, torrents=len(hashes), at=self._clock())
+        return Totals(True, len(hashes), sum(c.complete for c in counts), sum(c.incomplete for c in counts),
+                           sum(c.downloaded for c in counts), at=self._clock())

@@ -1,8 +1,9 @@
 """Swarm counts for the web page: the tracker's scrape of each layer, with short timeouts and a few seconds of cache.
 
-A page view must never hang on the tracker: scrapes run in a few threads, each ends within ``2 * timeout`` (the
-scrape's own deadline), the view waits at most ``budget`` seconds for all of them, and a tracker that failed is
-not asked again for ``ttl`` seconds (the page says "tracker unreachable"). One ``SwarmCounts`` per app.
+A page view must never hang on the tracker: the layers not in the cache are asked with one multi-scrape
+(``scrape_many``, 64 a request), each request ending within ``timeout`` and no request started after ``budget``
+seconds; a tracker that failed is not asked again for ``ttl`` seconds (the page says "tracker unreachable").
+One ``SwarmCounts`` per app.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from docket.deadline import DeadlineSession
 from docket.errors import DocketError
-from docket.torrent.tracker import ScrapeResult, scrape
+from docket.torrent.tracker import ScrapeResult, scrape_many
 
-Scrape = Callable[..., ScrapeResult]
 
 
 @dataclass
@@ -30,10 +30,9 @@ class SwarmReport:
 
 class SwarmCounts:
     def __init__(self, announce_url: Callable[[], str], *, ttl: float = 5.0, timeout: float = 1.0,
-                 budget: float = 2.5, workers: int = 8, cap: int = 200, scrape_one: Scrape = scrape) -> None:
+                 budget: float = 2.5, cap: int = 200) -> None:
         self.announce_url = announce_url
-        self.ttl, self.timeout, self.budget, self.workers, self.cap = ttl, timeout, budget, workers, cap
-        self.scrape_one = scrape_one
+        self.ttl, self.timeout, self.budget, self.cap = ttl, timeout, budget, cap
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, ScrapeResult]] = {}
         self._down: tuple[float, str] | None = None
@@ -56,27 +55,19 @@ class SwarmCounts:
 
     def _scrape(self, hashes: list[str], out: SwarmReport) -> None:
         url = self.announce_url()
-        pool = ThreadPoolExecutor(max_workers=min(self.workers, len(hashes)), thread_name_prefix="scrape")
         try:
-            futures = {pool.submit(self.scrape_one, url, h, timeout=self.timeout): h for h in hashes}
-            done, _ = wait(futures, timeout=self.budget, return_when=FIRST_EXCEPTION)
-            now = time.monotonic()
-            for future in done:
-                exc = future.exception()
-                if exc is None:
-                    out.counts[futures[future]] = future.result()
-                elif out.error is None:
-                    out.error = _reason(url, exc)
-            if out.error is None and len(done) < len(futures):
-                out.error = f"{url} did not answer within {self.budget:g} s"
-            with self._lock:
-                for h, result in out.counts.items():
-                    self._cache[h] = (now, result)
-                if out.error is not None:
-                    self._down = (now, out.error)
-                    out.counts = {}
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # a stuck scrape ends by its own deadline
+            with DeadlineSession(self.timeout) as session:
+                found = scrape_many(url, hashes, timeout=self.timeout, session=session, budget=self.budget)
+        except DocketError as exc:
+            out.error, out.counts = _reason(url, exc), {}
+        else:
+            out.counts.update(found)
+        now = time.monotonic()
+        with self._lock:
+            for h, result in out.counts.items():
+                self._cache[h] = (now, result)
+            if out.error is not None:
+                self._down = (now, out.error)
 
 
 def _reason(url: str, exc: BaseException) -> str:

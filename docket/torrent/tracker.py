@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -153,15 +154,18 @@ MAX_SCRAPE_BATCH = 64  # info hashes in one scrape request (opentracker answers 
 
 
 def scrape_many(announce_url: str, info_hashes: list[str], *, timeout: float = 5.0,
-                session: requests.Session | None = None) -> dict[str, ScrapeResult]:
+                session: requests.Session | None = None, budget: float | None = None) -> dict[str, ScrapeResult]:
     """Counts for many torrents, MAX_SCRAPE_BATCH per request (BEP 48's repeated ``info_hash``; the registry's
     guard passes them on); a hash the tracker does not list counts as zeros. Raises ServiceUnavailable like
-    ``scrape``."""
+    ``scrape``, and when the requests together took longer than ``budget`` seconds (checked between them)."""
     url = scrape_url(announce_url)
     raws = {_check_hash(h): h.strip().lower() for h in info_hashes}
     out: dict[str, ScrapeResult] = {}
     keys = list(raws)
+    started = time.monotonic()
     for i in range(0, len(keys), MAX_SCRAPE_BATCH):
+        if budget is not None and i and time.monotonic() - started > budget:
+            raise ServiceUnavailable(f"scraping {len(keys)} torrents took over {budget:g} s")
         batch = keys[i:i + MAX_SCRAPE_BATCH]
         query = "&".join("info_hash=" + urllib.parse.quote_from_bytes(raw, safe="") for raw in batch)
         reply = _get(url, query, timeout, session)
