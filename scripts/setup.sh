@@ -8,7 +8,8 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 packages=(docker.io docker-compose ctorrent opentracker busybox-static iproute2 curl skopeo python3 python3-venv python3-pip
           containerd systemd   # containerd (ctr) and systemd (systemd-analyze): the deploy/ files checked with them
-          chromium chromium-driver)  # the web page's browser test (tests/e2e/test_web_page.py, Selenium)
+          chromium chromium-driver   # the web page's browser test (tests/e2e/test_web_page.py, Selenium)
+          postgresql haproxy)  # registry tests on PostgreSQL, several instances behind HAProxy (tests/support/postgres.py)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -203,3 +203,57 @@ class Host(Base):
     started: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+# -- several registry instances on one database (docs/instances.md) ----------------------------------------------
+class RegistryInstance(Base):
+    """One running ``docket-registry`` process: written at start, refreshed by its heartbeat (``instances.py``).
+    An instance not seen for ``instances.LIVE_FOR`` seconds is dead: its leases and push activity stop counting."""
+
+    __tablename__ = "registry_instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex, new for every process
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(300))  # where it serves (its own address, not the load balancer's)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    leader: Mapped[bool] = mapped_column(default=False)  # holds the maintenance lock (GC, retention, scrubber)
+    push_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # PushActivity.since()
+
+
+class UploadSession(Base):
+    """A /v2 upload session (``uploads.py``): its bytes are ``uploads/session-<id>`` in the shared location; any
+    instance continues it (restoring the running hash by reading the part when it does not have it)."""
+
+    __tablename__ = "upload_sessions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4, as in the Location URL
+    repository: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes received completely
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    instance: Mapped[str] = mapped_column(String(32))  # the instance that served its last request
+
+
+class BlobLease(Base):
+    """A plain-HTTP download of a blob in flight on one instance (``blobs.DownloadCounter``): GC, on whichever
+    instance runs it, waits for it. One row per (instance, digest) while that instance has at least one."""
+
+    __tablename__ = "blob_leases"
+
+    instance: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(DIGEST_LEN), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BlobDamage(Base):
+    """A blob the scrubber found corrupt or missing (``scrub.py``): every instance refuses to serve or seed it
+    until a verified upload replaces it. No foreign key: GC may remove the blob's row first."""
+
+    __tablename__ = "blob_damage"
+
+    digest: Mapped[str] = mapped_column(String(DIGEST_LEN), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(300))
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

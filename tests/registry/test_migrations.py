@@ -27,9 +27,10 @@ def test_migration_matches_models(tmp_path: Path) -> None:
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0004"
+        assert ctx.get_current_revision() == "0005"
         assert set(inspect(conn).get_table_names()) == {"alembic_version", "blobs", "images", "image_layers",
-                                                       "manifests", "manifest_refs", "hosts"}
+                                                       "manifests", "manifest_refs", "hosts", "registry_instances",
+                                                       "upload_sessions", "blob_leases", "blob_damage"}
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     db.dispose()
 
@@ -70,7 +71,7 @@ def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) 
     sv = app.extensions["docket"]
     try:
         with sv.db.engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0004"
+            assert MigrationContext.configure(conn).get_current_revision() == "0005"
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         client = app.test_client()
         rec = client.get("/api/v1/repositories/team/old/tags/v1").get_json()
