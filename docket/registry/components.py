@@ -18,6 +18,7 @@ from docket.registry.config import RegistryConfig
 from docket.registry.db import Database
 from docket.registry.gc import GarbageCollector
 from docket.registry.hosts import Hosts
+from docket.registry.instances import Instances
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
 from docket.registry.retention import Retention, RetentionPolicy
@@ -50,12 +51,14 @@ class Components:
     reconciler: Reconciler
     retention: Retention
     hosts: Hosts  # the agents' heartbeats
+    instances: Instances  # this process among the registry instances sharing the database
     started: bool = field(default=False)
 
     def start(self) -> None:
         """The location's lock, start-up clean-up, then tracker (with the full whitelist), every seeder, GC."""
         self.swarm.preflight()
-        self.store.lock()  # before anything touches uploads/, seeders/ or blobs/
+        self.store.lock()  # before anything touches uploads/, seeders/ or blobs/ (shared on PostgreSQL)
+        self.instances.start()  # our row and heartbeat; leads at once when no other instance does
         self.store.clean_stale_uploads()
         blobs = self.reconciler.run()
         self.manifests.backfill()  # tags pushed before the V2 API get their manifest (docs/v2.md)
@@ -71,15 +74,16 @@ class Components:
         self.retention.stop()
         self.gc.stop()
         self.swarm.stop()
+        self.instances.stop()
         self.started = False
         self.store.unlock()
 
 
 def build(config: RegistryConfig) -> Components:
     """Every component of one registry process, the store's layout made and the database at head."""
-    store = FileBlobStore(config.location)
-    store.ensure_layout()
     db = Database(config.database_url)
+    store = FileBlobStore(config.location, shared=db.engine.dialect.name != "sqlite")  # instances share it
+    store.ensure_layout()
     db.migrate()
     tracker: Tracker = (
         ExternalTracker(config.tracker) if config.tracker
@@ -92,7 +96,7 @@ def build(config: RegistryConfig) -> Components:
     secret = torrent_secret(config.location) if config.read_tokens else None
     swarm = Swarm(store, tracker, seeders, torrents_dir=store.torrents_dir, seeders_dir=store.seeders_dir,
                   hash_threads=config.hash_threads, secret=secret)
-    locks = Locks()
+    locks = Locks(db)  # advisory locks on PostgreSQL: instances share them
     scrubber = BlobScrubber(db, store, locks, swarm, interval=config.scrub_interval)
     blobs = Blobs(db, store, swarm, locks, scrubber, space_paths=_space_paths(store, db),
                   min_free_space=config.min_free_space)
@@ -108,8 +112,11 @@ def build(config: RegistryConfig) -> Components:
     retention = Retention(db, manifests, RetentionPolicy(config.keep_tags, config.keep_patterns),
                           interval=config.retention_interval)
     tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
+    scheme = "https" if config.tls_cert else "http"
+    instances = Instances(db, url=f"{scheme}://{config.advertise_address}:{config.port}",
+                          push_since=uploads.activity.since)
     return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
-                      reconciler, retention, Hosts(db))
+                      reconciler, retention, Hosts(db), instances)
 
 
 def _space_paths(store: FileBlobStore, db: Database) -> list[Path]:

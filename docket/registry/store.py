@@ -157,8 +157,10 @@ class FileBlobStore:
     """Paths and atomic placement of blobs under one location directory (which also holds torrents/, seeders/
     and tracker/ for the swarm)."""
 
-    def __init__(self, location: Path) -> None:
+    def __init__(self, location: Path, *, shared: bool = False) -> None:
+        """``shared``: registry instances on one PostgreSQL database serve this location together."""
         self.location = Path(location).absolute()
+        self.shared = shared
         self.blobs_root = self.location / "blobs"
         self.blobs_dir = self.blobs_root / "sha256"  # sha512 blobs live beside it in blobs/sha512
         self.torrents_dir = self.location / "torrents"
@@ -186,24 +188,35 @@ class FileBlobStore:
 
     def lock(self) -> None:
         """Hold ``<location>/registry.lock`` (flock) while this process serves: a second registry on the same
-        location would empty uploads/ under the first one's pushes, stop its seeders and run a second GC."""
+        location would empty uploads/ under the first one's pushes, stop its seeders and run a second GC.
+
+        ``self.shared``: registries on one PostgreSQL database share the location (docs/instances.md): each holds
+        the lock shared, so none of them can run beside a registry that holds it alone (one on SQLite)."""
+        shared = self.shared
         if self._lock_fd is not None:
             return
         path = self.location / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise LocationError(f"cannot lock {path}: {exc.strerror or exc}",
                                     "check that this user may write the registry location") from exc
+            if shared:
+                raise LocationError(f"registry location {self.location} is in use by a docket-registry that "
+                                    f"does not share it (pid {holder}, on SQLite)",
+                                    "several instances on one location need one --db postgresql+psycopg://... "
+                                    "for all of them") from exc
             raise LocationError(f"registry location {self.location} is in use by another docket-registry "
                                 f"(pid {holder})",
-                                "stop that one first, or give this one its own --location") from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                                "stop that one first, or give this one its own --location (several instances "
+                                "can share one location only with --db postgresql+psycopg://...)") from exc
+        if not shared:  # shared holders leave the file alone: it names the one exclusive holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     @contextlib.contextmanager
