@@ -188,6 +188,12 @@ class RoundResult:
     agent_hosts: list[HostResult] = field(default_factory=list)
     limits: list[dict] = field(default_factory=list)  # limit_check() of each limited host's link (issue 15)
     registry_link: list[list[float]] = field(default_factory=list)  # the registry's link, as HostResult.link
+    docket_median_over_bound: float | None = None
+    # issue 16: the machine's CPU from the docket round's start barrier to its last host ready (CpuSampler.window:
+    # busy_pct of all cores, softirq_pct, steal_pct, groups_cpu_s and groups_pct by process group), and the whole
+    # round's series [s, busy %, softirq %, steal %] every ~0.5 s (pulls, then seeding)
+    cpu: dict = field(default_factory=dict)
+    cpu_series: list[list[float]] = field(default_factory=list)
 
 
 def limit_check(link: list[list[float]], column: int, limit: int, what: str) -> dict:
@@ -211,6 +217,139 @@ def limit_check(link: list[list[float]], column: int, limit: int, what: str) -> 
         out["whole_ratio"] = round(out["whole_bytes_s"] / limit, 3)
         out["seconds"] = round(t1 - t0, 2)
     return out
+
+
+CPU_GROUPS = ("ctorrent", "docket pull (python)", "background seeder (python)", "registry (python)", "opentracker",
+              "other in the lab", "benchmark driver", "kernel threads", "outside the benchmark")
+
+
+class CpuSampler:
+    """The machine's CPU use during a round, so a reader can tell this machine's limits from the protocol's.
+
+    Every ``interval`` s: ``/proc/stat`` (all cores: busy = everything but idle and iowait; softirq and steal on
+    their own) and every process's utime+stime from ``/proc/<pid>/stat``, summed by group: what runs in the lab's
+    namespaces by name (ctorrent, the pulls' and the registry's Python, opentracker), this script and its ``ip``
+    children, kernel threads, and everything else on the machine ("outside the benchmark": other people's tests).
+    A process that ends between two samples loses at most one interval of its time; network work done in softirq
+    context is in the machine's busy figure but in no process's group."""
+
+    def __init__(self, lab: Lab, t0: float, interval: float = 0.5) -> None:
+        self.t0, self.interval = t0, interval
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.ncpu = os.cpu_count() or 1
+        self.me = os.getpid()
+        self.ns_kind: dict[int, str] = {}
+        for ns in lab.created:
+            with contextlib.suppress(OSError):
+                kind = "reg" if ns == lab.reg else "br" if ns == lab.br else "client"
+                self.ns_kind[os.stat(f"/run/netns/{ns}").st_ino] = kind
+        self.group_of: dict[tuple[int, int], str] = {}
+        self.comm_of: dict[tuple[int, int], str] = {}
+        self.base: dict[tuple[int, int], int] = {}  # ticks when first seen (0 for a process born in the round)
+        self.last: dict[tuple[int, int], int] = {}
+        self.samples: list[tuple[float, list[int], dict[str, float]]] = []  # (t, /proc/stat fields, group s)
+        self._first = True
+        self._stop = threading.Event()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _group(self, pid: int, comm: str, ppid: int) -> str:
+        if pid == self.me or ppid == self.me and comm == "ip":
+            return "benchmark driver"
+        if ppid == 2 or pid == 2:
+            return "kernel threads"
+        try:
+            ino = int(os.readlink(f"/proc/{pid}/ns/net").split("[", 1)[1].rstrip("]"))
+        except (OSError, IndexError, ValueError):
+            return "outside the benchmark"
+        kind = self.ns_kind.get(ino)
+        if kind is None:
+            return "outside the benchmark"
+        if comm == "ctorrent":
+            return "ctorrent"
+        if comm == "opentracker":
+            return "opentracker"
+        if comm.startswith("python"):
+            if kind == "reg":
+                return "registry (python)"
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    seeder = b"docket.client.seedd" in f.read()
+            except OSError:
+                seeder = False
+            return "background seeder (python)" if seeder else "docket pull (python)"
+        return "other in the lab"
+
+    def _sample(self) -> None:
+        t = time.monotonic() - self.t0
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        first = self._first
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            rest = raw[raw.rindex(")") + 2:].split()
+            ticks, key = int(rest[11]) + int(rest[12]), (pid, int(rest[19]))
+            if key not in self.group_of:
+                # existing at the first sample: count from now; born later (during the round): from 0
+                self.base[key] = ticks if first else 0
+            if self.comm_of.get(key) != comm:  # new, or exec'd since (`ip netns exec`, a fork that became ctorrent)
+                self.comm_of[key] = comm
+                self.group_of[key] = self._group(pid, comm, int(rest[1]))
+            self.last[key] = ticks
+        self._first = False
+        groups = dict.fromkeys(CPU_GROUPS, 0.0)
+        for key, ticks in self.last.items():
+            groups[self.group_of[key]] += (ticks - self.base[key]) / self.tick
+        self.samples.append((t, cpu, groups))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a sample lost is a coarser series, never a failed round
+                self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        with contextlib.suppress(Exception):
+            self._sample()
+
+    def series(self) -> list[list[float]]:
+        """Per interval: [s since the round's start, busy % of all cores, softirq %, steal %]."""
+        rows = []
+        for (_, a, _g), (t, b, _h) in zip(self.samples, self.samples[1:]):
+            d = [y - x for x, y in zip(a, b)]
+            total = sum(d[:8]) or 1
+            idle = d[3] + d[4]
+            rows.append([round(t, 2), round(100 * (total - idle) / total, 1), round(100 * d[6] / total, 1),
+                         round(100 * d[7] / total, 1)])
+        return rows
+
+    def window(self, until: float) -> dict:
+        """From the round's start to the first sample at or after ``until``: busy % of all cores, softirq and
+        steal %, and each group's CPU seconds and share of the machine (% of ncpu x window)."""
+        if len(self.samples) < 2:
+            return {}
+        end = next((s for s in self.samples[1:] if s[0] >= until), self.samples[-1])
+        (t0, a, g0), (t1, b, g1) = self.samples[0], end
+        d = [y - x for x, y in zip(a, b)]
+        total = sum(d[:8]) or 1
+        span = max(t1 - t0, 1e-6)
+        groups = {k: round(g1[k] - g0[k], 2) for k in CPU_GROUPS}
+        return {"seconds": round(span, 2), "ncpu": self.ncpu,
+                "busy_pct": round(100 * (total - d[3] - d[4]) / total, 1),
+                "user_pct": round(100 * (d[0] + d[1]) / total, 1), "system_pct": round(100 * d[2] / total, 1),
+                "softirq_pct": round(100 * (d[5] + d[6]) / total, 1), "steal_pct": round(100 * d[7] / total, 1),
+                "groups_cpu_s": groups,
+                "groups_pct": {k: round(100 * v / (span * self.ncpu), 1) for k, v in groups.items()}}
 
 
 class LinkSampler:
@@ -570,13 +709,14 @@ class Bench:
                 "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
                 "pull", "--no-load", *seed, *self.cfg.pull_args, *limit, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 + 2 * n  # 64 Pythons importing docket at once take a while on 2 cores
         while not all((rdir / f"ready-{i}").exists() for i in range(n)):
             dead = [p for p in procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError("docket pull did not start:\n" + _tail(rdir / "docket-c0.log"))
             time.sleep(0.01)
         t0_wall, t0 = time.time(), time.monotonic()
+        self.cpu = CpuSampler(self.lab, t0)
         go.touch()
         sampler = LinkSampler(self.lab, n, t0)
         try:
@@ -585,6 +725,7 @@ class Bench:
             seeders = self._await_seeders([rdir / f"docket-c{i}" for i in range(n)], t0)
         finally:
             links = sampler.stop()
+            self.cpu.stop()
         self.registry_link = links.get(-1, [])
         hosts = []
         layers = image_layers(record)
@@ -744,6 +885,7 @@ class Bench:
         agent_start = None
         self.last_exit = 0.0
         self.registry_link: list[list[float]] = []
+        self.cpu: CpuSampler | None = None
         if "docket" in self.cfg.modes:
             if not self.cfg.skip_http:
                 http_hosts = self.http_round(n, record, rdir)
@@ -760,6 +902,13 @@ class Bench:
             log(f"N={n}: {c['what']}: limit {c['limit_bytes_s']} B/s, link {c.get('steady_bytes_s')} B/s while "
                 f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
                 f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
+        cpu = {}
+        if self.cpu is not None and docket_hosts:  # from the start barrier to the last host ready
+            cpu = self.cpu.window(max(h.done_at for h in docket_hosts))
+            top = sorted(cpu.get("groups_pct", {}).items(), key=lambda kv: -kv[1])[:4]
+            log(f"N={n}: CPU until the last host was ready ({cpu.get('seconds')} s): {cpu.get('busy_pct')} % busy of "
+                f"{cpu.get('ncpu')} cores (softirq {cpu.get('softirq_pct')} %, steal {cpu.get('steal_pct')} %); "
+                + ", ".join(f"{k} {v} %" for k, v in top))
         everyone = [*http_hosts, *docket_hosts, *v2_hosts, *agent_hosts]
         ok = all(h.ok for h in everyone)
         http_s = max(h.done_at for h in http_hosts) if http_hosts else None
@@ -796,6 +945,9 @@ class Bench:
             docket_returned_over_bound=_r(self.last_exit / bound if self.last_exit else None),
             seeding_stopped_s=_r(max(stops, default=None)), seeders_exited_s=_r(max(exits, default=None)),
             docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
+            docket_median_over_bound=_r(statistics.median(h.done_at for h in docket_hosts) / bound
+                                        if docket_s else None),
+            cpu=cpu, cpu_series=self.cpu.series() if self.cpu else [],
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
             limits=limits, registry_link=self.registry_link,
         )
@@ -928,23 +1080,40 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
             "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
             "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
             "v2_direct_s", "agent_s", "v2_direct_over_bound", "agent_over_bound", "v2_direct_over_agent",
-            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished"]
+            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished",
+            "docket_median_over_bound"]
+    cpu_cols = ["cpu_window_s", "cpu_busy_pct", "cpu_softirq_pct", "cpu_steal_pct",
+                *(f"cpu_{_slug(g)}_pct" for g in CPU_GROUPS)]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols)
+        w.writerow(cols + cpu_cols)
         for r in results:
-            w.writerow([getattr(r, c) for c in cols])
+            c = r.cpu
+            w.writerow([getattr(r, k) for k in cols] + [c.get("seconds"), c.get("busy_pct"), c.get("softirq_pct"),
+                       c.get("steal_pct"), *(c.get("groups_pct", {}).get(g) for g in CPU_GROUPS)])
+
+
+def _slug(group: str) -> str:
+    return group.split(" (")[0].replace(" ", "_")
 
 
 def table(results: list[RoundResult]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'returned s':>10} {'bound s':>8} "
-             f"{'ready/bound':>11} {'returned/bound':>14} {'seeding stopped s':>17} {'load':>9} ok"]
+    lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'median s':>8} {'returned s':>10} {'bound s':>8} "
+             f"{'ready/bound':>11} {'median/bound':>12} {'returned/bound':>14} {'seeding stopped s':>17} "
+             f"{'CPU busy %':>10} {'ctorrent %':>10} {'pulls %':>7} {'registry %':>10} {'others %':>8} {'load':>9} ok"]
     for r in results:
         load = "/".join(f"{x:.1f}" for x in r.loadavg)
-        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_all_exited_s):>10} "
-                     f"{f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} {f(r.docket_returned_over_bound, 2):>14} "
-                     f"{f(r.seeding_stopped_s):>17} {load:>9} {'yes' if r.all_finished else 'NO'}")
+        g = r.cpu.get("groups_pct", {})
+        reg = g.get("registry (python)", 0) + g.get("opentracker", 0) if g else None
+        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_median_s):>8} "
+                     f"{f(r.docket_all_exited_s):>10} {f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} "
+                     f"{f(r.docket_median_over_bound, 2):>12} {f(r.docket_returned_over_bound, 2):>14} "
+                     f"{f(r.seeding_stopped_s):>17} {f(r.cpu.get('busy_pct')):>10} {f(g.get('ctorrent')):>10} "
+                     f"{f(g.get('docket pull (python)', 0) + g.get('background seeder (python)', 0) if g else None):>7} {f(reg):>10} {f(g.get('outside the benchmark')):>8} "
+                     f"{load:>9} {'yes' if r.all_finished else 'NO'}")
+    lines.append("CPU columns: % of all cores' time from the start barrier to the last host ready (/proc); registry % "
+                 "includes opentracker; pulls % = docket pull + its background seeder (Python); others % = processes outside the benchmark's namespaces (other work)")
     return "\n".join(lines)
 
 
@@ -961,6 +1130,8 @@ def v2_table(results: list[RoundResult]) -> str:
 
 
 def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
+    """Left: seconds until the last and the median host had the image, every round (lines through the medians
+    over rounds), against the link bound; right: the machine's CPU during those seconds, by process group."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -969,20 +1140,68 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
         log("matplotlib not installed (pip install 'docket[bench]' or matplotlib): no plot")
         return None
     results = [r for r in results if r.layers == cfg.layers[0]]  # one line per measure: the first layer count
-    ns = [r.n for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = sorted({r.n for r in results})
+
+    def med(attr: str) -> list[float | None]:
+        out = []
+        for n in ns:
+            vals = [getattr(r, attr) for r in results if r.n == n and getattr(r, attr) is not None]
+            out.append(statistics.median(vals) if vals else None)
+        return out
+
+    def dots(ax: object, attr: str, style: str, color: str) -> None:
+        pts = [(r.n, getattr(r, attr)) for r in results if getattr(r, attr) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, color=color, alpha=0.45, linestyle="none")  # type: ignore[attr-defined]
+
+    with_cpu = any(r.cpu for r in results)
+    fig, axes = plt.subplots(1, 2 if with_cpu else 1, figsize=(12 if with_cpu else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    bounds = med("link_bound_s")
     if any(r.http_s for r in results):
-        ax.plot(ns, [r.http_s for r in results], "o-", label="central HTTP (measured)")
-        ax.plot(ns, [r.http_bound_s for r in results], ":", color="C0", label="HTTP bound N·S/B")
-    ax.plot(ns, [r.docket_s for r in results], "s-", color="C1", label="docket pull: image ready (measured)")
-    ax.plot(ns, [r.docket_all_exited_s for r in results], "^-", color="C3", label="docket pull returned (measured)")
-    ax.plot(ns, [r.link_bound_s for r in results], "--", color="C2", label="link bound S/B")
+        ax.plot(ns, med("http_s"), "o-", label="central HTTP (measured)")
+        ax.plot(ns, med("http_bound_s"), ":", color="C0", label="HTTP bound N·S/B")
+    rounds = max(sum(1 for r in results if r.n == n) for n in ns)
+    each = f" (median of {rounds} rounds; dots: each round)" if rounds > 1 else ""
+    ax.plot(ns, med("docket_s"), "s-", color="C1", label="docket pull: last host ready" + each)
+    dots(ax, "docket_s", "s", "C1")
+    ax.plot(ns, med("docket_median_s"), "D-", color="C4", label="docket pull: median host ready")
+    dots(ax, "docket_median_s", "D", "C4")
+    ax.plot(ns, med("docket_all_exited_s"), "^-", color="C3", alpha=0.6, label="docket pull: last returned")
+    ax.plot(ns, bounds, "--", color="C2", label="link bound S/B")
+    ax.plot(ns, [1.5 * b if b else None for b in bounds], ":", color="C2", label="1.5 x link bound")
     ax.set_xlabel("hosts pulling at once (N)")
-    ax.set_ylabel("seconds until the last host has the image")
+    ax.set_ylabel("seconds")
     ax.set_title(f"{cfg.size_mib:g} MiB image of {cfg.layers[0]} layer(s), {cfg.rate_mbit:g} Mbit/s links")
     ax.set_xticks(ns)
+    ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    if with_cpu:
+        ax = axes[0][1]
+        groups = [("ctorrent", "ctorrent"), ("docket pull (python)", "docket pull (Python)"),
+                  ("background seeder (python)", "background seeder (Python)"), ("registry (python)", "registry (Python)"), ("opentracker", "opentracker"),
+                  ("other in the lab", "other in the lab"), ("benchmark driver", "benchmark driver"),
+                  ("kernel threads", "kernel threads"), ("outside the benchmark", "outside the benchmark")]
+        x = list(range(len(ns)))
+        bottom = [0.0] * len(ns)
+        for k, (g, label) in enumerate(groups):
+            vals = []
+            for n in ns:
+                rs = [r for r in results if r.n == n and r.cpu]
+                vals.append(statistics.mean(r.cpu["groups_pct"].get(g, 0.0) for r in rs) if rs else 0.0)
+            ax.bar(x, vals, bottom=bottom, label=label, color=f"C{k}", width=0.6)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        busy = [statistics.mean(r.cpu["busy_pct"] for r in results if r.n == n and r.cpu) if any(
+            r.cpu for r in results if r.n == n) else None for n in ns]
+        ax.plot(x, busy, "k_", markersize=40, markeredgewidth=2, linestyle="none",
+                label="machine busy (/proc/stat, incl. softirq)")
+        ax.set_xticks(x, [f"N={n}" for n in ns])
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(f"% of {results[0].cpu.get('ncpu', '?')} cores, start to last host ready")
+        ax.set_title("CPU during the docket rounds (mean over rounds)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = cfg.out / "swarm.png"
     fig.savefig(path, dpi=120)
