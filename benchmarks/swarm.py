@@ -90,12 +90,20 @@ def _traced(self, raw, _line=_line):
         _trace.write("%.3f %d %d %d %d %d %.0f %.0f\n" % (time.time(), st.have, st.total, st.seeds, st.leechers,
                                                         st.swarm, st.down_kbps, st.up_kbps))
 docket.torrent.ctorrent.CtorrentProcess._line = _traced
+if sys.argv[4] != "-":  # --prestart-seeders: this host's background seeder up (attached to us) before the barrier
+    import pathlib
+    from docket.client.background import Handoff
+    _handoff = Handoff(pathlib.Path(sys.argv[4]))
+    _handoff.attach()
+    _until = time.monotonic() + 120
+    while not _handoff.files.running() and time.monotonic() < _until:
+        time.sleep(0.05)
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
 with open(started, "w") as f:
     f.write(repr(time.time()))
-cli.main(sys.argv[4:])
+cli.main(sys.argv[5:])
 """
 
 
@@ -125,6 +133,11 @@ class Config:
     limit_host_download: int | None = None  # `docket pull --max-download-rate` on the first client only
     limit_host_upload: int | None = None  # `docket pull --max-upload-rate` on the first client only
     registry_max_upload_rate: int | None = None  # `docket-registry --max-upload-rate`
+    # issue 16: start each host's background seeder (a Python process; `docket pull` starts it as its download
+    # begins) before the start barrier, as the pulls' own Python start-up is: N of them at once on this machine's
+    # 2 cores delay the downloads, which a real host with its own cores would not see
+    prestart_seeders: bool = False
+    replot: Path | None = None  # only the plots again, from this results.json
 
 
 @dataclass
@@ -146,6 +159,8 @@ class HostResult:
     # docket only: the kernel's byte counters of this host's link, every ~0.25 s: [s since the round's start,
     # MB received, MB sent] (wire bytes, headers included): when a host's download ran at the link's rate or stalled
     link: list[list[float]] = field(default_factory=list)
+    bytes_over_http: int = 0  # docket: layer bytes its pull fetched over HTTP after falling back (--fallback-after)
+    fallback_reason: str = ""  # docket: why it fell back, from --json
     retries: int = 0  # v2 modes: blob downloads v2pull had to retry
     agent: dict = field(default_factory=dict)  # agent mode: the agent's GET /_docket/agent after the round
 
@@ -189,6 +204,12 @@ class RoundResult:
     limits: list[dict] = field(default_factory=list)  # limit_check() of each limited host's link (issue 15)
     registry_link: list[list[float]] = field(default_factory=list)  # the registry's link, as HostResult.link
     docket_median_over_bound: float | None = None
+    # every host that ended with a verified image, also those that fell back to HTTP (docket_s: None then)
+    docket_last_any_s: float | None = None
+    docket_fallback_hosts: int = 0  # hosts whose pull fetched layer bytes over HTTP (no swarm progress)
+    # the whole LAN at its busiest (aggregate_rate of the docket hosts' links, MB/s wire) against what N links carry
+    aggregate_rx_mb_s: float | None = None
+    links_capacity_mb_s: float | None = None
     # issue 16: the machine's CPU from the docket round's start barrier to its last host ready (CpuSampler.window:
     # busy_pct of all cores, softirq_pct, steal_pct, groups_cpu_s and groups_pct by process group), and the whole
     # round's series [s, busy %, softirq %, steal %] every ~0.5 s (pulls, then seeding)
@@ -385,6 +406,32 @@ class LinkSampler:
         self._stop.set()
         self._thread.join(10)
         return self.rows
+
+
+def aggregate_rate(links: list[list[list[float]]], window: float = 4.0, step: float = 0.5) -> float | None:
+    """The best ``window``-s mean of every client's received bytes together (MB/s, wire), from the link rows: how
+    much the whole simulated LAN carried at its busiest, to set against N links' capacity and the CPU."""
+    import bisect
+
+    def at(rows: list[list[float]], t: float) -> float:
+        ts = [r[0] for r in rows]
+        i = bisect.bisect_right(ts, t) - 1
+        if i < 0:
+            return 0.0
+        if i + 1 >= len(rows):
+            return rows[-1][1]
+        a, b = rows[i], rows[i + 1]
+        return a[1] + (t - a[0]) / (b[0] - a[0]) * (b[1] - a[1]) if b[0] > a[0] else a[1]
+
+    links = [rows for rows in links if len(rows) > 1]
+    if not links:
+        return None
+    end = max(rows[-1][0] for rows in links)
+    best, t = 0.0, 0.0
+    while t + window <= end:
+        best = max(best, sum(at(rows, t + window) - at(rows, t) for rows in links) / window)
+        t += step
+    return round(best, 1)
 
 
 def read_trace(path: Path, t0_wall: float) -> list[list[float]]:
@@ -706,7 +753,7 @@ class Bench:
             limit = self.first_host_limits(i)
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
-                "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
+                str(loc) if self.cfg.prestart_seeders else "-", "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
                 "pull", "--no-load", *seed, *self.cfg.pull_args, *limit, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
         deadline = time.monotonic() + 60 + 2 * n  # 64 Pythons importing docket at once take a while on 2 cores
@@ -741,6 +788,8 @@ class Bench:
                 res.progress = read_trace(rdir / f"start-{i}.trace", t0_wall)
                 res.link = links.get(i, [])
                 res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layers, via BitTorrent
+                res.bytes_over_http = int(summary.get("bytes_from_http") or 0)
+                res.fallback_reason = str(summary.get("fallback_reason") or "")
                 # docket pull verified every digest before printing its summary (exit 0); check the files again
                 res.sha256_ok = summary["digest"] == record["digest"] and all(
                     sha256_of(rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]) == layer["digest"]
@@ -748,7 +797,9 @@ class Bench:
                 res.ok = p.returncode == 0 and res.sha256_ok and res.bytes == sum(x["size"] for x in layers)
             except (OSError, ValueError, KeyError, IndexError) as exc:
                 res.error = f"{exc!r}"
-            if not res.ok:
+            if not res.ok and res.bytes_over_http:
+                res.error = f"fell back to HTTP ({res.fallback_reason}), image verified: {res.sha256_ok}"
+            elif not res.ok:
                 res.error = (res.error + f" exit {p.returncode}: " + _tail(rdir / f"docket-c{i}.log", 8)).strip()
             hosts.append(res)
             if not self.cfg.keep:
@@ -903,6 +954,10 @@ class Bench:
                 f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
                 f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
         cpu = {}
+        fell_back = [h for h in docket_hosts if h.bytes_over_http > 0]
+        if fell_back:
+            log(f"N={n}: {len(fell_back)} host(s) fell back to HTTP ({fell_back[0].fallback_reason}), their images "
+                f"ready {min(h.done_at for h in fell_back):.1f}-{max(h.done_at for h in fell_back):.1f} s")
         if self.cpu is not None and docket_hosts:  # from the start barrier to the last host ready
             cpu = self.cpu.window(max(h.done_at for h in docket_hosts))
             top = sorted(cpu.get("groups_pct", {}).items(), key=lambda kv: -kv[1])[:4]
@@ -948,6 +1003,10 @@ class Bench:
             docket_median_over_bound=_r(statistics.median(h.done_at for h in docket_hosts) / bound
                                         if docket_s else None),
             cpu=cpu, cpu_series=self.cpu.series() if self.cpu else [],
+            docket_last_any_s=_r(max((h.done_at for h in docket_hosts if h.sha256_ok), default=None)),
+            docket_fallback_hosts=sum(1 for h in docket_hosts if h.bytes_over_http > 0),
+            aggregate_rx_mb_s=aggregate_rate([h.link for h in docket_hosts]) if docket_hosts else None,
+            links_capacity_mb_s=round(n * self.cfg.rate_mbit / 8, 1),
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
             limits=limits, registry_link=self.registry_link,
         )
@@ -1067,21 +1126,24 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def write_results(cfg: Config, results: list[RoundResult]) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "results.json").write_text(json.dumps({
+    (cfg.out / "results.json").write_text(_compact_rows(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
                    "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat, "modes": cfg.modes,
                    "limit_host_download": cfg.limit_host_download, "limit_host_upload": cfg.limit_host_upload,
-                   "registry_max_upload_rate": cfg.registry_max_upload_rate},
+                   "registry_max_upload_rate": cfg.registry_max_upload_rate,
+                   "prestart_seeders": cfg.prestart_seeders, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "command": " ".join(shlex.quote(a) for a in sys.argv)},
         "summary": summary(results),
         "rounds": [asdict(r) for r in results],
-    }, indent=2))
+    }, indent=2)))
     cols = ["n", "layers", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
             "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
             "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
             "v2_direct_s", "agent_s", "v2_direct_over_bound", "agent_over_bound", "v2_direct_over_agent",
             "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished",
-            "docket_median_over_bound"]
+            "docket_median_over_bound", "docket_last_any_s", "docket_fallback_hosts", "aggregate_rx_mb_s",
+            "links_capacity_mb_s"]
     cpu_cols = ["cpu_window_s", "cpu_busy_pct", "cpu_softirq_pct", "cpu_steal_pct",
                 *(f"cpu_{_slug(g)}_pct" for g in CPU_GROUPS)]
     with open(cfg.out / "results.csv", "w", newline="") as f:
@@ -1093,6 +1155,16 @@ def write_results(cfg: Config, results: list[RoundResult]) -> None:
                        c.get("steal_pct"), *(c.get("groups_pct", {}).get(g) for g in CPU_GROUPS)])
 
 
+def _compact_rows(text: str) -> str:
+    """Indented JSON with each list of numbers on one line (the per-host series: 64 hosts' link rows every 0.25 s
+    are megabytes with one number a line)."""
+    import re
+    text = re.sub(r"\[\s+([-0-9.eE,\s]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
+                  text)
+    return re.sub(r"\[\s+(\[[-0-9.eE, ]*\](?:,\s+\[[-0-9.eE, ]*\])*)\s+\]",
+                  lambda m: "[" + re.sub(r",\s+\[", ", [", m.group(1)) + "]", text)
+
+
 def _slug(group: str) -> str:
     return group.split(" (")[0].replace(" ", "_")
 
@@ -1100,7 +1172,7 @@ def _slug(group: str) -> str:
 def table(results: list[RoundResult]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'median s':>8} {'returned s':>10} {'bound s':>8} "
-             f"{'ready/bound':>11} {'median/bound':>12} {'returned/bound':>14} {'seeding stopped s':>17} "
+             f"{'ready/bound':>11} {'median/bound':>12} {'returned/bound':>14} {'seeding stopped s':>17} {'LAN MB/s of max':>15} "
              f"{'CPU busy %':>10} {'ctorrent %':>10} {'pulls %':>7} {'registry %':>10} {'others %':>8} {'load':>9} ok"]
     for r in results:
         load = "/".join(f"{x:.1f}" for x in r.loadavg)
@@ -1109,10 +1181,11 @@ def table(results: list[RoundResult]) -> str:
         lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_median_s):>8} "
                      f"{f(r.docket_all_exited_s):>10} {f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} "
                      f"{f(r.docket_median_over_bound, 2):>12} {f(r.docket_returned_over_bound, 2):>14} "
-                     f"{f(r.seeding_stopped_s):>17} {f(r.cpu.get('busy_pct')):>10} {f(g.get('ctorrent')):>10} "
+                     f"{f(r.seeding_stopped_s):>17} {f(r.aggregate_rx_mb_s):>8}/{f(r.links_capacity_mb_s):<6} {f(r.cpu.get('busy_pct')):>10} {f(g.get('ctorrent')):>10} "
                      f"{f(g.get('docket pull (python)', 0) + g.get('background seeder (python)', 0) if g else None):>7} {f(reg):>10} {f(g.get('outside the benchmark')):>8} "
-                     f"{load:>9} {'yes' if r.all_finished else 'NO'}")
-    lines.append("CPU columns: % of all cores' time from the start barrier to the last host ready (/proc); registry % "
+                     f"{load:>9} {'yes' if r.all_finished else 'NO (' + str(r.docket_fallback_hosts) + ' via HTTP, last ' + f(r.docket_last_any_s) + ' s)'}")
+    lines.append("LAN MB/s: every host's download together at its busiest 4 s (wire), of what N links carry. "
+                 "CPU columns: % of all cores' time from the start barrier to the last host ready (/proc); registry % "
                  "includes opentracker; pulls % = docket pull + its background seeder (Python); others % = processes outside the benchmark's namespaces (other work)")
     return "\n".join(lines)
 
@@ -1155,7 +1228,7 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
             ax.plot(*zip(*pts), style, color=color, alpha=0.45, linestyle="none")  # type: ignore[attr-defined]
 
     with_cpu = any(r.cpu for r in results)
-    fig, axes = plt.subplots(1, 2 if with_cpu else 1, figsize=(12 if with_cpu else 7, 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_cpu else 1, figsize=(14 if with_cpu else 7, 4.8), squeeze=False)
     ax = axes[0][0]
     bounds = med("link_bound_s")
     if any(r.http_s for r in results):
@@ -1165,6 +1238,10 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
     each = f" (median of {rounds} rounds; dots: each round)" if rounds > 1 else ""
     ax.plot(ns, med("docket_s"), "s-", color="C1", label="docket pull: last host ready" + each)
     dots(ax, "docket_s", "s", "C1")
+    fb = [(r.n, r.docket_last_any_s) for r in results if r.docket_s is None and r.docket_last_any_s]
+    if fb:
+        ax.plot(*zip(*fb), "x", color="C3", markersize=9, linestyle="none",
+                label="round where hosts fell back to HTTP: last host ready")
     ax.plot(ns, med("docket_median_s"), "D-", color="C4", label="docket pull: median host ready")
     dots(ax, "docket_median_s", "D", "C4")
     ax.plot(ns, med("docket_all_exited_s"), "^-", color="C3", alpha=0.6, label="docket pull: last returned")
@@ -1201,11 +1278,59 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
         ax.set_ylabel(f"% of {results[0].cpu.get('ncpu', '?')} cores, start to last host ready")
         ax.set_title("CPU during the docket rounds (mean over rounds)")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = cfg.out / "swarm.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    if with_cpu:
+        plot_timeline(cfg, results, plt)
+    return path
+
+
+def plot_timeline(cfg: Config, results: list[RoundResult], plt: object) -> Path:
+    """Per round, over the seconds since the start barrier: how many hosts had their first piece and their image
+    (from the pulls' ctorrent status and --json), against the machine's CPU busy %: which part of a round the
+    machine, not the protocol, held up."""
+    ns = sorted({r.n for r in results})
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False)  # type: ignore[attr-defined]
+    for ax, n in zip(axes[0], ns):
+        rs = [r for r in results if r.n == n]
+        horizon = 0.0
+        for k, r in enumerate(rs):
+            done = sorted(h.done_at for h in r.docket_hosts if h.ok)
+            first = sorted(t for h in r.docket_hosts for t in [next((row[0] for row in h.progress if row[1] > 0),
+                                                                    None)] if t is not None)
+            ls = ["-", "--", ":", "-."][k % 4]
+            if done:
+                ax.step(done, range(1, len(done) + 1), where="post", color="C1", linestyle=ls,
+                        label=f"round {k + 1}: hosts with the image" + ("" if len(done) == n else f" ({len(done)})"))
+                horizon = max(horizon, done[-1])
+            if first:
+                ax.step(first, range(1, len(first) + 1), where="post", color="C0", linestyle=ls, alpha=0.7,
+                        label=f"round {k + 1}: hosts with a first piece")
+        ax.axvline(rs[0].link_bound_s, color="C2", linestyle="--", label="link bound")
+        ax.axvline(1.5 * rs[0].link_bound_s, color="C2", linestyle=":", label="1.5 x bound")
+        ax.set_xlim(0, max(horizon, 1.5 * rs[0].link_bound_s) * 1.1)
+        ax.set_ylim(0, n * 1.05)
+        ax.set_xlabel("seconds since the start barrier")
+        ax.set_ylabel("hosts")
+        ax.set_title(f"N={n}: {cfg.size_mib:g} MiB, {cfg.rate_mbit:g} Mbit/s")
+        ax.grid(True, alpha=0.3)
+        cpu = ax.twinx()
+        for k, r in enumerate(rs):
+            if r.cpu_series:
+                cpu.plot([row[0] for row in r.cpu_series], [row[1] for row in r.cpu_series], color="k",
+                         linestyle=["-", "--", ":", "-."][k % 4], alpha=0.35, label=f"round {k + 1}: CPU busy %")
+        cpu.set_ylim(0, 105)
+        cpu.set_ylabel("machine CPU busy % (all cores)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = cpu.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="lower right")
+    fig.tight_layout()  # type: ignore[attr-defined]
+    path = cfg.out / "timeline.png"
+    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[attr-defined]
     return path
 
 
@@ -1246,6 +1371,19 @@ def benchmark(cfg: Config) -> list[RoundResult]:
     return results
 
 
+def load_results(path: Path) -> tuple[dict, list[RoundResult]]:
+    """A results.json back into rounds (``--replot``: the plots again from a run's figures, no root needed)."""
+    data = json.loads(path.read_text())
+    rounds = []
+    for raw in data["rounds"]:
+        r = dict(raw)
+        hosts = {k: [HostResult(**h) for h in r.pop(k, [])] for k in
+                 ("http_hosts", "docket_hosts", "v2_direct_hosts", "agent_hosts")}
+        known = {f for f in RoundResult.__dataclass_fields__}
+        rounds.append(RoundResult(**{k: v for k, v in r.items() if k in known}, **hosts))
+    return data, rounds
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1274,6 +1412,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="issue 15: `--max-upload-rate RATE` on the first host only (pull or agent), reported likewise")
     p.add_argument("--registry-max-upload-rate", default=None, metavar="RATE",
                    help="issue 15: `docket-registry --max-upload-rate RATE`; the registry's link is reported")
+    p.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only draw swarm.png and timeline.png again from a results.json, next to it")
+    p.add_argument("--prestart-seeders", action="store_true",
+                   help="issue 16: start each host's background seeder before the start barrier (its Python start-up "
+                        "then competes with no download for this machine's cores, as on real hosts with their own)")
     p.add_argument("--mode", default="docket",
                    help="comma list of: docket (curl + `docket pull`, the default), v2-direct (every host pulls as "
                         "dockerd would from the registry's /v2), agent (the same from a `docket agent` per host)")
@@ -1297,11 +1440,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**rates, modes=modes, hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
                   plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers,
-                  pull_args=shlex.split(a.pull_args))
+                  pull_args=shlex.split(a.pull_args), prestart_seeders=a.prestart_seeders, replot=a.replot)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.replot:
+        data, results = load_results(cfg.replot)
+        c = data["config"]
+        cfg.out, cfg.size_mib, cfg.rate_mbit, cfg.layers = cfg.replot.parent, c["size_mib"], c["rate_mbit"], c["layers"]
+        print(table(results))
+        print(f"plot: {plot(cfg, results)}")
+        return 0
     try:
         results = benchmark(cfg)
     except KeyboardInterrupt:
