@@ -20,6 +20,7 @@ from tests.support.registry_server import RegistryServer
 from tests.support.tools import need
 
 RESULTS = os.environ.get("DOCKET_ROBUSTNESS_RESULTS")
+pytestmark = pytest.mark.databases("sqlite", "postgresql")  # each fault on both databases (db_url, tests/conftest.py)
 
 
 def record(test: str, did: str, observed: str) -> None:
@@ -161,12 +162,12 @@ def test_corrupted_blob_is_reported_and_others_still_pull(registry_server, image
 # -- corruption detected by the scrubber ------------------------------------------------------------------------
 
 @pytest.fixture
-def scrubbing_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+def scrubbing_registry(tmp_path: Path, db_url: str | None) -> Iterator[RegistryServer]:
     """A registry that re-hashes every blob each second (--scrub-interval 1)."""
     need("ctorrent")
     need("opentracker")
     server = RegistryServer(location=tmp_path / "registry", port=free_port(), tracker_port=free_port(),
-                            log=tmp_path / "registry.log", extra_args=["--scrub-interval", "1"])
+                            log=tmp_path / "registry.log", extra_args=["--scrub-interval", "1"], db_url=db_url)
     server.start()
     try:
         yield server

@@ -31,7 +31,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 EMPTY = "application/vnd.oci.empty.v1+json"
 
 
-pytestmark = pytest.mark.registry_config(max_upload_size=1 << 20)
+pytestmark = [pytest.mark.registry_config(max_upload_size=1 << 20), pytest.mark.databases("sqlite", "postgresql")]
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:
