@@ -6,12 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # One PostgreSQL server for the run (tests/support/postgres.py: initdb in a temporary directory, run as the
-# postgres user, a free port); tests make their own databases in it. Stopped and removed on exit.
-eval "$(.venv/bin/python -m tests.support.postgres start)"
-stop_postgres() { .venv/bin/python -m tests.support.postgres stop "$DOCKET_TEST_POSTGRES_PID" "$DOCKET_TEST_POSTGRES_DIR"; }
-trap stop_postgres EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# postgres user, a free port); tests make their own databases in it. Stopped and removed on exit. A server of
+# your own: DOCKET_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT (a superuser: tests create databases).
+if [ -z "${DOCKET_TEST_POSTGRES:-}" ]; then
+  eval "$(.venv/bin/python -m tests.support.postgres start)"
+  stop_postgres() {
+    .venv/bin/python -m tests.support.postgres stop "$DOCKET_TEST_POSTGRES_PID" "$DOCKET_TEST_POSTGRES_DIR"
+  }
+  trap stop_postgres EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+fi
+export DOCKET_TEST_POSTGRES
 # Three workers, one test module each at a time (--dist loadfile keeps a module's fixtures in one process): most
 # tests wait on real processes and timeouts, so on 2 cores three workers beat two (931 tests: 903 s -> 629 s,
 # 2026-12-01). DOCKET_TEST_WORKERS=0
