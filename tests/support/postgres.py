@@ -37,6 +37,7 @@ SETTINGS = {
     "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",  # a throw-away cluster
     "max_connections": "500",  # several registry instances per test, three xdist workers, advisory-lock connections
     "shared_buffers": "64MB", "listen_addresses": "127.0.0.1",
+    "timezone": "America/St_Johns",  # not UTC (-03:30): a time the registry stores must not depend on the server's
 }
 
 
