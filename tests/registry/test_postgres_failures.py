@@ -1,5 +1,6 @@
-"""`docket-registry --db` with a PostgreSQL server that cannot be used, or a URL that is no database docket knows:
-one error line with a hint, exit 8, before anything starts (no tracker, no seeder, no database changed)."""
+"""A PostgreSQL server the registry cannot use. At start-up (`docket-registry --db`, or a URL that is no database
+docket knows): one error line with a hint, exit 8, before anything starts (no tracker, no seeder, no database
+changed). While serving: 503 in each API's error shape, never a 500."""
 
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def test_a_url_docket_cannot_use_is_refused(tmp_path: Path, url: str) -> None:
     error, hint = _refused(tmp_path, url)
     assert "cannot use the database URL" in error
     assert "postgresql+psycopg://USER" in hint and "sqlite:///" in hint
+
+
+def test_server_gone_while_serving_is_503_in_each_api(tmp_path: Path, make_app) -> None:
+    """Our own server (the shared one must stay up), stopped under a running app."""
+    server = PostgresServer.start()
+    try:
+        client = make_app(db_url=server.url(server.create_database())).test_client()
+        assert client.get("/api/v1/images").get_json() == {"images": []}
+        server.stop()
+        resp = client.get("/api/v1/images")
+        assert resp.status_code == 503, resp.get_data(as_text=True)
+        assert "database server cannot be reached" in resp.get_json()["error"]["message"]
+        v2 = client.get("/v2/team/app/tags/list")
+        assert v2.status_code == 503 and v2.get_json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert client.get("/healthz").status_code == 503
+    finally:
+        server.stop()
