@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # One PostgreSQL server for the run (tests/support/postgres.py: initdb in a temporary directory, run as the
 # postgres user, a free port); tests make their own databases in it. Stopped and removed on exit. A server of
-# your own: DOCKET_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT (a superuser: tests create databases).
+# your own: DOCKET_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres (a superuser: tests create databases).
 if [ -z "${DOCKET_TEST_POSTGRES:-}" ]; then
   eval "$(.venv/bin/python -m tests.support.postgres start)"
   stop_postgres() {

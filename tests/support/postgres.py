@@ -63,8 +63,13 @@ class PostgresServer:
     proc: subprocess.Popen | None = None
 
     @classmethod
-    def attach(cls, base_url: str) -> PostgresServer:
-        return cls(base_url.rstrip("/"))
+    def attach(cls, url: str) -> PostgresServer:
+        """Someone else's server at ``url`` (a database name in it is ignored: tests make their own)."""
+        from sqlalchemy import URL, make_url
+
+        u = make_url(url)
+        return cls(URL.create(u.drivername, u.username, u.password, u.host, u.port)
+                   .render_as_string(hide_password=False))
 
     @classmethod
     def start(cls, *, detach: bool = False) -> PostgresServer:
@@ -185,7 +190,8 @@ def _stop_pid(pid: int, root: Path | None) -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["start"] and len(argv) == 1:
         server = PostgresServer.start(detach=True)
-        print(f"export {ENV_URL}={server.base_url} {ENV_URL}_PID={server.pid} {ENV_URL}_DIR={server.root}")
+        # the server's own "postgres" database in the URL: a client connects to it to create the tests' databases
+        print(f"export {ENV_URL}={server.url('postgres')} {ENV_URL}_PID={server.pid} {ENV_URL}_DIR={server.root}")
         return 0
     if argv[:1] == ["stop"] and len(argv) == 3:
         server = PostgresServer("", pid=int(argv[1]), root=Path(argv[2]))
