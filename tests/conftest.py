@@ -55,18 +55,35 @@ def postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres_at_head(postgres: PostgresServer) -> Iterator[str]:
+    """A database migrated to head once per session (test processes), the template of ``db_url``'s: a registry
+    starting on a copy finds its schema there (the migrations themselves: tests/registry/test_migrations.py)."""
+    from docket.registry.db import Database
+
+    name = postgres.create_database()
+    db = Database(postgres.url(name))
+    db.migrate()
+    db.dispose()  # a template nobody is connected to
+    yield name
+    postgres.drop_database(name)
+
+
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """The registry's ``--db``: None (SQLite in its location) unless parametrized with "postgresql", then a fresh
     database of the ``postgres`` server, dropped after the test (its apps and processes are gone by then: they
-    depend on this fixture)."""
+    depend on this fixture). It is a copy of a database at head (fast), or empty with ``databases(...,
+    empty=True)``."""
     backend = getattr(request, "param", "sqlite")
     if backend == "sqlite":
         yield None
         return
     assert backend == "postgresql", backend
     server: PostgresServer = request.getfixturevalue("postgres")
-    name = server.create_database()
+    marker = request.node.get_closest_marker("databases")
+    empty = marker is not None and marker.kwargs.get("empty", False)
+    name = server.create_database(None if empty else request.getfixturevalue("postgres_at_head"))
     try:
         yield server.url(name)
     finally:

@@ -19,7 +19,7 @@ from docket.registry.store import FileBlobStore, LocationError
 from docket.torrent import build_torrent, read_torrent
 from tests.support.registry_images import build_image_tar
 
-pytestmark = pytest.mark.databases("sqlite", "postgresql")  # db_url: tests/conftest.py
+pytestmark = pytest.mark.databases("sqlite", "postgresql", empty=True)  # db_url: tests/conftest.py
 
 
 def test_migration_matches_models(tmp_path: Path, db_url: str | None) -> None:

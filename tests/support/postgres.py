@@ -129,21 +129,23 @@ class PostgresServer:
         with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
             yield conn
 
-    def create_database(self) -> str:
-        """A new empty database; its name. Its collation is ICU's en-US, as on many servers (not the byte order of
-        "C", which would hide ordering that differs from SQLite's)."""
+    def create_database(self, template: str | None = None) -> str:
+        """A new database; its name. Empty, with ICU's en-US collation as on many servers (not the byte order of
+        "C", which would hide ordering that differs from SQLite's); or a copy of ``template`` (one of ours, which
+        nobody may be connected to)."""
         name = f"docket_test_{uuid.uuid4().hex[:12]}"
         with self._admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE \'en-US\' '
-                         "LOCALE 'C.UTF-8'")
+            if template is not None:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_checked(template)}"')
+            else:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 LOCALE_PROVIDER icu '
+                             "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
         return name
 
     def drop_database(self, name: str) -> None:
         """Drop ``name``, ending the sessions still connected to it (a test's leftovers must not keep it)."""
-        if not re.fullmatch(r"[a-z0-9_]+", name):
-            raise ValueError(f"not a test database name: {name!r}")
         with self._admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'DROP DATABASE IF EXISTS "{_checked(name)}" WITH (FORCE)')
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT) of the server we started, then its directory removed; nothing for an attached one."""
@@ -156,6 +158,12 @@ class PostgresServer:
         if self.root is not None and self.root.name.startswith("docket-pg-"):
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+
+def _checked(name: str) -> str:
+    if not re.fullmatch(r"docket_test_[a-z0-9_]+", name):
+        raise ValueError(f"not a test database name: {name!r}")
+    return name
 
 
 def _stop_child(proc: subprocess.Popen) -> None:
