@@ -9,7 +9,8 @@ scripts/setup.sh
 # postgres user, a free port); tests make their own databases in it. Stopped and removed on exit. A server of
 # your own: DOCKET_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres (a superuser: tests create databases).
 if [ -z "${DOCKET_TEST_POSTGRES:-}" ]; then
-  eval "$(.venv/bin/python -m tests.support.postgres start)"
+  pg_env=$(.venv/bin/python -m tests.support.postgres start)  # fails the run when PostgreSQL cannot start
+  eval "$pg_env"
   stop_postgres() {
     .venv/bin/python -m tests.support.postgres stop "$DOCKET_TEST_POSTGRES_PID" "$DOCKET_TEST_POSTGRES_DIR"
   }
