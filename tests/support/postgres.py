@@ -197,7 +197,11 @@ def _stop_pid(pid: int, root: Path | None) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["start"] and len(argv) == 1:
-        server = PostgresServer.start(detach=True)
+        try:
+            server = PostgresServer.start(detach=True)
+        except (OSError, RuntimeError, AssertionError, TimeoutError) as exc:
+            print(f"cannot start PostgreSQL for the tests: {exc}", file=sys.stderr)
+            return 1
         # the server's own "postgres" database in the URL: a client connects to it to create the tests' databases
         print(f"export {ENV_URL}={server.url('postgres')} {ENV_URL}_PID={server.pid} {ENV_URL}_DIR={server.root}")
         return 0
