@@ -20,6 +20,7 @@ class RegistryServer:
     log: Path
     proc: subprocess.Popen | None = None
     extra_args: list[str] = field(default_factory=list)
+    db_url: str | None = None  # --db; None: SQLite in the location
 
     @property
     def url(self) -> str:
@@ -30,7 +31,7 @@ class RegistryServer:
             sys.executable, "-m", "docket.registry.cli",
             "--port", str(self.port), "--bind", "127.0.0.1", "--location", str(self.location),
             "--advertise-address", "127.0.0.1", "--tracker-port", str(self.tracker_port),
-            "--log-level", "DEBUG", *self.extra_args,
+            "--log-level", "DEBUG", *(["--db", self.db_url] if self.db_url else []), *self.extra_args,
         ]
 
     def start(self) -> None:
