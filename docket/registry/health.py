@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import select
 
-from docket.registry.models import SEEDED_KINDS, Blob
+from docket.registry.models import SEEDED_KINDS, Blob, utcnow
 from docket.registry.storage import free_bytes, human
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,25 @@ def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, An
     return result
 
 
+def _instances(sv: Any) -> dict[str, Any]:
+    """This process among the registry instances sharing the database (docs/instances.md): who it is, whether it
+    leads (runs GC, retention and the scrubber), and every instance known, live or not (rows go a day after their
+    last heartbeat). Informational: only a database that cannot be read fails it."""
+    me = sv.instances
+    result: dict[str, Any] = {"ok": True, "id": me.id, "leader": me.is_leader(), "shared": me.shared}
+    try:
+        rows = me.listing()
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+        return {**result, "ok": False, "error": f"cannot list the instances: {exc}"}
+    now = utcnow()
+    listed = [{"id": r.id, "url": r.url, "hostname": r.hostname, "pid": r.pid, "version": r.version,
+               "leader": r.leader, "seen_at": r.seen_at.isoformat(), "started_at": r.started_at.isoformat(),
+               "live": r.seen_at >= now - me.live_for or r.id == me.id} for r in rows]
+    result.update(live=sum(1 for r in listed if r["live"]), dead=sum(1 for r in listed if not r["live"]),
+                  instances=listed[:MAX_LISTED])
+    return result
+
+
 def report(sv: Any) -> tuple[bool, dict[str, Any]]:
     """(ok, checks): what /healthz answers (the web page shows it too)."""
     blobs = _blobs(sv)
@@ -121,6 +140,7 @@ def report(sv: Any) -> tuple[bool, dict[str, Any]]:
         "disk_space": _disk_space(sv),
         "tracker": tracker,
         "seeders": _seeders(sv, blobs),
+        "instances": _instances(sv),
     }
     return all(c["ok"] for c in checks.values()), checks
 

@@ -388,8 +388,10 @@ def test_healthz_ok_without_seeding(client, image):
     body = resp.get_json()
     assert resp.status_code == 200, body
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"database", "blob_store", "disk_space", "tracker", "seeders"}
+    assert set(body["checks"]) == {"database", "blob_store", "disk_space", "tracker", "seeders", "instances"}
     assert body["checks"]["blob_store"]["blobs"] == 3  # layer + config + V2 manifest
+    instances = body["checks"]["instances"]  # one process on SQLite: it leads, and shares nothing
+    assert instances["ok"] and instances["leader"] and not instances["shared"] and len(instances["id"]) == 32
 
 
 def test_healthz_degraded_when_blob_damaged(client, location, image):
