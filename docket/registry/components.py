@@ -9,6 +9,7 @@ calls ``start()`` (lock, start-up clean-up, tracker, seeders, GC, scrubber) and 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class Components:
         self.gc.stop()
         self.seed_sync.stop()
         self.swarm.stop()
+        if self.started and self.instances.shared:  # seeders/<our id>/: nobody else uses it
+            shutil.rmtree(self.swarm.seeders_dir, ignore_errors=True)
         self.instances.stop()
         self.started = False
         self.store.unlock()

@@ -38,6 +38,10 @@ BEAT = 2.0  # seconds between heartbeats (and leadership checks)
 LIVE_FOR = 15.0  # an instance not seen for this long is dead
 FORGET_AFTER = 24 * 3600.0  # rows of dead instances are removed after this long (kept meanwhile for the page)
 LEADER_KEY = advisory_key("leader")
+# the leader's connection: a leader whose host vanishes sends no FIN, and the server would keep its lock until the
+# kernel's keepalive (2 h by default) found the connection dead; with these, ~11 s (PostgreSQL sets them per session)
+SERVER_KEEPALIVE = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2, "tcp_keepalives_count": 3,
+                    "tcp_user_timeout": 10000}
 
 
 class Leadership:
@@ -62,6 +66,8 @@ class Leadership:
             try:
                 if self._conn is None:
                     self._conn = self.db.engine.connect()
+                    for name, value in SERVER_KEEPALIVE.items():  # our host gone: the server ends the lock soon
+                        self._conn.execute(text(f"SET {name} = {value}"))
                 if self._held:
                     self._conn.execute(text("SELECT 1"))
                 else:

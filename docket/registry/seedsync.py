@@ -3,7 +3,9 @@
 A push through one instance starts that instance's seeder at once (``Swarm.seed``); the others learn of the blob
 from the database. ``SeedSync`` runs on every instance of a shared database (PostgreSQL), every ``interval``
 seconds: the blobs that should be seeded (seeded kinds, with an info hash, not marked damaged by the scrubber)
-against this process's seeders. Missing ones are started (without waiting for them to listen); seeders whose blob
+against this process's seeders. Missing ones are started (without waiting for them to listen) once the external
+tracker accepts their hash (``Swarm.tracker_accepts``: a refused ctorrent would wait ~15 s to announce again; after
+``MAX_DEFERRALS`` syncs they start anyway); seeders whose blob
 left the wanted set (deleted by GC on the leader, or found damaged) are stopped, each only after a second look
 under the blob's lock, which every writer of a blob holds from its file to its row and seeder: a seeder a push
 started a moment ago is never stopped for a row this pass read too early.
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 2.0  # seconds: a blob pushed through another instance is seeded here within about this long
 SWEEP_EVERY = 15  # syncs between two sweeps of dead instances' seeder directories
+MAX_DEFERRALS = 6  # syncs a start waits for the tracker to accept the hash (about its settle time)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class SeedSync:
         self.root = root
         self.enabled = instances.shared and swarm.seeders is not None
         self._passes = 0
+        self._deferred: dict[str, int] = {}  # digest -> syncs it waited for the tracker's whitelist
         self._known: dict[str, str] = {}  # digest -> info hash, as last read (to take a stopped one off the list)
         self._worker = Periodic("seed-sync", interval if self.enabled else 0, self.run_once)
 
@@ -123,8 +127,15 @@ class SeedSync:
         for digest, info_hash in todo.start:
             if self.store.stat(digest) is None or not self.swarm.torrent_path(digest).is_file():
                 continue  # not all there (a push in flight, a file lost): the next sync looks again
+            waited = self._deferred.get(digest, 0)
+            if waited < MAX_DEFERRALS and not self.swarm.tracker_accepts(info_hash):
+                self._deferred[digest] = waited + 1
+                continue
+            self._deferred.pop(digest, None)
             self.swarm.reseed(digest, info_hash)
             started.append((digest, info_hash))
+        for digest in set(self._deferred) - wanted.keys():
+            del self._deferred[digest]
         stopped = [digest for digest in todo.stop if self._retire(digest)]
         self._known = wanted
         if started or stopped:
@@ -146,4 +157,4 @@ class SeedSync:
         return True
 
 
-__all__ = ["INTERVAL", "SeedPlan", "SeedSync", "dirs_to_keep", "plan", "wanted_seeds"]
+__all__ = ["INTERVAL", "MAX_DEFERRALS", "SeedPlan", "SeedSync", "dirs_to_keep", "plan", "wanted_seeds"]

@@ -24,6 +24,7 @@ from docket.registry.store import BlobStore, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
 from docket.torrent import TorrentMeta, build_torrent, find_ctorrent
 from docket.torrent.metainfo import PieceHasher, retarget_torrent
+from docket.torrent.tracker import announce_ok
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,20 @@ class Swarm:
         if late:
             log.info("re-announcing %d seeder(s) the tracker refused before it accepted their hashes", len(late))
             self.seeders.reannounce(late)
+
+    def tracker_accepts(self, info_hash: str) -> bool:
+        """Whether a seeder of ``info_hash`` started now would be accepted by the tracker: an external one refuses
+        a hash until its sync job (docket-tracker) has polled the whitelist, and a refused ctorrent retries only
+        ~15 s later. True for the managed tracker (whitelisted before any seeder starts) and when the tracker
+        cannot be reached (``needs_restart`` re-announces every seeder when it is back)."""
+        if not isinstance(self.tracker, ExternalTracker):
+            return True
+        try:
+            return announce_ok(self.announce_url, info_hash, 2.0)
+        except ServiceUnavailable:
+            return True
+        except Exception:  # noqa: BLE001 - an odd answer: asked again at the next sync
+            return False
 
     def busy(self, info_hash: str) -> str | None:
         """Why the swarm still needs our seeder (peers downloading; unknown, as when the tracker is down, counts

@@ -3,8 +3,7 @@ apps share a database made for the test on a real PostgreSQL server. One leads (
 the lead moves when its connection dies; damage one marks, the other refuses; the other seeds what one stored;
 start-up beside a push in flight neither refuses nor adopts; a managed tracker or another tracker is refused.
 
-The server: ``DOCKET_TEST_POSTGRES`` (a base URL; scripts/test.sh sets it), else the dev server below. Each test
-gets a database of its own (``pg_url``), dropped afterwards.
+Each test gets a database of its own (``pg_url``: tests/support/pg_database.py), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -13,14 +12,13 @@ import hashlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
 from docket.errors import DocketError
 from docket.registry.health import report
@@ -30,25 +28,14 @@ from docket.registry.periodic import Periodic
 from docket.registry.seeder import SeederSupervisor, reap_dirs
 from docket.registry.seedsync import SeedPlan, SeedSync, dirs_to_keep, plan
 from tests.support.apps import close_app, registry_app
+from tests.support.pg_database import temporary_database
 from tests.support.procs import wait_until
 
-DEV_SERVER = "postgresql+psycopg://docket@127.0.0.1:55432/postgres"
 
-
-# -- a database per test (the lead may swap this for tests/support/postgres.py's ``postgres`` fixture) -----------
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    base = make_url(os.environ.get("DOCKET_TEST_POSTGRES") or DEV_SERVER)
-    admin = create_engine(base.set(database=base.database or "postgres"), isolation_level="AUTOCOMMIT")
-    name = f"docket_inst_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with temporary_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -134,6 +121,8 @@ def test_one_instance_leads_and_the_lead_moves_when_its_connection_dies(pair, pg
     a.instances.start()
     b.instances.start()
     assert a.instances.is_leader() and not b.instances.is_leader()  # the first one takes the lock
+    # a leader whose host vanishes loses the lock by the server's keepalive, in seconds (not the kernel's 2 h)
+    assert a.instances.leadership._conn.execute(text("SHOW tcp_keepalives_idle")).scalar() == "5"
     a.gc.start()
     b.gc.start()
     wait_until(lambda: a.gc.stats.runs >= 2, timeout=10, what="the leader's GC passes")
