@@ -91,7 +91,8 @@ def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, An
         return {"ok": True, "enabled": False}
     snap = sv.swarm.snapshot()
     damaged = sv.scrubber.damaged()  # not seeded on purpose; reported under blob_store
-    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.stat(d) is not None and d not in damaged)
+    expected = sorted(d for d in sv.seed_sync.expected(d for d, _, seeded in (blobs or []) if seeded)
+                      if sv.store.stat(d) is not None and d not in damaged)
     not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
     result: dict[str, Any] = {
         "ok": blobs is not None and not not_running and sv.started,

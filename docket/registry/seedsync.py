@@ -92,6 +92,7 @@ class SeedSync:
         self.enabled = instances.shared and swarm.seeders is not None
         self._passes = 0
         self._deferred: dict[str, int] = {}  # digest -> syncs it waited for the tracker's whitelist
+        self._synced: frozenset[str] | None = None  # what the last sync wanted and started (for /healthz)
         self._known: dict[str, str] = {}  # digest -> info hash, as last read (to take a stopped one off the list)
         self._worker = Periodic("seed-sync", interval if self.enabled else 0, self.run_once)
 
@@ -100,6 +101,15 @@ class SeedSync:
 
     def stop(self) -> None:
         self._worker.stop()
+
+    def expected(self, digests: Iterable[str]) -> list[str]:
+        """Of ``digests`` (blobs the database says are seeded), those this instance should seed by now: /healthz
+        must not call an instance degraded for a blob pushed through another one a moment ago (not synced yet, or
+        waiting for the tracker's whitelist), or a load balancer would take it out after every push."""
+        synced = self._synced
+        if not self.enabled or synced is None:
+            return list(digests)
+        return [digest for digest in digests if digest in synced]
 
     def sweep(self) -> list[str]:
         """Stop and remove the seeder directories of dead instances (see the module's docstring)."""
@@ -138,6 +148,7 @@ class SeedSync:
             del self._deferred[digest]
         stopped = [digest for digest in todo.stop if self._retire(digest)]
         self._known = wanted
+        self._synced = frozenset(wanted.keys() - self._deferred.keys())
         if started or stopped:
             log.info("seed sync: started %d seeder(s), stopped %d (the database is shared with other instances)",
                      len(started), len(stopped))

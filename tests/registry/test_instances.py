@@ -217,6 +217,12 @@ def test_the_other_instance_seeds_what_one_stored_and_stops_what_goes(pair, loca
         assert sv.swarm.seeders.digests() == [layer]
         assert engine.workdirs == [location / "seeders" / sv.instances.id / layer[7:]]
         assert sync.run_once() == SeedPlan()  # nothing changed
+        later = upload(first, os.urandom(30_000), kind="layer")
+        assert sync.expected([layer, later]) == [layer]  # /healthz: not degraded before the next sync
+        assert sync.run_once().start == info_hashes(sv, later) and sync.expected([layer, later]) == [layer, later]
+        with sv_of(first).locks.blob(later):
+            assert sv_of(first).blobs.drop_locked(later, None, require_unreferenced_mark=False)
+        assert sync.run_once() == SeedPlan(stop=[later])
 
         assert sv_of(first).scrubber.is_damaged(layer) is False
         with sv_of(first).db.session() as s:  # found damaged (by the leader's scrubber)
