@@ -97,6 +97,9 @@ class SeedSync:
         self._worker = Periodic("seed-sync", interval if self.enabled else 0, self.run_once)
 
     def start(self) -> None:
+        """After the swarm started its seeders: those are what this instance seeds until the first sync."""
+        if self.enabled and self.swarm.seeders is not None:
+            self._synced = frozenset(self.swarm.seeders.digests())
         self._worker.start()
 
     def stop(self) -> None:

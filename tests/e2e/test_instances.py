@@ -65,7 +65,8 @@ def test_every_instance_seeds_every_blob_and_the_lead_moves(tmp_path: Path, pg_u
 
             digest, info_hash = push(first.url, os.urandom(1_500_000))  # as `docket push` does
             # not degraded while the second catches up (a load balancer would take it out after every push)
-            assert requests.get(f"{second.url}/healthz", timeout=10).status_code == 200
+            caught_up = requests.get(f"{second.url}/healthz", timeout=10)
+            assert caught_up.status_code == 200, {k: v for k, v in caught_up.json()["checks"].items() if not v["ok"]}
             announce = f"http://127.0.0.1:{tracker_port}/announce"
             # the second instance seeds it too, announced once the tracker accepts the hash (each on its address)
             wait_until(lambda: scrape(announce, info_hash).complete == 2, timeout=40, what="two seeders")
