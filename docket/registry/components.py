@@ -64,6 +64,7 @@ class Components:
         self.swarm.preflight()
         self.store.lock()  # before anything touches uploads/, seeders/ or blobs/ (shared on PostgreSQL)
         self.instances.start()  # our row and heartbeat; leads at once when no other instance does
+        self._refuse_managed_tracker_beside_others()
         self.seed_sync.sweep()  # shared: seeders left by instances of this host that died (SIGKILL)
         self.store.clean_stale_uploads()
         blobs = self.reconciler.run()
@@ -76,6 +77,20 @@ class Components:
         self.gc.start()
         self.retention.start()  # first run one interval from now (retention.py)
         self.scrubber.start()  # first pass now (when leading), in the background; requests are served meanwhile
+
+    def _refuse_managed_tracker_beside_others(self) -> None:
+        """Instances sharing a database share one external tracker: with a managed one each would run its own
+        opentracker and point every torrent at it (one registry alone on PostgreSQL may manage its tracker)."""
+        if not (self.instances.shared and self.swarm.seeding and self.swarm.tracker.managed):
+            return
+        others = self.instances.live_ids() - {self.instances.id}
+        if others:
+            raise DocketError(
+                f"{len(others)} other registry instance(s) run on this database: instances sharing it need one "
+                "external tracker, and without --tracker this one would run its own opentracker and point every "
+                "torrent at it",
+                "run docket-tracker (it follows GET /api/v1/tracker/whitelist of any instance) and start every "
+                "instance with --tracker HOST:PORT (README: Several instances)")
 
     def stop(self) -> None:
         """Stop scrubber, retention, GC, seed sync, seeders, tracker (in that order); idempotent."""
@@ -95,12 +110,6 @@ def build(config: RegistryConfig) -> Components:
     """Every component of one registry process, the store's layout made and the database at head."""
     db = Database(config.database_url)
     shared = db.engine.dialect.name != "sqlite"  # several instances may serve this database (docs/instances.md)
-    if shared and config.seeding and not config.tracker:
-        raise DocketError(
-            "several registry instances on one database need one external tracker: without --tracker each would "
-            "run its own opentracker and point every torrent at it",
-            "run docket-tracker (following the registry's /api/v1/tracker/whitelist) and start every instance "
-            "with --tracker HOST:PORT (README: Several instances)")
     store = FileBlobStore(config.location, shared=shared)  # instances share it
     store.ensure_layout()
     db.migrate()

@@ -302,7 +302,21 @@ def test_an_instance_with_another_tracker_is_refused_while_others_run(pair) -> N
         next(iter(d for d in sv_of(first).store.digests()))) == "http://127.0.0.1:7001/announce"  # untouched
 
 
-def test_a_managed_tracker_on_a_shared_database_is_refused(location: Path, pg_url: str) -> None:
-    with pytest.raises(DocketError) as caught:
-        registry_app(location, db_url=pg_url, seeding=True)
-    assert "--tracker" in caught.value.message and "docket-tracker" in (caught.value.hint or "")
+def test_a_managed_tracker_beside_other_instances_is_refused(pair) -> None:
+    first = pair()
+    sv_of(first).instances.start()
+    second = sv_of(pair(seeding=True))  # no --tracker: it would run its own opentracker
+    try:
+        with pytest.raises(DocketError) as caught:
+            second.start()
+        assert "--tracker" in caught.value.message and "docket-tracker" in (caught.value.hint or "")
+        assert second.swarm.tracker.pid is None  # refused before the tracker or any seeder started
+    finally:
+        second.stop()
+    assert {row.id for row in sv_of(first).instances.listing()} == {sv_of(first).instances.id}  # its row is gone
+
+
+def test_one_registry_alone_on_postgresql_may_manage_its_tracker(pair) -> None:
+    alone = sv_of(pair(seeding=True))
+    alone.instances.start()
+    alone._refuse_managed_tracker_beside_others()  # nobody else: no error
