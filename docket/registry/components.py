@@ -83,7 +83,7 @@ class Components:
         opentracker and point every torrent at it (one registry alone on PostgreSQL may manage its tracker)."""
         if not (self.instances.shared and self.swarm.seeding and self.swarm.tracker.managed):
             return
-        others = self.instances.live_ids() - {self.instances.id}
+        others = self.instances.others_running()
         if others:
             raise DocketError(
                 f"{len(others)} other registry instance(s) run on this database: instances sharing it need one "

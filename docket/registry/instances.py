@@ -165,6 +165,16 @@ class Instances:
             ids = set(s.scalars(select(RegistryInstance.id).where(RegistryInstance.seen_at >= now - self.live_for)))
         return ids | {self.id}
 
+    def others_running(self, now: datetime | None = None) -> list[RegistryInstance]:
+        """The other live instances, but those of this host whose process is gone (killed a moment ago: its row
+        looks live for ``LIVE_FOR`` more seconds, and a restart must not wait for that)."""
+        now = now or utcnow()
+        here = socket.gethostname()[:255]
+        with self.db.session() as s:
+            rows = list(s.scalars(select(RegistryInstance).where(
+                RegistryInstance.id != self.id, RegistryInstance.seen_at >= now - self.live_for)))
+        return [row for row in rows if row.hostname != here or _running(row.pid)]
+
     def push_since(self, now: datetime | None = None) -> datetime | None:
         """The earliest start of a push run still going on in any live instance (ours read live)."""
         now = now or utcnow()
@@ -182,6 +192,16 @@ class Instances:
         """Every known instance, newest first (for /healthz and the page)."""
         with self.db.session() as s:
             return list(s.scalars(select(RegistryInstance).order_by(RegistryInstance.started_at.desc())))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
 
 
 __all__ = ["BEAT", "LIVE_FOR", "Instances", "Leadership"]

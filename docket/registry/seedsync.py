@@ -12,9 +12,9 @@ started a moment ago is never stopped for a row this pass read too early.
 
 Each instance seeds from its own ``seeders/<instance id>/`` (ctorrent keeps a bitfield file in its work
 directory). ``sweep`` (at start and every ``SWEEP_EVERY`` syncs) stops the seeders of instances on this host that
-died (SIGKILL leaves their ctorrents running) and removes the directories of dead instances: of this host, and of
-any host once their row is forgotten (a day); another host's dead instance may have left ctorrents running there,
-and only that host can stop them.
+died (SIGKILL leaves their ctorrents running; one whose process is gone counts at once, before its row ages) and
+removes the directories of dead instances: of this host, and of any host once their row is forgotten (a day);
+another host's dead instance may have left ctorrents running there, and only that host can stop them.
 
 On SQLite the one process starts and stops its seeders itself, and no sync runs.
 """
@@ -119,7 +119,8 @@ class SeedSync:
         if not self.instances.shared:
             return []
         rows = [(row.id, row.hostname) for row in self.instances.listing()]
-        keep = dirs_to_keep(rows, self.instances.live_ids(), socket.gethostname()[:255])
+        running = {row.id for row in self.instances.others_running()} | {self.instances.id}
+        keep = dirs_to_keep(rows, running, socket.gethostname()[:255])
         removed = reap_dirs(self.root, keep)
         if removed:
             log.info("removed the seeder directories of %d instance(s) gone: %s", len(removed), ", ".join(removed))

@@ -211,7 +211,7 @@ class Reconciler:
                        for url in [self.swarm.torrent_announce(b.digest)] if url is not None), None)
         if theirs is None or theirs == ours:
             return
-        others = self.instances.live_ids() - {self.instances.id}
+        others = self.instances.others_running()
         if others:
             raise DocketError(
                 f"the torrents announce to {theirs}, the tracker of the {len(others)} other instance(s) running on "

@@ -1,6 +1,7 @@
 """Two real `docket-registry` processes on one PostgreSQL database, one location and one `docket-tracker`
-(docs/instances.md): a layer pushed through one is seeded by both (the tracker counts two seeders), and when the
-leader is killed with SIGKILL the other leads within seconds and stays healthy.
+(docs/instances.md): a layer pushed through one is seeded by both (the tracker counts two seeders) and the other
+stays healthy meanwhile; when the leader is killed with SIGKILL the other leads within seconds, and the killed one
+restarted at once starts (as a follower) and stops the ctorrent its previous process left.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def test_every_instance_seeds_every_blob_and_the_lead_moves(tmp_path: Path, pg_u
                        what="the second instance to lead")
             health = requests.get(f"{second.url}/healthz", timeout=10)
             assert health.status_code == 200, health.json()
+
+            seeders = location / "seeders"
+            left = {p.name for p in seeders.iterdir()} - {second.health()["checks"]["instances"]["id"]}
+            assert len(left) == 1 and any((seeders / left.pop()).rglob("ctorrent.pid"))  # its ctorrent runs on
+            first.start()  # restarted at once (as systemd would): neither refused nor waiting for the row to age
+            assert not first.health()["checks"]["instances"]["leader"]
+            # its start-up stopped the ctorrent the killed process left and removed its directory
+            assert sorted(p.name for p in seeders.iterdir()) == sorted(
+                server.health()["checks"]["instances"]["id"] for server in (first, second))
         finally:
             first.stop()
             second.stop()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from sqlalchemy import create_engine, text
 from docket.errors import DocketError
 from docket.registry.health import report
 from docket.registry.instances import LEADER_KEY
-from docket.registry.models import Blob, utcnow
+from docket.registry.models import Blob, RegistryInstance, utcnow
 from docket.registry.periodic import Periodic
 from docket.registry.seeder import SeederSupervisor, reap_dirs
 from docket.registry.seedsync import SeedPlan, SeedSync, dirs_to_keep, plan
@@ -141,6 +143,22 @@ def test_one_instance_leads_and_the_lead_moves_when_its_connection_dies(pair, pg
     runs = b.gc.stats.runs
     wait_until(lambda: b.gc.stats.runs > runs, timeout=10, what="GC on the new leader")
     assert not a.instances.leadership.refresh()  # the old one finds out at its next beat, and follows
+
+
+def test_a_killed_instance_of_this_host_is_not_running_at_once(pair) -> None:
+    me = sv_of(pair()).instances
+    me.start()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = utcnow()
+    with me.db.session() as s:
+        for name, host, pid in (("killed", socket.gethostname(), gone.pid), ("elsewhere", "other-host", gone.pid),
+                                ("running", socket.gethostname(), os.getpid())):
+            s.add(RegistryInstance(id=name.ljust(32, "0"), hostname=host, pid=pid, url="http://x", version="0",
+                                   started_at=now, seen_at=now))
+        s.commit()
+    assert len(me.live_ids()) == 4  # its row looks live for 15 s more
+    assert sorted(row.id[:9].rstrip("0") for row in me.others_running()) == ["elsewhere", "running"]
 
 
 def test_metrics_count_the_instances_and_the_leader(pair) -> None:
