@@ -236,6 +236,10 @@ class SeederSupervisor:
         with s.lock:
             if s.proc is not None and s.proc.alive():
                 return
+            with self._lock:
+                current = self._table.get(s.spec.digest) is s
+            if not current:  # removed (or everything stopped) while a restart was under way: it would be orphaned
+                return
             spec = s.spec
             try:
                 spec.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
