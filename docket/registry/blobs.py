@@ -5,6 +5,7 @@ deletes a blob a push is about to reference.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -19,6 +20,7 @@ from docket.registry.db import Database
 from docket.registry.instances import Instances
 from docket.registry.locks import Locks
 from docket.registry.models import KIND_LAYER, Blob, BlobLease, count_references, utcnow
+from docket.registry.periodic import Periodic
 from docket.registry.scrub import BlobScrubber
 from docket.registry.storage import require_space
 from docket.registry.store import BlobStore, Upload
@@ -29,48 +31,66 @@ log = logging.getLogger(__name__)
 
 class DownloadCounter:
     """In-flight plain-HTTP blob downloads per digest: GC, on whichever instance runs it, never deletes a blob
-    someone is reading. Counted here; while this instance has at least one download of a digest, a lease row
-    (``blob_leases``) says so to the others. Rows of a dead instance stop counting (``Instances.live_ids``)."""
+    someone is reading. Counted here, in memory: no database work on the download's path (a request that waits
+    for a connection while holding the counter's lock would stall every download). On a shared database a timer
+    publishes the digests this instance is serving as lease rows (``blob_leases``) every ``publish_every``
+    seconds; rows of a dead instance stop counting (``Instances.live_ids``). A download that started since the
+    last publish is not yet seen by another instance's GC: the file it has open stays readable after a delete."""
 
-    def __init__(self, db: Database, instances: Instances) -> None:
+    def __init__(self, db: Database, instances: Instances, *, publish_every: float = 2.0) -> None:
         self.db = db
         self.instances = instances
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._published: set[str] = set()
+        self._worker = Periodic("download-leases", publish_every, self.publish)
+
+    def start(self) -> None:
+        if self.instances.shared:
+            self._worker.start()
+
+    def stop(self) -> None:
+        """Stop publishing and remove our rows (the others stop counting them at once)."""
+        self._worker.stop()
+        if self._published:
+            with contextlib.suppress(SQLAlchemyError), self.db.session() as s:
+                s.execute(delete(BlobLease).where(BlobLease.instance == self.instances.id))
+                s.commit()
+            self._published = set()
 
     def acquire(self, digest: str) -> None:
         with self._lock:
             self._counts[digest] += 1
-            if self._counts[digest] == 1:
-                self._lease(digest, True)
 
     def release(self, digest: str) -> None:
         with self._lock:
             self._counts[digest] -= 1
             if self._counts[digest] <= 0:
                 del self._counts[digest]
-                self._lease(digest, False)
 
-    def _lease(self, digest: str, held: bool) -> None:
-        """Write or remove our lease row (caller holds the lock: transitions stay in order). A failing database
-        costs the lease, not the download: the file a download has open stays readable after a delete."""
-        try:
-            with self.db.session() as s:
-                if held:
-                    if s.get(BlobLease, (self.instances.id, digest)) is None:
-                        s.add(BlobLease(instance=self.instances.id, digest=digest, since=utcnow()))
-                else:
-                    s.execute(delete(BlobLease).where(BlobLease.instance == self.instances.id,
-                                                      BlobLease.digest == digest))
-                s.commit()
-        except SQLAlchemyError as exc:
-            log.warning("download lease of %s not %s: %s", digest, "written" if held else "removed",
-                        str(exc).splitlines()[0])
+    def publish(self) -> None:
+        """Make our lease rows the digests downloaded now (one thread: the timer's, or a test's)."""
+        with self._lock:
+            current = set(self._counts)
+        added, gone = current - self._published, self._published - current
+        if not added and not gone:
+            return
+        with self.db.session() as s:
+            if gone:
+                s.execute(delete(BlobLease).where(BlobLease.instance == self.instances.id,
+                                                  BlobLease.digest.in_(gone)))
+            now = utcnow()
+            for digest in added:
+                s.merge(BlobLease(instance=self.instances.id, digest=digest, since=now))
+            s.commit()
+        self._published = current
 
     def count(self, digest: str) -> int:
         """Downloads of ``digest`` in flight here, plus one for each other live instance with a lease on it."""
         with self._lock:
             local = self._counts.get(digest, 0)
+        if not self.instances.shared:
+            return local
         with self.db.session() as s:
             others = set(s.scalars(select(BlobLease.instance).where(BlobLease.digest == digest,
                                                                       BlobLease.instance != self.instances.id)))
@@ -78,6 +98,8 @@ class DownloadCounter:
 
     def forget_dead(self) -> int:
         """Remove the leases of instances that are not alive (GC's pass); returns how many."""
+        if not self.instances.shared:
+            return 0
         live = self.instances.live_ids()
         with self.db.session() as s:
             gone = s.execute(delete(BlobLease).where(BlobLease.instance.not_in(live))).rowcount

@@ -74,6 +74,7 @@ class Components:
                           if b.seeded and b.info_hash and b.digest not in damaged])
         self.started = True
         self.seed_sync.start()  # shared database only: blobs pushed through other instances get our seeder too
+        self.downloads.start()  # shared database only: our HTTP downloads as lease rows, for the leader's GC
         self.gc.start()
         self.retention.start()  # first run one interval from now (retention.py)
         self.scrubber.start()  # first pass now (when leading), in the background; requests are served meanwhile
@@ -98,6 +99,7 @@ class Components:
         self.retention.stop()
         self.gc.stop()
         self.seed_sync.stop()
+        self.downloads.stop()
         self.swarm.stop()
         if self.started and self.instances.shared:  # seeders/<our id>/: nobody else uses it
             shutil.rmtree(self.swarm.seeders_dir, ignore_errors=True)

@@ -130,10 +130,14 @@ def test_gc_on_one_instance_waits_for_the_others_downloads_and_pushes(pair):
     # B is downloading it (a lease row) and B is alive (its heartbeat)
     sv(b_app).instances.beat()
     sv(b_app).downloads.acquire(sha(data))
+    sv(b_app).downloads.publish()  # its timer's job, every 2 s
     with sv(a_app).db.session() as s:
         assert s.scalars(select(BlobLease.instance)).all() == [sv(b_app).instances.id]
     assert gc.run_once() == []
     sv(b_app).downloads.release(sha(data))
+    sv(b_app).downloads.publish()
+    with sv(a_app).db.session() as s:
+        assert s.scalars(select(BlobLease.instance)).all() == []
     # B receives a push's body (its heartbeat publishes the push's start): the blob uploaded an hour ago waits
     # only if it became unreferenced after that push began, so begin the push before it, as a long push would
     with sv(b_app).db.session() as s:
@@ -157,6 +161,7 @@ def test_leases_of_a_dead_instance_do_not_count(pair):
     assert a_app.test_client().post(f"/v2/app/blobs/uploads/?digest={sha(data)}", data=data).status_code == 201
     sv(b_app).instances.beat()
     sv(b_app).downloads.acquire(sha(data))  # and then B is killed: its row stops being refreshed
+    sv(b_app).downloads.publish()
     assert sv(a_app).downloads.count(sha(data)) == 1
     with sv(a_app).db.session() as s:
         s.execute(update(RegistryInstance).where(RegistryInstance.id == sv(b_app).instances.id).values(
