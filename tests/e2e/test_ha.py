@@ -196,6 +196,26 @@ def cluster(ha_database: str, tmp_path_factory: pytest.TempPathFactory, docker_h
                     inst.stop()
 
 
+@pytest.fixture(autouse=True)
+def _whole_cluster(cluster: Cluster) -> Iterator[None]:
+    """Each test starts with both instances running and in HAProxy's rotation (a test that failed between a
+    kill and the restart leaves one down)."""
+    for inst in cluster.instances:
+        if inst.proc is None:
+            inst.start()
+    try:
+        cluster.haproxy.wait_all_up(timeout=20)
+    except AssertionError as exc:
+        health = {}
+        for inst in cluster.instances:
+            try:
+                health[inst.port] = requests.get(f"{inst.url}/healthz", timeout=10).json()
+            except Exception as err:  # noqa: BLE001 - reported below
+                health[inst.port] = repr(err)
+        raise AssertionError(f"{exc}\n/healthz of the instances: {json.dumps(health, indent=1, default=str)}")
+    yield
+
+
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
@@ -407,31 +427,6 @@ def test_a_blob_pushed_through_one_is_seeded_by_the_other(cluster: Cluster, imag
     assert second.health()["status"] == "ok"
 
 
-def test_restarting_one_instance_leaves_the_others_push_and_seeders_alone(cluster: Cluster, image_factory,
-                                                                        docket_cli, tmp_path: Path):
-    """An instance starting up (after a crash, an upgrade) must not clean the shared location under the other:
-    its upload files, its /v2 sessions, its seeders."""
-    ref, _ = image_factory.build(data_mib=64)
-    first, second = cluster.instances
-    seeding_before = seeders_alive(first)
-    argv = [sys.executable, "-m", "docket.client.cli", "--port", str(first.port), "--location",
-            str(tmp_path / "client"), "push", ref]  # straight to the first instance
-    push = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: any(p.stat().st_size > 4 << 20 for p in (cluster.location / "uploads").iterdir()
-                               if p.is_file()), timeout=60, interval=0.02, what="the push's upload to be under way")
-        second.restart()
-        out, err = push.communicate(timeout=120)
-    finally:
-        if push.poll() is None:
-            push.kill()
-            push.wait()
-    assert push.returncode == 0, err
-    assert seeding_before <= seeders_alive(first), "the restarted instance stopped the other's seeders"
-    cluster.haproxy.wait_all_up()
-    assert_consistent(cluster)
-
-
 def test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress(cluster: Cluster):
     """The upload opened by the first test on the instance that does not lead is older than the grace now; GC ran
     on the leader all along (--gc-interval 1) and must have kept its blobs; an unreferenced blob from before it
@@ -465,6 +460,31 @@ def test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress(cluster: Cluster)
     assert "v1" in assert_consistent(cluster)[gc["name"]]
 
 
+def test_restarting_one_instance_leaves_the_others_push_and_seeders_alone(cluster: Cluster, image_factory,
+                                                                        docket_cli, tmp_path: Path):
+    """An instance starting up (after a crash, an upgrade) must not clean the shared location under the other:
+    its upload files, its /v2 sessions, its seeders."""
+    ref, _ = image_factory.build(data_mib=64)
+    first, second = cluster.instances
+    seeding_before = seeders_alive(first)
+    argv = [sys.executable, "-m", "docket.client.cli", "--port", str(first.port), "--location",
+            str(tmp_path / "client"), "push", ref]  # straight to the first instance
+    push = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(p.stat().st_size > 4 << 20 for p in (cluster.location / "uploads").iterdir()
+                               if p.is_file()), timeout=60, interval=0.02, what="the push's upload to be under way")
+        second.restart()
+        out, err = push.communicate(timeout=120)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.wait()
+    assert push.returncode == 0, err
+    assert seeding_before <= seeders_alive(first), "the restarted instance stopped the other's seeders"
+    cluster.haproxy.wait_all_up()
+    assert_consistent(cluster)
+
+
 def _kill_mid_transfer(cluster: Cluster, proc: subprocess.Popen, direction: str, threshold: int) -> RegistryServer:
     """Wait until one instance is moving a big body for ``proc`` (HAProxy's per-server bytes in or out grow past
     ``threshold`` during the command), then SIGKILL that instance; returns it."""
@@ -478,11 +498,14 @@ def _kill_mid_transfer(cluster: Cluster, proc: subprocess.Popen, direction: str,
 
     def busy() -> str | None:
         if proc.poll() is not None:
-            raise AssertionError(f"the command ended before the kill: {proc.returncode}")
+            return "ended"
         now = counts()
         return next((s for s in SERVERS if now[s] - start[s] > threshold), None)
 
     victim_name = wait_until(busy, timeout=120, interval=0.02, what="a big transfer through HAProxy")
+    if victim_name == "ended":
+        out, err = proc.communicate()
+        raise AssertionError(f"the command ended (exit {proc.returncode}) before the kill:\n{out}\n{err}")
     victim = cluster.instances[SERVERS.index(victim_name)]
     cluster.kill(victim)
     return victim

@@ -113,7 +113,17 @@ class HAProxy:
                 status: object = self.server_status()
             except Exception as exc:  # noqa: BLE001 - the socket failing is the report
                 status = exc
-            raise AssertionError(f"haproxy servers are {status}, not {expected}\n{tail(self.log)}") from None
+            raise AssertionError(f"haproxy servers are {status}, not {expected}; its last state changes:\n"
+                                 f"{self.state_changes()}") from None
+
+    def state_changes(self, lines: int = 10) -> str:
+        """The log's "Server registries/... is UP/DOWN" lines (its request lines left out)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        found = [line for line in text.splitlines() if line.startswith(("Server ", "[WARNING]", "[ALERT]"))]
+        return "\n".join(found[-lines:])
 
     def wait_all_up(self, timeout: float = 30.0) -> dict[str, str]:
         return self.wait_status({name: "UP" for name in SERVERS}, timeout=timeout)
