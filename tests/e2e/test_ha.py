@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +438,7 @@ def test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress(cluster: Cluster)
     # A control: an unreferenced blob well past the grace, from before any push began.
     control = put_blob(leader.url, "ha/gc-control", os.urandom(4096))
     cluster.sql("UPDATE blobs SET unreferenced_at = %s WHERE digest = %s",
-                datetime.utcnow() - timedelta(hours=2), control)
+                datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2), control)
     wait = gc["opened"] + GC_GRACE + 3 - time.monotonic()
     if wait > 0:
         time.sleep(wait)
