@@ -10,6 +10,7 @@ terminal (``printable``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -39,6 +40,12 @@ MAX_JSON_CONTAINERS = 1_000_000
 MAX_IMAGES = 100_000
 BLOB_CHUNK = 256 * 1024  # a blob download fails when one chunk takes longer than --timeout (deadline.py)
 API = "/api/v1"
+# A request the registry never answered (a connection refused or cut, a proxy's 502/503/504 page: one instance
+# behind a load balancer died) is sent again this many times, after RETRY_BACKOFF * 2**n seconds, when sending it
+# again cannot do anything twice: GET, HEAD, and a PUT whose body is in memory (docs/instances.md).
+RETRIES = 3
+RETRY_BACKOFF = 0.25
+PROXY_STATUSES = (502, 503, 504)
 
 _BY_CODE: dict[str, type[errors.DocketError]] = {}
 
@@ -170,29 +177,13 @@ class RegistryClient:
         total = deadline or read_timeout or self.read_timeout
         if isinstance(self.session, DeadlineSession):
             kw["deadline"] = total
-        try:
-            # verify passed per request: a session-level verify loses to REQUESTS_CA_BUNDLE (requests#3829)
-            resp = self.session.request(method, url, timeout=timeout, verify=self.session.verify, stream=True, **kw)
-        except DeadlineExceeded as exc:
-            raise self._deadline_error(what, total) from exc
-        except requests.exceptions.SSLError as exc:
-            raise _tls_error(exc, what, self.url, self.ca_bundle) from exc
-        except requests.exceptions.ConnectTimeout as exc:
-            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url} (connect timed out)",
-                                            "is docket-registry running? check --host/--port") from exc
-        except requests.exceptions.ReadTimeout as exc:
-            raise errors.ServiceUnavailable(
-                f"{what}: the registry at {self.url} did not answer within {timeout[1]:g} s",
-                "the registry may be overloaded; retry, or raise --timeout") from exc
-        except requests.exceptions.ConnectionError as exc:
-            if "Connection aborted" in str(exc) or "RemoteDisconnected" in str(exc):
-                raise errors.ServiceUnavailable(
-                    f"{what}: the registry at {self.url} closed the connection without answering",
-                    "if it serves HTTPS, use https:// in --host / DOCKET_HOST; else check the registry's log") from exc
-            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url}",
-                                            "is docket-registry running? check --host/--port") from exc
-        except requests.exceptions.RequestException as exc:
-            raise errors.ServiceUnavailable(f"{what}: request to {url} failed: {exc}") from exc
+        retries = RETRIES if _replayable(method, kw) else 0
+        for attempt in range(retries + 1):
+            resp = self._send(method, url, what, timeout, total, retry=attempt < retries, **kw)
+            if resp is not None:
+                break
+            time.sleep(RETRY_BACKOFF * 2**attempt)
+        assert resp is not None
         if resp.status_code not in ok:
             try:
                 resp._content = self._read(resp, MAX_ERROR_REPLY, what, truncate=True)
@@ -209,6 +200,41 @@ class RegistryClient:
         if not stream:
             with resp:
                 resp._content = self._read(resp, limit, what)
+        return resp
+
+    def _send(self, method: str, url: str, what: str, timeout: tuple[float, float], total: float, *,
+              retry: bool, **kw: Any) -> requests.Response | None:
+        """One attempt; None when it should be sent again (``retry``: the registry never answered it)."""
+        try:
+            # verify passed per request: a session-level verify loses to REQUESTS_CA_BUNDLE (requests#3829)
+            resp = self.session.request(method, url, timeout=timeout, verify=self.session.verify, stream=True, **kw)
+        except DeadlineExceeded as exc:
+            raise self._deadline_error(what, total) from exc
+        except requests.exceptions.SSLError as exc:
+            raise _tls_error(exc, what, self.url, self.ca_bundle) from exc
+        except requests.exceptions.ConnectTimeout as exc:
+            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url} (connect timed out)",
+                                            "is docket-registry running? check --host/--port") from exc
+        except requests.exceptions.ReadTimeout as exc:
+            raise errors.ServiceUnavailable(
+                f"{what}: the registry at {self.url} did not answer within {timeout[1]:g} s",
+                "the registry may be overloaded; retry, or raise --timeout") from exc
+        except requests.exceptions.ConnectionError as exc:
+            if retry:
+                log.info("%s: %s; sending it again", what, str(exc).splitlines()[0][:200])
+                return None
+            if "Connection aborted" in str(exc) or "RemoteDisconnected" in str(exc):
+                raise errors.ServiceUnavailable(
+                    f"{what}: the registry at {self.url} closed the connection without answering",
+                    "if it serves HTTPS, use https:// in --host / DOCKET_HOST; else check the registry's log") from exc
+            raise errors.ServiceUnavailable(f"cannot reach the registry at {self.url}",
+                                            "is docket-registry running? check --host/--port") from exc
+        except requests.exceptions.RequestException as exc:
+            raise errors.ServiceUnavailable(f"{what}: request to {url} failed: {exc}") from exc
+        if retry and resp.status_code in PROXY_STATUSES and not _docket_error(resp):
+            log.info("%s: HTTP %d from a proxy; sending it again", what, resp.status_code)
+            resp.close()
+            return None
         return resp
 
     def _deadline_error(self, what: str, seconds: float) -> errors.ServiceUnavailable:
@@ -505,3 +531,15 @@ class _SizedBody:
 
     def __iter__(self) -> Iterator[bytes]:
         return self._chunks
+
+
+def _replayable(method: str, kw: dict[str, Any]) -> bool:
+    """Whether sending the request again cannot do anything twice, and its body can be sent again."""
+    data = kw.get("data")
+    return (method in ("GET", "HEAD") or (method == "PUT" and (data is None or isinstance(data, (bytes, str))))) \
+        and "files" not in kw
+
+
+def _docket_error(resp: requests.Response) -> bool:
+    """Whether an error answer comes from a docket registry (JSON), not from a proxy in front of it."""
+    return resp.headers.get("Content-Type", "").split(";")[0].strip() == "application/json"

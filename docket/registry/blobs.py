@@ -10,12 +10,15 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from docket.errors import BlobUnknown, DeleteRefused, NotFound
 from docket.registry.db import Database
+from docket.registry.instances import Instances
 from docket.registry.locks import Locks
-from docket.registry.models import KIND_LAYER, Blob, count_references, utcnow
+from docket.registry.models import KIND_LAYER, Blob, BlobLease, count_references, utcnow
 from docket.registry.scrub import BlobScrubber
 from docket.registry.storage import require_space
 from docket.registry.store import BlobStore, Upload
@@ -25,25 +28,61 @@ log = logging.getLogger(__name__)
 
 
 class DownloadCounter:
-    """In-flight plain-HTTP blob downloads per digest: GC never deletes a blob someone is reading."""
+    """In-flight plain-HTTP blob downloads per digest: GC, on whichever instance runs it, never deletes a blob
+    someone is reading. Counted here; while this instance has at least one download of a digest, a lease row
+    (``blob_leases``) says so to the others. Rows of a dead instance stop counting (``Instances.live_ids``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: Database, instances: Instances) -> None:
+        self.db = db
+        self.instances = instances
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def acquire(self, digest: str) -> None:
         with self._lock:
             self._counts[digest] += 1
+            if self._counts[digest] == 1:
+                self._lease(digest, True)
 
     def release(self, digest: str) -> None:
         with self._lock:
             self._counts[digest] -= 1
             if self._counts[digest] <= 0:
                 del self._counts[digest]
+                self._lease(digest, False)
+
+    def _lease(self, digest: str, held: bool) -> None:
+        """Write or remove our lease row (caller holds the lock: transitions stay in order). A failing database
+        costs the lease, not the download: the file a download has open stays readable after a delete."""
+        try:
+            with self.db.session() as s:
+                if held:
+                    if s.get(BlobLease, (self.instances.id, digest)) is None:
+                        s.add(BlobLease(instance=self.instances.id, digest=digest, since=utcnow()))
+                else:
+                    s.execute(delete(BlobLease).where(BlobLease.instance == self.instances.id,
+                                                      BlobLease.digest == digest))
+                s.commit()
+        except SQLAlchemyError as exc:
+            log.warning("download lease of %s not %s: %s", digest, "written" if held else "removed",
+                        str(exc).splitlines()[0])
 
     def count(self, digest: str) -> int:
+        """Downloads of ``digest`` in flight here, plus one for each other live instance with a lease on it."""
         with self._lock:
-            return self._counts.get(digest, 0)
+            local = self._counts.get(digest, 0)
+        with self.db.session() as s:
+            others = set(s.scalars(select(BlobLease.instance).where(BlobLease.digest == digest,
+                                                                      BlobLease.instance != self.instances.id)))
+        return local + len(others & self.instances.live_ids()) if others else local
+
+    def forget_dead(self) -> int:
+        """Remove the leases of instances that are not alive (GC's pass); returns how many."""
+        live = self.instances.live_ids()
+        with self.db.session() as s:
+            gone = s.execute(delete(BlobLease).where(BlobLease.instance.not_in(live))).rowcount
+            s.commit()
+        return gone or 0
 
 
 class Blobs:

@@ -29,7 +29,7 @@ from docket.registry.store import FileBlobStore
 from docket.registry.swarm import Swarm
 from docket.registry.tarball import TarballSplitter
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
-from docket.registry.uploads import UploadSessions
+from docket.registry.uploads import PushActivity, UploadSessions
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Components:
         self.swarm.preflight()
         self.store.lock()  # before anything touches uploads/, seeders/ or blobs/ (shared on PostgreSQL)
         self.instances.start()  # our row and heartbeat; leads at once when no other instance does
-        self.store.clean_stale_uploads()
+        self.uploads.sweep(exclusive=not self.store.shared)  # only old files when other instances share it
         blobs = self.reconciler.run()
         self.manifests.backfill()  # tags pushed before the V2 API get their manifest (docs/v2.md)
         self.swarm.start([(b.digest, b.info_hash) for b in blobs if b.seeded and b.info_hash])
@@ -103,18 +103,20 @@ def build(config: RegistryConfig) -> Components:
     manifests = Manifests(db, store, locks, blobs, swarm, scrubber)
     tarballs = TarballSplitter(db, store, locks, blobs, manifests, chunk_size=config.chunk_size,
                                location_lock=store.locked)
-    uploads = UploadSessions(store, timeout=config.upload_session_timeout)  # /v2 upload sessions
-    downloads = DownloadCounter()
-    gc = GarbageCollector(db, locks, blobs, manifests, swarm, downloads, uploads, interval=config.gc_interval,
-                          grace=config.gc_grace)
+    activity = PushActivity()  # request bodies being received: published by the heartbeat for GC
+    scheme = "https" if config.tls_cert else "http"
+    instances = Instances(db, url=f"{scheme}://{config.advertise_address}:{config.port}",
+                          push_since=activity.since)
+    uploads = UploadSessions(db, store, locks, instance=instances.id, activity=activity,
+                             timeout=config.upload_session_timeout)  # /v2 upload sessions, rows in the database
+    downloads = DownloadCounter(db, instances)
+    gc = GarbageCollector(db, locks, blobs, manifests, swarm, downloads, uploads, instances,
+                          interval=config.gc_interval, grace=config.gc_grace)
     reconciler = Reconciler(db, store, locks, swarm, adopt_orphans=config.adopt_orphans,
                             adopt_limit=config.threads)
     retention = Retention(db, manifests, RetentionPolicy(config.keep_tags, config.keep_patterns),
                           interval=config.retention_interval)
     tarballs.migrate()  # records made before layers become layer records (docs/layers.md)
-    scheme = "https" if config.tls_cert else "http"
-    instances = Instances(db, url=f"{scheme}://{config.advertise_address}:{config.port}",
-                          push_since=uploads.activity.since)
     return Components(config, store, db, locks, swarm, scrubber, blobs, manifests, tarballs, uploads, downloads, gc,
                       reconciler, retention, Hosts(db), instances)
 

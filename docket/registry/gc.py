@@ -7,7 +7,7 @@ repository); manifests pushed through /v2 stay until ``DELETE /v2/<name>/manifes
 A blob is deleted only when all of these hold: it has been unreferenced for longer than the grace period
 (``--gc-grace``, at least MIN_GRACE), it did not become unreferenced during the push activity still going on
 (``uploads.PushActivity``: a push uploads its blobs, then the manifest that references them, however long that
-takes), no plain-HTTP download of it is in flight, and the tracker reports no incomplete peers for it (someone
+takes), no plain-HTTP download of it is in flight on any live instance (``blob_leases``), and the tracker reports no incomplete peers for it (someone
 still downloading over BitTorrent needs our seeder). Those last two waits are bounded by ``max_wait``: anyone can
 announce an info hash to the tracker, and an announce or a trickled download must not pin a blob forever (a
 download already running keeps the file it opened). Then, under the blob's lock: stop its seeder,
@@ -27,6 +27,7 @@ from sqlalchemy import select
 from docket.errors import InvalidRequest
 from docket.registry.blobs import Blobs, DownloadCounter
 from docket.registry.db import Database
+from docket.registry.instances import Instances
 from docket.registry.locks import Locks
 from docket.registry.manifests import Manifests
 from docket.registry.models import Blob, utcnow
@@ -60,7 +61,7 @@ class GcStats:
 
 class GarbageCollector:
     def __init__(self, db: Database, locks: Locks, blobs: Blobs, manifests: Manifests, swarm: Swarm,
-                 downloads: DownloadCounter, uploads: UploadSessions, *, interval: float = 30.0,
+                 downloads: DownloadCounter, uploads: UploadSessions, instances: Instances, *, interval: float = 30.0,
                  grace: float = 600.0, max_wait: float = MAX_WAIT) -> None:
         self.db = db
         self.locks = locks
@@ -69,6 +70,7 @@ class GarbageCollector:
         self.swarm = swarm
         self.downloads = downloads
         self.uploads = uploads
+        self.instances = instances
         self.interval = interval
         self.grace = grace
         self.max_wait = timedelta(seconds=max_wait)
@@ -87,11 +89,14 @@ class GarbageCollector:
         """One pass; returns the digests deleted."""
         self.manifests.collect()  # normally none: deleting or re-pushing a tag drops its docket manifest at once
         self.uploads.expire()  # /v2 upload sessions idle too long (docs/v2.md, "Blobs and uploads")
+        self.uploads.sweep(exclusive=False)  # upload files nobody writes any more (an instance killed mid-push)
+        self.downloads.forget_dead()  # leases of instances killed mid-download
         now = now or utcnow()
         cutoff = now - timedelta(seconds=self.grace)
-        pushing = self.uploads.activity.since(now)
-        if pushing is not None and pushing < cutoff:
-            cutoff = pushing  # blobs unreferenced since a push in progress began wait for its manifest
+        # blobs unreferenced since a push in progress (on any instance: bodies, open sessions) began wait for it
+        for pushing in (self.instances.push_since(now), self.uploads.open_since(now)):
+            if pushing is not None and pushing < cutoff:
+                cutoff = pushing
         with self.db.session() as s:
             candidates = list(s.scalars(select(Blob.digest).where(Blob.unreferenced_at.is_not(None),
                                                                   Blob.unreferenced_at < cutoff)))

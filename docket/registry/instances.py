@@ -98,7 +98,7 @@ class Leadership:
 class Instances:
     """This process's row, its heartbeat, and what the live instances say together."""
 
-    def __init__(self, db: Database, *, url: str, push_since: Callable[[], datetime | None],
+    def __init__(self, db: Database, *, url: str, push_since: Callable[[datetime | None], datetime | None],
                  beat: float = BEAT, live_for: float = LIVE_FOR) -> None:
         """``push_since``: this process's ``PushActivity.since``, published by every beat."""
         self.db = db
@@ -118,11 +118,15 @@ class Instances:
     def start(self) -> None:
         """Our row, the first leadership attempt, then the heartbeat thread."""
         now = utcnow()
-        with self.db.session() as s:
-            s.add(RegistryInstance(id=self.id, hostname=socket.gethostname()[:255], pid=os.getpid(),
-                                   url=self.url[:300], version=__version__, started_at=now, seen_at=now,
-                                   leader=self.leadership.refresh(), push_since=None))
-            s.commit()
+        try:
+            with self.db.session() as s:
+                s.add(RegistryInstance(id=self.id, hostname=socket.gethostname()[:255], pid=os.getpid(),
+                                       url=self.url[:300], version=__version__, started_at=now, seen_at=now,
+                                       leader=self.leadership.refresh(), push_since=None))
+                s.commit()
+        except sa_exc.SQLAlchemyError as exc:  # e.g. a full disk under SQLite: serve reads; the beat retries
+            log.warning("could not write this instance's row (%s); the heartbeat retries",
+                        str(exc).splitlines()[0])
         self.started = True
         self._worker.start()
 
@@ -142,11 +146,11 @@ class Instances:
         now = utcnow()
         with self.db.session() as s:
             found = s.execute(update(RegistryInstance).where(RegistryInstance.id == self.id).values(
-                seen_at=now, leader=leader, push_since=self._push_since())).rowcount
+                seen_at=now, leader=leader, push_since=self._push_since(None))).rowcount
             if not found:  # removed by someone (a long pause made us look dead): write it again
                 s.add(RegistryInstance(id=self.id, hostname=socket.gethostname()[:255], pid=os.getpid(),
                                        url=self.url[:300], version=__version__, started_at=now, seen_at=now,
-                                       leader=leader, push_since=self._push_since()))
+                                       leader=leader, push_since=self._push_since(None)))
             if leader:
                 s.execute(delete(RegistryInstance).where(
                     RegistryInstance.seen_at < now - timedelta(seconds=FORGET_AFTER)))
@@ -167,7 +171,7 @@ class Instances:
                 RegistryInstance.id != self.id, RegistryInstance.seen_at >= now - self.live_for,
                 RegistryInstance.push_since.is_not(None)))
             times = [t for t in others if t is not None]
-        own = self._push_since()
+        own = self._push_since(now)
         if own is not None:
             times.append(own)
         return min(times) if times else None

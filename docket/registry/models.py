@@ -234,6 +234,9 @@ class UploadSession(Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes received completely
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     touched_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    # the start of the push it belongs to (PushActivity.since when it was opened): GC keeps what that push
+    # uploaded before the session while the session is open
+    push_since: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     instance: Mapped[str] = mapped_column(String(32))  # the instance that served its last request
 
 

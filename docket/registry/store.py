@@ -235,19 +235,11 @@ class FileBlobStore:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
-    def clean_stale_uploads(self) -> int:
-        """Remove temp files left by a previous run that died mid-upload."""
-        removed = 0
+    def upload_files(self) -> list[Path]:
+        """The files in uploads/ (temporary uploads and /v2 session parts; ``UploadSessions.sweep`` cleans them)."""
         if not self.uploads_dir.is_dir():
-            return 0
-        for entry in self.uploads_dir.iterdir():
-            if entry.is_file() or entry.is_symlink():
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed += 1
-        if removed:
-            log.info("removed %d stale upload file(s) from %s", removed, self.uploads_dir)
-        return removed
+            return []
+        return [e for e in self.uploads_dir.iterdir() if e.is_file() or e.is_symlink()]
 
     def writable(self) -> bool:
         try:

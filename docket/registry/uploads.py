@@ -1,15 +1,19 @@
 """V2 upload sessions (``POST /v2/<name>/blobs/uploads/`` ... ``PUT ?digest=``), see docs/v2.md.
 
-A session is a file ``uploads/session-<uuid4>`` plus, in memory, its repository, committed size and running
-sha256, so the final PUT does not read the file again (a sha512 digest re-hashes it). One lock per session:
-requests on one session run one at a time. A chunk either lands whole or not at all: it is written after the
-committed size and the session takes the new size and hash only when the chunk was received completely; the next
-write cuts off anything a failed request left. Sessions live in this process only: a restart forgets them and
-start-up empties uploads/. Sessions idle longer than ``timeout`` are removed by ``expire()`` (called when a
-session is opened and from the GC loop).
+A session is a file ``uploads/session-<uuid4>`` plus a row in ``upload_sessions`` (its repository, committed size
+and times), so any registry instance sharing the database and the location continues it, and a restart does not
+forget it (docs/instances.md). The running sha256 stays in the memory of the instance that served the last chunk,
+so the final PUT does not read the file again; another instance (or this one after a restart) restores it by
+reading the part up to the committed size (a sha512 digest re-hashes it anyway). One lock per session
+(``Locks.upload``, an advisory lock on PostgreSQL): requests on one session run one at a time, on whichever
+instance. A chunk either lands whole or not at all: it is written after the committed size and the session takes
+the new size and hash only when the chunk was received completely; the next write cuts off anything a failed
+request left. Sessions idle longer than ``timeout`` are removed by ``expire()`` (called when a session is opened
+and from the GC loop).
 
-``PushActivity`` tells GC since when uploads have been going on without a pause (open sessions, bodies being
-received by either API): a push uploads its blobs before the manifest that references them, so a blob that became
+``PushActivity`` tells GC since when uploads have been going on without a pause in this process (bodies being
+received by either API; every instance publishes it in its heartbeat, ``instances.py``), and ``open_since`` the
+same for open sessions, from their rows: a push uploads its blobs before the manifest that references them, so a blob that became
 unreferenced during that run is kept whatever ``--gc-grace`` says, for at most ``max_hold``.
 """
 
@@ -22,14 +26,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import delete, func, select, update
+
 from docket.errors import BlobUploadUnknown, TooManyUploads
+from docket.registry.db import Database
+from docket.registry.locks import Locks
+from docket.registry.models import UploadSession as SessionRow
 from docket.registry.models import utcnow
-from docket.registry.store import FileBlobStore, Upload
+from docket.registry.store import SESSION_PREFIX, FileBlobStore, Upload
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +105,13 @@ class PushActivity:
 
 @dataclass(eq=False)
 class UploadSession:
+    """One session as a request sees it (read from its row under the session's lock)."""
+
     id: str
     name: str  # the repository it was opened for: another repository's URL does not find it
     path: Path
-    touched: float  # clock() of the last request
     size: int = 0  # bytes received completely (the file may hold more after a failed request)
-    sha256: Any = field(default_factory=hashlib.sha256)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    sha256: Any = None  # the running hash of the first ``size`` bytes, restored by ``hold`` when needed
     closed: bool = False
 
     @property
@@ -111,59 +120,112 @@ class UploadSession:
         return f"0-{max(self.size - 1, 0)}"
 
 
-class UploadSessions:
-    """Every open upload session of this process."""
+STALE_FILE_AGE = 6 * 3600.0  # seconds: a temp upload file untouched this long has no live writer (body deadlines)
 
-    def __init__(self, store: FileBlobStore, *, timeout: float = 3600.0, max_sessions: int = MAX_SESSIONS,
-                 clock: Callable[[], float] = time.monotonic, activity: PushActivity | None = None) -> None:
+
+class UploadSessions:
+    """Every open upload session of every instance on the database, and the running hashes this one holds."""
+
+    def __init__(self, db: Database, store: FileBlobStore, locks: Locks, *, instance: str, timeout: float = 3600.0,
+                 max_sessions: int = MAX_SESSIONS, clock: Callable[[], datetime] = utcnow,
+                 activity: PushActivity | None = None) -> None:
+        """``instance``: this process's id (``Instances.id``), written in the rows it serves."""
+        self.db = db
         self.store = store
+        self.locks = locks
+        self.instance = instance
         self.timeout = timeout
         self.max_sessions = max_sessions
         self._clock = clock
-        self.activity = activity or PushActivity()  # an open session is a push in progress
-        self._sessions: dict[str, UploadSession] = {}
+        self.activity = activity or PushActivity()  # request bodies being received (both APIs)
+        self._hashers: dict[str, tuple[int, Any]] = {}  # session id -> (size, sha256 of that many bytes)
         self._guard = threading.Lock()
 
     def __len__(self) -> int:
-        with self._guard:
-            return len(self._sessions)
+        with self.db.session() as s:
+            return int(s.scalar(select(func.count()).select_from(SessionRow)) or 0)
 
     def open(self, name: str) -> UploadSession:
         """A new empty session for repository ``name`` (already validated)."""
         self.expire()
+        open_now = len(self)
+        if open_now >= self.max_sessions:
+            raise TooManyUploads(f"{open_now} uploads are in progress; the limit is {self.max_sessions}",
+                                 "finish or cancel uploads, or retry later")
+        session_id = str(uuid.uuid4())
+        path = self.store.create_session_file(session_id)
+        now = self._clock()
+        self.activity.touch()
+        run = min(self.activity.since(now) or now, now)  # the push this session is part of began then
+        try:
+            with self.db.session() as s:
+                s.add(SessionRow(id=session_id, repository=name, size=0, created_at=now, touched_at=now,
+                                 push_since=run, instance=self.instance))
+                s.commit()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         with self._guard:
-            if len(self._sessions) >= self.max_sessions:
-                raise TooManyUploads(f"{len(self._sessions)} uploads are in progress; the limit is "
-                                     f"{self.max_sessions}", "finish or cancel uploads, or retry later")
-            session_id = str(uuid.uuid4())
-            path = self.store.create_session_file(session_id)
-            session = UploadSession(session_id, name, path, touched=self._clock())
-            self._sessions[session_id] = session
-            self.activity.begin()
+            self._hashers[session_id] = (0, hashlib.sha256())
         log.debug("upload %s opened for %s", session_id, name)
-        return session
+        return UploadSession(session_id, name, path, 0, hashlib.sha256())
 
     def get(self, name: str, session_id: str) -> UploadSession:
-        with self._guard:
-            session = self._sessions.get(session_id)
-        if session is None or session.name != name:
+        """The session as its row says (no running hash: ``hold`` restores it)."""
+        path = self.store.session_path(session_id)  # InvalidRequest for anything but a uuid4
+        with self.db.session() as s:
+            row = s.get(SessionRow, session_id)
+            found = (row.repository, row.size) if row is not None else None
+        if found is None or found[0] != name:
             raise BlobUploadUnknown(f"no upload {session_id[:100]!r} in progress for repository {name}",
-                                    "it finished, was cancelled or expired (or the registry restarted): "
-                                    "start the upload again", detail={"uuid": session_id[:100]})
-        return session
+                                    "it finished, was cancelled or expired: start the upload again",
+                                    detail={"uuid": session_id[:100]})
+        return UploadSession(session_id, name, path, found[1])
 
     @contextlib.contextmanager
     def hold(self, name: str, session_id: str) -> Iterator[UploadSession]:
-        """The session, locked against other requests on it (and against expiry)."""
-        session = self.get(name, session_id)
-        with session.lock:
-            if session.closed:  # finished or cancelled while we waited
-                raise BlobUploadUnknown(f"upload {session_id} is over", "start the upload again",
-                                        detail={"uuid": session_id})
+        """The session, locked against other requests on it (on any instance) and against expiry, with its
+        running hash; its row is touched (and takes the new size) when the request ends."""
+        self.store.session_path(session_id)
+        with self.locks.upload(session_id):
+            session = self.get(name, session_id)
+            session.sha256 = self._restore_hash(session)
             try:
                 yield session
             finally:
-                session.touched = self._clock()
+                if not session.closed:
+                    self._save(session)
+
+    def _restore_hash(self, session: UploadSession) -> Any:
+        """The sha256 of the session's first ``size`` bytes: ours if we served its last chunk, else read from the
+        part file (a session continued on another instance, or after a restart)."""
+        with self._guard:
+            cached = self._hashers.get(session.id)
+        if cached is not None and cached[0] == session.size:
+            return cached[1].copy()
+        hasher = hashlib.sha256()
+        try:
+            with open(session.path, "rb") as f:
+                left = session.size
+                while left and (chunk := f.read(min(HASH_CHUNK, left))):
+                    hasher.update(chunk)
+                    left -= len(chunk)
+        except FileNotFoundError:
+            left = session.size
+        if left:  # the part file is gone or shorter than its row says: the session cannot go on
+            self._drop(session)
+            raise BlobUploadUnknown(f"upload {session.id} lost its data on the registry",
+                                    "start the upload again", detail={"uuid": session.id})
+        log.info("upload %s: restored its hash from %d bytes of its part file", session.id, session.size)
+        return hasher
+
+    def _save(self, session: UploadSession) -> None:
+        with self.db.session() as s:
+            s.execute(update(SessionRow).where(SessionRow.id == session.id).values(
+                size=session.size, touched_at=self._clock(), instance=self.instance))
+            s.commit()
+        with self._guard:
+            self._hashers[session.id] = (session.size, session.sha256.copy())
 
     def append(self, session: UploadSession, write: Callable[[Upload], None]) -> None:
         """Run ``write(upload)`` appending to the session (caller holds it). The session takes the new size and
@@ -181,6 +243,7 @@ class UploadSessions:
                     f.truncate(session.size)
             raise
         session.size, session.sha256 = up.size, hasher
+        self._save(session)  # another instance may take the next chunk
 
     def finish(self, session: UploadSession, algorithm: str = "sha256") -> Upload:
         """End the session (caller holds it): its bytes, fsynced, as an Upload hashed with ``algorithm`` (the
@@ -209,46 +272,90 @@ class UploadSessions:
 
     def discard(self, session: UploadSession) -> None:
         """Cancel: forget the session and remove its file (caller holds it)."""
+        self._drop(session)
+        log.debug("upload %s of %s removed (%d bytes)", session.id, session.name, session.size)
+
+    def _drop(self, session: UploadSession) -> None:
         self._forget(session)
         session.path.unlink(missing_ok=True)
-        log.debug("upload %s of %s removed (%d bytes)", session.id, session.name, session.size)
 
     def _forget(self, session: UploadSession) -> None:
         session.closed = True
         with self._guard:
-            if self._sessions.get(session.id) is not session:
-                return
-            del self._sessions[session.id]
-        self.activity.end()
+            self._hashers.pop(session.id, None)
+        with self.db.session() as s:
+            s.execute(delete(SessionRow).where(SessionRow.id == session.id))
+            s.commit()
 
-    def expire(self, now: float | None = None) -> list[str]:
-        """Remove sessions idle for longer than ``timeout`` (a session busy with a request is left alone);
-        returns their ids. Cheap: the GC loop may call it on every pass."""
-        now = self._clock() if now is None else now
-        with self._guard:
-            stale = [s for s in self._sessions.values() if now - s.touched > self.timeout]
+    def open_since(self, now: datetime | None = None) -> datetime | None:
+        """The start of the oldest push with a session not yet expired (idle less than ``timeout``), on any
+        instance: GC keeps the blobs a push uploaded before its manifest (see ``PushActivity``)."""
+        now = now or self._clock()
+        with self.db.session() as s:
+            oldest = s.scalar(select(func.min(SessionRow.push_since)).where(
+                SessionRow.touched_at >= now - timedelta(seconds=self.timeout)))  # not yet expired
+        if oldest is None:
+            return None
+        oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+        return max(oldest, now - self.activity.max_hold)
+
+    def expire(self, now: datetime | None = None) -> list[str]:
+        """Remove sessions idle for longer than ``timeout`` (a session busy with a request, on any instance, is
+        left alone); returns their ids. Cheap: the GC loop may call it on every pass."""
+        now = now or self._clock()
+        limit = now - timedelta(seconds=self.timeout)
+        with self.db.session() as s:
+            stale = list(s.scalars(select(SessionRow.id).where(SessionRow.touched_at < limit).limit(1000)))
         expired = []
-        for session in stale:
-            if not session.lock.acquire(blocking=False):
-                continue
-            try:
-                if not session.closed and now - session.touched > self.timeout:
-                    self.discard(session)
-                    expired.append(session.id)
-            finally:
-                session.lock.release()
+        for session_id in stale:
+            with self.locks.upload(session_id, blocking=False) as got:
+                if not got:
+                    continue
+                with self.db.session() as s:
+                    row = s.get(SessionRow, session_id)
+                    if row is None or row.touched_at >= limit:
+                        continue
+                    name = row.repository
+                self.discard(UploadSession(session_id, name, self.store.session_path(session_id)))
+                expired.append(session_id)
         if expired:
             log.info("expired %d idle upload session(s) (idle > %.0fs)", len(expired), self.timeout)
         return expired
 
+    def sweep(self, *, exclusive: bool, now: float | None = None) -> int:
+        """Remove upload files nobody will finish: at start-up of the only instance (``exclusive``), every
+        temporary file and every session file without its row (and rows without their file); on a shared
+        location only those untouched for ``STALE_FILE_AGE`` (another instance may be writing them)."""
+        now = time.time() if now is None else now
+        with self.db.session() as s:
+            rows = set(s.scalars(select(SessionRow.id)))
+        removed = 0
+        for entry in self.store.upload_files():
+            session_id = entry.name.removeprefix(SESSION_PREFIX) if entry.name.startswith(SESSION_PREFIX) else None
+            if session_id is not None and session_id in rows:
+                rows.discard(session_id)
+                continue
+            try:
+                old = now - entry.lstat().st_mtime > STALE_FILE_AGE
+            except FileNotFoundError:
+                continue
+            if exclusive or old:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed += 1
+        if exclusive and rows:  # rows whose part file is gone: nobody can finish them
+            with self.db.session() as s:
+                s.execute(delete(SessionRow).where(SessionRow.id.in_(rows)))
+                s.commit()
+        if removed:
+            log.info("removed %d stale upload file(s) from %s", removed, self.store.uploads_dir)
+        return removed
+
     def clear(self) -> None:
-        """Forget every session and remove its file (shutdown, tests)."""
+        """Forget the running hashes this process holds (the sessions stay: another instance, or this one after
+        a restart, continues them)."""
         with self._guard:
-            sessions = list(self._sessions.values())
-        for session in sessions:
-            with session.lock:
-                if not session.closed:
-                    self.discard(session)
+            self._hashers.clear()
 
 
 __all__ = ["PushActivity", "UploadSession", "UploadSessions"]

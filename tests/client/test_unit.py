@@ -397,3 +397,54 @@ def test_a_whole_tarball_record_asks_to_upgrade_the_registry(canned, tmp_path, f
     assert "whole image tarball" in r.output and "upgrade the registry" in r.output
     assert [q["path"] for q in canned.requests] == ["/api/v1/repositories/team/app/tags/v1"]  # nothing else asked
     assert not (tmp_path / "loc").exists()
+
+
+def test_requests_the_registry_never_answered_are_sent_again():
+    """Behind a load balancer one registry instance may die mid-request (docs/instances.md): a GET whose
+    connection was cut, or that got the proxy's 502/503 page, is sent again; a POST with a streamed body is not."""
+    import socket
+    import threading
+
+    answers = ["cut", "proxy-503", "ok"]
+    seen: list[str] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        while answers:
+            conn, _ = server.accept()
+            with conn:
+                request = conn.recv(65536).decode()
+                seen.append(request.split(" ", 2)[0])
+                kind = answers.pop(0)
+                if kind == "cut":
+                    continue  # closed without a byte of answer
+                if kind == "proxy-503":
+                    body = b"<html>503 Service Unavailable</html>"
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+                else:
+                    body = b'{"hosts": []}'
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with RegistryClient("http://127.0.0.1", port, read_timeout=5) as client:
+        resp = client._request("GET", "/api/v1/hosts", "list hosts")
+        assert resp.json() == {"hosts": []}
+    assert seen == ["GET", "GET", "GET"]
+    thread.join(5)
+    # a POST is not sent twice: the first cut is the answer
+    answers[:] = ["cut"]
+    seen.clear()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with RegistryClient("http://127.0.0.1", port, read_timeout=5) as client:
+        with pytest.raises(errors.ServiceUnavailable, match="closed the connection|cannot reach"):
+            client._request("POST", "/api/v1/blobs", "upload", data=iter([b"x"]))
+    assert seen == ["POST"]
+    thread.join(5)
+    server.close()

@@ -377,7 +377,7 @@ def test_unknown_route_and_wrong_method(client, location):
 def test_stale_uploads_cleaned_at_start(app, location):
     stale = location / "uploads" / "upload-stale"
     stale.write_bytes(b"half an image")
-    app.extensions["docket"].store.clean_stale_uploads()
+    app.extensions["docket"].uploads.sweep(exclusive=True)  # what start-up does
     assert not stale.exists()
 
 

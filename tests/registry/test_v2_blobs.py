@@ -20,7 +20,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from sqlalchemy import update
+
 from docket.registry.models import KIND_BLOB, Blob, utcnow
+from docket.registry.models import UploadSession as SessionRow
 from tests.support.registry_images import layer_tar
 
 LIMIT = 256 * 1024
@@ -333,13 +336,16 @@ def test_idle_sessions_expire(client, app, location):
     assert uploads.timeout == 3600.0  # RegistryConfig.upload_session_timeout
     loc, _ = open_session(client)
     fresh_loc, _ = open_session(client)
-    session = next(s for s in uploads._sessions.values() if loc.endswith(s.id))
-    session.touched -= 3601
-    assert uploads.expire() == [session.id]
+    session_id = loc.rstrip("/").rsplit("/", 1)[-1]
+    with sv(app).db.session() as s:  # idle for an hour and a second, as its row says (any instance's clock)
+        s.execute(update(SessionRow).where(SessionRow.id == session_id).values(
+            touched_at=utcnow() - timedelta(seconds=3601)))
+        s.commit()
+    assert uploads.expire() == [session_id]
     check_error(client.get(loc), 404, "BLOB_UPLOAD_UNKNOWN")
     assert client.get(fresh_loc).status_code == 204
     assert len(uploads_dir(location)) == 1
-    assert uploads.expire(now=time.monotonic() + 3601) != []
+    assert uploads.expire(now=utcnow() + timedelta(seconds=3601)) != []
     assert uploads_dir(location) == []
 
 

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("size", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("touched_at", sa.DateTime(), nullable=False),
+        sa.Column("push_since", sa.DateTime(), nullable=False),
         sa.Column("instance", sa.String(32), nullable=False),
     )
     op.create_index("ix_upload_sessions_touched_at", "upload_sessions", ["touched_at"])
