@@ -6,9 +6,10 @@ import logging
 from importlib import resources
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
+from docket.errors import InvalidRequest
 from docket.registry.models import SEEDED_KINDS, Blob
 from docket.registry.storage import free_bytes, human
 
@@ -125,9 +126,29 @@ def report(sv: Any) -> tuple[bool, dict[str, Any]]:
     return all(c["ok"] for c in checks.values()), checks
 
 
+def instance_report(sv: Any) -> tuple[bool, dict[str, Any]]:
+    """(ok, checks) for a load balancer choosing between instances (``/healthz?scope=instance``): only what
+    differs between them: this process serves, reaches the database, and can write the location. What they share
+    (the tracker, the volume's free space, a damaged blob) would take every instance out of rotation at once
+    and turn a degraded registry into an outage; the full ``/healthz`` reports those."""
+    checks = {"database": _database(sv),
+              "blob_store": {"ok": sv.store.writable(), "writable": sv.store.writable()},
+              "serving": {"ok": bool(sv.started)}}
+    if not checks["blob_store"]["ok"]:
+        checks["blob_store"]["error"] = f"{sv.store.location} is not writable"
+    if not sv.started:
+        checks["serving"]["error"] = "the serve command has not started (or is stopping)"
+    return all(c["ok"] for c in checks.values()), checks
+
+
 @bp.get("/healthz")
 def healthz() -> tuple[Response, int]:
-    ok, checks = report(current_app.extensions["docket"])
+    """Every check (``?scope=instance``: only this instance's own, for a load balancer's health check)."""
+    scope = request.args.get("scope", "registry")
+    if scope not in ("registry", "instance"):
+        raise InvalidRequest(f"unknown scope {scope[:50]!r}", "use scope=instance (a load balancer's check) or none")
+    sv = current_app.extensions["docket"]
+    ok, checks = instance_report(sv) if scope == "instance" else report(sv)
     auth = current_app.extensions.get("docket_auth")
     if auth is not None and not auth.may_read():  # read tokens: digests, pids and ports are for token holders
         return jsonify({"status": "ok" if ok else "degraded"}), 200 if ok else 503

@@ -382,6 +382,28 @@ def test_stale_uploads_cleaned_at_start(app, location):
 
 
 # -- health and OpenAPI -------------------------------------------------------------------------------------
+def test_healthz_instance_scope_leaves_shared_problems_out(client, app, monkeypatch):
+    """A load balancer's check (deploy/haproxy.cfg): a dead tracker or a full shared volume must not take every
+    instance out of rotation; an instance that does not serve, or cannot reach the database, must go."""
+    full = client.get("/healthz").get_json()
+    assert full["checks"]["seeders"]["ok"] is True and "tracker" in full["checks"]
+    resp = client.get("/healthz?scope=instance")
+    body = resp.get_json()
+    assert resp.status_code == 503 and set(body["checks"]) == {"database", "blob_store", "serving"}
+    assert body["checks"]["serving"]["ok"] is False  # the serve command never started this app
+    app.extensions["docket"].started = True
+    assert client.get("/healthz?scope=instance").status_code == 200
+    def unreachable() -> None:
+        raise OSError("connection refused")  # what a lost database server looks like to this instance
+
+    monkeypatch.setattr(app.extensions["docket"].db, "ping", unreachable)
+    resp = client.get("/healthz?scope=instance")
+    assert resp.status_code == 503 and resp.get_json()["checks"]["database"]["ok"] is False
+    app.extensions["docket"].started = False
+    resp = client.get("/healthz?scope=everything")
+    assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "INVALID_REQUEST"
+
+
 def test_healthz_ok_without_seeding(client, image):
     push(client, "app:v1", image()[0])
     resp = client.get("/healthz")

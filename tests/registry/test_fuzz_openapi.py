@@ -28,6 +28,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def fuzz_schema(tmp_path_factory):
     location = tmp_path_factory.mktemp("fuzz-registry")
     app = registry_app(location, max_upload_size=1 << 20)
+    app.extensions["docket"].started = True  # as under the serve command (/healthz?scope=instance checks it)
     return schemathesis.openapi.from_wsgi("/openapi.json", app)
 
 
