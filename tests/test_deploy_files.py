@@ -396,7 +396,7 @@ def test_haproxy_cfg_balances_checks_healthz_and_fails_over() -> None:
     backend = sections["backend registries"]
     defaults = sections["defaults"]
     assert "balance roundrobin" in backend
-    assert "option httpchk GET /healthz" in backend
+    assert "option httpchk GET /healthz?scope=instance" in backend  # this instance's own checks only
     assert "http-check expect status 200" in backend
     servers = [line for line in backend if line.startswith("server ")]
     assert [s.split()[2] for s in servers] == ['"${DOCKET_REGISTRY_1-127.0.0.1:8001}"',
