@@ -2,9 +2,10 @@
 docket-registry processes on loopback, one PostgreSQL database, one shared blob directory, one external tracker
 (docket-tracker keeping opentracker's whitelist from the registry through HAProxy), real dockerd and ctorrent.
 
-One setup serves the whole module (starting it takes seconds; each test leaves both instances running and UP).
-The tests run in file order on purpose: the GC scenario is opened by the first test on the instance that does not
-lead and checked after the grace period has passed (the other tests run meanwhile), before any instance is killed.
+One setup serves the whole module (starting it takes seconds); each test starts with both instances running and UP
+(a killed one is started again). The tests run in file order (the suite runs with --dist loadfile) on purpose: the
+GC scenario (``pending_upload``) is opened with the first test on the instance that does not lead and checked once
+the grace period has passed (the tests between fill that time), before any instance is restarted or killed.
 
 PostgreSQL: DOCKET_TEST_POSTGRES is the base URL of a running server (a database on it is created for the module
 and dropped afterwards), e.g. postgresql+psycopg://docket@127.0.0.1:55432/postgres.
@@ -352,12 +353,32 @@ def oci_manifest(config: bytes, layer: bytes) -> bytes:
     }).encode()
 
 
+@pytest.fixture(scope="module")
+def pending_upload(cluster: Cluster) -> dict[str, Any]:
+    """An upload in progress on the instance that does not lead: a /v2 session open, and blobs uploaded for a
+    manifest not yet PUT. The leader's GC must keep them however long the push takes: checked by
+    test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress once the grace has passed (the first test asks for
+    this fixture, so that the tests between them fill that time)."""
+    holder = cluster.other(cluster.leader())
+    name = "ha/gc-pending"
+    layer, config = oci_image(uuid.uuid4().hex.encode())
+    opened = requests.post(f"{holder.url}/v2/{name}/blobs/uploads/", timeout=10)
+    assert opened.status_code == 202, opened.text
+    first = requests.patch(f"{holder.url}{opened.headers['Location']}", data=b"x" * 1024,
+                           headers={"Content-Type": "application/octet-stream"}, timeout=10)
+    assert first.status_code == 202, first.text
+    return {"holder": holder, "name": name, "layer": layer, "config": config,
+            "layer_digest": put_blob(holder.url, name, layer), "config_digest": put_blob(holder.url, name, config),
+            "session": first.headers["Location"], "opened": time.monotonic()}
+
+
 # --- the tests, in order -----------------------------------------------------------------------------------
 
 
-def test_both_instances_up_behind_haproxy_with_one_leader(cluster: Cluster):
-    """HAProxy's health checks pass on both; each instance has its row; one leads. Then the GC scenario is
-    opened on the one that does not lead (checked by test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress)."""
+def test_both_instances_up_behind_haproxy_with_one_leader(cluster: Cluster, pending_upload: dict[str, Any]):
+    """HAProxy's health checks pass on both; each instance has its row; one leads. (``pending_upload`` starts the
+    GC scenario's clock here, on the instance that does not lead.)"""
+    assert pending_upload["holder"] is not cluster.instances[0]
     assert cluster.haproxy.server_status() == {name: "UP" for name in SERVERS}
     rows = cluster.rows()
     assert {i.port for i in cluster.instances} <= rows.keys()
@@ -369,21 +390,6 @@ def test_both_instances_up_behind_haproxy_with_one_leader(cluster: Cluster):
         assert requests.get(f"{cluster.url}/v2/", timeout=10).status_code == 200
     after = cluster.served_by()
     assert all(after[s] > before[s] for s in SERVERS), (before, after)
-
-    # An upload in progress on the instance that does not lead: a /v2 session open, and blobs uploaded for a
-    # manifest not yet PUT. The leader's GC must keep them however long the push takes.
-    holder = cluster.other(leader)
-    name = "ha/gc-pending"
-    layer, config = oci_image(uuid.uuid4().hex.encode())
-    opened = requests.post(f"{holder.url}/v2/{name}/blobs/uploads/", timeout=10)
-    assert opened.status_code == 202, opened.text
-    first = requests.patch(f"{holder.url}{opened.headers['Location']}", data=b"x" * 1024,
-                           headers={"Content-Type": "application/octet-stream"}, timeout=10)
-    assert first.status_code == 202, first.text
-    cluster.notes["gc"] = {"holder": holder, "name": name, "layer": layer, "config": config,
-                           "layer_digest": put_blob(holder.url, name, layer),
-                           "config_digest": put_blob(holder.url, name, config),
-                           "session": first.headers["Location"], "opened": time.monotonic()}
 
 
 def test_docket_push_and_pull_through_haproxy(cluster: Cluster, image_factory, docket_cli, tmp_path: Path):
@@ -443,11 +449,11 @@ def test_a_blob_pushed_through_one_is_seeded_by_the_other(cluster: Cluster, imag
     assert second.health()["status"] == "ok"
 
 
-def test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress(cluster: Cluster):
+def test_gc_on_the_leader_keeps_blobs_of_an_upload_in_progress(cluster: Cluster, pending_upload: dict[str, Any]):
     """The upload opened by the first test on the instance that does not lead is older than the grace now; GC ran
     on the leader all along (--gc-interval 1) and must have kept its blobs; an unreferenced blob from before it
     (backdated) is collected, so GC did run. Then the push finishes: its manifest commits."""
-    gc = cluster.notes["gc"]
+    gc = pending_upload
     holder: RegistryServer = gc["holder"]
     leader = cluster.leader()
     assert leader is not holder and holder.proc is not None
