@@ -90,12 +90,20 @@ def _traced(self, raw, _line=_line):
         _trace.write("%.3f %d %d %d %d %d %.0f %.0f\n" % (time.time(), st.have, st.total, st.seeds, st.leechers,
                                                         st.swarm, st.down_kbps, st.up_kbps))
 docket.torrent.ctorrent.CtorrentProcess._line = _traced
+if sys.argv[4] != "-":  # --prestart-seeders: this host's background seeder up (attached to us) before the barrier
+    import pathlib
+    from docket.client.background import Handoff
+    _handoff = Handoff(pathlib.Path(sys.argv[4]))
+    _handoff.attach()
+    _until = time.monotonic() + 120
+    while not _handoff.files.running() and time.monotonic() < _until:
+        time.sleep(0.05)
 open(ready, "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
 with open(started, "w") as f:
     f.write(repr(time.time()))
-cli.main(sys.argv[4:])
+cli.main(sys.argv[5:])
 """
 
 
@@ -125,6 +133,11 @@ class Config:
     limit_host_download: int | None = None  # `docket pull --max-download-rate` on the first client only
     limit_host_upload: int | None = None  # `docket pull --max-upload-rate` on the first client only
     registry_max_upload_rate: int | None = None  # `docket-registry --max-upload-rate`
+    # issue 16: start each host's background seeder (a Python process; `docket pull` starts it as its download
+    # begins) before the start barrier, as the pulls' own Python start-up is: N of them at once on this machine's
+    # 2 cores delay the downloads, which a real host with its own cores would not see
+    prestart_seeders: bool = False
+    replot: Path | None = None  # only the plots again, from this results.json
 
 
 @dataclass
@@ -146,6 +159,8 @@ class HostResult:
     # docket only: the kernel's byte counters of this host's link, every ~0.25 s: [s since the round's start,
     # MB received, MB sent] (wire bytes, headers included): when a host's download ran at the link's rate or stalled
     link: list[list[float]] = field(default_factory=list)
+    bytes_over_http: int = 0  # docket: layer bytes its pull fetched over HTTP after falling back (--fallback-after)
+    fallback_reason: str = ""  # docket: why it fell back, from --json
     retries: int = 0  # v2 modes: blob downloads v2pull had to retry
     agent: dict = field(default_factory=dict)  # agent mode: the agent's GET /_docket/agent after the round
 
@@ -188,6 +203,18 @@ class RoundResult:
     agent_hosts: list[HostResult] = field(default_factory=list)
     limits: list[dict] = field(default_factory=list)  # limit_check() of each limited host's link (issue 15)
     registry_link: list[list[float]] = field(default_factory=list)  # the registry's link, as HostResult.link
+    docket_median_over_bound: float | None = None
+    # every host that ended with a verified image, also those that fell back to HTTP (docket_s: None then)
+    docket_last_any_s: float | None = None
+    docket_fallback_hosts: int = 0  # hosts whose pull fetched layer bytes over HTTP (no swarm progress)
+    # the whole LAN at its busiest (aggregate_rate of the docket hosts' links, MB/s wire) against what N links carry
+    aggregate_rx_mb_s: float | None = None
+    links_capacity_mb_s: float | None = None
+    # issue 16: the machine's CPU from the docket round's start barrier to its last host ready (CpuSampler.window:
+    # busy_pct of all cores, softirq_pct, steal_pct, groups_cpu_s and groups_pct by process group), and the whole
+    # round's series [s, busy %, softirq %, steal %] every ~0.5 s (pulls, then seeding)
+    cpu: dict = field(default_factory=dict)
+    cpu_series: list[list[float]] = field(default_factory=list)
 
 
 def limit_check(link: list[list[float]], column: int, limit: int, what: str) -> dict:
@@ -213,6 +240,139 @@ def limit_check(link: list[list[float]], column: int, limit: int, what: str) -> 
     return out
 
 
+CPU_GROUPS = ("ctorrent", "docket pull (python)", "background seeder (python)", "registry (python)", "opentracker",
+              "other in the lab", "benchmark driver", "kernel threads", "outside the benchmark")
+
+
+class CpuSampler:
+    """The machine's CPU use during a round, so a reader can tell this machine's limits from the protocol's.
+
+    Every ``interval`` s: ``/proc/stat`` (all cores: busy = everything but idle and iowait; softirq and steal on
+    their own) and every process's utime+stime from ``/proc/<pid>/stat``, summed by group: what runs in the lab's
+    namespaces by name (ctorrent, the pulls' and the registry's Python, opentracker), this script and its ``ip``
+    children, kernel threads, and everything else on the machine ("outside the benchmark": other people's tests).
+    A process that ends between two samples loses at most one interval of its time; network work done in softirq
+    context is in the machine's busy figure but in no process's group."""
+
+    def __init__(self, lab: Lab, t0: float, interval: float = 0.5) -> None:
+        self.t0, self.interval = t0, interval
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.ncpu = os.cpu_count() or 1
+        self.me = os.getpid()
+        self.ns_kind: dict[int, str] = {}
+        for ns in lab.created:
+            with contextlib.suppress(OSError):
+                kind = "reg" if ns == lab.reg else "br" if ns == lab.br else "client"
+                self.ns_kind[os.stat(f"/run/netns/{ns}").st_ino] = kind
+        self.group_of: dict[tuple[int, int], str] = {}
+        self.comm_of: dict[tuple[int, int], str] = {}
+        self.base: dict[tuple[int, int], int] = {}  # ticks when first seen (0 for a process born in the round)
+        self.last: dict[tuple[int, int], int] = {}
+        self.samples: list[tuple[float, list[int], dict[str, float]]] = []  # (t, /proc/stat fields, group s)
+        self._first = True
+        self._stop = threading.Event()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _group(self, pid: int, comm: str, ppid: int) -> str:
+        if pid == self.me or ppid == self.me and comm == "ip":
+            return "benchmark driver"
+        if ppid == 2 or pid == 2:
+            return "kernel threads"
+        try:
+            ino = int(os.readlink(f"/proc/{pid}/ns/net").split("[", 1)[1].rstrip("]"))
+        except (OSError, IndexError, ValueError):
+            return "outside the benchmark"
+        kind = self.ns_kind.get(ino)
+        if kind is None:
+            return "outside the benchmark"
+        if comm == "ctorrent":
+            return "ctorrent"
+        if comm == "opentracker":
+            return "opentracker"
+        if comm.startswith("python"):
+            if kind == "reg":
+                return "registry (python)"
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    seeder = b"docket.client.seedd" in f.read()
+            except OSError:
+                seeder = False
+            return "background seeder (python)" if seeder else "docket pull (python)"
+        return "other in the lab"
+
+    def _sample(self) -> None:
+        t = time.monotonic() - self.t0
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        first = self._first
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            rest = raw[raw.rindex(")") + 2:].split()
+            ticks, key = int(rest[11]) + int(rest[12]), (pid, int(rest[19]))
+            if key not in self.group_of:
+                # existing at the first sample: count from now; born later (during the round): from 0
+                self.base[key] = ticks if first else 0
+            if self.comm_of.get(key) != comm:  # new, or exec'd since (`ip netns exec`, a fork that became ctorrent)
+                self.comm_of[key] = comm
+                self.group_of[key] = self._group(pid, comm, int(rest[1]))
+            self.last[key] = ticks
+        self._first = False
+        groups = dict.fromkeys(CPU_GROUPS, 0.0)
+        for key, ticks in self.last.items():
+            groups[self.group_of[key]] += (ticks - self.base[key]) / self.tick
+        self.samples.append((t, cpu, groups))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a sample lost is a coarser series, never a failed round
+                self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        with contextlib.suppress(Exception):
+            self._sample()
+
+    def series(self) -> list[list[float]]:
+        """Per interval: [s since the round's start, busy % of all cores, softirq %, steal %]."""
+        rows = []
+        for (_, a, _g), (t, b, _h) in zip(self.samples, self.samples[1:]):
+            d = [y - x for x, y in zip(a, b)]
+            total = sum(d[:8]) or 1
+            idle = d[3] + d[4]
+            rows.append([round(t, 2), round(100 * (total - idle) / total, 1), round(100 * d[6] / total, 1),
+                         round(100 * d[7] / total, 1)])
+        return rows
+
+    def window(self, until: float) -> dict:
+        """From the round's start to the first sample at or after ``until``: busy % of all cores, softirq and
+        steal %, and each group's CPU seconds and share of the machine (% of ncpu x window)."""
+        if len(self.samples) < 2:
+            return {}
+        end = next((s for s in self.samples[1:] if s[0] >= until), self.samples[-1])
+        (t0, a, g0), (t1, b, g1) = self.samples[0], end
+        d = [y - x for x, y in zip(a, b)]
+        total = sum(d[:8]) or 1
+        span = max(t1 - t0, 1e-6)
+        groups = {k: round(g1[k] - g0[k], 2) for k in CPU_GROUPS}
+        return {"seconds": round(span, 2), "ncpu": self.ncpu,
+                "busy_pct": round(100 * (total - d[3] - d[4]) / total, 1),
+                "user_pct": round(100 * (d[0] + d[1]) / total, 1), "system_pct": round(100 * d[2] / total, 1),
+                "softirq_pct": round(100 * (d[5] + d[6]) / total, 1), "steal_pct": round(100 * d[7] / total, 1),
+                "groups_cpu_s": groups,
+                "groups_pct": {k: round(100 * v / (span * self.ncpu), 1) for k, v in groups.items()}}
+
+
 class LinkSampler:
     """Samples every client's link counters (the bridge ports: tx = the host's download) in a thread."""
 
@@ -226,26 +386,58 @@ class LinkSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            t = time.monotonic() - self.t0
-            try:
-                out = subprocess.run(["ip", "-n", self.lab.br, "-s", "-j", "link", "show"], capture_output=True,
-                                     text=True, timeout=5, check=True).stdout
-                links = {d["ifname"]: d["stats64"] for d in json.loads(out) if "stats64" in d}
-            except (OSError, subprocess.SubprocessError, ValueError, KeyError):
-                links = {}
-            for i in range(-1, self.n):
-                st = links.get(f"p{i + 1}")  # p0 is the registry
-                if st is None:
-                    continue
-                down, up = st["tx"]["bytes"], st["rx"]["bytes"]
-                b = self.base.setdefault(i, (down, up))
-                self.rows[i].append([round(t, 2), round((down - b[0]) / 1e6, 2), round((up - b[1]) / 1e6, 2)])
+            self._sample()
             self._stop.wait(self.interval)
 
+    def _sample(self) -> None:
+        t = time.monotonic() - self.t0
+        try:
+            out = subprocess.run(["ip", "-n", self.lab.br, "-s", "-j", "link", "show"], capture_output=True,
+                                 text=True, timeout=5, check=True).stdout
+            links = {d["ifname"]: d["stats64"] for d in json.loads(out) if "stats64" in d}
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+            links = {}
+        for i in range(-1, self.n):
+            st = links.get(f"p{i + 1}")  # p0 is the registry
+            if st is None:
+                continue
+            down, up = st["tx"]["bytes"], st["rx"]["bytes"]
+            b = self.base.setdefault(i, (down, up))
+            self.rows[i].append([round(t, 2), round((down - b[0]) / 1e6, 2), round((up - b[1]) / 1e6, 2)])
+
     def stop(self) -> dict[int, list[list[float]]]:
+        """Stop sampling, after one last reading: on a busy machine one `ip` call can take longer than a short
+        round, and the counters must end with the round's last byte."""
         self._stop.set()
         self._thread.join(10)
+        self._sample()
         return self.rows
+
+
+def aggregate_rate(links: list[list[list[float]]], window: float = 4.0, step: float = 0.5) -> float | None:
+    """The best ``window``-s mean of every client's received bytes together (MB/s, wire), from the link rows: how
+    much the whole simulated LAN carried at its busiest, to set against N links' capacity and the CPU."""
+    import bisect
+
+    def at(rows: list[list[float]], t: float) -> float:
+        ts = [r[0] for r in rows]
+        i = bisect.bisect_right(ts, t) - 1
+        if i < 0:
+            return 0.0
+        if i + 1 >= len(rows):
+            return rows[-1][1]
+        a, b = rows[i], rows[i + 1]
+        return a[1] + (t - a[0]) / (b[0] - a[0]) * (b[1] - a[1]) if b[0] > a[0] else a[1]
+
+    links = [rows for rows in links if len(rows) > 1]
+    if not links:
+        return None
+    end = max(rows[-1][0] for rows in links)
+    best, t = 0.0, 0.0
+    while t + window <= end:
+        best = max(best, sum(at(rows, t + window) - at(rows, t) for rows in links) / window)
+        t += step
+    return round(best, 1)
 
 
 def read_trace(path: Path, t0_wall: float) -> list[list[float]]:
@@ -567,16 +759,17 @@ class Bench:
             limit = self.first_host_limits(i)
             procs.append(self.spawn(self.lab.clients[i], [
                 sys.executable, "-c", PULL_WRAPPER, str(rdir / f"ready-{i}"), str(go), str(rdir / f"start-{i}"),
-                "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
+                str(loc) if self.cfg.prestart_seeders else "-", "--host", f"http://{REGISTRY_IP}", "--port", str(HTTP_PORT), "--location", str(loc), "--quiet",
                 "pull", "--no-load", *seed, *self.cfg.pull_args, *limit, "--json", record["ref"],
             ], rdir / f"docket-c{i}.log", stdout=rdir / f"docket-c{i}.out"))
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 + 2 * n  # 64 Pythons importing docket at once take a while on 2 cores
         while not all((rdir / f"ready-{i}").exists() for i in range(n)):
             dead = [p for p in procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError("docket pull did not start:\n" + _tail(rdir / "docket-c0.log"))
             time.sleep(0.01)
         t0_wall, t0 = time.time(), time.monotonic()
+        self.cpu = CpuSampler(self.lab, t0)
         go.touch()
         sampler = LinkSampler(self.lab, n, t0)
         try:
@@ -585,6 +778,7 @@ class Bench:
             seeders = self._await_seeders([rdir / f"docket-c{i}" for i in range(n)], t0)
         finally:
             links = sampler.stop()
+            self.cpu.stop()
         self.registry_link = links.get(-1, [])
         hosts = []
         layers = image_layers(record)
@@ -600,6 +794,8 @@ class Bench:
                 res.progress = read_trace(rdir / f"start-{i}.trace", t0_wall)
                 res.link = links.get(i, [])
                 res.bytes = int(summary.get("bytes_from_peers", summary["bytes"]))  # the layers, via BitTorrent
+                res.bytes_over_http = int(summary.get("bytes_from_http") or 0)
+                res.fallback_reason = str(summary.get("fallback_reason") or "")
                 # docket pull verified every digest before printing its summary (exit 0); check the files again
                 res.sha256_ok = summary["digest"] == record["digest"] and all(
                     sha256_of(rdir / f"docket-c{i}" / "blobs" / layer["digest"].split(":", 1)[1]) == layer["digest"]
@@ -607,7 +803,9 @@ class Bench:
                 res.ok = p.returncode == 0 and res.sha256_ok and res.bytes == sum(x["size"] for x in layers)
             except (OSError, ValueError, KeyError, IndexError) as exc:
                 res.error = f"{exc!r}"
-            if not res.ok:
+            if not res.ok and res.bytes_over_http:
+                res.error = f"fell back to HTTP ({res.fallback_reason}), image verified: {res.sha256_ok}"
+            elif not res.ok:
                 res.error = (res.error + f" exit {p.returncode}: " + _tail(rdir / f"docket-c{i}.log", 8)).strip()
             hosts.append(res)
             if not self.cfg.keep:
@@ -744,6 +942,7 @@ class Bench:
         agent_start = None
         self.last_exit = 0.0
         self.registry_link: list[list[float]] = []
+        self.cpu: CpuSampler | None = None
         if "docket" in self.cfg.modes:
             if not self.cfg.skip_http:
                 http_hosts = self.http_round(n, record, rdir)
@@ -760,6 +959,17 @@ class Bench:
             log(f"N={n}: {c['what']}: limit {c['limit_bytes_s']} B/s, link {c.get('steady_bytes_s')} B/s while "
                 f"moving (ratio {c.get('steady_ratio')}), {c.get('whole_bytes_s')} B/s first to last byte "
                 f"(ratio {c.get('whole_ratio')}, {c.get('seconds')} s, {c['total_bytes']} bytes)")
+        cpu = {}
+        fell_back = [h for h in docket_hosts if h.bytes_over_http > 0]
+        if fell_back:
+            log(f"N={n}: {len(fell_back)} host(s) fell back to HTTP ({fell_back[0].fallback_reason}), their images "
+                f"ready {min(h.done_at for h in fell_back):.1f}-{max(h.done_at for h in fell_back):.1f} s")
+        if self.cpu is not None and docket_hosts:  # from the start barrier to the last host ready
+            cpu = self.cpu.window(max(h.done_at for h in docket_hosts))
+            top = sorted(cpu.get("groups_pct", {}).items(), key=lambda kv: -kv[1])[:4]
+            log(f"N={n}: CPU until the last host was ready ({cpu.get('seconds')} s): {cpu.get('busy_pct')} % busy of "
+                f"{cpu.get('ncpu')} cores (softirq {cpu.get('softirq_pct')} %, steal {cpu.get('steal_pct')} %); "
+                + ", ".join(f"{k} {v} %" for k, v in top))
         everyone = [*http_hosts, *docket_hosts, *v2_hosts, *agent_hosts]
         ok = all(h.ok for h in everyone)
         http_s = max(h.done_at for h in http_hosts) if http_hosts else None
@@ -795,7 +1005,16 @@ class Bench:
             docket_all_exited_s=_r(self.last_exit or None),
             docket_returned_over_bound=_r(self.last_exit / bound if self.last_exit else None),
             seeding_stopped_s=_r(max(stops, default=None)), seeders_exited_s=_r(max(exits, default=None)),
-            docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_s else None),
+            # every host, also one that fell back to HTTP, as long as each ended with a verified image
+            docket_median_s=_r(statistics.median(h.done_at for h in docket_hosts) if docket_hosts and all(
+                h.sha256_ok for h in docket_hosts) else None),
+            docket_median_over_bound=_r(statistics.median(h.done_at for h in docket_hosts) / bound
+                                        if docket_hosts and all(h.sha256_ok for h in docket_hosts) else None),
+            cpu=cpu, cpu_series=self.cpu.series() if self.cpu else [],
+            docket_last_any_s=_r(max((h.done_at for h in docket_hosts if h.sha256_ok), default=None)),
+            docket_fallback_hosts=sum(1 for h in docket_hosts if h.bytes_over_http > 0),
+            aggregate_rx_mb_s=aggregate_rate([h.link for h in docket_hosts]) if docket_hosts else None,
+            links_capacity_mb_s=round(n * self.cfg.rate_mbit / 8, 1),
             loadavg=[round(load_before, 2), round(os.getloadavg()[0], 2)],
             limits=limits, registry_link=self.registry_link,
         )
@@ -915,36 +1134,67 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def write_results(cfg: Config, results: list[RoundResult]) -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "results.json").write_text(json.dumps({
+    (cfg.out / "results.json").write_text(_compact_rows(json.dumps({
         "config": {"hosts": cfg.hosts, "size_mib": cfg.size_mib, "rate_mbit": cfg.rate_mbit,
                    "queue_ms": cfg.queue_ms, "seed_time": cfg.seed_time, "ctorrent_args": cfg.ctorrent_args,
                    "layers": cfg.layers, "pull_args": cfg.pull_args, "repeat": cfg.repeat, "modes": cfg.modes,
                    "limit_host_download": cfg.limit_host_download, "limit_host_upload": cfg.limit_host_upload,
-                   "registry_max_upload_rate": cfg.registry_max_upload_rate},
+                   "registry_max_upload_rate": cfg.registry_max_upload_rate,
+                   "prestart_seeders": cfg.prestart_seeders, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "command": " ".join(shlex.quote(a) for a in sys.argv)},
         "summary": summary(results),
         "rounds": [asdict(r) for r in results],
-    }, indent=2))
+    }, indent=2)))
     cols = ["n", "layers", "size_bytes", "rate_mbit", "http_s", "docket_s", "link_bound_s", "docket_over_bound",
             "http_over_docket", "http_bound_s", "docket_host_max_s", "docket_all_exited_s",
             "docket_returned_over_bound", "seeding_stopped_s", "seeders_exited_s", "docket_median_s",
             "v2_direct_s", "agent_s", "v2_direct_over_bound", "agent_over_bound", "v2_direct_over_agent",
-            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished"]
+            "agent_start_s", "agent_bytes_from_peers", "agent_bytes_from_http", "loadavg", "all_finished",
+            "docket_median_over_bound", "docket_last_any_s", "docket_fallback_hosts", "aggregate_rx_mb_s",
+            "links_capacity_mb_s"]
+    cpu_cols = ["cpu_window_s", "cpu_busy_pct", "cpu_softirq_pct", "cpu_steal_pct",
+                *(f"cpu_{_slug(g)}_pct" for g in CPU_GROUPS)]
     with open(cfg.out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols)
+        w.writerow(cols + cpu_cols)
         for r in results:
-            w.writerow([getattr(r, c) for c in cols])
+            c = r.cpu
+            w.writerow([getattr(r, k) for k in cols] + [c.get("seconds"), c.get("busy_pct"), c.get("softirq_pct"),
+                       c.get("steal_pct"), *(c.get("groups_pct", {}).get(g) for g in CPU_GROUPS)])
+
+
+def _compact_rows(text: str) -> str:
+    """Indented JSON with each list of numbers on one line (the per-host series: 64 hosts' link rows every 0.25 s
+    are megabytes with one number a line)."""
+    import re
+    text = re.sub(r"\[\s+([-0-9.eE,\s]+?)\s+\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]",
+                  text)
+    return re.sub(r"\[\s+(\[[-0-9.eE, ]*\](?:,\s+\[[-0-9.eE, ]*\])*)\s+\]",
+                  lambda m: "[" + re.sub(r",\s+\[", ", [", m.group(1)) + "]", text)
+
+
+def _slug(group: str) -> str:
+    return group.split(" (")[0].replace(" ", "_")
 
 
 def table(results: list[RoundResult]) -> str:
     f = lambda x, p=1: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'returned s':>10} {'bound s':>8} "
-             f"{'ready/bound':>11} {'returned/bound':>14} {'seeding stopped s':>17} {'load':>9} ok"]
+    lines = [f"{'N':>3} {'layers':>6} {'HTTP s':>7} {'ready s':>8} {'median s':>8} {'returned s':>10} {'bound s':>8} "
+             f"{'ready/bound':>11} {'median/bound':>12} {'returned/bound':>14} {'seeding stopped s':>17} {'LAN MB/s of max':>15} "
+             f"{'CPU busy %':>10} {'ctorrent %':>10} {'pulls %':>7} {'registry %':>10} {'others %':>8} {'load':>9} ok"]
     for r in results:
         load = "/".join(f"{x:.1f}" for x in r.loadavg)
-        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_all_exited_s):>10} "
-                     f"{f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} {f(r.docket_returned_over_bound, 2):>14} "
-                     f"{f(r.seeding_stopped_s):>17} {load:>9} {'yes' if r.all_finished else 'NO'}")
+        g = r.cpu.get("groups_pct", {})
+        reg = g.get("registry (python)", 0) + g.get("opentracker", 0) if g else None
+        lines.append(f"{r.n:>3} {r.layers:>6} {f(r.http_s):>7} {f(r.docket_s):>8} {f(r.docket_median_s):>8} "
+                     f"{f(r.docket_all_exited_s):>10} {f(r.link_bound_s):>8} {f(r.docket_over_bound, 2):>11} "
+                     f"{f(r.docket_median_over_bound, 2):>12} {f(r.docket_returned_over_bound, 2):>14} "
+                     f"{f(r.seeding_stopped_s):>17} {f(r.aggregate_rx_mb_s):>8}/{f(r.links_capacity_mb_s):<6} {f(r.cpu.get('busy_pct')):>10} {f(g.get('ctorrent')):>10} "
+                     f"{f(g.get('docket pull (python)', 0) + g.get('background seeder (python)', 0) if g else None):>7} {f(reg):>10} {f(g.get('outside the benchmark')):>8} "
+                     f"{load:>9} {'yes' if r.all_finished else 'NO (' + str(r.docket_fallback_hosts) + ' via HTTP, last ' + f(r.docket_last_any_s) + ' s)'}")
+    lines.append("LAN MB/s: every host's download together at its busiest 4 s (wire), of what N links carry. "
+                 "CPU columns: % of all cores' time from the start barrier to the last host ready (/proc); registry % "
+                 "includes opentracker; pulls % = docket pull + its background seeder (Python); others % = processes outside the benchmark's namespaces (other work)")
     return "\n".join(lines)
 
 
@@ -961,6 +1211,8 @@ def v2_table(results: list[RoundResult]) -> str:
 
 
 def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
+    """Left: seconds until the last and the median host had the image, every round (lines through the medians
+    over rounds), against the link bound; right: the machine's CPU during those seconds, by process group."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -969,24 +1221,128 @@ def plot(cfg: Config, results: list[RoundResult]) -> Path | None:
         log("matplotlib not installed (pip install 'docket[bench]' or matplotlib): no plot")
         return None
     results = [r for r in results if r.layers == cfg.layers[0]]  # one line per measure: the first layer count
-    ns = [r.n for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = sorted({r.n for r in results})
+
+    def med(attr: str) -> list[float | None]:
+        out = []
+        for n in ns:
+            vals = [getattr(r, attr) for r in results if r.n == n and getattr(r, attr) is not None]
+            out.append(statistics.median(vals) if vals else None)
+        return out
+
+    def dots(ax: object, attr: str, style: str, color: str) -> None:
+        pts = [(r.n, getattr(r, attr)) for r in results if getattr(r, attr) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, color=color, alpha=0.45, linestyle="none")  # type: ignore[attr-defined]
+
+    with_cpu = any(r.cpu for r in results)
+    fig, axes = plt.subplots(1, 2 if with_cpu else 1, figsize=(14 if with_cpu else 7, 4.8), squeeze=False)
+    ax = axes[0][0]
+    bounds = med("link_bound_s")
     if any(r.http_s for r in results):
-        ax.plot(ns, [r.http_s for r in results], "o-", label="central HTTP (measured)")
-        ax.plot(ns, [r.http_bound_s for r in results], ":", color="C0", label="HTTP bound N·S/B")
-    ax.plot(ns, [r.docket_s for r in results], "s-", color="C1", label="docket pull: image ready (measured)")
-    ax.plot(ns, [r.docket_all_exited_s for r in results], "^-", color="C3", label="docket pull returned (measured)")
-    ax.plot(ns, [r.link_bound_s for r in results], "--", color="C2", label="link bound S/B")
+        ax.plot(ns, med("http_s"), "o-", label="central HTTP (measured)")
+        ax.plot(ns, med("http_bound_s"), ":", color="C0", label="HTTP bound N·S/B")
+    rounds = max(sum(1 for r in results if r.n == n) for n in ns)
+    each = f" (median of {rounds} rounds; dots: each round)" if rounds > 1 else ""
+    ax.plot(ns, med("docket_s"), "s-", color="C1", label="docket pull: last host ready" + each)
+    dots(ax, "docket_s", "s", "C1")
+    fb = [(r.n, r.docket_last_any_s) for r in results if r.docket_s is None and r.docket_last_any_s]
+    if fb:
+        ax.plot(*zip(*fb), "x", color="C3", markersize=9, linestyle="none",
+                label="round where hosts fell back to HTTP: last host ready")
+    ax.plot(ns, med("docket_median_s"), "D-", color="C4", label="docket pull: median host ready")
+    dots(ax, "docket_median_s", "D", "C4")
+    ax.plot(ns, med("docket_all_exited_s"), "^-", color="C3", alpha=0.6, label="docket pull: last returned")
+    ax.plot(ns, bounds, "--", color="C2", label="link bound S/B")
+    ax.plot(ns, [1.5 * b if b else None for b in bounds], ":", color="C2", label="1.5 x link bound")
     ax.set_xlabel("hosts pulling at once (N)")
-    ax.set_ylabel("seconds until the last host has the image")
+    ax.set_ylabel("seconds")
     ax.set_title(f"{cfg.size_mib:g} MiB image of {cfg.layers[0]} layer(s), {cfg.rate_mbit:g} Mbit/s links")
     ax.set_xticks(ns)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    tops = [r.docket_last_any_s or r.docket_s or 0 for r in results] + [r.http_s or 0 for r in results]
+    if max(tops) > 8 * max(bounds):  # hosts that fell back to HTTP (or the HTTP rounds) next to swarm seconds
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if with_cpu:
+        ax = axes[0][1]
+        groups = [("ctorrent", "ctorrent"), ("docket pull (python)", "docket pull (Python)"),
+                  ("background seeder (python)", "background seeder (Python)"), ("registry (python)", "registry (Python)"), ("opentracker", "opentracker"),
+                  ("other in the lab", "other in the lab"), ("benchmark driver", "benchmark driver"),
+                  ("kernel threads", "kernel threads"), ("outside the benchmark", "outside the benchmark")]
+        x = list(range(len(ns)))
+        bottom = [0.0] * len(ns)
+        for k, (g, label) in enumerate(groups):
+            vals = []
+            for n in ns:
+                rs = [r for r in results if r.n == n and r.cpu]
+                vals.append(statistics.mean(r.cpu["groups_pct"].get(g, 0.0) for r in rs) if rs else 0.0)
+            ax.bar(x, vals, bottom=bottom, label=label, color=f"C{k}", width=0.6)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        busy = [statistics.mean(r.cpu["busy_pct"] for r in results if r.n == n and r.cpu) if any(
+            r.cpu for r in results if r.n == n) else None for n in ns]
+        ax.plot(x, busy, "k_", markersize=40, markeredgewidth=2, linestyle="none",
+                label="machine busy (/proc/stat, incl. softirq)")
+        ax.set_xticks(x, [f"N={n}" for n in ns])
+        ax.set_ylim(0, 105)
+        ax.set_ylabel(f"% of {results[0].cpu.get('ncpu', '?')} cores, start to last host ready")
+        ax.set_title("CPU during the docket rounds (mean over rounds)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = cfg.out / "swarm.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    if with_cpu:
+        plot_timeline(cfg, results, plt)
+    return path
+
+
+def plot_timeline(cfg: Config, results: list[RoundResult], plt: object) -> Path:
+    """Per round, over the seconds since the start barrier: how many hosts had their first piece and their image
+    (from the pulls' ctorrent status and --json), against the machine's CPU busy %: which part of a round the
+    machine, not the protocol, held up."""
+    ns = sorted({r.n for r in results})
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False)  # type: ignore[attr-defined]
+    for ax, n in zip(axes[0], ns):
+        rs = [r for r in results if r.n == n]
+        horizon = 0.0
+        for k, r in enumerate(rs):
+            done = sorted(h.done_at for h in r.docket_hosts if h.ok)
+            first = sorted(t for h in r.docket_hosts for t in [next((row[0] for row in h.progress if row[1] > 0),
+                                                                    None)] if t is not None)
+            ls = ["-", "--", ":", "-."][k % 4]
+            if done:
+                ax.step(done, range(1, len(done) + 1), where="post", color="C1", linestyle=ls,
+                        label=f"round {k + 1}: hosts with the image" + ("" if len(done) == n else f" ({len(done)})"))
+                horizon = max(horizon, done[-1])
+            if first:
+                ax.step(first, range(1, len(first) + 1), where="post", color="C0", linestyle=ls, alpha=0.7,
+                        label=f"round {k + 1}: hosts with a first piece")
+        ax.axvline(rs[0].link_bound_s, color="C2", linestyle="--", label="link bound")
+        ax.axvline(1.5 * rs[0].link_bound_s, color="C2", linestyle=":", label="1.5 x bound")
+        ax.set_xlim(0, max(horizon, 1.5 * rs[0].link_bound_s) * 1.1)
+        ax.set_ylim(0, n * 1.05)
+        ax.set_xlabel("seconds since the start barrier")
+        ax.set_ylabel("hosts")
+        ax.set_title(f"N={n}: {cfg.size_mib:g} MiB, {cfg.rate_mbit:g} Mbit/s")
+        ax.grid(True, alpha=0.3)
+        cpu = ax.twinx()
+        for k, r in enumerate(rs):
+            if r.cpu_series:
+                cpu.plot([row[0] for row in r.cpu_series], [row[1] for row in r.cpu_series], color="k",
+                         linestyle=["-", "--", ":", "-."][k % 4], alpha=0.35, label=f"round {k + 1}: CPU busy %")
+        cpu.set_ylim(0, 105)
+        cpu.set_ylabel("machine CPU busy % (all cores)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = cpu.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="lower right")
+    fig.tight_layout()  # type: ignore[attr-defined]
+    path = cfg.out / "timeline.png"
+    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[attr-defined]
     return path
 
 
@@ -1027,6 +1383,19 @@ def benchmark(cfg: Config) -> list[RoundResult]:
     return results
 
 
+def load_results(path: Path) -> tuple[dict, list[RoundResult]]:
+    """A results.json back into rounds (``--replot``: the plots again from a run's figures, no root needed)."""
+    data = json.loads(path.read_text())
+    rounds = []
+    for raw in data["rounds"]:
+        r = dict(raw)
+        hosts = {k: [HostResult(**h) for h in r.pop(k, [])] for k in
+                 ("http_hosts", "docket_hosts", "v2_direct_hosts", "agent_hosts")}
+        known = {f for f in RoundResult.__dataclass_fields__}
+        rounds.append(RoundResult(**{k: v for k, v in r.items() if k in known}, **hosts))
+    return data, rounds
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1055,6 +1424,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="issue 15: `--max-upload-rate RATE` on the first host only (pull or agent), reported likewise")
     p.add_argument("--registry-max-upload-rate", default=None, metavar="RATE",
                    help="issue 15: `docket-registry --max-upload-rate RATE`; the registry's link is reported")
+    p.add_argument("--replot", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only draw swarm.png and timeline.png again from a results.json, next to it")
+    p.add_argument("--prestart-seeders", action="store_true",
+                   help="issue 16: start each host's background seeder before the start barrier (its Python start-up "
+                        "then competes with no download for this machine's cores, as on real hosts with their own)")
     p.add_argument("--mode", default="docket",
                    help="comma list of: docket (curl + `docket pull`, the default), v2-direct (every host pulls as "
                         "dockerd would from the registry's /v2), agent (the same from a `docket agent` per host)")
@@ -1078,11 +1452,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(**rates, modes=modes, hosts=hosts, size_mib=a.size_mib, rate_mbit=a.rate_mbit, queue_ms=a.queue_ms, seed_time=a.seed_time, out=a.out,
                   prefix=a.prefix, timeout=a.timeout, workdir=a.workdir, keep=a.keep, skip_http=a.skip_http,
                   plot=not a.no_plot, ctorrent_args=a.ctorrent_args, repeat=max(1, a.repeat), layers=layers,
-                  pull_args=shlex.split(a.pull_args))
+                  pull_args=shlex.split(a.pull_args), prestart_seeders=a.prestart_seeders, replot=a.replot)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.replot:
+        data, results = load_results(cfg.replot)
+        c = data["config"]
+        cfg.out, cfg.size_mib, cfg.rate_mbit, cfg.layers = cfg.replot.parent, c["size_mib"], c["rate_mbit"], c["layers"]
+        print(table(results))
+        print(f"plot: {plot(cfg, results)}")
+        return 0
     try:
         results = benchmark(cfg)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,14 @@ def test_small_swarm_run(tmp_path: Path) -> None:
     assert r["seeders_exited_s"] == max(h["seeder_exited_at"] for h in r["docket_hosts"])
     assert r["layers"] == 1
     assert (cfg.out / "results.csv").read_text().startswith("n,layers,")
+    # issue 16: the median host against the bound, and the machine's CPU from the barrier to the last host ready
+    assert r["docket_median_over_bound"] == pytest.approx(r["docket_median_s"] / r["link_bound_s"], abs=0.01)
+    cpu = r["cpu"]
+    assert 0 < cpu["busy_pct"] <= 100 and cpu["ncpu"] == os.cpu_count() and cpu["seconds"] >= r["docket_s"] * 0.9
+    assert set(cpu["groups_pct"]) == set(swarm.CPU_GROUPS)
+    assert cpu["groups_cpu_s"]["docket pull (python)"] > 0  # two pulls ran in the lab's namespaces
+    assert r["cpu_series"] and all(0 <= row[1] <= 100 for row in r["cpu_series"])
+    assert "cpu_busy_pct" in (cfg.out / "results.csv").read_text().splitlines()[0]
 
 
 @pytest.mark.timeout(240)
@@ -161,3 +170,23 @@ def test_limit_check_reads_a_link_counter_against_the_limit():
     assert "steady_ratio" not in swarm.limit_check(link, 2, 2_000_000, "c0 upload")  # nothing sent
     with pytest.raises(SystemExit):
         swarm.parse_args(["--registry-max-upload-rate", "2000"])  # a bare number: refused, as by the programs
+
+
+def test_cpu_sampler_counts_a_busy_process_outside_the_lab() -> None:
+    """CpuSampler: the machine's busy share and a process's CPU seconds in its group (here: not in the lab)."""
+    class NoLab:
+        created: list[str] = []
+        reg = br = ""
+
+    sampler = swarm.CpuSampler(NoLab(), time.monotonic(), interval=0.1)  # type: ignore[arg-type]
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"])
+    try:
+        busy.wait(10)
+        time.sleep(0.15)
+    finally:
+        sampler.stop()
+    w = sampler.window(10.0)
+    assert w["busy_pct"] >= 100 / (os.cpu_count() or 1) * 0.5, w  # one core spun for the second
+    assert w["groups_cpu_s"]["outside the benchmark"] >= 0.5, w  # the child (not in a lab namespace)
+    assert sum(w["groups_pct"].values()) <= 100.5
+    assert sampler.series() and all(len(row) == 4 for row in sampler.series())
