@@ -38,7 +38,6 @@ from tests.support.tools import IN_CI, need, program
 
 GC_GRACE = 60.0  # the shortest --gc-grace the registry accepts
 SEED_ADDRESSES = ("127.0.16.1", "127.0.16.2")  # each instance's seeders (ctorrent drops same-address peers)
-CLIENT_PEERS = iter(f"127.0.16.{n}" for n in range(10, 250))  # each docket pull stands for another host
 MANIFEST_TYPES = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                             "application/vnd.docker.distribution.manifest.v2+json",
                             "application/vnd.oci.image.index.v1+json",
@@ -94,6 +93,13 @@ class Cluster:
     tracker: subprocess.Popen
     tracker_log: Path
     notes: dict[str, Any] = field(default_factory=dict)  # what one test leaves for a later one
+    peers: int = 10  # the last 127.0.16.x given to a client
+
+    def peer(self) -> str:
+        """A fresh loopback address for a docket pull that stands for another host (ctorrent: one per address)."""
+        self.peers += 1
+        assert self.peers < 255
+        return f"127.0.16.{self.peers}"
 
     @property
     def url(self) -> str:
@@ -146,7 +152,7 @@ class Cluster:
         self.haproxy.wait_all_up(timeout=30)
 
     def served_by(self) -> dict[str, int]:
-        """HAProxy's count of responses per server (2xx..5xx): which instances answered."""
+        """HAProxy's count of sessions (requests) sent to each server so far: which instances answered."""
         return {r["svname"]: int(r["stot"] or 0) for r in self.haproxy.stats()
                 if r["pxname"] == "registries" and r["svname"] in SERVERS}
 
@@ -402,7 +408,7 @@ def test_docket_push_and_pull_through_haproxy(cluster: Cluster, image_factory, d
 
     image_factory.remove(ref)
     summary = json.loads(docket_cli("pull", ref, "--json", "--seed-time", "0", registry=cluster,
-                                    peer_ip=next(CLIENT_PEERS), location=tmp_path / "host2").stdout)
+                                    peer_ip=cluster.peer(), location=tmp_path / "host2").stdout)
     assert summary["image_id"] == image_id
     assert image_factory.run(ref) == marker
     name, tag = ref.rsplit(":", 1)
@@ -428,7 +434,7 @@ def test_docker_push_and_pull_through_haproxy(cluster: Cluster, image_factory, d
     assert image_factory.client.images.get(remote).id == image_id
     image_factory.remove(remote)
     summary = json.loads(docket_cli("pull", "--json", "--seed-time", "0", "ha/docker:v1", registry=cluster,
-                                    peer_ip=next(CLIENT_PEERS), location=tmp_path / "host3").stdout)
+                                    peer_ip=cluster.peer(), location=tmp_path / "host3").stdout)
     image_factory.built.append("ha/docker:v1")
     assert summary["image_id"] == image_id
     assert image_factory.run("ha/docker:v1") == marker
