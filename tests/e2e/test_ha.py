@@ -169,8 +169,8 @@ def cluster(ha_database: str, tmp_path_factory: pytest.TempPathFactory, docker_h
                  workdir=root / "haproxy")
     tracker_port = free_port()
     tracker_log = root / "tracker.log"
-    # The tracker first: an instance is healthy only when its tracker answers. It follows the whitelist through
-    # HAProxy (retrying until HAProxy answers), as deploy/docker-compose.ha.yml runs it.
+    # The tracker first (a manifest commits once the tracker takes its layers' announces; the full /healthz checks
+    # it). It follows the whitelist through HAProxy, retrying until HAProxy answers, as the compose file runs it.
     tracker_args = [program("docket-tracker"), "--registry", hp.url, "--port", str(tracker_port),
                     "--bind", "127.0.0.1", "--interval", "0.5", "--workdir", str(root / "tracker"),
                     "--log-level", "INFO"]
