@@ -1,5 +1,10 @@
 """Session-wide fixtures every area uses: a real dockerd, runnable test images built offline, a real
-docket-registry process and the real `docket` command.
+docket-registry process and the real `docket` command, a real PostgreSQL server.
+
+A test runs on both databases the registry supports when it (or its module) is marked
+``pytest.mark.databases("sqlite", "postgresql")`` and uses ``db_url`` (the registry fixtures do: ``make_app``/``app``
+in tests/registry/conftest.py, ``registry_server`` here); ``databases("sqlite", reason=...)`` keeps one test of such
+a module on SQLite. Unmarked tests run on SQLite only, as before.
 
 Under CI (CI=true) a missing tool fails the test run; on a laptop it skips the tests that need it
 (tests/support/tools.py).
@@ -18,9 +23,71 @@ from pathlib import Path
 import pytest
 
 from tests.support.image_factory import ImageFactory
+from tests.support.postgres import ENV_URL, PostgresServer, bin_dir
 from tests.support.procs import background_seeders, free_port, managed_process, stop_background_seeders, wait_until
 from tests.support.registry_server import RegistryServer
 from tests.support.tools import IN_CI, need
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``db_url`` once per database the closest ``databases`` marker names, with the database as the test's id."""
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None and "db_url" in metafunc.fixturenames:
+        metafunc.parametrize("db_url", marker.args, indirect=True, ids=list(marker.args))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The PostgreSQL server scripts/test.sh started (DOCKET_TEST_POSTGRES), or one of this process's own."""
+    url = os.environ.get(ENV_URL)
+    if url:
+        yield PostgresServer.attach(url)
+        return
+    if bin_dir() is None:
+        msg = "PostgreSQL is not installed (run scripts/setup.sh)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_at_head(postgres: PostgresServer) -> Iterator[str]:
+    """A database migrated to head once per session (test processes), the template of ``db_url``'s: a registry
+    starting on a copy finds its schema there (the migrations themselves: tests/registry/test_migrations.py)."""
+    from docket.registry.db import Database
+
+    name = postgres.create_database()
+    db = Database(postgres.url(name))
+    db.migrate()
+    db.dispose()  # a template nobody is connected to
+    yield name
+    postgres.drop_database(name)
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The registry's ``--db``: None (SQLite in its location) unless parametrized with "postgresql", then a fresh
+    database of the ``postgres`` server, dropped after the test (its apps and processes are gone by then: they
+    depend on this fixture). It is a copy of a database at head (fast), or empty with ``databases(...,
+    empty=True)``."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield None
+        return
+    assert backend == "postgresql", backend
+    server: PostgresServer = request.getfixturevalue("postgres")
+    marker = request.node.get_closest_marker("databases")
+    empty = marker is not None and marker.kwargs.get("empty", False)
+    name = server.create_database(None if empty else request.getfixturevalue("postgres_at_head"))
+    try:
+        yield server.url(name)
+    finally:
+        server.drop_database(name)
 
 
 def _docker_ok(host: str) -> bool:
@@ -86,11 +153,12 @@ def image_factory(docker_client, tmp_path: Path) -> Iterator[ImageFactory]:
 
 
 @pytest.fixture
-def registry_server(tmp_path: Path) -> Iterator[RegistryServer]:
+def registry_server(tmp_path: Path, db_url: str | None) -> Iterator[RegistryServer]:
     need("ctorrent")
     need("opentracker")
     server = RegistryServer(
-        location=tmp_path / "registry", port=free_port(), tracker_port=free_port(), log=tmp_path / "registry.log"
+        location=tmp_path / "registry", port=free_port(), tracker_port=free_port(), log=tmp_path / "registry.log",
+        db_url=db_url,
     )
     server.start()
     try:

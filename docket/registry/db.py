@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
 from flask import Flask, current_app, g
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# PostgreSQL: every advisory lock (locks.py) holds a pooled connection while it is held, beside the sessions of the
+# request threads and the background jobs: a larger pool than SQLAlchemy's 5 + 10, and a bounded wait for one.
+PG_POOL = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 30}
+PG_CONNECT_TIMEOUT_S = 10  # a server that does not answer (a dropped packet, not a refusal) fails start-up in time
+URL_HINT = "give --db as sqlite:////ABSOLUTE/PATH/docket.db or postgresql+psycopg://USER[:PASSWORD]@HOST:PORT/DBNAME"
 
 
 def _sqlite_pragmas(dbapi_connection: object, connection_record: object) -> None:
@@ -41,10 +46,31 @@ def _sqlite_pragmas(dbapi_connection: object, connection_record: object) -> None
 
 
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+    """The engine for ``url``: SQLite with its pragmas, or PostgreSQL with a pool sized for the advisory locks.
+    DatabaseUnusable for a URL that is not one of those, or whose driver is not installed."""
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite":
+            engine = create_engine(parsed, future=True)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        if backend == "postgresql":
+            return create_engine(parsed, future=True, pool_pre_ping=True, **PG_POOL,
+                                 connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+    except (sa_exc.ArgumentError, ImportError) as exc:
+        raise DatabaseUnusable(f"cannot use the database URL {_safe(url)}: {str(exc).splitlines()[0]}",
+                               URL_HINT) from exc
+    raise DatabaseUnusable(f"cannot use the database URL {_safe(url)}: docket-registry supports SQLite and "
+                           "PostgreSQL", URL_HINT)
+
+
+def _safe(url: str) -> str:
+    """``url`` for a message: without its password (or as given when it does not parse)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        return repr(url)
 
 
 def alembic_config(url: str) -> Config:
@@ -65,9 +91,11 @@ RESTORE_HINT = ("restore it from a backup (the blob files were not touched), or 
                 "--adopt-orphans to register the blobs again (tags must then be pushed again)")
 
 
-def _unusable(where: str, exc: BaseException) -> DatabaseUnusable:
+def _unusable(where: str, exc: BaseException, engine: Engine | None = None) -> DatabaseUnusable:
     """One line saying what is wrong with the database at ``where``, and what to do about it."""
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if engine is not None and engine.dialect.name == "postgresql":
+        return DatabaseUnusable(f"cannot use the database {where}: {reason}", _postgres_hint(reason, engine))
     lower = reason.lower()
     if "locked" in lower or "busy" in lower:
         hint = "another process holds it (another docket-registry on this location?): stop it, or retry"
@@ -80,6 +108,34 @@ def _unusable(where: str, exc: BaseException) -> DatabaseUnusable:
     else:
         hint = RESTORE_HINT
     return DatabaseUnusable(f"cannot use the database {where}: {reason}", hint)
+
+
+def _postgres_hint(reason: str, engine: Engine) -> str:
+    """What to do about a PostgreSQL server's refusal (psycopg's first line of it)."""
+    url = engine.url
+    server = f"{url.host or 'localhost'}:{url.port or 5432}"
+    lower = reason.lower()
+    if "connection refused" in lower or "no such file or directory" in lower:
+        return (f"is PostgreSQL running at {server} and listening there (listen_addresses)? Start it, or correct "
+                "the host and port in --db")
+    if "timeout expired" in lower or "timed out" in lower:
+        return f"PostgreSQL at {server} did not answer: check the address in --db and any firewall between"
+    if "could not translate host name" in lower or "name or service not known" in lower:
+        return f"the host name {url.host!r} in --db does not resolve: correct it"
+    if "database" in lower and "does not exist" in lower:
+        return (f"create it first (createdb -h {url.host or 'localhost'} -p {url.port or 5432} -U "
+                f"{url.username or 'postgres'} {url.database}); the registry creates its tables, not the database")
+    if ("password" in lower or "authentication failed" in lower or "pg_hba.conf" in lower
+            or ("role" in lower and "does not exist" in lower)):
+        return ("check the user and password in --db (postgresql+psycopg://USER:PASSWORD@HOST:PORT/DBNAME) and the "
+                "server's pg_hba.conf")
+    if "permission denied" in lower or "must be owner" in lower:
+        return (f"the role {url.username!r} must be able to create tables: make it the database's owner, or GRANT "
+                "CREATE ON SCHEMA public to it")
+    if "too many clients" in lower or "connection slots" in lower:
+        return ("the server is out of connections: raise its max_connections (each registry instance may use up "
+                f"to {PG_POOL['pool_size'] + PG_POOL['max_overflow']})")
+    return "see the PostgreSQL server's log for the cause; nothing was changed"
 
 
 def _volume_full(where: str) -> bool:
@@ -125,7 +181,7 @@ class Database:
                 else:
                     conn.execute(text("SELECT 1"))
         except sa_exc.SQLAlchemyError as exc:
-            raise _unusable(self.where, exc) from exc
+            raise _unusable(self.where, exc, self.engine) from exc
 
     def migrate(self) -> None:
         """Check the database, then upgrade the schema to the newest revision (idempotent); DatabaseUnusable when
@@ -134,7 +190,7 @@ class Database:
         try:
             self.upgrade("head")
         except sa_exc.SQLAlchemyError as exc:
-            raise _unusable(self.where, exc) from exc
+            raise _unusable(self.where, exc, self.engine) from exc
         except CommandError as exc:  # e.g. a revision this version does not know: written by a newer docket
             raise DatabaseUnusable(f"cannot migrate the database {self.where}: {str(exc).splitlines()[0]}",
                                    "run the docket-registry version that wrote it, or restore a backup") from exc

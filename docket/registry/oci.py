@@ -44,6 +44,9 @@ OCI_NONDISTRIBUTABLE_LAYERS = frozenset({"application/vnd.oci.image.layer.nondis
                                          "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
 FOREIGN_LAYERS = DOCKER_FOREIGN_LAYERS | OCI_NONDISTRIBUTABLE_LAYERS
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# RFC 6838: type and subtype at most 127 characters each. The database columns are varchar(255), which PostgreSQL
+# enforces (SQLite does not): a longer one is refused here, on every database, as the client's error.
+MAX_MEDIA_TYPE = 255
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(media_type, str) or not media_type:
         raise invalid_manifest(f"{where}.mediaType is missing or not a string", field=where)
+    _check_media_type_length(media_type, f"{where}.mediaType")
     if not isinstance(digest, str) or not ANY_DIGEST_RE.fullmatch(digest):
         raise invalid_manifest(f"{where}.digest {str(digest)[:200]!r} is not a sha256 or sha512 digest", field=where)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -137,7 +141,15 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
     artifact_type = obj.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise invalid_manifest(f"{where}.artifactType is not a string", field=where)
+    if artifact_type is not None:
+        _check_media_type_length(artifact_type, f"{where}.artifactType")
     return Descriptor(media_type, digest, size, artifact_type, _urls(obj.get("urls"), media_type, where))
+
+
+def _check_media_type_length(value: str, where: str) -> None:
+    if len(value) > MAX_MEDIA_TYPE:
+        raise invalid_manifest(f"{where} is {len(value)} characters long; a media type has at most {MAX_MEDIA_TYPE}",
+                               field=where, limit=MAX_MEDIA_TYPE)
 
 
 _URL_UNSAFE = re.compile(r"[\x00-\x20\x7f]")  # control characters and spaces: never in a URI (RFC 3986)
@@ -229,6 +241,8 @@ def parse_manifest(raw: bytes, content_type: str | None, algorithm: str = "sha25
     artifact_type = body.get("artifactType")
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise invalid_manifest("artifactType is not a string", field="artifactType")
+    if artifact_type is not None:
+        _check_media_type_length(artifact_type, "artifactType")
     annotations = body.get("annotations")
     if annotations is not None and (not isinstance(annotations, dict)
                                     or not all(isinstance(v, str) for v in annotations.values())):

@@ -32,7 +32,9 @@ def image_by_id(s: Session, image_id: int) -> Image:
 
 
 def list_images(s: Session) -> list[Image]:
-    return list(s.scalars(image_query().order_by(Image.repository, Image.tag)))
+    """By repository and tag in code-point order, sorted here: a PostgreSQL database's collation (e.g. en-US) would
+    order "a" before "Z", SQLite the other way."""
+    return sorted(s.scalars(image_query()), key=lambda image: (image.repository, image.tag))
 
 
 def image_digests(image: Image) -> set[str]:

@@ -64,6 +64,18 @@ def storage_error(exc: BaseException) -> DocketError | None:
                                       "the registry's disk is failing: see its log and the kernel log")
         if isinstance(e, sa_exc.DBAPIError):
             text = str(getattr(e, "orig", e)).lower()
+            state = str(getattr(getattr(e, "orig", None), "sqlstate", None) or "")  # PostgreSQL's error class
+            if state == "53100":  # disk_full on the PostgreSQL server
+                return NoSpace("the database server's storage is full",
+                               "the operator must free space for PostgreSQL; nothing was stored, so the push can be "
+                               "retried")
+            if state in {"40001", "40P01", "55P03"}:  # serialization failure, deadlock, lock not available
+                return ServiceUnavailable("the registry's database is busy", "retry in a moment")
+            if e.connection_invalidated or state.startswith(("08", "57P")) or (
+                    not state and "connection" in text and ("refused" in text or "closed" in text)):
+                return ServiceUnavailable("the registry's database server cannot be reached",
+                                          "the operator must start PostgreSQL again (or fix the network to it); "
+                                          "retry then")
             if "disk is full" in text or "database or disk is full" in text:
                 return NoSpace("the registry's storage is full (the database cannot grow)", FULL_HINT)
             if "readonly" in text or "read-only" in text:

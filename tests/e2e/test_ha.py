@@ -7,8 +7,7 @@ One setup serves the whole module (starting it takes seconds); each test starts 
 GC scenario (``pending_upload``) is opened with the first test on the instance that does not lead and checked once
 the grace period has passed (the tests between fill that time), before any instance is restarted or killed.
 
-PostgreSQL: DOCKET_TEST_POSTGRES is the base URL of a running server (a database on it is created for the module
-and dropped afterwards), e.g. postgresql+psycopg://docket@127.0.0.1:55432/postgres.
+PostgreSQL: the suite's ``postgres`` server (tests/conftest.py); a database on it for the module, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ import requests
 from tests.support.haproxy import SERVERS, HAProxy
 from tests.support.procs import free_port, managed_process, port_open, tail, wait_until
 from tests.support.registry_server import RegistryServer
-from tests.support.tools import IN_CI, need, program
+from tests.support.postgres import PostgresServer
+from tests.support.tools import need, program
 
 GC_GRACE = 60.0  # the shortest --gc-grace the registry accepts
 SEED_ADDRESSES = ("127.0.16.1", "127.0.16.2")  # each instance's seeders (ctorrent drops same-address peers)
@@ -44,7 +44,7 @@ MANIFEST_TYPES = ", ".join(["application/vnd.oci.image.manifest.v1+json",
                             "application/vnd.docker.distribution.manifest.list.v2+json"])
 
 
-# --- PostgreSQL: a database of our own on the test server ----------------------------------------------------
+# --- PostgreSQL: a database of our own on the suite's server --------------------------------------------------
 
 
 def _libpq_url(url: str) -> str:
@@ -52,31 +52,15 @@ def _libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def _with_database(url: str, name: str) -> str:
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
-
-
 @pytest.fixture(scope="module")
-def ha_database() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server of DOCKET_TEST_POSTGRES (SQLAlchemy URL), dropped afterwards.
-    Stands in for the suite's `postgres` fixture (tests/support/postgres.py) until it lands."""
-    base = os.environ.get("DOCKET_TEST_POSTGRES")
-    if not base:
-        msg = "DOCKET_TEST_POSTGRES (a PostgreSQL base URL) is not set"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    import psycopg
-
-    name = f"docket_ha_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq_url(base), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+def ha_database(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the suite's PostgreSQL server (the first instance migrates it), dropped after
+    the module."""
+    name = postgres.create_database()
     try:
-        yield _with_database(base, name)
+        yield postgres.url(name)
     finally:
-        with psycopg.connect(_libpq_url(base), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        postgres.drop_database(name)
 
 
 # --- the cluster -------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ no GC thread), made and closed here once for every module.
     pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT)
 
 ``make_app(**overrides)`` makes further apps in one test (other tokens or locations; not affected by the marker).
+Every app uses the test's ``db_url`` (tests/conftest.py: SQLite, or PostgreSQL in modules marked ``databases``)
+unless given its own.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ def location(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_app(location: Path) -> Iterator[Callable[..., Flask]]:
+def make_app(location: Path, db_url: str | None) -> Iterator[Callable[..., Flask]]:
     """Apps on ``location`` unless given another; keyword arguments override the RegistryConfig. Every app made
     is closed at teardown."""
     made: list[Flask] = []
 
     def make(**overrides) -> Flask:
+        overrides.setdefault("db_url", db_url)
         app = registry_app(overrides.pop("location", location), **overrides)
         made.append(app)
         return app

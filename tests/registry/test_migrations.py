@@ -19,9 +19,11 @@ from docket.registry.store import FileBlobStore, LocationError
 from docket.torrent import build_torrent, read_torrent
 from tests.support.registry_images import build_image_tar
 
+pytestmark = pytest.mark.databases("sqlite", "postgresql", empty=True)  # db_url: tests/conftest.py
 
-def test_migration_matches_models(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'docket.db'}")
+
+def test_migration_matches_models(tmp_path: Path, db_url: str | None) -> None:
+    db = Database(db_url or f"sqlite:///{tmp_path / 'docket.db'}")
     db.migrate()
     db.migrate()  # idempotent at head
     with db.engine.connect() as conn:
@@ -31,13 +33,14 @@ def test_migration_matches_models(tmp_path: Path) -> None:
         assert set(inspect(conn).get_table_names()) == {"alembic_version", "blobs", "images", "image_layers",
                                                        "manifests", "manifest_refs", "hosts", "registry_instances",
                                                        "upload_sessions", "blob_leases", "blob_damage"}
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        if db_url is None:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     db.dispose()
 
 
-def registry_at_0001(tmp_path: Path) -> tuple[Path, FileBlobStore, Path, dict, str]:
-    """A location whose database is at 0001 and holds one whole-tarball tag, team/old:v1 (as pushed before
-    layers): (location, store, tarball, its image info, the tarball blob's digest)."""
+def registry_at_0001(tmp_path: Path, db_url: str | None) -> tuple[Path, FileBlobStore, Path, dict, str]:
+    """A location whose database (``db_url``, or SQLite in it) is at 0001 and holds one whole-tarball tag,
+    team/old:v1 (as pushed before layers): (location, store, tarball, its image info, the tarball blob's digest)."""
     location = tmp_path / "registry"
     store = FileBlobStore(location)
     store.ensure_layout()
@@ -48,8 +51,7 @@ def registry_at_0001(tmp_path: Path) -> tuple[Path, FileBlobStore, Path, dict, s
     store.local_path(digest).write_bytes(data)
     meta = build_torrent(store.local_path(digest), "http://127.0.0.1:6999/announce",
                          out=store.torrents_dir / f"{digest[7:]}.torrent", name=f"{digest[7:]}.tar")
-    url = f"sqlite:///{location / 'docket.db'}"
-    old = Database(url)
+    old = Database(db_url or f"sqlite:///{location / 'docket.db'}")
     old.upgrade("0001")
     with old.engine.begin() as conn:
         conn.execute(text("INSERT INTO blobs (digest, size, info_hash, piece_length, created_at, unreferenced_at) "
@@ -62,11 +64,11 @@ def registry_at_0001(tmp_path: Path) -> tuple[Path, FileBlobStore, Path, dict, s
     return location, store, tar, info, digest
 
 
-def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) -> None:
+def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app, db_url: str | None) -> None:
     """A registry at 0001 with a whole-tarball tag: upgraded to head, start-up splits the tarball (as a tarball PUT
     is split on arrival) and the tag is served as layers (same image, created and push time), with a V2 manifest;
     the tarball blob becomes unreferenced and GC takes it after the grace period."""
-    location, store, tar, info, digest = registry_at_0001(tmp_path)
+    location, store, tar, info, digest = registry_at_0001(tmp_path, db_url)
     app = make_app(location=location)
     sv = app.extensions["docket"]
     try:
@@ -99,10 +101,11 @@ def test_tarball_image_at_0001_is_converted_to_layers(tmp_path: Path, make_app) 
         sv.db.dispose()
 
 
+@pytest.mark.databases("sqlite", reason="the location's exclusive lock: on PostgreSQL instances share a location")
 def test_tarball_records_are_not_converted_beside_a_serving_registry(tmp_path: Path, make_app) -> None:
     """The conversion writes blobs: while another registry holds the location's lock it refuses, with the same
     "in use" error a second registry gets, and converts nothing; the lock is let go after a conversion."""
-    location, _, _, _, digest = registry_at_0001(tmp_path)
+    location, _, _, _, digest = registry_at_0001(tmp_path, None)
     serving = FileBlobStore(location)
     serving.lock()
     try:

@@ -6,35 +6,28 @@ The HAProxy end-to-end tests (tests/e2e/test_ha.py) run the same through real pr
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from flask import Flask
-from sqlalchemy import create_engine, make_url, select, update
+from sqlalchemy import select, update
 
 from docket.registry.locks import Locks
 from docket.registry.models import Blob, BlobLease, RegistryInstance, utcnow
 from docket.registry.models import UploadSession as SessionRow
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database on the test PostgreSQL server (DOCKET_TEST_POSTGRES), dropped afterwards."""
-    base = os.environ.get("DOCKET_TEST_POSTGRES", "postgresql+psycopg://docket@127.0.0.1:55432/postgres")
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    yield str(make_url(base).set(database=name).render_as_string(hide_password=False))
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.dispose()
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server (tests/conftest.py ``postgres``), dropped afterwards."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)
 
 
 def sv(app: Flask):

@@ -14,7 +14,7 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-pytestmark = pytest.mark.registry_config(auth_tokens=(PUSH,))
+pytestmark = [pytest.mark.registry_config(auth_tokens=(PUSH,)), pytest.mark.databases("sqlite", "postgresql")]
 
 
 def test_version_check_challenges_without_credentials(client):

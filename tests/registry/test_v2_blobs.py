@@ -35,7 +35,7 @@ def sha(data: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-pytestmark = pytest.mark.registry_config(max_upload_size=LIMIT)
+pytestmark = [pytest.mark.registry_config(max_upload_size=LIMIT), pytest.mark.databases("sqlite", "postgresql")]
 
 
 def sv(app: Flask):

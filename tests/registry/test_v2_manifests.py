@@ -31,7 +31,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 EMPTY = "application/vnd.oci.empty.v1+json"
 
 
-pytestmark = pytest.mark.registry_config(max_upload_size=1 << 20)
+pytestmark = [pytest.mark.registry_config(max_upload_size=1 << 20), pytest.mark.databases("sqlite", "postgresql")]
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:
@@ -609,3 +609,21 @@ def test_gc_drops_untagged_docket_manifests_and_backfill(app, client):
 
 def test_werkzeug_errors_under_v2_use_the_spec_body(client):
     v2_error(client.post("/v2/app/manifests/v1"), 405, "UNSUPPORTED")
+
+
+@pytest.mark.parametrize("where", ["layer", "config", "artifactType"])
+def test_media_type_longer_than_255_is_invalid_on_every_database(app, client, where):
+    """A media type is at most 127 + "/" + 127 characters (RFC 6838): a longer one is the client's error, 400,
+    not a value PostgreSQL's varchar(255) refuses with a 500 after the checks."""
+    config, layers, _ = image_blobs(app, [b"long media type"], compress=False, layer_type=OCI_LAYER)
+    long_type = "application/vnd.example." + "x" * 250
+    extra: dict[str, Any] = {}
+    if where == "layer":
+        layers = [{**layers[0], "mediaType": long_type}]
+    elif where == "config":
+        config = {**config, "mediaType": long_type}
+    else:
+        extra["artifactType"] = long_type
+    raw = manifest(config, layers, media_type=OCI_MANIFEST, **extra)
+    v2_error(put(client, "t/long", "v1", raw, OCI_MANIFEST), 400, "MANIFEST_INVALID")
+    assert client.get("/v2/t/long/manifests/v1").status_code == 404
