@@ -12,10 +12,12 @@ PostgreSQL: the suite's ``postgres`` server (tests/conftest.py); a database on i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -31,9 +33,9 @@ import pytest
 import requests
 
 from tests.support.haproxy import SERVERS, HAProxy
-from tests.support.procs import free_port, managed_process, port_open, tail, wait_until
-from tests.support.registry_server import RegistryServer
+from tests.support.procs import free_port, managed_process, pid_gone, port_open, process_argvs, tail, wait_until
 from tests.support.postgres import PostgresServer
+from tests.support.registry_server import RegistryServer
 from tests.support.tools import need, program
 
 GC_GRACE = 60.0  # the shortest --gc-grace the registry accepts
@@ -187,6 +189,9 @@ def cluster(ha_database: str, tmp_path_factory: pytest.TempPathFactory, docker_h
             for inst in started:
                 if inst.proc is not None:
                     inst.stop()
+            left = stop_seeders_under(location)
+            if left:
+                print(f"stopped {len(left)} seeder(s) the instances left running: {left}")
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +215,25 @@ def _whole_cluster(cluster: Cluster) -> Iterator[None]:
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
+
+
+def stop_seeders_under(location: Path) -> list[int]:
+    """The ctorrents still seeding files of ``location`` (our instances': an instance killed or stopped while
+    starting one can leave it behind), stopped by pid; their pids."""
+    marker = os.fsencode(str(location)) + b"/"
+    found = [pid for pid, argv in process_argvs()
+             if argv and os.path.basename(argv[0]) == b"ctorrent" and any(a.startswith(marker) for a in argv)]
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in found:
+        try:
+            wait_until(lambda pid=pid: pid_gone(pid), timeout=5, what=f"ctorrent {pid} to stop")
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return found
+
 
 
 def sha256(data: bytes) -> str:
