@@ -70,6 +70,15 @@ def postgres_at_head(postgres: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the test PostgreSQL server, dropped after the test: for tests of several
+    registry instances on one database (docs/instances.md)."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)
+
+
+@pytest.fixture
 def db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """The registry's ``--db``: None (SQLite in its location) unless parametrized with "postgresql", then a fresh
     database of the ``postgres`` server, dropped after the test (its apps and processes are gone by then: they

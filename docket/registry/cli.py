@@ -55,7 +55,8 @@ def _fail(exc: DocketError) -> None:
 
 @click.command(context_settings={"help_option_names": ["--help"], "show_default": True})
 @click.option("-t", "--tracker", envvar="DOCKET_TRACKER", show_envvar=True, callback=_tracker,
-              help="External opentracker HOST:PORT. Without it the registry runs and manages opentracker itself.")
+              help="External opentracker HOST:PORT. Without it the registry runs and manages opentracker itself. "
+                   "Several instances on one PostgreSQL --db need it, the same for all (README: Several instances).")
 @click.option("-p", "--port", envvar="DOCKET_REGISTRY_PORT", show_envvar=True, type=click.IntRange(1, 65535),
               default=8000, help="HTTP port.")
 @click.option("-l", "--location", envvar="DOCKET_REGISTRY_LOCATION", show_envvar=True,
@@ -72,7 +73,8 @@ def _fail(exc: DocketError) -> None:
 @click.option("--seed-address", envvar="DOCKET_SEED_ADDRESS", show_envvar=True, default=None,
               callback=lambda c, p, v: None if v is None else _ipv4(c, p, v),
               help="IPv4 address the seeders listen on [default: the advertise address; 127.0.0.2 when that is "
-                   "a loopback address, since a same-host ctorrent on 127.0.0.1 drops local peers]")
+                   "a loopback address, since a same-host ctorrent on 127.0.0.1 drops local peers; several "
+                   "instances on one host need one each]")
 @click.option("--tracker-port", envvar="DOCKET_TRACKER_PORT", show_envvar=True, type=click.IntRange(1, 65535),
               default=6969, help="Port of the managed opentracker.")
 @click.option("--log-level", envvar="DOCKET_LOG_LEVEL", show_envvar=True, default="info",

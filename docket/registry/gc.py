@@ -19,6 +19,7 @@ could leave rows pointing at nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -62,7 +63,8 @@ class GcStats:
 class GarbageCollector:
     def __init__(self, db: Database, locks: Locks, blobs: Blobs, manifests: Manifests, swarm: Swarm,
                  downloads: DownloadCounter, uploads: UploadSessions, instances: Instances, *, interval: float = 30.0,
-                 grace: float = 600.0, max_wait: float = MAX_WAIT) -> None:
+                 grace: float = 600.0, max_wait: float = MAX_WAIT, leader: Callable[[], bool] | None = None) -> None:
+        """``leader``: the timer's passes run only while it answers True (one instance runs GC)."""
         self.db = db
         self.locks = locks
         self.blobs = blobs
@@ -76,7 +78,7 @@ class GarbageCollector:
         self.max_wait = timedelta(seconds=max_wait)
         self._busy_since: dict[str, datetime] = {}  # digest -> when GC first found it being downloaded
         self.stats = GcStats()
-        self._worker = Periodic("blob-gc", interval, self.run_once)
+        self._worker = Periodic("blob-gc", interval, self.run_once, when=leader)
         self._stop = self._worker.stopping
 
     def start(self) -> None:

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import select
 
 from docket.errors import InvalidRequest
-from docket.registry.models import SEEDED_KINDS, Blob
+from docket.registry.models import SEEDED_KINDS, Blob, utcnow
 from docket.registry.storage import free_bytes, human
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, An
         return {"ok": True, "enabled": False}
     snap = sv.swarm.snapshot()
     damaged = sv.scrubber.damaged()  # not seeded on purpose; reported under blob_store
-    expected = sorted(d for d, _, seeded in (blobs or []) if seeded and sv.store.stat(d) is not None and d not in damaged)
+    expected = sorted(d for d in sv.seed_sync.expected(d for d, _, seeded in (blobs or []) if seeded)
+                      if sv.store.stat(d) is not None and d not in damaged)
     not_running = [d for d in expected if not snap.get(d, {}).get("alive")]
     result: dict[str, Any] = {
         "ok": blobs is not None and not not_running and sv.started,
@@ -109,6 +110,25 @@ def _seeders(sv: Any, blobs: list[tuple[str, int, bool]] | None) -> dict[str, An
     return result
 
 
+def _instances(sv: Any) -> dict[str, Any]:
+    """This process among the registry instances sharing the database (docs/instances.md): who it is, whether it
+    leads (runs GC, retention and the scrubber), and every instance known, live or not (rows go a day after their
+    last heartbeat). Informational: only a database that cannot be read fails it."""
+    me = sv.instances
+    result: dict[str, Any] = {"ok": True, "id": me.id, "leader": me.is_leader(), "shared": me.shared}
+    try:
+        rows = me.listing()
+    except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+        return {**result, "ok": False, "error": f"cannot list the instances: {exc}"}
+    now = utcnow()
+    listed = [{"id": r.id, "url": r.url, "hostname": r.hostname, "pid": r.pid, "version": r.version,
+               "leader": r.leader, "seen_at": r.seen_at.isoformat(), "started_at": r.started_at.isoformat(),
+               "live": r.seen_at >= now - me.live_for or r.id == me.id} for r in rows]
+    result.update(live=sum(1 for r in listed if r["live"]), dead=sum(1 for r in listed if not r["live"]),
+                  instances=listed[:MAX_LISTED])
+    return result
+
+
 def report(sv: Any) -> tuple[bool, dict[str, Any]]:
     """(ok, checks): what /healthz answers (the web page shows it too)."""
     blobs = _blobs(sv)
@@ -122,6 +142,7 @@ def report(sv: Any) -> tuple[bool, dict[str, Any]]:
         "disk_space": _disk_space(sv),
         "tracker": tracker,
         "seeders": _seeders(sv, blobs),
+        "instances": _instances(sv),
     }
     return all(c["ok"] for c in checks.values()), checks
 

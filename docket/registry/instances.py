@@ -38,6 +38,10 @@ BEAT = 2.0  # seconds between heartbeats (and leadership checks)
 LIVE_FOR = 15.0  # an instance not seen for this long is dead
 FORGET_AFTER = 24 * 3600.0  # rows of dead instances are removed after this long (kept meanwhile for the page)
 LEADER_KEY = advisory_key("leader")
+# the leader's connection: a leader whose host vanishes sends no FIN, and the server would keep its lock until the
+# kernel's keepalive (2 h by default) found the connection dead; with these, ~11 s (PostgreSQL sets them per session)
+SERVER_KEEPALIVE = {"tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2, "tcp_keepalives_count": 3,
+                    "tcp_user_timeout": 10000}
 
 
 class Leadership:
@@ -62,6 +66,8 @@ class Leadership:
             try:
                 if self._conn is None:
                     self._conn = self.db.engine.connect()
+                    for name, value in SERVER_KEEPALIVE.items():  # our host gone: the server ends the lock soon
+                        self._conn.execute(text(f"SET {name} = {value}"))
                 if self._held:
                     self._conn.execute(text("SELECT 1"))
                 else:
@@ -163,6 +169,16 @@ class Instances:
             ids = set(s.scalars(select(RegistryInstance.id).where(RegistryInstance.seen_at >= now - self.live_for)))
         return ids | {self.id}
 
+    def others_running(self, now: datetime | None = None) -> list[RegistryInstance]:
+        """The other live instances, but those of this host whose process is gone (killed a moment ago: its row
+        looks live for ``LIVE_FOR`` more seconds, and a restart must not wait for that)."""
+        now = now or utcnow()
+        here = socket.gethostname()[:255]
+        with self.db.session() as s:
+            rows = list(s.scalars(select(RegistryInstance).where(
+                RegistryInstance.id != self.id, RegistryInstance.seen_at >= now - self.live_for)))
+        return [row for row in rows if row.hostname != here or _running(row.pid)]
+
     def push_since(self, now: datetime | None = None) -> datetime | None:
         """The earliest start of a push run still going on in any live instance (ours read live)."""
         now = now or utcnow()
@@ -180,6 +196,16 @@ class Instances:
         """Every known instance, newest first (for /healthz and the page)."""
         with self.db.session() as s:
             return list(s.scalars(select(RegistryInstance).order_by(RegistryInstance.started_at.desc())))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
 
 
 __all__ = ["BEAT", "LIVE_FOR", "Instances", "Leadership"]

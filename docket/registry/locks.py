@@ -26,6 +26,7 @@ from docket.registry.db import Database
 log = logging.getLogger(__name__)
 
 TAGS_KEY = "tags"
+STARTUP_KEY = "startup"
 
 
 def advisory_key(name: str) -> int:
@@ -74,6 +75,11 @@ class Locks:
     def tags(self) -> contextlib.AbstractContextManager[None]:
         """The tag lock: ``with locks.tags:``."""
         return self._named([TAGS_KEY])
+
+    @property
+    def startup(self) -> contextlib.AbstractContextManager[None]:
+        """The start-up lock (``startup.Reconciler``): instances starting at once reconcile one after the other."""
+        return self._named([STARTUP_KEY])
 
     @contextlib.contextmanager
     def blob(self, digest: str) -> Iterator[None]:

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from docket.metrics_http import PULL_HELP, RequestMetrics, count_body, exposition, pulled_bytes
 from docket.registry.components import Components
-from docket.registry.models import KIND_BLOB, KIND_CONFIG, KIND_LAYER, KIND_MANIFEST, KIND_TARBALL, Blob
+from docket.registry.models import KIND_BLOB, KIND_CONFIG, KIND_LAYER, KIND_MANIFEST, KIND_TARBALL, Blob, utcnow
 from docket.registry.swarm_totals import SwarmTotals
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,24 @@ class ComponentsCollector(Collector):
         yield GaugeMetricFamily("docket_swarm_completed_downloads", "Completed downloads of the stored torrents "
                                 "the tracker counted (since it started)", value=counts.downloaded)
 
+    def _instances(self) -> Iterator[Metric]:
+        """The registry instances sharing the database (docs/instances.md) and whether this one leads."""
+        me = self.sv.instances
+        yield GaugeMetricFamily("docket_registry_leader", "1 when this instance leads (runs GC, retention and the "
+                                "scrubber; always on SQLite), else 0", value=int(me.is_leader()))
+        try:
+            rows = me.listing()
+        except Exception as exc:  # noqa: BLE001 - as _blobs
+            log.warning("metrics: cannot list the registry instances: %s", exc)
+            return
+        now = utcnow()
+        live = sum(1 for r in rows if r.seen_at >= now - me.live_for or r.id == me.id)
+        family = GaugeMetricFamily("docket_registry_instances", "Registry instances on this database: live (a "
+                                   "heartbeat within the last 15 s) or dead (rows are kept a day)", labels=["state"])
+        family.add_metric(["live"], live)
+        family.add_metric(["dead"], len(rows) - live)
+        yield family
+
     def _housekeeping(self) -> Iterator[Metric]:
         sv = self.sv
         yield CounterMetricFamily("docket_gc_runs", "Garbage collection passes", value=sv.gc.stats.runs)
@@ -178,8 +196,14 @@ class ComponentsCollector(Collector):
                                   value=sv.gc.stats.blobs_removed)
         yield CounterMetricFamily("docket_scrub_runs", "Scrub passes (every blob re-hashed)",
                                   value=sv.scrubber.passes)
-        yield GaugeMetricFamily("docket_scrub_corrupt_blobs", "Blobs the scrubber found corrupt or missing (not "
-                                "served or seeded until repaired)", value=len(sv.scrubber.damaged()))
+        try:
+            corrupt = len(sv.scrubber.damaged())
+        except Exception as exc:  # noqa: BLE001 - as _blobs (the marks are rows: docs/instances.md)
+            log.warning("metrics: cannot count damaged blobs: %s", exc)
+        else:
+            yield GaugeMetricFamily("docket_scrub_corrupt_blobs", "Blobs the scrubber found corrupt or missing (not "
+                                    "served or seeded until repaired)", value=corrupt)
+        yield from self._instances()
         yield GaugeMetricFamily("docket_upload_sessions_open", "/v2 upload sessions open", value=len(sv.uploads))
         try:
             states = sv.hosts.states()

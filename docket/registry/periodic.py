@@ -1,7 +1,9 @@
 """One background thread that runs a job every ``interval`` seconds until stopped.
 
 GC, the scrubber and the seeder supervisor share this lifecycle: start once, a pass that fails is logged
-and the next one still runs, ``stop()`` wakes the thread at once and joins it.
+and the next one still runs, ``stop()`` wakes the thread at once and joins it. ``when``: a guard asked before
+each timed pass (GC, retention and the scrubber run only while this instance leads: docs/instances.md); a
+direct call of the job (an admin trigger) does not ask it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ log = logging.getLogger(__name__)
 
 
 class Periodic:
-    def __init__(self, name: str, interval: float, job: Callable[[], object], *, first_at_start: bool = False) -> None:
+    def __init__(self, name: str, interval: float, job: Callable[[], object], *, first_at_start: bool = False,
+                 when: Callable[[], bool] | None = None) -> None:
         self.name = name
         self.interval = interval
         self.job = job
         self.first_at_start = first_at_start
+        self.when = when  # None: every pass runs
         self.stopping = threading.Event()  # jobs check it to give up a long pass early
         self._thread: threading.Thread | None = None
 
@@ -48,6 +52,8 @@ class Periodic:
 
     def _pass(self) -> None:
         try:
+            if self.when is not None and not self.when():
+                return  # not ours to run now (another instance leads)
             self.job()
         except Exception:  # noqa: BLE001 - the thread must outlive any one failure; next pass runs
             log.exception("%s: pass failed", self.name)

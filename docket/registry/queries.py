@@ -12,7 +12,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, selectinload
 
 from docket.errors import NameUnknown
-from docket.registry.models import REF_MANIFEST, Blob, Image, ImageLayer, Manifest, ManifestRef
+from docket.registry.models import REF_MANIFEST, Blob, BlobDamage, Image, ImageLayer, Manifest, ManifestRef
 
 ORIGIN_V2, ORIGIN_DOCKET = "v2", "docket"  # who wrote a manifest row: a /v2 push, or the registry for a docket push
 
@@ -45,8 +45,10 @@ def image_digests(image: Image) -> set[str]:
 
 
 def whitelist(s: Session) -> list[str]:
-    """Every stored blob's info hash: what an external opentracker's whitelist must contain."""
-    return sorted(s.scalars(select(Blob.info_hash).where(Blob.info_hash.is_not(None))))
+    """Every stored blob's info hash but the damaged ones' (scrub.py): what an external opentracker's whitelist
+    must contain. From the database, so that every registry instance sharing it answers the same list."""
+    return sorted(s.scalars(select(Blob.info_hash).where(
+        Blob.info_hash.is_not(None), Blob.digest.not_in(select(BlobDamage.digest)))))
 
 
 def find_manifest(s: Session, repository: str, digest: str) -> Manifest | None:

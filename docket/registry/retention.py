@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from fnmatch import fnmatchcase
@@ -128,14 +129,15 @@ class Retention:
     """The registry's policy, run by its timer and by POST /api/v1/admin/retention; one pass at a time."""
 
     def __init__(self, db: Database, manifests: Manifests, policy: RetentionPolicy, *,
-                 interval: float = 3600.0) -> None:
+                 interval: float = 3600.0, leader: Callable[[], bool] | None = None) -> None:
+        """``leader``: the timer's passes run only while it answers True (one instance applies the policy)."""
         self.db = db
         self.manifests = manifests
         self.policy = policy
         self.stats = RetentionStats()
         self._lock = threading.Lock()  # one pass at a time (timer and admin requests)
         active = interval if policy.keep_tags is not None else 0  # no policy: no timer
-        self._worker = Periodic("retention", active, self.run_once)
+        self._worker = Periodic("retention", active, self.run_once, when=leader)
 
     @property
     def enabled(self) -> bool:

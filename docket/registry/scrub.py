@@ -6,10 +6,13 @@ would get pieces that fail their hash check, and plain-HTTP clients bytes that f
 the background at start-up and then every ``--scrub-interval`` seconds (0 disables it). Hashing reads 1 MiB at a
 time in its own thread and holds no lock while it reads, so requests are never blocked by it.
 
-A blob found corrupt or missing is recorded here (in memory: the next start-up pass finds it again), its seeder
-is stopped and its info hash leaves the tracker whitelist; /healthz names it, and GET of the blob (or its
-torrent) answers 503 BLOB_CORRUPT. Re-uploading the right bytes (a push of an image that has the layer) replaces
-the file and clears the mark.
+A blob found corrupt or missing is recorded in the database (table ``blob_damage``, so that every registry
+instance sharing it refuses the blob: docs/instances.md), its seeder is stopped and its info hash leaves the
+tracker whitelist; /healthz names it, and GET of the blob (or its torrent) answers 503 BLOB_CORRUPT. Re-uploading
+the right bytes (a push of an image that has the layer) replaces the file and clears the mark; so does a pass that
+finds the file hashing right again (restored by hand). The mark outlives a restart: a start-up seeds no damaged
+blob. With several instances only the leader's timer scrubs; ``POST /api/v1/admin/scrub`` runs a pass on
+whichever instance answers.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from docket.errors import DocketError
 from docket.registry.db import Database
 from docket.registry.locks import Locks
-from docket.registry.models import Blob
+from docket.registry.models import Blob, BlobDamage, utcnow
 from docket.registry.periodic import Periodic
 from docket.registry.store import BlobStore
 from docket.registry.swarm import Swarm
@@ -45,7 +49,11 @@ class BlobCorrupt(DocketError):
 class Damage:
     digest: str
     reason: str  # "missing" | "digest mismatch (got sha256:...)"
-    detected_at: float  # time.time()
+    detected_at: float  # seconds since the epoch (the row's detected_at)
+
+    @classmethod
+    def of(cls, row: BlobDamage) -> Damage:
+        return cls(row.digest, row.reason, row.detected_at.timestamp())
 
 
 def file_digest(f: IO[bytes], stop: threading.Event | None = None, algorithm: str = "sha256") -> str | None:
@@ -60,16 +68,15 @@ def file_digest(f: IO[bytes], stop: threading.Event | None = None, algorithm: st
 
 class BlobScrubber:
     def __init__(self, db: Database, store: BlobStore, locks: Locks, swarm: Swarm, *,
-                 interval: float = 3600.0) -> None:
+                 interval: float = 3600.0, leader: Callable[[], bool] | None = None) -> None:
+        """``leader``: the timer's passes run only while it answers True (one instance scrubs)."""
         self.db = db
         self.store = store
         self.locks = locks
         self.swarm = swarm
         self.interval = interval
-        self._damaged: dict[str, Damage] = {}
-        self._lock = threading.Lock()
-        self._pass_lock = threading.Lock()  # one pass at a time (background and admin trigger)
-        self._worker = Periodic("blob-scrub", interval, self.run_once, first_at_start=True)
+        self._pass_lock = threading.Lock()  # one pass at a time in this process (background and admin trigger)
+        self._worker = Periodic("blob-scrub", interval, self.run_once, first_at_start=True, when=leader)
         self._stop = self._worker.stopping
         self.passes = 0
         self.last_pass: dict[str, Any] | None = None
@@ -81,29 +88,46 @@ class BlobScrubber:
     def stop(self) -> None:
         self._worker.stop()
 
-    # -- state ----------------------------------------------------------------------------------------------
+    # -- state (rows of blob_damage: every instance sees them) -----------------------------------------------
     def damaged(self) -> dict[str, Damage]:
-        with self._lock:
-            return dict(self._damaged)
+        with self.db.session() as s:
+            return {row.digest: Damage.of(row) for row in s.scalars(select(BlobDamage))}
 
     def check_servable(self, digest: str) -> None:
-        """Raise BlobCorrupt when the last scrub found ``digest`` damaged."""
-        with self._lock:
-            damage = self._damaged.get(digest)
-        if damage is not None:
-            raise BlobCorrupt(f"blob {digest} is corrupt on the registry ({damage.reason}); it is not served",
+        """Raise BlobCorrupt when a scrub (on any instance) found ``digest`` damaged."""
+        with self.db.session() as s:
+            row = s.get(BlobDamage, digest)
+            reason = row.reason if row is not None else None
+        if reason is not None:
+            raise BlobCorrupt(f"blob {digest} is corrupt on the registry ({reason}); it is not served",
                               "the registry operator must restore it: push an image that contains it again "
                               "(or restore the file), then the next scrub or push clears it; see /healthz")
 
     def clear(self, digest: str) -> None:
         """The blob's file was replaced with verified bytes (a new upload)."""
-        with self._lock:
-            if self._damaged.pop(digest, None) is not None:
-                log.info("scrub: blob %s repaired by a new upload", digest)
+        if self._unmark(digest):
+            log.info("scrub: blob %s repaired by a new upload", digest)
 
     def is_damaged(self, digest: str) -> bool:
-        with self._lock:
-            return digest in self._damaged
+        with self.db.session() as s:
+            return s.get(BlobDamage, digest) is not None
+
+    def _mark(self, digest: str, reason: str) -> bool:
+        """Record the damage (caller holds the blob lock); True when it was not recorded before."""
+        with self.db.session() as s:
+            row = s.get(BlobDamage, digest)
+            if row is None:
+                s.add(BlobDamage(digest=digest, reason=reason[:300], detected_at=utcnow()))
+            else:
+                row.reason = reason[:300]
+            s.commit()
+            return row is None
+
+    def _unmark(self, digest: str) -> bool:
+        with self.db.session() as s:
+            found = s.execute(delete(BlobDamage).where(BlobDamage.digest == digest)).rowcount
+            s.commit()
+        return bool(found)
 
     def status(self) -> dict[str, Any]:
         """For /healthz and the admin trigger."""
@@ -120,10 +144,10 @@ class BlobScrubber:
         started, t0 = time.time(), time.monotonic()
         with self.db.session() as s:
             rows = list(s.execute(select(Blob.digest, Blob.size)))
-        known = {d for d, _ in rows}
-        with self._lock:
-            for digest in [d for d in self._damaged if d not in known]:
-                del self._damaged[digest]  # deleted by GC meanwhile
+            # marks of blobs deleted meanwhile (GC, DELETE): a blob pushed again later starts clean
+            s.execute(delete(BlobDamage).where(BlobDamage.digest.not_in(select(Blob.digest))))
+            s.commit()
+        marked = set(self.damaged())
         checked, scanned_bytes = 0, 0
         for digest, size in rows:
             if self._stop.is_set():
@@ -132,15 +156,16 @@ class BlobScrubber:
             checked += 1
             scanned_bytes += size
             if reason is None:
-                if self.is_damaged(digest):
+                if digest in marked:
                     self._recover(digest)
                 continue
             self._confirm(digest, reason)
+        corrupt = sorted(self.damaged())
         self.passes += 1
         self.last_pass = {"started_at": started, "seconds": round(time.monotonic() - t0, 3), "checked": checked,
-                          "bytes": scanned_bytes, "corrupt": sorted(self.damaged())}
-        log.log(logging.ERROR if self._damaged else logging.INFO, "scrub: %d blob(s), %d bytes checked in %.1fs; "
-                "%d corrupt or missing", checked, scanned_bytes, self.last_pass["seconds"], len(self._damaged))
+                          "bytes": scanned_bytes, "corrupt": corrupt}
+        log.log(logging.ERROR if corrupt else logging.INFO, "scrub: %d blob(s), %d bytes checked in %.1fs; "
+                "%d corrupt or missing", checked, scanned_bytes, self.last_pass["seconds"], len(corrupt))
         return self.last_pass
 
     def _check(self, digest: str) -> str | None:
@@ -167,17 +192,14 @@ class BlobScrubber:
             reason2 = self._check(digest)
             if reason2 is None:
                 return
-            with self._lock:
-                new = digest not in self._damaged
-                self._damaged[digest] = Damage(digest, reason2, time.time())
-            if new:
+            if self._mark(digest, reason2):
                 log.error("scrub: blob %s is %s; no longer served or seeded", digest, reason2)
             self.swarm.unseed(digest, info_hash)  # peers must not be fed bad pieces
 
     def _recover(self, digest: str) -> None:
         """A blob marked damaged hashes right again (file restored by hand): serve and seed it again."""
         with self.locks.blob(digest):
-            self.clear(digest)
+            self._unmark(digest)
             with self.db.session() as s:
                 blob = s.get(Blob, digest)
                 info_hash = blob.info_hash if blob is not None and blob.seeded else None

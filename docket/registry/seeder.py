@@ -6,12 +6,15 @@ by every seeder (a fresh tracker has an empty peer table). ``stop()`` stops the 
 The BitTorrent engine (docket/torrent/engine.py) is given to the constructor. Each seeder has its own working
 directory under ``<location>/seeders/<hex>/`` where the engine records its pid, so that a registry that was killed
 with SIGKILL stops its previous seeders at the next start (``reap_orphans``) instead of leaving them running.
+Instances sharing a location (docs/instances.md) each seed from ``seeders/<instance id>/<hex>/`` (ctorrent's
+bitfield files must not be shared); ``reap_dirs`` stops and removes those of instances gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from docket.torrent.ratelimit import HostRates
 
 log = logging.getLogger(__name__)
 
+INSTANCE_ID_LEN = 32  # seeders/<instance id>/ (a uuid4's hex) when instances share the location
 STABLE_AFTER = 30.0  # a seeder that ran this long resets its failure count
 MAX_BACKOFF = 30.0
 
@@ -232,6 +236,10 @@ class SeederSupervisor:
         with s.lock:
             if s.proc is not None and s.proc.alive():
                 return
+            with self._lock:
+                current = self._table.get(s.spec.digest) is s
+            if not current:  # removed (or everything stopped) while a restart was under way: it would be orphaned
+                return
             spec = s.spec
             try:
                 spec.workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -283,3 +291,25 @@ def reap_orphans(seeders_dir: Path, engine: TorrentEngine | None = None) -> int:
         return 0
     engine = engine or CtorrentEngine()
     return sum(engine.reap(d, marker=d.name) for d in seeders_dir.iterdir() if d.is_dir())
+
+
+def reap_dirs(root: Path, keep: set[str], engine: TorrentEngine | None = None) -> list[str]:
+    """Registry instances sharing a location (docs/instances.md) seed from ``<root>/<instance id>/<hex>/``: stop
+    the seeders recorded under every directory of ``root`` not named in ``keep`` (instances gone; the
+    ``<hex>`` directories of a one-instance run) and remove it. The marker is the work directory's whole path,
+    which only that directory's own ctorrent has in its command line (``-b <dir>/<hex>.bf``): never a seeder of a
+    live instance of the same blob. Returns the names removed."""
+    if not root.is_dir():
+        return []
+    engine = engine or CtorrentEngine()
+    removed = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name in keep:
+            continue
+        workdirs = [w for w in d.iterdir() if w.is_dir()] if len(d.name) == INSTANCE_ID_LEN else [d]
+        for w in workdirs:
+            with contextlib.suppress(OSError):
+                engine.reap(w, marker=str(w))
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed

@@ -24,6 +24,7 @@ from docket.registry.store import BlobStore, digest_hex
 from docket.registry.tracker import ExternalTracker, ManagedTracker, Tracker
 from docket.torrent import TorrentMeta, build_torrent, find_ctorrent
 from docket.torrent.metainfo import PieceHasher, retarget_torrent
+from docket.torrent.tracker import announce_ok
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,39 @@ class Swarm:
         blob.info_hash, blob.piece_length = meta.info_hash, meta.piece_length
         return True
 
+    def torrent_announce(self, digest: str) -> str | None:
+        """The announce URL the blob's torrent carries (None: no torrent, or unreadable)."""
+        try:
+            t = torf.Torrent.read(self.torrent_path(digest))
+        except (torf.TorfError, OSError):
+            return None
+        return t.trackers[0][0] if t.trackers and t.trackers[0] else None
+
+    def torrent_current(self, blob: Blob) -> bool:
+        """Whether ``refresh_torrent`` would leave the blob as it is (its torrent there, announcing to our tracker,
+        with our source): read without a lock, so that a start-up beside other instances locks only what changes."""
+        if blob.info_hash is None:
+            return False
+        try:
+            t = torf.Torrent.read(self.torrent_path(blob.digest))
+        except (torf.TorfError, OSError):
+            return False
+        source = self._source(blob.digest)
+        return [list(tier) for tier in t.trackers] == [[self.announce_url]] and (source is None or t.source == source)
+
     def prune_torrents(self, known: set[str]) -> None:
         """Torrents of blobs without a row: derived data, rebuilt from the blob if it comes back."""
+        for digest in self.unknown_torrents(known):
+            self.torrent_path(digest).unlink(missing_ok=True)
+
+    def unknown_torrents(self, known: set[str]) -> list[str]:
+        """Digests of the torrents in ``torrents/`` not in ``known``."""
+        found = []
         for torrent in self.torrents_dir.glob("*.torrent"):
             algorithm = "sha512" if len(torrent.stem) == 128 else "sha256"
             if f"{algorithm}:{torrent.stem}" not in known:
-                torrent.unlink(missing_ok=True)
+                found.append(f"{algorithm}:{torrent.stem}")
+        return found
 
     def forget(self, digest: str) -> None:
         """A deleted blob's torrent and seeder directory."""
@@ -142,6 +170,20 @@ class Swarm:
         if late:
             log.info("re-announcing %d seeder(s) the tracker refused before it accepted their hashes", len(late))
             self.seeders.reannounce(late)
+
+    def tracker_accepts(self, info_hash: str) -> bool:
+        """Whether a seeder of ``info_hash`` started now would be accepted by the tracker: an external one refuses
+        a hash until its sync job (docket-tracker) has polled the whitelist, and a refused ctorrent retries only
+        ~15 s later. True for the managed tracker (whitelisted before any seeder starts) and when the tracker
+        cannot be reached (``needs_restart`` re-announces every seeder when it is back)."""
+        if not isinstance(self.tracker, ExternalTracker):
+            return True
+        try:
+            return announce_ok(self.announce_url, info_hash, 2.0)
+        except ServiceUnavailable:
+            return True
+        except Exception:  # noqa: BLE001 - an odd answer: asked again at the next sync
+            return False
 
     def busy(self, info_hash: str) -> str | None:
         """Why the swarm still needs our seeder (peers downloading; unknown, as when the tracker is down, counts

@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from docket.errors import BlobUploadUnknown, TooManyUploads
+from docket.errors import BlobUploadUnknown, InvalidRequest, TooManyUploads
 from docket.registry.db import Database
 from docket.registry.locks import Locks
 from docket.registry.models import UploadSession as SessionRow
@@ -172,21 +172,26 @@ class UploadSessions:
 
     def get(self, name: str, session_id: str) -> UploadSession:
         """The session as its row says (no running hash: ``hold`` restores it)."""
-        path = self.store.session_path(session_id)  # InvalidRequest for anything but a uuid4
-        with self.db.session() as s:
-            row = s.get(SessionRow, session_id)
-            found = (row.repository, row.size) if row is not None else None
+        try:
+            path = self.store.session_path(session_id)  # anything but a uuid4 cannot be one of ours
+        except InvalidRequest:
+            path, found = None, None
+        else:
+            with self.db.session() as s:
+                row = s.get(SessionRow, session_id)
+                found = (row.repository, row.size) if row is not None else None
         if found is None or found[0] != name:
             raise BlobUploadUnknown(f"no upload {session_id[:100]!r} in progress for repository {name}",
                                     "it finished, was cancelled or expired: start the upload again",
                                     detail={"uuid": session_id[:100]})
+        assert path is not None
         return UploadSession(session_id, name, path, found[1])
 
     @contextlib.contextmanager
     def hold(self, name: str, session_id: str) -> Iterator[UploadSession]:
         """The session, locked against other requests on it (on any instance) and against expiry, with its
         running hash; its row is touched (and takes the new size) when the request ends."""
-        self.store.session_path(session_id)
+        self.get(name, session_id)  # unknown ids answer at once, without a lock
         with self.locks.upload(session_id):
             session = self.get(name, session_id)
             session.sha256 = self._restore_hash(session)

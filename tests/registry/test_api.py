@@ -405,14 +405,20 @@ def test_healthz_instance_scope_leaves_shared_problems_out(client, app, monkeypa
     assert resp.status_code == 400 and resp.get_json()["error"]["code"] == "INVALID_REQUEST"
 
 
-def test_healthz_ok_without_seeding(client, image):
+def test_healthz_ok_without_seeding(client, image, db_url):
     push(client, "app:v1", image()[0])
     resp = client.get("/healthz")
     body = resp.get_json()
     assert resp.status_code == 200, body
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"database", "blob_store", "disk_space", "tracker", "seeders"}
+    assert set(body["checks"]) == {"database", "blob_store", "disk_space", "tracker", "seeders", "instances"}
     assert body["checks"]["blob_store"]["blobs"] == 3  # layer + config + V2 manifest
+    instances = body["checks"]["instances"]
+    assert instances["ok"] and len(instances["id"]) == 32
+    if db_url is None:  # one process on SQLite: it leads, and shares nothing
+        assert instances["leader"] and not instances["shared"]
+    else:  # PostgreSQL: shared; this app never started, so it never took the maintenance lock
+        assert instances["shared"] and not instances["leader"]
 
 
 def test_healthz_degraded_when_blob_damaged(client, location, image):

@@ -88,3 +88,17 @@ def test_restart_dead_seeder_and_tracker(tmp_path: Path) -> None:
 
 def test_backoff_grows_and_caps() -> None:
     assert [_backoff(n) for n in (1, 2, 3, 4, 10)] == [0.0, 1.0, 2.0, 4.0, 30.0]
+
+
+def test_a_restart_under_way_starts_nothing_once_its_seeder_is_removed(tmp_path: Path) -> None:
+    """A re-announce (or the watcher) restarting a seeder that ``remove`` or ``stop`` took out of the table meanwhile
+    (the seed sync stops seeders of blobs gone) must not start a ctorrent nobody would ever stop."""
+    FakeProc.instances.clear()
+    sup = SeederSupervisor(listen_ip="127.0.0.2", process_factory=FakeProc)
+    a = spec(tmp_path, 1)
+    assert sup.ensure(a)
+    seeder = sup._table[a.digest]
+    sup.remove(a.digest)
+    sup._start_one(seeder)  # the restart thread's next step
+    assert len(FakeProc.instances) == 1 and not any(p.running for p in FakeProc.instances)
+    sup.stop()

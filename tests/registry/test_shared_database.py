@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,15 +19,6 @@ from sqlalchemy import select, update
 from docket.registry.locks import Locks
 from docket.registry.models import Blob, BlobLease, RegistryInstance, utcnow
 from docket.registry.models import UploadSession as SessionRow
-from tests.support.postgres import PostgresServer
-
-
-@pytest.fixture
-def pg_url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh database on the test PostgreSQL server (tests/conftest.py ``postgres``), dropped afterwards."""
-    name = postgres.create_database()
-    yield postgres.url(name)
-    postgres.drop_database(name)
 
 
 def sv(app: Flask):
