@@ -329,6 +329,21 @@ def seeder_pids(inst: RegistryServer) -> dict[str, int]:
     return {s["digest"]: s["pid"] for s in reply["seeders"] if s.get("alive")}
 
 
+def steady_seeders(inst: RegistryServer) -> dict[str, int]:
+    """``seeder_pids`` once they stay the same for 2 s (a seeder the tracker refused at first, before its
+    whitelist caught up, is restarted by its own instance soon after it starts)."""
+    last: dict[str, dict[str, int]] = {}
+
+    def same() -> dict[str, int] | None:
+        now = seeder_pids(inst)
+        if now and now == last.get("pids"):
+            return now
+        last["pids"] = now
+        return None
+
+    return wait_until(same, timeout=30, interval=2, what="the instance's seeders to settle")
+
+
 @pytest.fixture
 def docker_config(tmp_path: Path) -> Path:
     path = tmp_path / "docker-config"
@@ -502,7 +517,7 @@ def test_restarting_one_instance_leaves_the_others_push_and_seeders_alone(cluste
     its upload files, its /v2 sessions, its seeders."""
     ref, _ = image_factory.build(data_mib=24)
     first, second = cluster.instances
-    seeding_before = seeder_pids(first)
+    seeding_before = steady_seeders(first)
     argv = [sys.executable, "-m", "docket.client.cli", "--port", str(first.port), "--location",
             str(tmp_path / "client"), "push", ref]  # straight to the first instance
     push = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
