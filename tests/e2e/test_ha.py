@@ -163,6 +163,7 @@ def cluster(ha_database: str, tmp_path_factory: pytest.TempPathFactory, docker_h
     instances = [
         RegistryServer(location=location, port=port, tracker_port=free_port(), log=root / f"registry-{n + 1}.log",
                        db_url=ha_database, tracker=f"127.0.0.1:{tracker_port}", seed_address=SEED_ADDRESSES[n],
+                       ready_scope="instance",
                        extra_args=["--gc-interval", "1", "--gc-grace", str(GC_GRACE), "--scrub-interval", "0",
                                    "--min-free-space", "0"])
         for n, port in enumerate(ports)

@@ -30,6 +30,9 @@ class RegistryServer:
     db_url: str | None = None  # --db (a PostgreSQL URL shared by several instances); None: SQLite in the location
     tracker: str | None = None  # --tracker HOST:PORT (an external tracker); None: the registry manages opentracker
     seed_address: str | None = None  # --seed-address: each instance on one host its own 127.0.0.x (ctorrent)
+    # What start() waits for: the full /healthz (""), or "instance": one of several instances is ready when a load
+    # balancer would send it requests (what they share, e.g. seeding a blob another just stored, is the full one's).
+    ready_scope: str = ""
 
     @property
     def url(self) -> str:
@@ -64,9 +67,7 @@ class RegistryServer:
             return False
         import requests
 
-        # One of several instances is ready when a load balancer would send it requests (its own checks); what
-        # the instances share (seeding a blob the other just stored, the tracker) is the full /healthz's.
-        scope = "?scope=instance" if self.db_url else ""
+        scope = f"?scope={self.ready_scope}" if self.ready_scope else ""
         return requests.get(f"{self.url}/healthz{scope}", timeout=5).status_code == 200
 
     def stop(self) -> None:
