@@ -1,7 +1,10 @@
-"""The files under deploy/ (systemd unit, Kubernetes DaemonSet, containerd mirror configuration) parse, carry
-the fields a kubelet, systemd and containerd need, and agree with each other: the address the agent listens on is
+"""The files under deploy/ (systemd unit, Kubernetes DaemonSet, containerd mirror configuration, the HAProxy
+configuration and compose file for several registry instances) parse, carry the fields a kubelet, systemd,
+containerd, HAProxy and docker-compose need, and agree with each other: the address the agent listens on is
 the mirror containerd asks and the address the probes check, the cache directory is the hostPath, the registry
-the agent asks is the one the mirror stands in for. Nothing here starts a process but `systemd-analyze verify`.
+the agent asks is the one the mirror stands in for; HAProxy's servers are the instances' ports, and the instances
+share one database and one blob directory. Nothing here starts a process but `systemd-analyze verify` and
+`haproxy -c` (tests/e2e/test_ha.py runs the HAProxy configuration in front of real instances).
 
 No cluster, systemd or containerd daemon is available to the suite, so this is what can be checked without them;
 the agent itself behind dockerd and containerd is tested end to end elsewhere (tests/e2e).
@@ -10,6 +13,7 @@ the agent itself behind dockerd and containerd is tested end to end elsewhere (t
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shlex
 import subprocess
@@ -31,6 +35,8 @@ ENV_EXAMPLE = DEPLOY / "agent.env"
 DAEMONSET = DEPLOY / "kubernetes" / "docket-agent-daemonset.yaml"
 CERTS_D = DEPLOY / "containerd" / "certs.d"
 CONFIG_PATH = "/etc/containerd/certs.d"  # where deploy/README.md installs certs.d/
+HAPROXY_CFG = DEPLOY / "haproxy.cfg"
+COMPOSE_HA = DEPLOY / "docker-compose.ha.yml"
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ def port_number(container: dict[str, Any], port: int | str) -> int:
 
 
 def test_every_yaml_under_deploy_parses_into_named_kubernetes_objects() -> None:
-    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    files = [p for p in sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml")) if p != COMPOSE_HA]
     assert DAEMONSET in files
     for path in files:
         docs = yaml_docs(path)
@@ -346,3 +352,119 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+# --- several registry instances: HAProxy and the compose file ----------------------------------------------
+
+
+def haproxy_sections(text: str) -> dict[str, list[str]]:
+    """``section name`` -> its lines (comments and blank lines dropped, whitespace collapsed)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()  # no value in the file holds a "#"
+        if not line:
+            continue
+        if not raw[:1].isspace():
+            current = line
+            sections[current] = []
+        else:
+            assert current is not None, raw
+            sections[current].append(" ".join(line.split()))
+    return sections
+
+
+def haproxy_env_defaults(text: str) -> dict[str, str]:
+    """``${NAME-default}`` references of the configuration: name -> default."""
+    return dict(re.findall(r"\$\{([A-Z0-9_]+)-([^}]*)\}", text))
+
+
+def test_haproxy_cfg_is_valid_with_its_defaults_and_with_addresses_given(tmp_path: Path) -> None:
+    haproxy = need("haproxy")
+    for env in ({}, {"DOCKET_HAPROXY_BIND": "127.0.0.1:18000", "DOCKET_REGISTRY_1": "10.0.0.1:8000",
+                     "DOCKET_REGISTRY_2": "10.0.0.2:8000", "DOCKET_HAPROXY_STATS_SOCKET": str(tmp_path / "s")}):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DOCKET_")}
+        result = subprocess.run([haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True,
+                                env={**clean, **env}, timeout=30, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "[WARNING]" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_haproxy_cfg_balances_checks_healthz_and_fails_over() -> None:
+    text = HAPROXY_CFG.read_text()
+    sections = haproxy_sections(text)
+    backend = sections["backend registries"]
+    defaults = sections["defaults"]
+    assert "balance roundrobin" in backend
+    assert "option httpchk GET /healthz?scope=instance" in backend  # this instance's own checks only
+    assert "http-check expect status 200" in backend
+    servers = [line for line in backend if line.startswith("server ")]
+    assert [s.split()[2] for s in servers] == ['"${DOCKET_REGISTRY_1-127.0.0.1:8001}"',
+                                                '"${DOCKET_REGISTRY_2-127.0.0.1:8002}"']
+    # Fast checks: a killed instance leaves the rotation within a few seconds.
+    (default_server,) = [line for line in backend if line.startswith("default-server ")]
+    words = default_server.split()
+    value = {words[i]: words[i + 1] for i in range(1, len(words) - 1)}
+    assert "check" in words
+    interval = float(value["inter"].removesuffix("ms")) / 1000 if value["inter"].endswith("ms") \
+        else float(value["inter"].removesuffix("s"))
+    assert interval * int(value["fall"]) <= 3
+    assert int(value["rise"]) >= 2
+    # A refused connection goes to the other instance.
+    assert any(re.fullmatch(r"retries [1-9]", line) for line in defaults)
+    assert any(line.startswith("option redispatch") for line in defaults)
+    # Streamed bodies: nothing buffers a request or caps its size; timeouts long enough for big blobs.
+    lines = [line for body in sections.values() for line in body]
+    assert not [line for line in lines if "http-buffer-request" in line or line.startswith(("http-request deny",
+                                                                                          "tune.bufsize"))]
+    timeouts = {line.split()[1]: line.split()[2] for line in defaults if line.startswith("timeout ")}
+    seconds = {k: int(v[:-1]) * {"s": 1, "m": 60, "h": 3600}[v[-1]] for k, v in timeouts.items()}
+    assert seconds["server"] >= 600 and seconds["client"] >= 60 and seconds["connect"] <= 5
+    assert "mode http" in defaults
+
+
+def test_compose_ha_runs_two_instances_on_one_database_and_location_behind_haproxy() -> None:
+    doc = yaml.safe_load(COMPOSE_HA.read_text())
+    services = doc["services"]
+    assert {"postgres", "registry-1", "registry-2", "tracker", "haproxy"} <= services.keys()
+    registries = [services["registry-1"], services["registry-2"]]
+    envs = [r["environment"] for r in registries]
+    # One database, one blob directory (the same volume at the same path), one external tracker.
+    assert envs[0]["DOCKET_REGISTRY_DB"] == envs[1]["DOCKET_REGISTRY_DB"]
+    assert envs[0]["DOCKET_REGISTRY_DB"].startswith("postgresql+psycopg://")
+    assert envs[0]["DOCKET_REGISTRY_LOCATION"] == envs[1]["DOCKET_REGISTRY_LOCATION"]
+    assert registries[0]["volumes"] == registries[1]["volumes"]
+    assert any(v.endswith(":" + envs[0]["DOCKET_REGISTRY_LOCATION"]) for v in registries[0]["volumes"])
+    assert envs[0]["DOCKET_TRACKER"] == envs[1]["DOCKET_TRACKER"]
+    ports = [int(e["DOCKET_REGISTRY_PORT"]) for e in envs]
+    assert len(set(ports)) == 2
+    # HAProxy runs deploy/haproxy.cfg with the instances' addresses.
+    haproxy = services["haproxy"]
+    assert any(v.startswith("./haproxy.cfg:") for v in haproxy["volumes"])
+    hp_env = haproxy["environment"]
+    assert [hp_env["DOCKET_REGISTRY_1"], hp_env["DOCKET_REGISTRY_2"]] == [f"127.0.0.1:{p}" for p in ports]
+    defaults = haproxy_env_defaults(HAPROXY_CFG.read_text())
+    assert set(hp_env) <= defaults.keys(), "the compose file sets a variable haproxy.cfg does not read"
+    assert [defaults["DOCKET_REGISTRY_1"], defaults["DOCKET_REGISTRY_2"]] == [f"127.0.0.1:{p}" for p in ports]
+    # The tracker follows the whitelist through HAProxy, on the port the instances announce to.
+    tracker = services["tracker"]["command"]
+    assert tracker[0] == "docket-tracker"
+    public_port = hp_env["DOCKET_HAPROXY_BIND"].removeprefix("*:")  # "${DOCKET_PUBLIC_PORT:-8000}" both places
+    assert option(tracker, "--registry") == f"http://127.0.0.1:{public_port}"
+    assert envs[0]["DOCKET_TRACKER"].endswith(":" + option(tracker, "--port"))
+    # Host networking throughout: peers and the tracker see real addresses.
+    assert all(s.get("network_mode") == "host" for s in services.values())
+
+
+def test_compose_ha_is_accepted_by_docker_compose(tmp_path: Path) -> None:
+    """`docker-compose config`: the file as docker-compose reads it (interpolation, anchors, depends_on)."""
+    compose = need("docker-compose")
+    env = {**os.environ, "DOCKET_DB_PASSWORD": "secret"}
+    result = subprocess.run([compose, "-f", str(COMPOSE_HA), "config"], capture_output=True, text=True, env=env,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "postgresql+psycopg://docket:secret@" in result.stdout
+    missing = subprocess.run([compose, "-f", str(COMPOSE_HA), "config"], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "DOCKET_DB_PASSWORD"}, timeout=60,
+                             stdin=subprocess.DEVNULL)
+    assert missing.returncode != 0 and "DOCKET_DB_PASSWORD" in missing.stderr
