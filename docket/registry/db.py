@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_POOL = {"pool_size": 10, "max_overflow": -1}
 # PostgreSQL: every advisory lock (locks.py) holds a pooled connection while it is held, beside the sessions of the
 # request threads and the background jobs: a larger pool than SQLAlchemy's 5 + 10, and a bounded wait for one.
 PG_POOL = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 30}
@@ -52,7 +53,10 @@ def make_engine(url: str) -> Engine:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
         if backend == "sqlite":
-            engine = create_engine(parsed, future=True)
+            # a file: no server-side limit on connections, and a pool that runs out stalls requests for its
+            # timeout (a request's session holds one while a component opens another): never out, 10 kept
+            pool = SQLITE_POOL if parsed.database not in (None, "", ":memory:") else {}
+            engine = create_engine(parsed, future=True, **pool)
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         if backend == "postgresql":

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import IO, Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from docket.errors import DocketError
 from docket.registry.db import Database
@@ -37,6 +38,7 @@ from docket.registry.swarm import Swarm
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
+MARKS_TTL = 2.0  # seconds a read of the damage marks serves blob requests (another instance's mark shows then)
 
 
 class BlobCorrupt(DocketError):
@@ -80,6 +82,9 @@ class BlobScrubber:
         self._stop = self._worker.stopping
         self.passes = 0
         self.last_pass: dict[str, Any] | None = None
+        self._marks_cache: dict[str, str] | None = None  # see _marks
+        self._marks_at = 0.0
+        self._marks_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,11 +98,46 @@ class BlobScrubber:
         with self.db.session() as s:
             return {row.digest: Damage.of(row) for row in s.scalars(select(BlobDamage))}
 
+    def _marks(self) -> dict[str, str]:
+        """digest -> reason of every damaged blob, read from the database at most every ``MARKS_TTL`` seconds.
+        Every blob request asks: a query of its own there would take a second pooled connection while the
+        request's session holds one, and enough such requests at once wait for each other until the pool
+        times out. One thread refreshes while the others use what was read last; this process's own marks
+        and repairs update it at once."""
+        now = time.monotonic()
+        if self._marks_cache is not None and now - self._marks_at < MARKS_TTL:
+            return self._marks_cache
+        if not self._marks_lock.acquire(blocking=self._marks_cache is None):
+            return self._marks_cache or {}
+        try:
+            if self._marks_cache is None or time.monotonic() - self._marks_at >= MARKS_TTL:
+                try:
+                    with self.db.session() as s:
+                        marks = {d: r for d, r in s.execute(select(BlobDamage.digest, BlobDamage.reason))}
+                except SQLAlchemyError:
+                    if self._marks_cache is None:
+                        raise
+                    log.warning("scrub: could not re-read the damage marks; using those read %.0f s ago",
+                                time.monotonic() - self._marks_at)
+                    return self._marks_cache
+                self._marks_cache, self._marks_at = marks, time.monotonic()
+            return self._marks_cache
+        finally:
+            self._marks_lock.release()
+
+    def _remember(self, digest: str, reason: str | None) -> None:
+        with self._marks_lock:
+            if self._marks_cache is not None:
+                marks = dict(self._marks_cache)
+                if reason is None:
+                    marks.pop(digest, None)
+                else:
+                    marks[digest] = reason
+                self._marks_cache = marks
+
     def check_servable(self, digest: str) -> None:
-        """Raise BlobCorrupt when a scrub (on any instance) found ``digest`` damaged."""
-        with self.db.session() as s:
-            row = s.get(BlobDamage, digest)
-            reason = row.reason if row is not None else None
+        """Raise BlobCorrupt when a scrub (on any instance, seen within ``MARKS_TTL``) found ``digest`` damaged."""
+        reason = self._marks().get(digest)
         if reason is not None:
             raise BlobCorrupt(f"blob {digest} is corrupt on the registry ({reason}); it is not served",
                               "the registry operator must restore it: push an image that contains it again "
@@ -109,8 +149,7 @@ class BlobScrubber:
             log.info("scrub: blob %s repaired by a new upload", digest)
 
     def is_damaged(self, digest: str) -> bool:
-        with self.db.session() as s:
-            return s.get(BlobDamage, digest) is not None
+        return digest in self._marks()
 
     def _mark(self, digest: str, reason: str) -> bool:
         """Record the damage (caller holds the blob lock); True when it was not recorded before."""
@@ -121,12 +160,14 @@ class BlobScrubber:
             else:
                 row.reason = reason[:300]
             s.commit()
-            return row is None
+        self._remember(digest, reason[:300])
+        return row is None
 
     def _unmark(self, digest: str) -> bool:
         with self.db.session() as s:
             found = s.execute(delete(BlobDamage).where(BlobDamage.digest == digest)).rowcount
             s.commit()
+        self._remember(digest, None)
         return bool(found)
 
     def status(self) -> dict[str, Any]:

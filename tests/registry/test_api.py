@@ -498,3 +498,35 @@ def test_select_blob_rows_direct(app, client, image):
         config = s.scalars(select(Blob).where(Blob.kind == "config")).one()
         assert (config.digest, config.size, config.info_hash) == (img["image_id"], img["config"]["size"], None)
     assert json.loads(json.dumps(rec)) == rec
+
+
+def test_many_pulls_at_once_never_wait_for_a_database_connection(app, client, image):
+    """More concurrent blob and record requests than the connection pool keeps: a pull's request holds its
+    session's connection, and nothing on its path may take a second one (the damage marks are read at most
+    every 2 s, download leases published by a timer), or the requests wait for each other until the pool times
+    out (30 s) and answer 500: seen with 32 pulls at once in the swarm benchmark."""
+    import threading
+    import time
+
+    rec = push(client, "app:v1", image()[0]).get_json()
+    layer = rec["layers"][0]
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def pull() -> None:
+        c = app.test_client()
+        codes = [c.get("/api/v1/repositories/app/tags/v1").status_code,
+                 c.get(layer["torrent_url"]).status_code,
+                 c.get(layer["blob_url"], headers={"Range": "bytes=0-99"}).status_code,
+                 c.get(f"/api/v1/blobs/{rec['config']['digest']}").status_code]
+        with lock:
+            results.extend(codes)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=pull) for _ in range(80)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(set(results)) == [200, 206] and len(results) == 320
+    assert time.monotonic() - started < 20  # a pool stall is 30 s

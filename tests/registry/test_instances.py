@@ -27,6 +27,7 @@ from docket.registry.health import report
 from docket.registry.instances import LEADER_KEY
 from docket.registry.models import Blob, RegistryInstance, utcnow
 from docket.registry.periodic import Periodic
+from docket.registry.scrub import MARKS_TTL
 from docket.registry.seeder import SeederSupervisor, reap_dirs
 from docket.registry.seedsync import SeedPlan, SeedSync, dirs_to_keep, plan
 from tests.support.apps import close_app, registry_app
@@ -182,7 +183,10 @@ def test_damage_found_through_one_is_refused_by_the_other_until_repaired(pair) -
     assert health.status_code == 503 and health.get_json()["checks"]["blob_store"]["corrupt"] == [digest]
     assert sv_of(second).scrubber.status()["corrupt"][0]["digest"] == digest
 
-    assert upload(second, data) == digest  # the right bytes through the other instance: repaired for both
+    assert upload(second, data) == digest  # the right bytes through the other instance: repaired for both,
+    # for the first one once its read of the marks is MARKS_TTL old (blob requests do not query them each)
+    wait_until(lambda: first.test_client().get(f"/api/v1/blobs/{digest}").status_code == 200,
+               timeout=MARKS_TTL + 3, what="the repair to show on the first instance")
     assert first.test_client().get(f"/api/v1/blobs/{digest}").data == data
     assert not sv_of(first).scrubber.damaged()
 
