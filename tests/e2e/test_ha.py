@@ -36,7 +36,7 @@ from tests.support.haproxy import SERVERS, HAProxy
 from tests.support.procs import free_port, managed_process, pid_gone, port_open, process_argvs, tail, wait_until
 from tests.support.postgres import PostgresServer
 from tests.support.registry_server import RegistryServer
-from tests.support.tools import need, program
+from tests.support.tools import docker_cli, need, program
 
 GC_GRACE = 60.0  # the shortest --gc-grace the registry accepts
 SEED_ADDRESSES = ("127.0.16.1", "127.0.16.2")  # each instance's seeders (ctorrent drops same-address peers)
@@ -241,14 +241,6 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def docker_cli(*args: str, config: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DOCKER_CONFIG": str(config)}
-    result = subprocess.run([need("docker"), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
-
 
 def docket_argv(cluster: Cluster, location: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "docket.client.cli", "--host", "http://127.0.0.1", "--port", str(cluster.port),
@@ -331,18 +323,16 @@ def seeder_pids(inst: RegistryServer) -> dict[str, int]:
 
 
 def steady_seeders(inst: RegistryServer) -> dict[str, int]:
-    """``seeder_pids`` once they stay the same for 2 s (a seeder the tracker refused at first, before its
-    whitelist caught up, is restarted by its own instance soon after it starts)."""
-    last: dict[str, dict[str, int]] = {}
+    """``seeder_pids`` once they stay the same for 8 s: a seeder the tracker refused at first (started before
+    docket-tracker's whitelist caught up) exits and is started again by its own instance about 5 s later."""
+    seen: list[dict[str, int]] = []
 
     def same() -> dict[str, int] | None:
-        now = seeder_pids(inst)
-        if now and now == last.get("pids"):
-            return now
-        last["pids"] = now
-        return None
+        seen.append(seeder_pids(inst))
+        recent = seen[-5:]
+        return recent[0] if len(recent) == 5 and recent[0] and all(r == recent[0] for r in recent) else None
 
-    return wait_until(same, timeout=30, interval=2, what="the instance's seeders to settle")
+    return wait_until(same, timeout=45, interval=2, what="the instance's seeders to settle")
 
 
 @pytest.fixture
@@ -565,19 +555,27 @@ def _kill_mid_transfer(cluster: Cluster, proc: subprocess.Popen, direction: str,
     return victim
 
 
+def _run_killing(cluster: Cluster, argv: list[str], direction: str, threshold: int,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, RegistryServer]:
+    """Run ``argv``, SIGKILL the instance moving its big body (``_kill_mid_transfer``), let it finish (at most
+    3 minutes); returns its result and the instance killed."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        victim = _kill_mid_transfer(cluster, proc, direction, threshold)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err), victim
+
+
 def test_sigkill_in_the_middle_of_a_push(cluster: Cluster, image_factory, docket_cli, tmp_path: Path):
     ref, marker = image_factory.build(data_mib=64)
     name, tag = ref.rsplit(":", 1)
-    push = subprocess.Popen(docket_argv(cluster, tmp_path / "client", "push", ref), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        victim = _kill_mid_transfer(cluster, push, "in", 8 << 20)
-        out, err = push.communicate(timeout=180)
-    finally:
-        if push.poll() is None:
-            push.kill()
-            push.wait()
-    result = subprocess.CompletedProcess(push.args, push.returncode, out, err)
+    result, victim = _run_killing(cluster, docket_argv(cluster, tmp_path / "client", "push", ref), "in", 8 << 20)
+    err = result.stderr
     survivor = cluster.other(victim)
     if result.returncode != 0:
         clear_failure(result)
@@ -600,15 +598,9 @@ def test_sigkill_in_the_middle_of_a_docker_push(cluster: Cluster, image_factory,
     remote = f"127.0.0.1:{cluster.port}/ha/docker-killed:v1"
     image_factory.client.images.get(ref).tag(remote)
     image_factory.built.append(remote)
-    push = subprocess.Popen([need("docker"), "push", remote], env={**os.environ, "DOCKER_CONFIG": str(docker_config)},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        victim = _kill_mid_transfer(cluster, push, "in", 8 << 20)
-        out, err = push.communicate(timeout=180)
-    finally:
-        if push.poll() is None:
-            push.kill()
-            push.wait()
+    push, victim = _run_killing(cluster, [need("docker"), "push", remote], "in", 8 << 20,
+                                env={**os.environ, "DOCKER_CONFIG": str(docker_config)})
+    out, err = push.stdout, push.stderr
     print(f"docker push with an instance killed mid-upload: exit {push.returncode}")
     if push.returncode != 0:
         assert "error" in (out + err).lower() or "unknown" in (out + err).lower(), out + err
@@ -631,17 +623,9 @@ def test_sigkill_in_the_middle_of_a_pull(cluster: Cluster, image_factory, docket
         docket_cli("push", ref, registry=cluster)
     image_factory.remove(ref)
     location = tmp_path / "puller"
-    pull = subprocess.Popen(docket_argv(cluster, location, "pull", ref, "--transport", "http", "--seed-time", "0",
-                                        "--max-download-rate", "25MB"),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        victim = _kill_mid_transfer(cluster, pull, "out", 16 << 20)
-        out, err = pull.communicate(timeout=180)
-    finally:
-        if pull.poll() is None:
-            pull.kill()
-            pull.wait()
-    result = subprocess.CompletedProcess(pull.args, pull.returncode, out, err)
+    result, victim = _run_killing(cluster, docket_argv(cluster, location, "pull", ref, "--transport", "http",
+                                                       "--seed-time", "0", "--max-download-rate", "25MB"),
+                                  "out", 16 << 20)
     if result.returncode != 0:
         clear_failure(result)
         docket_cli("pull", ref, "--transport", "http", "--seed-time", "0", registry=cluster, location=location)
@@ -661,17 +645,10 @@ def test_docker_pull_survives_sigkill_of_the_instance_sending_a_layer(cluster: C
     image_factory.remove(ref)
     image_factory.remove(remote)
     image_factory.built.append(remote)
-    pull = subprocess.Popen([need("docker"), "pull", remote], env={**os.environ, "DOCKER_CONFIG": str(docker_config)},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        victim = _kill_mid_transfer(cluster, pull, "out", 8 << 20)
-        out, err = pull.communicate(timeout=180)
-    finally:
-        if pull.poll() is None:
-            pull.kill()
-            pull.wait()
+    pull, victim = _run_killing(cluster, [need("docker"), "pull", remote], "out", 8 << 20,
+                                env={**os.environ, "DOCKER_CONFIG": str(docker_config)})
     if pull.returncode != 0:
-        assert "error" in err.lower(), err
+        assert "error" in pull.stderr.lower(), pull.stderr
         docker_cli("pull", remote, config=docker_config)
     print(f"docker pull with an instance killed mid-layer: exit {pull.returncode}")
     assert image_factory.run(remote) == marker

@@ -16,20 +16,11 @@ import requests
 
 from tests.support.procs import free_port
 from tests.support.registry_server import RegistryServer
-from tests.support.tools import need
+from tests.support.tools import docker_cli, need
 
 
 TOKEN = "v2-test-token-0123456789abcdef"
 
-
-def docker_cli(*args: str, config: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The docker CLI against the test daemon, with a private config dir (credentials never leak to ~/.docker)."""
-    env = {**os.environ, "DOCKER_CONFIG": str(config)}
-    result = subprocess.run([need("docker"), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +31,13 @@ def need(tool: str) -> str:
     if IN_CI:
         pytest.fail(msg)
     pytest.skip(msg)
+
+
+def docker_cli(*args: str, config: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The docker CLI against the test daemon, with a private config dir (credentials never leak to ~/.docker)."""
+    env = {**os.environ, "DOCKER_CONFIG": str(config)}
+    result = subprocess.run([need("docker"), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
