@@ -152,8 +152,9 @@ def instance_report(sv: Any) -> tuple[bool, dict[str, Any]]:
     differs between them: this process serves, reaches the database, and can write the location. What they share
     (the tracker, the volume's free space, a damaged blob) would take every instance out of rotation at once
     and turn a degraded registry into an outage; the full ``/healthz`` reports those."""
+    writable = sv.store.writable()
     checks = {"database": _database(sv),
-              "blob_store": {"ok": sv.store.writable(), "writable": sv.store.writable()},
+              "blob_store": {"ok": writable, "writable": writable},
               "serving": {"ok": bool(sv.started)}}
     if not checks["blob_store"]["ok"]:
         checks["blob_store"]["error"] = f"{sv.store.location} is not writable"

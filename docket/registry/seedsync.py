@@ -98,7 +98,8 @@ class SeedSync:
 
     def start(self) -> None:
         """After the swarm started its seeders: those are what this instance seeds until the first sync."""
-        if self.enabled and self.swarm.seeders is not None:
+        if self.enabled:
+            assert self.swarm.seeders is not None
             self._synced = frozenset(self.swarm.seeders.digests())
         self._worker.start()
 

@@ -247,8 +247,7 @@ class UploadSessions:
                 with open(session.path, "r+b") as f:
                     f.truncate(session.size)
             raise
-        session.size, session.sha256 = up.size, hasher
-        self._save(session)  # another instance may take the next chunk
+        session.size, session.sha256 = up.size, hasher  # written to its row when ``hold`` lets go
 
     def finish(self, session: UploadSession, algorithm: str = "sha256") -> Upload:
         """End the session (caller holds it): its bytes, fsynced, as an Upload hashed with ``algorithm`` (the
@@ -325,7 +324,21 @@ class UploadSessions:
                 expired.append(session_id)
         if expired:
             log.info("expired %d idle upload session(s) (idle > %.0fs)", len(expired), self.timeout)
+        self._forget_hashes_of_ended()
         return expired
+
+    def _forget_hashes_of_ended(self) -> None:
+        """Drop the running hashes of sessions another instance finished, cancelled or expired (their rows are
+        gone): nothing else would ever remove them from this process."""
+        with self._guard:
+            cached = list(self._hashers)
+        if not cached:
+            return
+        with self.db.session() as s:
+            alive = set(s.scalars(select(SessionRow.id).where(SessionRow.id.in_(cached))))
+        with self._guard:
+            for session_id in set(cached) - alive:
+                self._hashers.pop(session_id, None)
 
     def sweep(self, *, exclusive: bool, now: float | None = None) -> int:
         """Remove upload files nobody will finish: at start-up of the only instance (``exclusive``), every

@@ -178,3 +178,14 @@ def test_sqlite_locks_stay_in_the_process(tmp_path):
     assert not Locks(db).shared
     with Locks(db).upload("s", blocking=False) as got:
         assert got
+
+
+def test_running_hashes_of_sessions_ended_elsewhere_are_forgotten(pair):
+    a_app, b_app = pair
+    a, b = a_app.test_client(), b_app.test_client()
+    url = a.post("/v2/app/blobs/uploads/").headers["Location"]
+    assert a.patch(url, data=b"z" * 100, headers={"Content-Range": "0-99"}).status_code == 202
+    assert len(sv(a_app).uploads._hashers) == 1
+    assert b.put(f"{url}?digest={sha(b'z' * 100)}").status_code == 201  # finished on B
+    sv(a_app).uploads.expire()  # A's next session open or GC pass
+    assert sv(a_app).uploads._hashers == {}
